@@ -1,0 +1,503 @@
+"""Typed experiment configuration: one tree of frozen dataclasses.
+
+Every default lives here and is the paper's value (shared/IPB.md); a preset or a user
+YAML only states what differs. The same object feeds the CLI, Ray Tune's param_space
+and MLflow params (:func:`flatten`).
+
+Loading order: defaults <- preset chain (``extends:``) <- YAML file <- dotted overrides
+(``method.threshold=0.7``). Errors name the file, the dotted key, the bad value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+__all__ = [
+    "BACKBONES",
+    "METHODS",
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "ResourcesConfig",
+    "SegmentationConfig",
+    "SplitConfig",
+    "TrackingConfig",
+    "dump_yaml",
+    "flatten",
+    "from_dict",
+    "list_presets",
+    "load_config",
+    "parse_override",
+    "to_dict",
+]
+
+#: Backbones the model registry provides (the *_tiny ones are CPU-sized for tests and demo).
+BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny")
+#: Training methods: plain supervised on L, Meta Pseudo Labels, Iterative Pseudo Balancing.
+METHODS = ("supervised", "mpl", "ipb")
+MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key and the source it came from."""
+
+    def __init__(self, message: str, key: str = "", source: str = ""):
+        self.key = key
+        self.source = source
+        self.detail = message
+        where = f"{source}: " if source else ""
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}{what}{message}")
+
+    def under(self, prefix: str) -> "ConfigError":
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(self.detail, key=key, source=self.source)
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
+       choices: Sequence[Any] | None = None, odd: bool = False, doc: str = "") -> Any:
+    """A field with its allowed range; ``lo``/``hi`` are inclusive."""
+    meta = {"lo": lo, "hi": hi, "choices": tuple(choices) if choices else None,
+            "odd": odd, "doc": doc}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in configs")
+    return field(default=default, metadata=meta)
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls, metadata={"doc": (cls.__doc__ or "").strip()})
+
+
+def _check_fields(obj: Any) -> None:
+    """Range/choice checks declared with :func:`_f`, run from every ``__post_init__``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if value is None or dataclasses.is_dataclass(value):
+            continue
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{value!r} is not allowed; choose one of {', '.join(map(str, choices))}",
+                              key=f.name)
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                lo_s = "-inf" if lo is None else f"{lo:g}"
+                hi_s = "inf" if hi is None else f"{hi:g}"
+                raise ConfigError(f"{value!r} is out of range; allowed [{lo_s}, {hi_s}]", key=f.name)
+            if meta.get("odd") and int(value) % 2 == 0:
+                raise ConfigError(f"{value!r} must be an odd number", key=f.name)
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Colony segmentation of a raw frame (paper: blur, entropy, Otsu, opening, fill, size filter)."""
+
+    blur_ksize: int = _f(3, lo=1, hi=31, odd=True, doc="Gaussian blur kernel, px (odd)")
+    entropy_radius: int = _f(3, lo=1, hi=15, doc="disk radius of the local entropy filter, px")
+    opening_radius: int = _f(3, lo=0, hi=15, doc="disk radius of the morphological opening, px")
+    min_object_px: int = _f(2000, lo=0, doc="objects smaller than this many px are dropped")
+    fill_holes: bool = _f(True, doc="fill holes inside colony regions")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how patches are cut from it."""
+
+    frames: str | None = _f(None, doc="directory or glob of raw frames (TIFF/PNG/JPEG)")
+    annotations: str | None = _f(None, doc="annotation table (CSV/Parquet) joined to the colonies")
+    catalog: str = _f("catalog", doc="colony catalog: a Parquet data set directory")
+    class_names: tuple[str, ...] = _f((), doc="class names; empty = taken from the data")
+    pixel_size_um: float = _f(0.8, lo=1e-3, hi=1e3, doc="µm per pixel")
+    patch_size: int = _f(128, lo=8, hi=2048, doc="single-scale patch side, px")
+    multi_scale: bool = _f(True, doc="two streams: global patch and its centre")
+    global_patch: int = _f(224, lo=8, hi=2048, doc="multi-scale global patch side, px")
+    local_patch: int = _f(112, lo=4, hi=2048, doc="multi-scale local (centre) patch side, px")
+    multi_label: bool = _f(True, doc="put multi-label colonies into the unlabelled set U")
+    min_foreground: float = _f(0.25, lo=0.0, hi=1.0, doc="minimum colony fraction of a patch")
+    segmentation: SegmentationConfig = _section(SegmentationConfig)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.local_patch > self.global_patch:
+            raise ConfigError(f"{self.local_patch} is larger than data.global_patch "
+                              f"({self.global_patch}); the local patch is the global patch's centre",
+                              key="local_patch")
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ConfigError(f"{list(self.class_names)} has repeated names", key="class_names")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Cross-validation: disjoint test folds T; L and U carved from the rest."""
+
+    folds: int = _f(10, lo=2, hi=100, doc="number of CV folds; each test fold T is 1/folds")
+    labelled_fraction: float = _f(0.1, lo=1e-4, hi=0.98, doc="share of all colonies in L")
+    val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="share of L held out for model selection")
+    fold: int = _f(0, lo=0, doc="fold run by `ipb train`")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if self.labelled_fraction + 1.0 / self.folds >= 1.0:
+            raise ConfigError(
+                f"{self.labelled_fraction} plus the test share 1/{self.folds} leaves no unlabelled "
+                "data; lower split.labelled_fraction or raise split.folds", key="labelled_fraction")
+        if self.fold >= self.folds:
+            raise ConfigError(f"{self.fold} is out of range; allowed [0, {self.folds - 1}]", key="fold")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone shared by teacher and student."""
+
+    backbone: str = _f("hrnet", choices=BACKBONES, doc="registered backbone name")
+    width: float = _f(1.0, lo=0.01, hi=8.0, doc="channel width multiplier")
+    feature_dim: int = _f(512, lo=2, hi=8192, doc="per-stream feature length before the head")
+    dropout: float = _f(0.0, lo=0.0, hi=0.99, doc="dropout before the classifier")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Training method and its optimisation (paper: SGD lr 0.005, wd 1e-4, momentum 0.9)."""
+
+    name: str = _f("ipb", choices=METHODS, doc="supervised | mpl | ipb")
+    epochs: int = _f(200, lo=1, doc="MPL/IPB epochs (or supervised epochs)")
+    teacher_epochs: int = _f(200, lo=0, doc="teacher pre-training epochs on balanced L")
+    batch_size: int = _f(32, lo=1, hi=65536, doc="labelled batch size per worker")
+    unlabelled_batch_size: int = _f(32, lo=1, hi=65536, doc="unlabelled batch size per worker")
+    lr: float = _f(0.005, lo=0.0, hi=10.0, doc="supervised and teacher pre-training lr")
+    teacher_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="teacher lr in the MPL phase")
+    student_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="student lr after warm-up")
+    student_warmup_epochs: int = _f(10, lo=0, doc="epochs at the low student lr")
+    student_warmup_lr: float = _f(0.0005, lo=0.0, hi=10.0, doc="student lr during warm-up")
+    weight_decay: float = _f(1e-4, lo=0.0, hi=1.0)
+    momentum: float = _f(0.9, lo=0.0, hi=0.999)
+    nesterov: bool = _f(False)
+    threshold: float = _f(0.65, lo=0.0, hi=1.0, doc="pseudo-label confidence threshold")
+    threshold_student: bool = _f(True, doc="apply the threshold to the student loss too")
+    temperature: float = _f(1.0, lo=1e-3, hi=100.0, doc="UDA soft-target temperature")
+    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u of the UDA loss")
+    uda_steps: int = _f(5000, lo=1, doc="steps of the linear UDA weight ramp")
+    label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
+    mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
+                           doc="sign of the MPL feedback h (derivation: old - new)")
+    balance_labelled: bool = _f(True, doc="class-balance L by resampling")
+    draws_per_epoch: int | None = _f(None, lo=1, doc="IPB multinomial draws per epoch; None = |U|")
+    grad_clip: float = _f(0.0, lo=0.0, doc="max grad norm; 0 = off")
+    ema: float = _f(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
+    finetune_epochs: int = _f(0, lo=0, doc="fine-tune the student on L afterwards; 0 = off")
+    finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0)
+    mixed_precision: bool = _f(True, doc="autocast on GPU (ignored on CPU)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """Ray cluster and worker resources."""
+
+    address: str | None = _f(None, doc="Ray address; None starts a local cluster")
+    num_workers: int = _f(1, lo=0, hi=4096, doc="Ray Train workers; 0 = run in the driver")
+    use_gpu: bool = _f(False)
+    cpus_per_worker: float = _f(1.0, lo=0.0, hi=1024.0)
+    gpus_per_worker: float = _f(1.0, lo=0.0, hi=16.0, doc="used only with use_gpu")
+    teacher_actors: int = _f(1, lo=1, hi=1024, doc="actors of the pseudo-labelling stage")
+    object_store_mb: int | None = _f(None, lo=64, doc="object store size of a local cluster")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where results go: MLflow and Ray Train storage."""
+
+    tracking_uri: str = _f("sqlite:///mlflow.db", doc="MLflow tracking URI")
+    experiment: str = _f("ipb-ray", doc="MLflow experiment name")
+    storage_path: str = _f("ray_results", doc="Ray Train checkpoint storage (shared on clusters)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        if not self.experiment.strip():
+            raise ConfigError("must not be empty", key="experiment")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: data, splits, model, method, resources and tracking."""
+
+    name: str = _f("ipb", doc="run name")
+    preset: str | None = _f(None, doc="preset this config was resolved from")
+    seed: int = _f(0, lo=0, hi=2**32 - 1, doc="root seed of every random choice")
+    data: DataConfig = _section(DataConfig)
+    split: SplitConfig = _section(SplitConfig)
+    model: ModelConfig = _section(ModelConfig)
+    method: MethodConfig = _section(MethodConfig)
+    resources: ResourcesConfig = _section(ResourcesConfig)
+    tracking: TrackingConfig = _section(TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+    def replace(self, *overrides: str) -> "ExperimentConfig":
+        """A copy with dotted overrides applied (``"method.threshold=0.7"``)."""
+        data = to_dict(self)
+        for item in overrides:
+            key, value = parse_override(item)
+            _set_dotted(data, key, value, source="override")
+        return from_dict(data)
+
+
+# --------------------------------------------------------------------------- conversion
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) ready for YAML/JSON."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+    return conv(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key dict (``{"method.threshold": 0.65, ...}``) for MLflow params and Tune."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError("null is not allowed here; give a value or remove the key", key=key)
+    if typing.get_origin(inner) is tuple:
+        (item_tp, *_rest) = typing.get_args(inner)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{value!r} should be a list", key=key)
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{value!r} should be true or false", key=key)
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{value!r} should be a whole number", key=key)
+        return value
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{value!r} should be a number", key=key)
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{value!r} should be a string", key=key)
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {key}")
+
+
+def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str = "",
+              _prefix: str = "") -> Any:
+    """Build ``cls`` from a nested mapping, rejecting unknown keys with a suggestion."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of keys, got {type(data).__name__}",
+                          key=_prefix.rstrip("."), source=source)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{_prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{_prefix}{close[0]}'?" if close else \
+                f"; known keys here: {', '.join(names)}"
+            raise ConfigError(f"unknown key{hint}", key=dotted, source=source)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(value if value is not None else {}, tp, source, dotted + ".")
+        else:
+            try:
+                kwargs[key] = _coerce(value, tp, dotted)
+            except ConfigError as exc:
+                raise ConfigError(exc.detail, key=exc.key, source=source) from None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        full = f"{_prefix}{exc.key}" if exc.key else _prefix.rstrip(".")
+        raise ConfigError(exc.detail, key=full, source=source) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"method.threshold=0.7"`` -> ``("method.threshold", 0.7)``; values are YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} should look like section.key=value "
+                          "(e.g. method.threshold=0.7)", source="override")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key", source="override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value {raw!r}: {exc}", key=key, source="override") from None
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section",
+                              key=key, source=source)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _preset_dir() -> Any:
+    return resources.files("ipb_ray") / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    return sorted(p.name[:-5] for p in _preset_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=source) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping of sections, got {type(data).__name__}",
+                          source=source)
+    return data
+
+
+def _resolve_layers(ref: str, seen: tuple[str, ...] = (), base_dir: Path | None = None
+                    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """Layers (source, dict) from the root of the ``extends`` chain to ``ref``.
+
+    ``ref`` is a preset name or a YAML path (relative paths resolve against the
+    file that extends them). Returns the layers and the preset name, if any.
+    """
+    path = Path(ref)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    if ref.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {ref!r} not found (looked at {path.resolve()})",
+                              source=str(path))
+        source, text, preset, parent_dir = str(path), path.read_text(), None, path.parent
+    else:
+        names = list_presets()
+        if ref not in names:
+            close = difflib.get_close_matches(ref, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"no preset or file named {ref!r}{hint} "
+                              f"(presets: {', '.join(names)})", source=ref)
+        source = f"preset {ref}"
+        text = (_preset_dir() / f"{ref}.yaml").read_text()
+        preset, parent_dir = ref, None
+    if source in seen:
+        raise ConfigError(f"'extends' makes a loop: {' -> '.join(seen + (source,))}", source=source)
+    data = _read_yaml(text, source)
+    parent = data.pop("extends", None)
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError("'extends' must name a preset or a YAML file", key="extends",
+                              source=source)
+        layers, parent_preset = _resolve_layers(parent, seen + (source,), parent_dir)
+        preset = preset or parent_preset
+    layers.append((source, data))
+    return layers, preset
+
+
+def load_config(ref: str | Path | None = None, overrides: Sequence[str] = (),
+                preset: str | None = None) -> ExperimentConfig:
+    """Resolve a config: defaults <- preset/extends chain <- file <- overrides.
+
+    ``ref`` is a YAML path or a preset name; ``preset`` names a preset explicitly
+    (both may be given: the file then extends the preset unless it says otherwise).
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    preset_name = None
+    if preset is not None:
+        pl, preset_name = _resolve_layers(preset)
+        layers += pl
+    if ref is not None:
+        fl, file_preset = _resolve_layers(str(ref))
+        layers += fl
+        preset_name = file_preset or preset_name
+    merged: dict[str, Any] = {}
+    for source, data in layers:
+        merged = _merge(merged, data)
+        from_dict(merged, source=source)  # validate as each layer lands, so errors name it
+    if preset_name is not None and "preset" not in merged:
+        merged["preset"] = preset_name
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(merged, key, value, source="override")
+        from_dict(merged, source=f"override {item!r}")
+    return from_dict(merged, source=layers[-1][0] if layers else "")

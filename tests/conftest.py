@@ -1,0 +1,47 @@
+"""Shared test fixtures and markers.
+
+- ``realdata``: tests that read ../shared/data; skipped with a reason where it is absent.
+- ``gpu``: skipped unless torch sees a CUDA device (Lightning's RunIf idea).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+# Fail fast instead of hanging when a Ray Train worker group cannot start.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_data = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
+    has_data = SHARED_DATA.is_dir()
+    has_gpu = None
+    for item in items:
+        if "realdata" in item.keywords and not has_data:
+            item.add_marker(skip_data)
+        if "gpu" in item.keywords:
+            has_gpu = _cuda_available() if has_gpu is None else has_gpu
+            if not has_gpu:
+                item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,149 @@
+"""Config tree: paper defaults, presets, YAML round trip, overrides and error messages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from ipb_ray.config import (ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict,
+                            list_presets, load_config, parse_override, to_dict)
+
+PAPER_PRESETS = ["vgg19", "hrnet", "ms_hrnet", "ipb_vgg", "ms_ipb_vgg", "ml_ipb_vgg", "ml_ms_ipb_vgg",
+                 "ms_ipb_hrnet", "ml_ipb_hrnet", "ml_ms_ipb_hrnet", "mpl_imbalanced", "mpl_balanced"]
+
+
+def test_defaults_are_the_papers_values():
+    c = ExperimentConfig()
+    assert (c.method.lr, c.method.weight_decay, c.method.momentum) == (0.005, 1e-4, 0.9)
+    assert (c.method.batch_size, c.method.epochs, c.method.teacher_epochs) == (32, 200, 200)
+    assert c.method.threshold == 0.65 and c.method.student_warmup_epochs == 10
+    assert (c.split.folds, c.split.labelled_fraction) == (10, 0.1)
+    assert (c.data.patch_size, c.data.global_patch, c.data.local_patch) == (128, 224, 112)
+    assert c.data.min_foreground == 0.25
+    s = c.data.segmentation
+    assert (s.blur_ksize, s.entropy_radius, s.opening_radius, s.min_object_px) == (3, 3, 3, 2000)
+    assert c.tracking.tracking_uri == "sqlite:///mlflow.db"
+
+
+def test_every_paper_configuration_and_demo_is_shipped():
+    assert set(PAPER_PRESETS + ["demo"]) <= set(list_presets())
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS + ["demo"])
+def test_preset_round_trips_through_yaml(name, tmp_path):
+    cfg = load_config(preset=name)
+    assert cfg.preset == name
+    path = tmp_path / "cfg.yaml"
+    path.write_text(dump_yaml(cfg))
+    again = load_config(path)
+    assert again == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("name, method, backbone, ms, ml", [
+    ("vgg19", "supervised", "vgg19_bn", False, False),
+    ("ms_hrnet", "supervised", "hrnet", True, False),
+    ("ml_ipb_vgg", "ipb", "vgg19_bn", False, True),
+    ("ml_ms_ipb_hrnet", "ipb", "hrnet", True, True),
+    ("mpl_imbalanced", "mpl", "hrnet", True, True),
+])
+def test_presets_state_the_papers_rows(name, method, backbone, ms, ml):
+    c = load_config(preset=name)
+    assert (c.method.name, c.model.backbone, c.data.multi_scale, c.data.multi_label) == \
+        (method, backbone, ms, ml)
+
+
+def test_mpl_presets_differ_only_in_labelled_balancing():
+    a, b = to_dict(load_config(preset="mpl_imbalanced")), to_dict(load_config(preset="mpl_balanced"))
+    diff = {k for k, v in flatten(a).items() if flatten(b)[k] != v}
+    assert diff == {"preset", "method.balance_labelled"}
+
+
+def test_overrides_are_typed_and_applied():
+    c = load_config(preset="demo", overrides=["method.threshold=0.7", "split.folds=3",
+                                              "data.class_names=[a, b]", "method.draws_per_epoch=null"])
+    assert c.method.threshold == 0.7 and c.split.folds == 3
+    assert c.data.class_names == ("a", "b") and c.method.draws_per_epoch is None
+    assert c.replace("seed=5").seed == 5 and c.seed == 0
+
+
+def test_file_extends_a_preset_and_a_relative_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("extends: demo\nmethod: {threshold: 0.8}\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "run.yaml").write_text("extends: ../base.yaml\nsplit: {folds: 4}\n")
+    c = load_config(sub / "run.yaml")
+    assert c.preset == "demo" and c.method.threshold == 0.8 and c.split.folds == 4
+    assert c.model.backbone == "hrnet_tiny"
+
+
+def test_config_is_frozen():
+    c = ExperimentConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.method.threshold = 0.1  # type: ignore[misc]
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(ExperimentConfig())
+    assert flat["method.threshold"] == 0.65
+    assert flat["data.segmentation.entropy_radius"] == 3
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("method.threshold=1.5", ["method.threshold", "1.5", "[0, 1]"]),
+    ("method.treshold=0.5", ["method.treshold", "did you mean 'method.threshold'"]),
+    ("method.batch_size=abc", ["method.batch_size", "'abc'", "whole number"]),
+    ("data.multi_scale=maybe", ["data.multi_scale", "true or false"]),
+    ("model.backbone=resnet50", ["model.backbone", "resnet50", "hrnet"]),
+    ("data.segmentation.blur_ksize=4", ["data.segmentation.blur_ksize", "odd"]),
+    ("data.local_patch=300", ["data.local_patch", "global_patch"]),
+    ("split.labelled_fraction=0.95", ["split.labelled_fraction", "no unlabelled"]),
+    ("split.fold=10", ["split.fold", "[0, 9]"]),
+    ("method.name=null", ["method.name", "null is not allowed"]),
+    ("method.threshold", ["section.key=value"]),
+])
+def test_bad_override_messages_name_key_value_and_range(override, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    for needle in needles:
+        assert needle in str(err.value)
+
+
+def test_bad_file_messages_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: method\.lr: -1"):
+        load_config(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="did you mean 'demo'"):
+        load_config("demmo")
+
+
+def test_extends_loop_is_reported(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="loop"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_parse_override_parses_yaml_scalars():
+    assert parse_override("a.b=0.5") == ("a.b", 0.5)
+    assert parse_override("a.b=true") == ("a.b", True)
+    assert parse_override("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_dump_yaml_is_plain_yaml():
+    data = yaml.safe_load(dump_yaml(load_config(preset="ml_ms_ipb_hrnet")))
+    assert set(data) == {"name", "preset", "seed", "data", "split", "model", "method", "resources",
+                         "tracking"}
