@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from ipb_ray import config as cfgmod
 
@@ -32,7 +32,7 @@ config_app = typer.Typer(help="Show, validate and list experiment configs.", no_
 app.add_typer(config_app, name="config")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="Experiment YAML (may 'extends:' a preset).")
 PRESET_OPT = typer.Option(None, "--preset", "-p", help="Preset name; see `ipb config presets`.")
@@ -90,11 +90,14 @@ def config_validate(config: Path = typer.Argument(..., help="Experiment YAML to 
 @config_app.command("presets")
 def config_presets() -> None:
     """List the shipped presets (the paper's configurations and `demo`)."""
-    table = Table("preset", "method", "backbone", "multi-scale", "multi-label", "L balanced")
+    table = Table(*(Column(h, no_wrap=True) for h in
+                    ("preset", "method", "backbone", "MS", "ML", "L bal.")),
+                  caption="MS multi-scale, ML multi-label colonies in U, L bal. labelled set resampled")
     for name in cfgmod.list_presets():
         c = cfgmod.load_config(preset=name)
-        table.add_row(name, c.method.name, c.model.backbone, str(c.data.multi_scale),
-                      str(c.data.multi_label), str(c.method.balance_labelled))
+        yes = {True: "yes", False: "-"}
+        table.add_row(name, c.method.name, c.model.backbone, yes[c.data.multi_scale],
+                      yes[c.data.multi_label], yes[c.method.balance_labelled])
     console.print(table)
 
 
@@ -130,6 +133,46 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Output directory of
         _synth_world(out, frames, size, colonies, scale, seed, image_format)
 
 
+def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str]):
+    from ipb_ray.preprocess import build_catalog
+
+    with _progress() as bar:
+        task = bar.add_task("segmenting shards", total=None)
+        summary = build_catalog(cfg, importer=importer, out=out,
+                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+    table = Table("class", "colonies", title=f"catalog {summary.catalog} ({summary.importer})")
+    for name, count in summary.counts.items():
+        table.add_row(name, str(count))
+    table.add_row("[bold]total", f"[bold]{summary.colonies}")
+    console.print(table)
+    console.print(f"shards: {summary.shards} ({summary.shards_skipped} already done), "
+                  f"rejects: {summary.rejects}, seconds: {summary.seconds:.1f}", highlight=False)
+    for reason, count in sorted(summary.reject_reasons.items(), key=lambda kv: -kv[1]):
+        console.print(f"  [yellow]rejected[/] {count} x {reason}", highlight=False)
+    if summary.rejects:
+        console.print(f"  details: {summary.catalog}/rejects (Parquet: source, item, reason)")
+    return summary
+
+
+@app.command()
+def preprocess(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+               overrides: Optional[List[str]] = OVERRIDES_ARG,
+               frames: Optional[str] = typer.Option(None, help="Frames folder/glob, a synth world, a VOC "
+                                                    "folder or a class-folder tree (data.frames)."),
+               annotations: Optional[str] = typer.Option(None, help="Annotation CSV/Parquet (data.annotations)."),
+               out: Optional[str] = typer.Option(None, "--out", "-o", help="Catalog directory (data.catalog)."),
+               importer: str = typer.Option("auto", help="auto, frames, synth, imagefolder or voc."),
+               address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
+                                                     "local cluster.")) -> None:
+    """Segment frames and build the colony catalog on Ray Data (rerun to resume)."""
+    extra = [f"data.frames={frames}"] if frames else []
+    extra += [f"data.annotations={annotations}"] if annotations else []
+    extra += [f"resources.address={address}"] if address else []
+    with _user_errors():
+        cfg = _resolve(config, preset, list(overrides or []) + extra)
+        _preprocess(cfg, importer, out)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run.")) -> None:
@@ -139,10 +182,10 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
         _synth_world(world, frames=4, size=1024, colonies=12, scale=0.45, seed=seed, image_format="tif")
-        console.rule("[bold]2. resolved config (preset demo)")
-        console.print(f"method={cfg.method.name} backbone={cfg.model.backbone} "
-                      f"multi_scale={cfg.data.multi_scale} multi_label={cfg.data.multi_label} "
-                      f"folds={cfg.split.folds}", highlight=False)
+        cfg = cfg.replace(f"data.frames={world}", f"data.annotations=null",
+                          f"data.catalog={out / 'catalog'}")
+        console.rule("[bold]2. colony catalog on Ray Data")
+        _preprocess(cfg, "auto", None)
     console.print(f"[green]demo finished[/]: world in {world}. Next: `ipb config show --preset demo`.")
 
 

@@ -1,0 +1,478 @@
+"""Importers: turn a user's data into catalog shards (plain functions, no Ray).
+
+Every importer has two halves:
+
+* a *planner* that runs on the driver, lists the inputs, validates the annotation
+  table and returns :class:`ShardTask` s plus rejects for inputs it can already tell
+  are bad (missing frame file, unknown class, box outside the frame);
+* a *shard runner* (:func:`run_shard`) that runs on a Ray worker: it reads the
+  images of one shard, segments them, joins the annotations and returns rows.
+
+Four kinds of input give the same catalog:
+
+``frames``      raw frames + an annotation table (CSV or Parquet; columns below)
+``synth``       the synthetic world written by ``ipb synth`` (frames + its annotations.csv)
+``imagefolder`` already-cropped colonies in ``<root>/<class>/*.png``, plus
+                ``multi_label/`` (optionally ``multi_label/<A+B>/``) and ``unlabeled/``
+``voc``         Pascal VOC: ``JPEGImages/`` + ``Annotations/*.xml`` boxes; each box is a
+                single-label colony, an image holding several classes a multi-label one
+
+Annotation table columns: ``frame`` (path, relative to the table's folder or absolute),
+a box ``x0,y0,x1,y1`` (px, exclusive ends) or a point ``x,y``, and ``label`` or
+``labels`` (``;``-separated; several labels make a multi-label colony). Optional
+``frame_index`` (or ``time``). Rows naming the same frame and box merge their labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ipb_ray import catalog
+from ipb_ray.config import DataConfig, SegmentationConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+IMPORTERS = ("auto", "frames", "synth", "imagefolder", "voc")
+#: An annotation box joins the segmented colony it overlaps with at least this box IoU
+#: (else the colony whose mask holds the box centre).
+MIN_MATCH_IOU = 0.5
+CROPS_PER_SHARD = 128
+MULTI_DIR, UNLABELLED_DIRS = "multi_label", ("unlabeled", "unlabelled")
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: its key hashes every input, so a changed input is redone."""
+
+    key: str
+    importer: str
+    items: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> "ShardTask":
+        d = json.loads(text)
+        return ShardTask(d["key"], d["importer"], tuple(d["items"]))
+
+
+@dataclass
+class Plan:
+    tasks: list[ShardTask]
+    rejects: list[dict[str, str]]
+    importer: str
+    inputs: str
+
+
+def _file_stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def _key(importer: str, payload: Any, seg: SegmentationConfig) -> str:
+    text = json.dumps([importer, payload, dataclasses.asdict(seg)], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:20]
+
+
+def _list_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def detect_importer(frames: str | None, annotations: str | None) -> str:
+    """Guess the importer from the input layout (see the module docstring)."""
+    if frames is None and annotations is None:
+        raise ValueError("no input: set data.frames (a folder of frames or crops) and/or "
+                         "data.annotations (an annotation table)")
+    root = Path(frames) if frames else Path(annotations).parent  # type: ignore[arg-type]
+    if (root / "world.json").exists():
+        return "synth"
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+        return "voc"
+    if annotations:
+        return "frames"
+    if root.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()) \
+            and any(p.is_dir() for p in root.iterdir()):
+        return "imagefolder"
+    return "frames"
+
+
+# --------------------------------------------------------------------------- frames + table
+
+def read_annotation_table(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV or Parquet annotation table, checked for the needed columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation table {path} not found; set data.annotations to a CSV "
+                                "or Parquet file with columns frame, x0,y0,x1,y1 (or x,y), label")
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+        rows = pq.read_table(path).to_pylist()
+        columns = set(rows[0]) if rows else set()
+    else:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
+    missing = []
+    if "frame" not in columns:
+        missing.append("frame")
+    if not ({"x0", "y0", "x1", "y1"} <= columns or {"x", "y"} <= columns):
+        missing.append("x0,y0,x1,y1 (or x,y)")
+    if not ({"label", "labels"} & columns):
+        missing.append("label (or labels)")
+    if missing:
+        raise ValueError(f"annotation table {path} lacks column(s) {', '.join(missing)}; "
+                         f"it has {', '.join(sorted(columns)) or 'none'}")
+    return rows
+
+
+def _num(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return float(value)
+
+
+def _row_labels(row: dict[str, Any]) -> list[str]:
+    raw = row.get("labels")
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raw = row.get("label")
+    if raw is None:
+        return []
+    if isinstance(raw, (list, tuple)):
+        return [str(x).strip() for x in raw if str(x).strip()]
+    return [s.strip() for s in str(raw).replace("+", ";").split(";") if s.strip()]
+
+
+def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
+                importer: str = "frames") -> Plan:
+    """Shard per frame: every frame in ``frames`` plus every frame the table names."""
+    rejects: list[dict[str, str]] = []
+    known = set(data.class_names)
+    per_frame: dict[Path, list[dict[str, Any]]] = {}
+    frame_index: dict[Path, int | None] = {}
+    base = Path(annotations).parent if annotations else Path(frames or ".")
+    if frames:
+        root = Path(frames)
+        if root.is_dir():
+            listed = _list_images(root)
+        else:
+            listed = sorted(Path(p) for p in glob.glob(frames))
+        if not listed and not annotations:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {frames}")
+        for p in listed:
+            per_frame.setdefault(p.resolve(), [])
+    if annotations:
+        for i, row in enumerate(read_annotation_table(annotations), start=2):
+            where = f"{annotations} row {i}"
+            frame = Path(str(row["frame"]))
+            frame = (frame if frame.is_absolute() else base / frame).resolve()
+            labels = _row_labels(row)
+            unknown = [n for n in labels if known and n not in known]
+            if unknown:
+                rejects.append(catalog.reject_row(str(frame), where, f"unknown class {unknown[0]!r}; "
+                                                  f"known: {', '.join(sorted(known))}", importer))
+                continue
+            if not frame.is_file():
+                rejects.append(catalog.reject_row(str(frame), where, "frame file not found", importer))
+                continue
+            try:
+                box = [_num(row, k) for k in ("x0", "y0", "x1", "y1")]
+                point = [_num(row, k) for k in ("x", "y")]
+            except ValueError as exc:
+                rejects.append(catalog.reject_row(str(frame), where, f"bad coordinate: {exc}", importer))
+                continue
+            ann: dict[str, Any] = {"row": where, "labels": labels}
+            if all(v is not None for v in box):
+                if box[2] <= box[0] or box[3] <= box[1]:  # type: ignore[operator]
+                    rejects.append(catalog.reject_row(str(frame), where, f"empty box {box}", importer))
+                    continue
+                ann["box"] = [int(round(v)) for v in box]  # type: ignore[arg-type]
+            elif all(v is not None for v in point):
+                ann["point"] = [int(round(v)) for v in point]  # type: ignore[arg-type]
+            else:
+                rejects.append(catalog.reject_row(str(frame), where, "no box or point", importer))
+                continue
+            per_frame.setdefault(frame, []).append(ann)
+            t = _num(row, "frame_index") if "frame_index" in row else _num(row, "time")
+            if t is not None:
+                frame_index[frame] = int(t)
+    tasks = []
+    for frame, anns in sorted(per_frame.items()):
+        display = _display(frame, base)
+        item = {"path": str(frame), "source": display, "annotations": anns,
+                "frame_index": frame_index.get(frame), "stamp": _file_stamp(frame)}
+        tasks.append(ShardTask(_key(importer, item, data.segmentation), importer, (item,)))
+    return Plan(tasks, rejects, importer, str(frames or annotations))
+
+
+def _display(path: Path, base: Path) -> str:
+    try:
+        return str(path.relative_to(base.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def plan_synth(world: str, data: DataConfig) -> Plan:
+    """The synthetic world is frames + annotations.csv (boxes and label sets)."""
+    root = Path(world)
+    if not (root / "world.json").exists():
+        raise FileNotFoundError(f"{root} is not a synthetic world (no world.json); "
+                                "write one with `ipb synth --out DIR`")
+    return plan_frames(str(root / "frames"), str(root / "annotations.csv"), data, importer="synth")
+
+
+def _match(colonies: Sequence[Any], ann: dict[str, Any]) -> int | None:
+    """Index of the segmented colony an annotation refers to, or None."""
+    from ipb_ray.segmentation import box_iou_matrix
+
+    if not colonies:
+        return None
+    if "point" in ann:
+        x, y = ann["point"]
+        candidates = [(x, y)]
+    else:
+        x0, y0, x1, y1 = ann["box"]
+        boxes = np.array([c.bbox for c in colonies], dtype=np.float64)
+        ious = box_iou_matrix(np.array([ann["box"]], dtype=np.float64), boxes)[0]
+        best = int(np.argmax(ious))
+        if ious[best] >= MIN_MATCH_IOU:
+            return best
+        candidates = [((x0 + x1) // 2, (y0 + y1) // 2)]
+    for px, py in candidates:
+        for i, c in enumerate(colonies):
+            cx0, cy0, cx1, cy1 = c.bbox
+            if cx0 <= px < cx1 and cy0 <= py < cy1 and c.mask[py - cy0, px - cx0]:
+                return i
+    return None
+
+
+def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
+               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    from ipb_ray.segmentation import load_frame, segment_frame
+
+    src = item["source"]
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    try:
+        image = load_frame(item["path"])
+    except (ValueError, OSError) as exc:
+        return [], [catalog.reject_row(src, "frame", f"unreadable frame: {exc}", importer)]
+    if image.size == 0 or int(image.max()) == int(image.min()):
+        return [], [catalog.reject_row(src, "frame", "empty frame (constant image)", importer)]
+    _, colonies = segment_frame(image, data.segmentation)
+    if not colonies:
+        rejects.append(catalog.reject_row(src, "frame", "no colonies found", importer))
+    h, w = image.shape
+    labels: list[set[str]] = [set() for _ in colonies]
+    for ann in item["annotations"]:
+        coords = ann.get("box") or ann.get("point")
+        if "box" in ann:
+            x0, y0, x1, y1 = ann["box"]
+            inside = 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        else:
+            x, y = ann["point"]
+            inside = 0 <= x < w and 0 <= y < h
+        if not inside:
+            rejects.append(catalog.reject_row(src, ann["row"], f"annotation {coords} lies outside the "
+                                              f"{w}x{h} frame", importer))
+            continue
+        idx = _match(colonies, ann)
+        if idx is None:
+            rejects.append(catalog.reject_row(src, ann["row"], f"annotation {coords} matches no "
+                                              "segmented colony", importer))
+            continue
+        labels[idx].update(ann["labels"])
+    for colony, names in zip(colonies, labels):
+        x0, y0, x1, y1 = colony.bbox
+        rows.append(catalog.colony_row(
+            source=src, bbox=colony.bbox, crop=image[y0:y1, x0:x1], mask=colony.mask, labels=names,
+            frame_index=item.get("frame_index"), pixel_size_um=data.pixel_size_um, importer=importer,
+            provenance={"frame_shape": [h, w], "segmentation": dataclasses.asdict(data.segmentation)}))
+    return rows, rejects
+
+
+# --------------------------------------------------------------------------- crops (imagefolder, voc)
+
+def crop_mask(crop: np.ndarray, seg: SegmentationConfig) -> np.ndarray:
+    """Colony mask of an already-cropped colony: the largest segmented region.
+
+    The size filter scales to the crop (a crop is mostly colony); if nothing is found
+    the whole crop counts as colony rather than the colony being dropped.
+    """
+    from ipb_ray.segmentation import segment_frame
+
+    small = dataclasses.replace(seg, min_object_px=min(seg.min_object_px, max(1, crop.size // 20)))
+    _, colonies = segment_frame(crop, small)
+    mask = np.zeros(crop.shape, dtype=bool)
+    if not colonies:
+        mask[:] = True
+        return mask
+    best = max(colonies, key=lambda c: c.area_px)
+    x0, y0, x1, y1 = best.bbox
+    mask[y0:y1, x0:x1] = best.mask
+    return mask
+
+
+def plan_imagefolder(root: str, data: DataConfig) -> Plan:
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"image folder {base} not found")
+    known = set(data.class_names)
+    rejects: list[dict[str, str]] = []
+    items: list[dict[str, Any]] = []
+    for sub in sorted(p for p in base.iterdir() if p.is_dir()):
+        files = _list_images(sub)
+        for f in files:
+            rel = f.relative_to(base)
+            if sub.name == MULTI_DIR:
+                combo = rel.parts[1] if len(rel.parts) > 2 else ""
+                labels, multi = [s for s in combo.replace(";", "+").split("+") if s], True
+            elif sub.name.lower() in UNLABELLED_DIRS:
+                labels, multi = [], False
+            else:
+                labels, multi = [sub.name], False
+            bad = [n for n in labels if known and n not in known]
+            if bad:
+                rejects.append(catalog.reject_row(str(rel), str(rel), f"unknown class {bad[0]!r}; known: "
+                                                  f"{', '.join(sorted(known))}", "imagefolder"))
+                continue
+            items.append({"path": str(f.resolve()), "source": str(rel), "labels": labels,
+                          "multi_label": multi, "stamp": _file_stamp(f)})
+    if not items and not rejects:
+        raise FileNotFoundError(f"no images in class folders under {base}; expected "
+                                f"{base}/<class>/*.png (plus {MULTI_DIR}/ and unlabeled/)")
+    tasks = [ShardTask(_key("imagefolder", chunk, data.segmentation), "imagefolder", tuple(chunk))
+             for chunk in (items[i:i + CROPS_PER_SHARD] for i in range(0, len(items), CROPS_PER_SHARD))]
+    return Plan(tasks, rejects, "imagefolder", str(base))
+
+
+def _run_crops(items: Iterable[dict[str, Any]], data: DataConfig, importer: str
+               ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    from ipb_ray.segmentation import load_frame
+
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    cache: dict[str, np.ndarray] = {}
+    for item in items:
+        src = item["source"]
+        try:
+            if item["path"] not in cache:
+                cache = {item["path"]: load_frame(item["path"])}  # VOC boxes share an image
+            image = cache[item["path"]]
+        except (ValueError, OSError) as exc:
+            rejects.append(catalog.reject_row(src, item.get("item", "image"), f"unreadable image: {exc}",
+                                              importer))
+            continue
+        h, w = image.shape
+        x0, y0, x1, y1 = item.get("box") or (0, 0, w, h)
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            rejects.append(catalog.reject_row(src, item.get("item", "image"),
+                                              f"box {item.get('box')} lies outside the {w}x{h} image",
+                                              importer))
+            continue
+        crop = image[y0:y1, x0:x1]
+        if int(crop.max()) == int(crop.min()):
+            rejects.append(catalog.reject_row(src, item.get("item", "image"), "empty (constant) image",
+                                              importer))
+            continue
+        rows.append(catalog.colony_row(
+            source=src, bbox=(x0, y0, x1, y1), crop=crop, mask=crop_mask(crop, data.segmentation),
+            labels=item["labels"], multi_label=item["multi_label"], pixel_size_um=data.pixel_size_um,
+            importer=importer, item=item.get("item", ""),
+            provenance={"mask": "segmented per crop"}))
+    return rows, rejects
+
+
+def plan_voc(root: str, data: DataConfig) -> Plan:
+    """Pascal VOC: box crops are single-label colonies; images with several classes multi-label."""
+    base = Path(root)
+    ann_dir, img_dir = base / "Annotations", base / "JPEGImages"
+    if not ann_dir.is_dir() or not img_dir.is_dir():
+        raise FileNotFoundError(f"{base} is not a Pascal VOC folder: expected Annotations/ and JPEGImages/")
+    known = set(data.class_names)
+    rejects: list[dict[str, str]] = []
+    tasks: list[ShardTask] = []
+    for xml_path in sorted(ann_dir.glob("*.xml")):
+        rel_xml = str(xml_path.relative_to(base))
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except ET.ParseError as exc:
+            rejects.append(catalog.reject_row(rel_xml, "xml", f"unreadable annotation: {exc}", "voc"))
+            continue
+        filename = (tree.findtext("filename") or f"{xml_path.stem}.jpg").strip()
+        image = img_dir / filename
+        if not image.is_file():
+            image = img_dir / f"{xml_path.stem}.jpg"
+        if not image.is_file():
+            rejects.append(catalog.reject_row(rel_xml, filename, "image file not found", "voc"))
+            continue
+        src = str(image.relative_to(base))
+        items: list[dict[str, Any]] = []
+        for n, obj in enumerate(tree.iter("object")):
+            name = (obj.findtext("name") or "").strip()
+            where = f"{rel_xml} object {n}"
+            if not name or (known and name not in known):
+                rejects.append(catalog.reject_row(src, where, f"unknown class {name!r}" +
+                                                  (f"; known: {', '.join(sorted(known))}" if known else ""),
+                                                  "voc"))
+                continue
+            try:
+                box = [int(round(float(obj.findtext(f"bndbox/{k}") or "nan")))
+                       for k in ("xmin", "ymin", "xmax", "ymax")]
+            except ValueError:
+                rejects.append(catalog.reject_row(src, where, "box without numeric xmin/ymin/xmax/ymax",
+                                                  "voc"))
+                continue
+            items.append({"path": str(image.resolve()), "source": src, "labels": [name],
+                          "multi_label": False, "box": box, "item": f"object {n}"})
+        classes = sorted({it["labels"][0] for it in items})
+        if len(classes) > 1:
+            items.append({"path": str(image.resolve()), "source": src, "labels": classes,
+                          "multi_label": True, "item": "whole image"})
+        if items:
+            payload = [items, _file_stamp(image), _file_stamp(xml_path)]
+            tasks.append(ShardTask(_key("voc", payload, data.segmentation), "voc", tuple(items)))
+    return Plan(tasks, rejects, "voc", str(base))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+def plan(data: DataConfig, importer: str = "auto") -> Plan:
+    """The shards (and early rejects) for ``data.frames``/``data.annotations``."""
+    if importer not in IMPORTERS:
+        raise ValueError(f"unknown importer {importer!r}; choose one of {', '.join(IMPORTERS)}")
+    if importer == "auto":
+        importer = detect_importer(data.frames, data.annotations)
+    root = data.frames or str(Path(data.annotations or ".").parent)
+    if importer == "synth":
+        return plan_synth(root, data)
+    if importer == "voc":
+        return plan_voc(root, data)
+    if importer == "imagefolder":
+        return plan_imagefolder(root, data)
+    return plan_frames(data.frames, data.annotations, data)
+
+
+def run_shard(task: ShardTask, data: DataConfig) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """Rows and rejects of one shard (runs on a Ray worker; pure otherwise)."""
+    if task.importer in ("frames", "synth"):
+        return _run_frame(task.items[0], data, task.importer)
+    return _run_crops(task.items, data, task.importer)

@@ -1,0 +1,37 @@
+"""Connecting to Ray: a local cluster by default, an existing one with an address."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ipb_ray.config import ResourcesConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
+    """Start or join Ray once per process.
+
+    ``address`` (or ``resources.address``) joins an existing cluster (``"auto"``, ``HOST:6379``
+    or ``ray://...``); without one, or with ``RAY_ADDRESS`` unset, a local cluster starts here.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    resources = resources or ResourcesConfig()
+    address = address or resources.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"log_to_driver": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        if resources.object_store_mb:
+            kwargs["object_store_memory"] = resources.object_store_mb * 1024 * 1024
+        ray.init(**kwargs)
+    log.info("Ray: %s", ray.cluster_resources())
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.print_on_execution_start = False

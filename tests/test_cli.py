@@ -1,0 +1,71 @@
+"""The `ipb` command line: help everywhere, config commands, error exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ipb_ray.cli import app
+
+runner = CliRunner()
+
+COMMANDS = [[], ["config"], ["config", "show"], ["config", "validate"], ["config", "presets"],
+            ["synth"], ["demo"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "ipb")
+def test_help_everywhere(cmd):
+    result = runner.invoke(app, cmd + ["--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "ipb_ray.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for name in ("synth", "demo", "config"):
+        assert name in out
+
+
+def test_config_show_prints_the_full_resolved_preset():
+    result = runner.invoke(app, ["config", "show", "--preset", "ml_ms_ipb_hrnet"])
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(result.output)
+    assert data["preset"] == "ml_ms_ipb_hrnet"
+    assert data["method"]["threshold"] == 0.65 and data["model"]["backbone"] == "hrnet"
+    assert data["data"]["segmentation"]["min_object_px"] == 2000
+
+
+def test_config_show_applies_overrides_and_flat():
+    result = runner.invoke(app, ["config", "show", "--preset", "demo", "--flat", "method.threshold=0.9"])
+    assert result.exit_code == 0, result.output
+    assert "method.threshold = 0.9" in result.output
+
+
+def test_config_validate_ok_and_bad(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("extends: demo\nmethod: {threshold: 0.7}\n")
+    result = runner.invoke(app, ["config", "validate", str(good)])
+    assert result.exit_code == 0 and "ok" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: demo\nmethod: {threshold: 7}\n")
+    result = runner.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 2
+    assert "bad.yaml" in result.output and "method.threshold" in result.output
+
+
+def test_unknown_preset_exits_2_with_suggestion():
+    result = runner.invoke(app, ["config", "show", "--preset", "ml_ms_ipb_hrnt"])
+    assert result.exit_code == 2
+    assert "did you mean 'ml_ms_ipb_hrnet'" in result.output
+
+
+def test_config_presets_lists_all():
+    result = runner.invoke(app, ["config", "presets"])
+    assert result.exit_code == 0
+    for name in ("vgg19", "ml_ms_ipb_hrnet", "mpl_balanced", "demo"):
+        assert name in result.output
