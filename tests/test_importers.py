@@ -1,0 +1,128 @@
+"""Importers: planning (driver side) and shard running (worker side), without Ray."""
+
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from ipb_ray import catalog, importers
+from ipb_ray.config import DataConfig
+
+
+def _blob_frame(size=400, centres=((120, 120), (290, 280)), radius=55, seed=0):
+    """A smooth background with textured discs: what the entropy segmentation finds."""
+    rng = np.random.default_rng(seed)
+    img = np.full((size, size), 128, np.uint8)
+    img = cv2.GaussianBlur((img + rng.normal(0, 2, img.shape)).clip(0, 255).astype(np.uint8), (5, 5), 0)
+    for cx, cy in centres:
+        yy, xx = np.ogrid[:size, :size]
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
+        img[disc] = rng.integers(40, 220, int(disc.sum()), dtype=np.uint8)
+    return img
+
+
+def _write_csv(path, rows, header=("frame", "x0", "y0", "x1", "y1", "label")):
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def frames_dir(tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), _blob_frame())
+    cv2.imwrite(str(d / "b.png"), _blob_frame(seed=1, centres=((200, 200),)))
+    return d
+
+
+def test_annotation_table_missing_columns_named(tmp_path):
+    path = _write_csv(tmp_path / "ann.csv", [["a.png", 1, 2]], header=("frame", "x", "klass"))
+    with pytest.raises(ValueError) as err:
+        importers.read_annotation_table(path)
+    msg = str(err.value)
+    assert "ann.csv" in msg and "x0,y0,x1,y1 (or x,y)" in msg and "label" in msg
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        importers.read_annotation_table(tmp_path / "nope.csv")
+
+
+def test_plan_frames_rejects_missing_frame_unknown_class_and_empty_box(frames_dir, tmp_path):
+    ann = _write_csv(tmp_path / "ann.csv", [
+        ["frames/a.png", 65, 65, 176, 176, "Dense"],
+        ["frames/a.png", 235, 225, 346, 336, "Spread"],
+        ["frames/missing.png", 0, 0, 10, 10, "Dense"],
+        ["frames/a.png", 0, 0, 10, 10, "Unicorn"],
+        ["frames/b.png", 5, 5, 5, 9, "Dense"],
+    ])
+    plan = importers.plan_frames(str(frames_dir), str(ann), DataConfig(class_names=("Dense", "Spread")))
+    assert len(plan.tasks) == 2  # a.png and b.png (b.png listed from the folder)
+    reasons = sorted(r["reason"] for r in plan.rejects)
+    assert any("frame file not found" in r for r in reasons)
+    assert any("unknown class 'Unicorn'" in r for r in reasons)
+    assert any("empty box" in r for r in reasons)
+    assert all("row" in r["item"] for r in plan.rejects)
+
+
+def test_shard_keys_change_with_inputs_and_parameters(frames_dir):
+    a = importers.plan_frames(str(frames_dir), None, DataConfig())
+    b = importers.plan_frames(str(frames_dir), None, DataConfig())
+    c = importers.plan_frames(str(frames_dir), None, DataConfig().__class__(
+        segmentation=DataConfig().segmentation.__class__(min_object_px=500)))
+    assert [t.key for t in a.tasks] == [t.key for t in b.tasks]
+    assert set(t.key for t in a.tasks).isdisjoint(t.key for t in c.tasks)
+
+
+def test_detect_importer(tmp_path, frames_dir):
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "world.json").write_text("{}")
+    assert importers.detect_importer(str(tmp_path / "world"), None) == "synth"
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    assert importers.detect_importer(str(voc), None) == "voc"
+    tree = tmp_path / "tree"
+    (tree / "Dense").mkdir(parents=True)
+    assert importers.detect_importer(str(tree), None) == "imagefolder"
+    assert importers.detect_importer(str(frames_dir), None) == "frames"
+    with pytest.raises(ValueError, match="data.frames"):
+        importers.detect_importer(None, None)
+    with pytest.raises(ValueError, match="unknown importer"):
+        importers.plan(DataConfig(frames=str(frames_dir)), "zip")
+
+
+def test_imagefolder_plan_labels_multi_and_unlabelled(tmp_path):
+    root = tmp_path / "tree"
+    for sub in ("Dense", "Spread", "multi_label/Dense+Spread", "unlabeled", "Ghost"):
+        (root / sub).mkdir(parents=True)
+        cv2.imwrite(str(root / sub / "c1.png"), _blob_frame(size=120, centres=((60, 60),), radius=40))
+    plan = importers.plan_imagefolder(str(root), DataConfig(class_names=("Dense", "Spread")))
+    items = {it["source"]: it for t in plan.tasks for it in t.items}
+    assert items["Dense/c1.png"]["labels"] == ["Dense"]
+    assert items["multi_label/Dense+Spread/c1.png"]["labels"] == ["Dense", "Spread"]
+    assert items["multi_label/Dense+Spread/c1.png"]["multi_label"] is True
+    assert items["unlabeled/c1.png"]["labels"] == []
+    assert [r["reason"] for r in plan.rejects] == ["unknown class 'Ghost'; known: Dense, Spread"]
+    with pytest.raises(FileNotFoundError, match="class folders"):
+        importers.plan_imagefolder(str(_empty(tmp_path)), DataConfig())
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+@pytest.mark.realdata
+def test_voc_plan_on_bccd(shared_data):
+    plan = importers.plan_voc(str(shared_data / "bccd"), DataConfig())
+    singles = [it for t in plan.tasks for it in t.items if not it["multi_label"]]
+    multis = [it for t in plan.tasks for it in t.items if it["multi_label"]]
+    names = {it["labels"][0] for it in singles}
+    assert names == {"RBC", "WBC", "Platelets"}
+    assert len(singles) > 4000 and len(multis) > 200
+    assert all(len(it["labels"]) >= 2 for it in multis)
