@@ -151,7 +151,34 @@ def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str])
         console.print(f"  [yellow]rejected[/] {count} x {reason}", highlight=False)
     if summary.rejects:
         console.print(f"  details: {summary.catalog}/rejects (Parquet: source, item, reason)")
+    _print_folds(summary.folds, summary.catalog)
     return summary
+
+
+def _print_folds(folds: list, where: str) -> None:
+    if not folds:
+        console.print("[yellow]no folds drawn[/] (too few labelled colonies for split.folds)")
+        return
+    table = Table("fold", "U", "L", "V", "T", "L per class", title=f"folds in {where}/folds.parquet")
+    for row in folds:
+        table.add_row(str(row["fold"]), str(row["U"]), str(row["L"]), str(row["V"]), str(row["T"]),
+                      " ".join(f"{k}:{v}" for k, v in row["L_counts"].items()))
+    console.print(table)
+
+
+@app.command()
+def folds(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+          overrides: Optional[List[str]] = OVERRIDES_ARG,
+          catalog_dir: Optional[str] = typer.Option(None, "--catalog", help="Catalog directory "
+                                                    "(data.catalog).")) -> None:
+    """(Re)draw the cross-validation folds of a catalog, e.g. for another labelled fraction."""
+    from ipb_ray.preprocess import make_catalog_folds
+
+    with _user_errors():
+        cfg = _resolve(config, preset, overrides)
+        root = catalog_dir or cfg.data.catalog
+        plan = make_catalog_folds(root, cfg)
+        _print_folds(plan.summary() if plan else [], root)
 
 
 @app.command()

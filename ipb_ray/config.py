@@ -147,7 +147,7 @@ class SplitConfig:
     """Cross-validation: disjoint test folds T; L and U carved from the rest."""
 
     folds: int = _f(10, lo=2, hi=100, doc="number of CV folds; each test fold T is 1/folds")
-    labelled_fraction: float = _f(0.1, lo=1e-4, hi=0.98, doc="share of all colonies in L")
+    labelled_fraction: float = _f(0.1, lo=1e-4, hi=0.98, doc="share of the single-labelled colonies put in L per fold")
     val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="share of L held out for model selection")
     fold: int = _f(0, lo=0, doc="fold run by `ipb train`")
 

@@ -34,6 +34,7 @@ class PreprocessSummary:
     rejects: int
     reject_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    folds: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _ShardWriter:
@@ -86,10 +87,32 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
         "importer": plan.importer, "inputs": plan.inputs,
         "pixel_size_um": cfg.data.pixel_size_um,
         "segmentation": to_dict(cfg.data.segmentation)})
+    folds = make_catalog_folds(root, cfg)
     reasons: dict[str, int] = {}
     for reason in catalog.read_rejects(root).column("reason").to_pylist():
         kind = _REASON_DETAIL.sub("…", reason.split(":")[0])
         reasons[kind] = reasons.get(kind, 0) + 1
     return PreprocessSummary(str(root), plan.importer, total, total - len(todo), manifest["colonies"],
                              manifest["counts"], manifest["rejects"], reasons,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, folds.summary() if folds else [])
+
+
+def make_catalog_folds(root: str | Path, cfg: ExperimentConfig):
+    """Draw the CV folds of a finished catalog with ``cfg.split`` and store them beside it.
+
+    Returns the :class:`~ipb_ray.folds.FoldPlan`, or None (with a warning) when the
+    catalog has too few single-labelled colonies for ``split.folds`` folds.
+    """
+    from ipb_ray.folds import make_folds, write_folds
+
+    table = catalog.read_catalog(root, columns=["colony_id", "label", "multi_label"])
+    try:
+        plan = make_folds(table.column("colony_id").to_pylist(), table.column("label").to_pylist(),
+                          table.column("multi_label").to_pylist(), k=cfg.split.folds,
+                          labelled_fraction=cfg.split.labelled_fraction,
+                          val_fraction=cfg.split.val_fraction, seed=cfg.seed)
+    except ValueError as exc:
+        log.warning("%s: no folds drawn: %s", root, exc)
+        return None
+    write_folds(plan, root)
+    return plan

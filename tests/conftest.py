@@ -45,3 +45,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster shared by every Ray test of the session (small object store)."""
+    ray = pytest.importorskip("ray")
+    from ipb_ray.config import ResourcesConfig
+    from ipb_ray.ray_setup import init_ray
+
+    init_ray(ResourcesConfig(object_store_mb=300))
+    yield ray
+    ray.shutdown()

@@ -126,3 +126,55 @@ def test_voc_plan_on_bccd(shared_data):
     assert names == {"RBC", "WBC", "Platelets"}
     assert len(singles) > 4000 and len(multis) > 200
     assert all(len(it["labels"]) >= 2 for it in multis)
+
+
+# --------------------------------------------------------------------------- shard runner: bad input
+
+def _frame_task(path, annotations=(), source="a.png"):
+    item = {"path": str(path), "source": source, "annotations": list(annotations), "frame_index": 3}
+    return importers.ShardTask("k", "frames", (item,))
+
+
+def test_run_frame_joins_boxes_points_and_multi_labels(frames_dir):
+    anns = [{"row": "r2", "labels": ["Dense"], "box": [65, 65, 176, 176]},
+            {"row": "r3", "labels": ["Spread"], "point": [290, 280]},
+            {"row": "r4", "labels": ["Dense"], "point": [300, 290]}]
+    rows, rejects = importers.run_shard(_frame_task(frames_dir / "a.png", anns), DataConfig())
+    assert rejects == []
+    assert len(rows) == 2
+    by_x = sorted(rows, key=lambda r: r["x0"])
+    assert by_x[0]["label"] == "Dense" and not by_x[0]["multi_label"]
+    assert by_x[1]["labels"] == ["Dense", "Spread"] and by_x[1]["multi_label"] and by_x[1]["label"] is None
+    assert all(r["frame_index"] == 3 and r["source"] == "a.png" for r in rows)
+    mask = catalog.decode_png(by_x[0]["mask"]) > 0
+    assert mask.shape == (by_x[0]["height"], by_x[0]["width"]) and 0.6 < mask.mean() < 0.9
+
+
+def test_run_frame_rejects_outside_and_unmatched_annotations(frames_dir):
+    anns = [{"row": "r2", "labels": ["Dense"], "box": [350, 350, 500, 500]},
+            {"row": "r3", "labels": ["Dense"], "box": [0, 0, 30, 30]}]
+    rows, rejects = importers.run_shard(_frame_task(frames_dir / "a.png", anns), DataConfig())
+    assert len(rows) == 2 and all(r["labels"] == [] for r in rows)  # unlabelled colonies are kept
+    reasons = {r["item"]: r["reason"] for r in rejects}
+    assert "outside the 400x400 frame" in reasons["r2"]
+    assert "matches no segmented colony" in reasons["r3"]
+
+
+def test_run_frame_rejects_truncated_empty_and_colony_free_frames(tmp_path, frames_dir):
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes((frames_dir / "a.png").read_bytes()[:200])
+    flat = tmp_path / "flat.png"
+    cv2.imwrite(str(flat), np.full((300, 300), 90, np.uint8))
+    smooth = tmp_path / "smooth.png"
+    cv2.imwrite(str(smooth), np.tile(np.linspace(0, 255, 300).astype(np.uint8), (300, 1)))
+    for path, needle in ((truncated, "unreadable frame"), (flat, "empty frame"),
+                         (smooth, "no colonies found")):
+        rows, rejects = importers.run_shard(_frame_task(path, source=path.name), DataConfig())
+        assert rows == [] and len(rejects) == 1, path
+        assert needle in rejects[0]["reason"] and rejects[0]["source"] == path.name
+
+
+def test_crop_mask_keeps_the_colony_not_the_corners():
+    crop = _blob_frame(size=160, centres=((80, 80),), radius=60)
+    mask = importers.crop_mask(crop, DataConfig().segmentation)
+    assert mask[80, 80] and not mask[2, 2] and not mask[157, 157]
