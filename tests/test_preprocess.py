@@ -1,0 +1,136 @@
+"""`ipb preprocess` on a real local Ray cluster: catalog, rejects, folds, restart after a kill."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ipb_ray import catalog
+from ipb_ray.config import load_config
+from ipb_ray.folds import check_folds, read_folds
+from ipb_ray.preprocess import build_catalog
+
+pytestmark = pytest.mark.ray
+
+CLASSES = ("Debris", "Dense", "Spread")
+
+
+def _frame(rng, centres, size=360, radius=45):
+    img = cv2.GaussianBlur(rng.normal(128, 2, (size, size)).clip(0, 255).astype(np.uint8), (5, 5), 0)
+    yy, xx = np.ogrid[:size, :size]
+    for cx, cy in centres:
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
+        img[disc] = rng.integers(30, 230, int(disc.sum()), dtype=np.uint8)
+    return img
+
+
+def make_frames(root, n_frames=6, seed=0):
+    """n frames with four colonies each, every colony labelled (one multi-label per frame)."""
+    rng = np.random.default_rng(seed)
+    (root / "frames").mkdir(parents=True)
+    centres = ((80, 80), (260, 90), (90, 260), (270, 270))
+    rows = []
+    for f in range(n_frames):
+        name = f"frames/f{f:02d}.png"
+        cv2.imwrite(str(root / name), _frame(rng, centres))
+        for i, (cx, cy) in enumerate(centres):
+            label = "Dense;Spread" if i == 3 else CLASSES[(f + i) % 3]
+            rows.append([name, cx - 46, cy - 46, cx + 47, cy + 47, label, f])
+    with (root / "ann.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["frame", "x0", "y0", "x1", "y1", "labels", "frame_index"])
+        w.writerows(rows)
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(preset="demo", overrides=[
+        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.catalog={root / 'catalog'}", "split.folds=3", "split.labelled_fraction=0.3", *extra])
+
+
+def test_build_catalog_from_frames_and_table(ray_local, tmp_path):
+    root = make_frames(tmp_path)
+    # one annotation row pointing at a missing frame, one at an unknown class
+    with (root / "ann.csv").open("a", newline="") as fh:
+        csv.writer(fh).writerows([["frames/gone.png", 1, 1, 50, 50, "Dense", 0],
+                                  ["frames/f00.png", 35, 35, 126, 126, "Ghost", 0]])
+    seen = []
+    summary = build_catalog(_cfg(root, "data.class_names=[Debris, Dense, Spread]"),
+                            progress=lambda d, t: seen.append((d, t)))
+    assert summary.importer == "frames" and summary.shards == 6 and summary.shards_skipped == 0
+    assert seen[-1] == (6, 6)
+    assert summary.colonies == 24 and summary.counts["multi_label"] == 6
+    assert sum(summary.counts[c] for c in CLASSES) == 18
+    assert summary.rejects == 2
+    table = catalog.read_catalog(root / "catalog")
+    assert table.num_rows == 24 and set(table.column("frame_index").to_pylist()) == set(range(6))
+    reasons = catalog.read_rejects(root / "catalog").column("reason").to_pylist()
+    assert any("frame file not found" in r for r in reasons)
+    assert any("unknown class 'Ghost'" in r for r in reasons)
+    # the same catalog through Ray Data
+    ds = ray_local.data.read_parquet(str(root / "catalog" / "parts"))
+    assert ds.count() == 24
+    # folds beside the catalog, valid
+    plan = read_folds(root / "catalog")
+    check_folds(plan)
+    assert plan.k == 3 and len(summary.folds) == 3
+    # a rerun redoes nothing
+    again = build_catalog(_cfg(root, "data.class_names=[Debris, Dense, Spread]"))
+    assert again.shards_skipped == 6 and again.colonies == 24
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_bccd_voc_import(ray_local, shared_data, tmp_path):
+    cfg = load_config(preset="demo", overrides=[f"data.frames={shared_data / 'bccd'}",
+                                                f"data.catalog={tmp_path / 'bccd'}", "split.folds=5"])
+    summary = build_catalog(cfg)
+    assert summary.importer == "voc"
+    assert summary.counts["RBC"] > 3000 and summary.counts["WBC"] > 300
+    assert summary.counts["Platelets"] > 300 and summary.counts["multi_label"] > 200
+    table = catalog.read_catalog(tmp_path / "bccd", columns=["image", "mask", "width", "height"])
+    first = table.slice(0, 1).to_pylist()[0]
+    assert catalog.decode_png(first["image"]).shape == (first["height"], first["width"])
+
+
+def test_killed_preprocess_resumes_without_redoing_frames(tmp_path):
+    """A real crash: kill `ipb preprocess` mid-run, rerun, compare with a clean build."""
+    root = make_frames(tmp_path, n_frames=16, seed=3)
+    args = [sys.executable, "-m", "ipb_ray.cli", "preprocess", "--preset", "demo",
+            "--frames", str(root / "frames"), "--annotations", str(root / "ann.csv"),
+            "--out", str(root / "catalog"), "split.folds=3", "split.labelled_fraction=0.3",
+            "resources.object_store_mb=100"]
+    env = dict(os.environ, RAY_ADDRESS="")  # its own local cluster, not the test session's
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    parts = root / "catalog" / "parts"
+    deadline = time.time() + 180
+    while time.time() < deadline and len(list(parts.glob("*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("*.parquet")))
+    assert 3 <= done_before < 17, "the kill came too late to test a resume"
+    with pytest.raises(catalog.IncompleteCatalogError):
+        catalog.read_catalog(root / "catalog")
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "already done" in out.stdout
+    resumed = catalog.read_catalog(root / "catalog").sort_by("colony_id")
+    fresh_args = [a if a != str(root / "catalog") else str(root / "fresh") for a in args]
+    assert subprocess.run(fresh_args, env=env, capture_output=True, timeout=300).returncode == 0
+    fresh = catalog.read_catalog(root / "fresh").sort_by("colony_id")
+    assert resumed.num_rows == fresh.num_rows == 64
+    assert resumed.column("colony_id").equals(fresh.column("colony_id"))
+    assert resumed.column("labels").equals(fresh.column("labels"))
+    assert pq.read_table(root / "catalog" / "folds.parquet").equals(pq.read_table(root / "fresh" / "folds.parquet"))
