@@ -178,3 +178,25 @@ def test_crop_mask_keeps_the_colony_not_the_corners():
     crop = _blob_frame(size=160, centres=((80, 80),), radius=60)
     mask = importers.crop_mask(crop, DataConfig().segmentation)
     assert mask[80, 80] and not mask[2, 2] and not mask[157, 157]
+
+
+def test_imagefolder_shards_give_rows_with_masks(tmp_path):
+    root = tmp_path / "tree"
+    for sub in ("Dense", "multi_label/Dense+Spread", "unlabeled"):
+        (root / sub).mkdir(parents=True)
+        cv2.imwrite(str(root / sub / "c1.png"), _blob_frame(size=120, centres=((60, 60),), radius=40))
+    (root / "Dense" / "broken.png").write_bytes(b"not a png")
+    plan = importers.plan_imagefolder(str(root), DataConfig())
+    rows, rejects = [], []
+    for task in plan.tasks:
+        r, j = importers.run_shard(task, DataConfig())
+        rows += r
+        rejects += j
+    by_source = {r["source"]: r for r in rows}
+    assert by_source["Dense/c1.png"]["label"] == "Dense"
+    assert by_source["multi_label/Dense+Spread/c1.png"]["multi_label"]
+    assert by_source["unlabeled/c1.png"]["labels"] == []
+    assert [j["source"] for j in rejects] == ["Dense/broken.png"]
+    assert "unreadable image" in rejects[0]["reason"]
+    mask = catalog.decode_png(by_source["Dense/c1.png"]["mask"]) > 0
+    assert mask[60, 60] and not mask[0, 0]

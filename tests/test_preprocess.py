@@ -134,3 +134,22 @@ def test_killed_preprocess_resumes_without_redoing_frames(tmp_path):
     assert resumed.column("colony_id").equals(fresh.column("colony_id"))
     assert resumed.column("labels").equals(fresh.column("labels"))
     assert pq.read_table(root / "catalog" / "folds.parquet").equals(pq.read_table(root / "fresh" / "folds.parquet"))
+
+
+def test_preprocess_joins_an_existing_cluster_by_address(ray_local, tmp_path):
+    """`--address` attaches to a running cluster (here the test session's) instead of starting one."""
+    from ray.util.state import list_jobs
+
+    root = make_frames(tmp_path, n_frames=2, seed=5)
+    address = ray_local.get_runtime_context().gcs_address
+    jobs_before = len(list_jobs())
+    out = subprocess.run(
+        [sys.executable, "-m", "ipb_ray.cli", "preprocess", "--preset", "demo", "--frames",
+         str(root / "frames"), "--annotations", str(root / "ann.csv"), "--out", str(root / "catalog"),
+         "--address", address, "split.folds=2", "split.labelled_fraction=0.3"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "shards: 2" in out.stdout
+    # its driver ran on this cluster: the cluster's job table grew by one
+    assert len(list_jobs()) == jobs_before + 1
+    assert catalog.read_manifest(root / "catalog")["colonies"] == 8
