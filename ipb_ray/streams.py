@@ -1,0 +1,270 @@
+"""Patch streams: catalog rows -> fixed-shape patch tensors, on Ray Data.
+
+The pure core, :func:`patch_batch`, turns a batch of catalog rows into patches: for
+each colony (repeated ``counts[id]`` times) it draws a window inside the colony mask,
+augments it and cuts the network's scales, emitting fixed-shape columns (colonies vary
+in size, so variable-shape tensors never reach Ray Data). Every random choice is seeded
+by ``(seed, epoch, stream, colony id, copy)``, so a patch is the same whichever worker
+draws it, an epoch's draw is reproducible, and each epoch draws fresh positions.
+
+The Ray wiring is thin: :func:`patch_dataset` reads the catalog with
+``ray.data.read_parquet`` and maps :func:`patch_batch` over it. Inside a Ray Train loop
+the epoch (and, for resampled streams, the per-colony counts) come from a named
+:class:`StreamState` actor that rank 0 updates before each epoch; the dataset handed to
+``TorchTrainer`` is split with ``streaming_split(equal=True)`` so every rank gets the
+same number of batches.
+
+Columns of a patch batch: ``colony_id`` (str), ``label`` (int64 class index, -1 = none),
+``copy`` (int32), ``x``, ``y`` (int32 window top-left in the prepared crop), ``scale``
+(float32 crop resize factor), ``met`` (bool: the foreground constraint held), and one
+float32 ``(B, 1, s, s)`` column per scale: ``x{s}`` (modes train/plain/test) or
+``weak{s}`` and ``strong{s}`` (mode uda).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ipb_ray import augment, catalog
+from ipb_ray.patches import PatchCoord, PatchGeometry, centre_coord, cut, prepare_crop, sample_coord, \
+    to_scales
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "plain", "uda", "test")
+_STREAM_TAG = {"train": 1, "plain": 2, "uda": 3, "test": 4}
+CATALOG_COLUMNS = ["colony_id", "image", "mask", "label"]
+STATE_NAMESPACE = "ipb_ray"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What a stream emits. ``mode``: ``train`` (random window + the paper's augmentation),
+    ``plain`` (random window, no augmentation), ``uda`` (random window, weak and strong
+    views), ``test`` (the mask's centre-of-mass window, plus ``tta - 1`` seeded random
+    windows for test-time averaging)."""
+
+    geometry: PatchGeometry
+    class_names: tuple[str, ...]
+    seed: int = 0
+    mode: str = "train"
+    tta: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"stream mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.tta < 1:
+            raise ValueError(f"tta must be >= 1, got {self.tta}")
+
+    def patch_columns(self) -> list[str]:
+        prefixes = ("weak", "strong") if self.mode == "uda" else ("x",)
+        return [f"{p}{s}" for p in prefixes for s in self.geometry.scales]
+
+    def columns(self) -> list[str]:
+        return ["colony_id", "label", "copy", "x", "y", "scale", "met", *self.patch_columns()]
+
+
+def colony_rng(seed: int, epoch: int, mode: str, colony_id: str, copy: int) -> np.random.Generator:
+    """The generator of one patch draw; independent of worker, batch and row order."""
+    return np.random.default_rng(np.random.SeedSequence(
+        [seed, epoch, _STREAM_TAG[mode], int(colony_id, 16) if _is_hex(colony_id) else
+         int.from_bytes(colony_id.encode()[:16].ljust(16, b"\0"), "little"), copy]))
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+        return True
+    except ValueError:
+        return False
+
+
+def _empty_batch(spec: StreamSpec) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {
+        "colony_id": np.array([], dtype=object), "label": np.zeros(0, np.int64),
+        "copy": np.zeros(0, np.int32), "x": np.zeros(0, np.int32), "y": np.zeros(0, np.int32),
+        "scale": np.zeros(0, np.float32), "met": np.zeros(0, bool)}
+    for name in spec.patch_columns():
+        s = int("".join(ch for ch in name if ch.isdigit()))
+        out[name] = np.zeros((0, 1, s, s), np.float32)
+    return out
+
+
+def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int = 0,
+                counts: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Catalog rows -> patch rows (pure; see the module docstring for the columns).
+
+    ``batch``: columns ``colony_id``, ``image`` and ``mask`` (PNG bytes), ``label`` (str or
+    None). ``counts``: copies per colony id (absent id = 0 copies); None = one copy each
+    (``tta`` copies in test mode). Each copy is an independent draw.
+    """
+    index = {n: i for i, n in enumerate(spec.class_names)}
+    rows: dict[str, list[Any]] = {k: [] for k in spec.columns()}
+    for cid, img_png, mask_png, label in zip(batch["colony_id"], batch["image"], batch["mask"],
+                                             batch["label"]):
+        n = spec.tta if counts is None and spec.mode == "test" else 1 if counts is None \
+            else int(counts.get(cid, 0))
+        if n <= 0:
+            continue
+        image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
+                                          spec.geometry.size)
+        for copy in range(n):
+            rng = colony_rng(spec.seed, epoch, spec.mode, cid, copy)
+            if spec.mode == "test" and copy == 0:
+                coord, met = centre_coord(mask, spec.geometry, scale=scale), True
+            else:
+                coord, met = sample_coord(mask, spec.geometry, rng, scale=scale)
+            window = cut(image, coord, spec.geometry)
+            _append_views(rows, window, spec, rng)
+            rows["colony_id"].append(cid)
+            rows["label"].append(index.get(label, -1) if label is not None else -1)
+            rows["copy"].append(copy)
+            rows["x"].append(coord.x)
+            rows["y"].append(coord.y)
+            rows["scale"].append(coord.scale)
+            rows["met"].append(met)
+    if not rows["colony_id"]:
+        return _empty_batch(spec)
+    out = {"colony_id": np.array(rows["colony_id"], dtype=object),
+           "label": np.array(rows["label"], np.int64), "copy": np.array(rows["copy"], np.int32),
+           "x": np.array(rows["x"], np.int32), "y": np.array(rows["y"], np.int32),
+           "scale": np.array(rows["scale"], np.float32), "met": np.array(rows["met"], bool)}
+    for name in spec.patch_columns():
+        out[name] = np.stack(rows[name]).astype(np.float32, copy=False)
+    return out
+
+
+def _append_views(rows: dict[str, list[Any]], window: np.ndarray, spec: StreamSpec,
+                  rng: np.random.Generator) -> None:
+    if spec.mode in ("plain", "test"):
+        views = {"x": to_scales(window, spec.geometry)}
+    elif spec.mode == "train":
+        aug, _fired = augment.paper_augment(window, rng)
+        views = {"x": [t.numpy() for t in to_scales(aug, spec.geometry)]}
+    else:
+        weak, strong = augment.weak_strong(window, rng)
+        views = {"weak": [t.numpy() for t in to_scales(weak, spec.geometry)],
+                 "strong": [t.numpy() for t in to_scales(strong, spec.geometry)]}
+    for prefix, arrays in views.items():
+        for s, arr in zip(spec.geometry.scales, arrays):
+            rows[f"{prefix}{s}"].append(arr)
+
+
+def revisit_coords(image_png: bytes, mask_png: bytes, coord: PatchCoord, spec: StreamSpec) -> list[np.ndarray]:
+    """The un-augmented scales of a stored patch coordinate (IPB revisits pseudo-labelled patches)."""
+    image, _mask, _ = prepare_crop(catalog.decode_png(image_png), catalog.decode_png(mask_png) > 0,
+                                   spec.geometry.size, scale=coord.scale)
+    return to_scales(cut(image, coord, spec.geometry), spec.geometry)
+
+
+# --------------------------------------------------------------------------- Ray wiring
+
+class StreamState:
+    """Per-epoch state of the streams, held by a named Ray actor: the epoch and optional
+    per-colony copy counts. Rank 0 sets it before an epoch; the patch stage reads it."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+        self._counts: dict[str, int] | None = None
+
+    def set(self, epoch: int, counts: Mapping[str, int] | None = None) -> None:
+        self._epoch = int(epoch)
+        self._counts = dict(counts) if counts is not None else None
+
+    def get(self) -> tuple[int, dict[str, int] | None]:
+        return self._epoch, self._counts
+
+
+def stream_state(name: str):
+    """Get or create the named :class:`StreamState` actor (namespace ``ipb_ray``)."""
+    import ray
+
+    actor_cls = ray.remote(num_cpus=0)(StreamState)
+    return actor_cls.options(name=name, namespace=STATE_NAMESPACE, get_if_exists=True,
+                             lifetime="detached").remote()
+
+
+class _PatchStage:
+    """``map_batches`` UDF: a fixed epoch/counts, or read from the named state actor per batch."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, counts: Mapping[str, int] | None,
+                 state_name: str | None):
+        import torch
+
+        torch.set_num_threads(1)  # one CPU per data task; no oversubscription
+        self.spec, self.epoch, self.counts, self.state_name = spec, epoch, counts, state_name
+        self._state = None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch, counts = self.epoch, self.counts
+        if self.state_name is not None:
+            import ray
+
+            if self._state is None:
+                self._state = ray.get_actor(self.state_name, namespace=STATE_NAMESPACE)
+            epoch, state_counts = ray.get(self._state.get.remote())
+            counts = state_counts if state_counts is not None else counts
+        return patch_batch(batch, self.spec, epoch, counts)
+
+
+def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | None = None,
+                  counts: Mapping[str, int] | None = None, epoch: int = 0, state_name: str | None = None,
+                  batch_size: int = 32, actors: int | None = None, cpus: float = 1.0):
+    """A lazy ``ray.data.Dataset`` of patch rows from the catalog at ``catalog_dir``.
+
+    ``ids`` restricts the stream to these colonies (one copy each); ``counts`` gives copies
+    per colony instead. With ``state_name`` the epoch and counts are read from that
+    :class:`StreamState` actor at run time (for Ray Train loops); otherwise ``epoch`` is
+    fixed. ``actors``: size of the stage's actor pool (default: autoscaling up to the
+    cluster's CPUs - 1); ``cpus``: CPUs per stage actor and per read task. On a small
+    machine shared with Ray Train workers give fractions, or reads and the stage can
+    starve each other of CPUs and the pipeline stalls.
+    """
+    import ray
+
+    catalog.read_manifest(catalog_dir)  # refuse an unfinished catalog with a clear message
+    if ids is not None and counts is not None:
+        raise ValueError("give ids or counts, not both")
+    if ids is not None:
+        counts = {cid: 1 for cid in ids}
+    # The V2 Parquet reader lists files in a task that always asks for a whole CPU; on a
+    # small node whose CPUs Ray Train workers already hold, that task never schedules and
+    # the pipeline stalls (seen on 2 CPUs). The classic reader lists files in the driver.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
+    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
+                                  fn_constructor_kwargs=dict(spec=spec, epoch=epoch, counts=counts,
+                                                             state_name=state_name))
+    if actors:
+        kwargs["compute"] = ray.data.ActorPoolStrategy(size=actors)
+    else:
+        kwargs["compute"] = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpus() - 1))
+    return ds.map_batches(_PatchStage, **kwargs)
+
+
+def _cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def torch_batches(ds, spec: StreamSpec, batch_size: int, *, drop_last: bool = True, prefetch_batches: int = 2,
+                  device: str = "cpu"):
+    """``iter_torch_batches`` over the tensor columns and labels of a patch dataset (or shard)."""
+    import torch
+
+    dtypes = {name: torch.float32 for name in spec.patch_columns()}
+    dtypes["label"] = torch.int64
+
+    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        # np.require copies only read-only buffers (Arrow-backed), which torch cannot wrap
+        out = {k: torch.from_numpy(np.require(batch[k], requirements="W")).to(dtypes[k]) for k in dtypes}
+        out["colony_id"] = list(batch["colony_id"])
+        return out
+
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
+                                 prefetch_batches=prefetch_batches, device=device)

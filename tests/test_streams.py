@@ -1,0 +1,185 @@
+"""Patch streams: the pure batch function, and its Ray Data / Ray Train wiring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ipb_ray import catalog
+from ipb_ray.patches import PatchGeometry
+from ipb_ray.streams import StreamSpec, patch_batch
+
+GEO = PatchGeometry(size=64, scales=(64, 32))
+CLASSES = ("A", "B")
+
+
+def _rows(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        yy, xx = np.ogrid[:h, :w]
+        mask = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 <= 1
+        crop = rng.integers(0, 255, (h, w), dtype=np.uint8)
+        rows.append(catalog.colony_row(source=f"f{i}", bbox=(0, 0, w, h), crop=crop, mask=mask,
+                                       labels=[CLASSES[i % 2]] if i < n - 1 else [], importer="t"))
+    return {k: [r[k] for r in rows] for k in ("colony_id", "image", "mask", "label")}
+
+
+def _coords(out):
+    return list(zip(out["colony_id"], out["copy"].tolist(), out["x"].tolist(), out["y"].tolist()))
+
+
+def test_batch_shapes_labels_and_range():
+    out = patch_batch(_rows(), StreamSpec(GEO, CLASSES, seed=0, mode="train"), epoch=0)
+    assert out["x64"].shape == (6, 1, 64, 64) and out["x32"].shape == (6, 1, 32, 32)
+    assert out["x64"].dtype == np.float32 and 0 <= out["x64"].min() and out["x64"].max() <= 1
+    assert out["label"].tolist() == [0, 1, 0, 1, 0, -1]
+    assert np.array_equal(out["x32"], out["x64"][:, :, 16:48, 16:48])  # the exact centre
+
+
+def test_draw_is_reproducible_per_epoch_and_fresh_across_epochs():
+    rows = _rows()
+    spec = StreamSpec(GEO, CLASSES, seed=7, mode="train")
+    a, b = patch_batch(rows, spec, epoch=2), patch_batch(rows, spec, epoch=2)
+    assert _coords(a) == _coords(b) and np.array_equal(a["x64"], b["x64"])
+    c = patch_batch(rows, spec, epoch=3)
+    assert _coords(a) != _coords(c)
+    other_seed = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=8, mode="train"), epoch=2)
+    assert _coords(a) != _coords(other_seed)
+
+
+def test_draw_does_not_depend_on_batching():
+    rows = _rows()
+    spec = StreamSpec(GEO, CLASSES, seed=1, mode="train")
+    whole = patch_batch(rows, spec, epoch=0)
+    halves = [patch_batch({k: v[s] for k, v in rows.items()}, spec, epoch=0)
+              for s in (slice(0, 3), slice(3, 6))]
+    assert _coords(whole) == _coords(halves[0]) + _coords(halves[1])
+
+
+def test_counts_repeat_and_drop_colonies():
+    rows = _rows()
+    ids = rows["colony_id"]
+    out = patch_batch(rows, StreamSpec(GEO, CLASSES, mode="plain"), counts={ids[0]: 3, ids[2]: 1})
+    assert list(out["colony_id"]) == [ids[0]] * 3 + [ids[2]]
+    assert out["copy"].tolist() == [0, 1, 2, 0]
+    assert len(set(_coords(out)[:3])) == 3  # independent draws
+
+
+def test_test_mode_is_deterministic_with_tta_views():
+    rows = _rows()
+    spec = StreamSpec(GEO, CLASSES, seed=0, mode="test", tta=3)
+    a = patch_batch(rows, spec, epoch=0)
+    b = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=0, mode="test", tta=3), epoch=9)
+    assert len(a["label"]) == 18
+    first = a["copy"] == 0
+    assert _coords({k: v[first] for k, v in a.items()}) == _coords({k: v[first] for k, v in b.items()})
+
+
+def test_uda_mode_gives_weak_and_strong_views():
+    out = patch_batch(_rows(), StreamSpec(GEO, CLASSES, mode="uda"), epoch=0)
+    assert {"weak64", "weak32", "strong64", "strong32"} <= set(out)
+    assert not np.array_equal(out["weak64"], out["strong64"])
+
+
+def test_empty_result_is_well_typed():
+    out = patch_batch(_rows(), StreamSpec(GEO, CLASSES, mode="plain"), counts={})
+    assert out["x64"].shape == (0, 1, 64, 64) and out["label"].dtype == np.int64
+
+
+def test_bad_mode_message():
+    with pytest.raises(ValueError, match="not one of train, plain, uda, test"):
+        StreamSpec(GEO, CLASSES, mode="eval")
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory, ray_local):
+    from test_preprocess import make_frames
+
+    from ipb_ray.config import load_config
+    from ipb_ray.preprocess import build_catalog
+
+    root = make_frames(tmp_path_factory.mktemp("streams"), n_frames=5, seed=11)
+    cfg = load_config(preset="demo", overrides=[
+        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.catalog={root / 'catalog'}", "split.folds=2", "split.labelled_fraction=0.3"])
+    build_catalog(cfg)
+    return str(root / "catalog")
+
+
+@pytest.mark.ray
+def test_ray_stream_equals_the_pure_function(small_catalog):
+    from ipb_ray.streams import patch_dataset, torch_batches
+
+    names = tuple(catalog.read_manifest(small_catalog)["class_names"])
+    spec = StreamSpec(GEO, names, seed=3, mode="train")
+    got = {}
+    for b in torch_batches(patch_dataset(small_catalog, spec, epoch=4), spec, batch_size=4, drop_last=False):
+        for i, cid in enumerate(b["colony_id"]):
+            got[cid] = b["x64"][i].numpy()
+    table = catalog.read_catalog(small_catalog, columns=["colony_id", "image", "mask", "label"])
+    want = patch_batch(table.to_pydict(), spec, epoch=4)
+    assert len(got) == 20
+    for i, cid in enumerate(want["colony_id"]):
+        assert np.array_equal(got[cid], want["x64"][i])
+
+
+@pytest.mark.ray
+def test_two_ddp_workers_get_equal_batches_and_fresh_epochs(small_catalog, tmp_path):
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ipb_ray.streams import patch_dataset, stream_state
+
+    names = tuple(catalog.read_manifest(small_catalog)["class_names"])
+    spec = StreamSpec(GEO, names, seed=5, mode="train")
+    state_name = f"test-stream-{tmp_path.name}"
+    state = stream_state(state_name)  # the driver keeps the handle alive
+
+    def loop(config):
+        import ray
+        import ray.train
+        import ray.train.collective
+
+        from ipb_ray.streams import STATE_NAMESPACE, torch_batches
+
+        ctx = ray.train.get_context()
+        actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
+        log = []
+        for epoch in range(2):
+            if ctx.get_world_rank() == 0:
+                ray.get(actor.set.remote(epoch))
+            ray.train.collective.barrier()
+            shard = ray.train.get_dataset_shard("train")
+            seen = []
+            for b in torch_batches(shard, config["spec"], batch_size=3):
+                seen += [[cid, int(x)] for cid, x in zip(b["colony_id"], b["x64"].flatten(1).argmax(1))]
+            log.append({"epoch": epoch, "batches": len(seen) // 3, "seen": seen})
+        with open(f"{config['out']}/rank{ctx.get_world_rank()}.json", "w") as fh:
+            json.dump(log, fh)
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"state": state_name, "spec": spec, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="streams-ddp", storage_path=str(tmp_path / "store")),
+        datasets={"train": patch_dataset(small_catalog, spec, state_name=state_name, actors=1,
+                                                   cpus=0.25)})
+    trainer.fit()
+    import ray
+    ray.kill(state)
+    logs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for epoch in range(2):
+        assert logs[0][epoch]["batches"] == logs[1][epoch]["batches"] == 3  # 20 rows -> 10 each -> 3 full
+        ids = [cid for r in (0, 1) for cid, _ in logs[r][epoch]["seen"]]
+        assert len(ids) == len(set(ids)) == 18  # disjoint shards
+    # each epoch draws fresh windows (content differs for the same colony)
+    e0 = {cid: x for r in (0, 1) for cid, x in logs[r][0]["seen"]}
+    e1 = {cid: x for r in (0, 1) for cid, x in logs[r][1]["seen"]}
+    common = set(e0) & set(e1)
+    assert common and sum(e0[c] != e1[c] for c in common) >= len(common) // 2
