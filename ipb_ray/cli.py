@@ -58,7 +58,7 @@ def _resolve(config: Optional[Path], preset: Optional[str], overrides: Optional[
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    disable=not console.is_terminal and "--progress" not in sys.argv)
+                    disable=not console.is_terminal)
 
 
 # --------------------------------------------------------------------------- config
@@ -205,15 +205,45 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run.")) -> None:
     """Run the demo on the embedded default: a small synthetic world, then every stage that exists."""
     with _user_errors():
-        cfg = cfgmod.load_config(preset="demo", overrides=[f"seed={seed}"])
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
-        _synth_world(world, frames=4, size=1024, colonies=12, scale=0.45, seed=seed, image_format="tif")
-        cfg = cfg.replace(f"data.frames={world}", f"data.annotations=null",
-                          f"data.catalog={out / 'catalog'}")
-        console.rule("[bold]2. colony catalog on Ray Data")
+        _synth_world(world, frames=8, size=1024, colonies=20, scale=0.4, seed=seed, image_format="tif")
+        cfg = cfgmod.load_config(preset="demo", overrides=[
+            f"seed={seed}", f"data.frames={world}", "data.annotations=null",
+            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}"])
+        console.rule("[bold]2. colony catalog and folds on Ray Data")
         _preprocess(cfg, "auto", None)
-    console.print(f"[green]demo finished[/]: world in {world}. Next: `ipb config show --preset demo`.")
+        console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
+        _demo_stream(cfg, out)
+    console.print(f"[green]demo finished[/]: world in {world}, catalog in {out / 'catalog'}, "
+                  f"patches in {out / 'patches.png'}.")
+
+
+def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
+    import time
+
+    from ipb_ray import catalog as catmod
+    from ipb_ray.folds import read_folds
+    from ipb_ray.patches import PatchGeometry
+    from ipb_ray.streams import StreamSpec, patch_dataset, torch_batches
+    from ipb_ray.viz import save_patch_grid
+
+    root = cfg.data.catalog
+    names = tuple(catmod.read_manifest(root)["class_names"])
+    labelled = read_folds(root).roles(cfg.split.fold)["L"]
+    spec = StreamSpec(PatchGeometry.from_config(cfg.data), names, seed=cfg.seed, mode="train")
+    t0, n, first = time.perf_counter(), 0, None
+    for batch in torch_batches(patch_dataset(root, spec, ids=labelled, epoch=0), spec,
+                               cfg.method.batch_size, drop_last=False):
+        n += len(batch["label"])
+        first = first if first is not None else batch
+    dt = time.perf_counter() - t0
+    console.print(f"{n} labelled patches of fold {cfg.split.fold} in {dt:.1f} s "
+                  f"({n / dt:.0f} patches/s incl. start-up); columns "
+                  + ", ".join(f"{c} {tuple(first[c].shape[1:])}" for c in spec.patch_columns()),
+                  highlight=False)
+    if first is not None:
+        save_patch_grid(first, spec, names, out / "patches.png")
 
 
 def main() -> None:

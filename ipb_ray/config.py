@@ -434,8 +434,8 @@ def _read_yaml(text: str, source: str) -> dict[str, Any]:
     return data
 
 
-def _resolve_layers(ref: str, seen: tuple[str, ...] = (), base_dir: Path | None = None
-                    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+def _resolve_layers(ref: str, seen: tuple[str, ...] = (), base_dir: Path | None = None,
+                    as_preset: bool = False) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
     """Layers (source, dict) from the root of the ``extends`` chain to ``ref``.
 
     ``ref`` is a preset name or a YAML path (relative paths resolve against the
@@ -444,7 +444,7 @@ def _resolve_layers(ref: str, seen: tuple[str, ...] = (), base_dir: Path | None 
     path = Path(ref)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path
-    if ref.endswith((".yaml", ".yml")) or path.exists():
+    if not as_preset and (ref.endswith((".yaml", ".yml")) or path.is_file()):
         if not path.is_file():
             raise ConfigError(f"config file {ref!r} not found (looked at {path.resolve()})",
                               source=str(path))
@@ -484,7 +484,7 @@ def load_config(ref: str | Path | None = None, overrides: Sequence[str] = (),
     layers: list[tuple[str, dict[str, Any]]] = []
     preset_name = None
     if preset is not None:
-        pl, preset_name = _resolve_layers(preset)
+        pl, preset_name = _resolve_layers(preset, as_preset=True)
         layers += pl
     if ref is not None:
         fl, file_preset = _resolve_layers(str(ref))

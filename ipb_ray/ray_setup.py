@@ -32,6 +32,9 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
     log.info("Ray: %s", ray.cluster_resources())
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines
+    # its "progress bars disabled" notice reports our own choice: the CLI draws its bars
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the CLI draws its own
+    ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -252,19 +252,36 @@ def _cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def _collate_class():
+    """A ``NumpyBatchCollateFn`` (Ray's non-deprecated collate form), built on first use so
+    this module imports without Ray."""
+    global _COLLATE
+    if _COLLATE is None:
+        import torch
+        from ray.data.collate_fn import NumpyBatchCollateFn
+
+        class PatchCollate(NumpyBatchCollateFn):
+            def __init__(self, columns: Sequence[str]):
+                self.dtypes = {name: torch.float32 for name in columns}
+                self.dtypes["label"] = torch.int64
+
+            def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+                # np.require copies only read-only (Arrow-backed) buffers, which torch cannot wrap
+                out: dict[str, Any] = {k: torch.from_numpy(np.require(batch[k], requirements="W")).to(t)
+                                       for k, t in self.dtypes.items()}
+                out["colony_id"] = list(batch["colony_id"])
+                return out
+
+        _COLLATE = PatchCollate
+    return _COLLATE
+
+
+_COLLATE = None
+
+
 def torch_batches(ds, spec: StreamSpec, batch_size: int, *, drop_last: bool = True, prefetch_batches: int = 2,
                   device: str = "cpu"):
-    """``iter_torch_batches`` over the tensor columns and labels of a patch dataset (or shard)."""
-    import torch
-
-    dtypes = {name: torch.float32 for name in spec.patch_columns()}
-    dtypes["label"] = torch.int64
-
-    def collate(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        # np.require copies only read-only buffers (Arrow-backed), which torch cannot wrap
-        out = {k: torch.from_numpy(np.require(batch[k], requirements="W")).to(dtypes[k]) for k in dtypes}
-        out["colony_id"] = list(batch["colony_id"])
-        return out
-
-    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=drop_last,
-                                 prefetch_batches=prefetch_batches, device=device)
+    """``iter_torch_batches`` over a patch dataset (or a Train shard): a dict of float32
+    tensors per patch column, int64 ``label`` and the list of ``colony_id`` s."""
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_class()(spec.patch_columns()),
+                                 drop_last=drop_last, prefetch_batches=prefetch_batches, device=device)

@@ -147,3 +147,10 @@ def test_dump_yaml_is_plain_yaml():
     data = yaml.safe_load(dump_yaml(load_config(preset="ml_ms_ipb_hrnet")))
     assert set(data) == {"name", "preset", "seed", "data", "split", "model", "method", "resources",
                          "tracking"}
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    (tmp_path / "demo").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert load_config("demo").preset == "demo"
+    assert load_config(preset="demo").preset == "demo"
