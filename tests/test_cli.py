@@ -69,3 +69,32 @@ def test_config_presets_lists_all():
     assert result.exit_code == 0
     for name in ("vgg19", "ml_ms_ipb_hrnet", "mpl_balanced", "demo"):
         assert name in result.output
+
+
+def test_synth_command_writes_frames_masks_and_annotations(tmp_path):
+    out = tmp_path / "world"
+    result = runner.invoke(app, ["synth", "--out", str(out), "--frames", "2", "--size", "512",
+                                 "--colonies", "6", "--scale", "0.3", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "frames").iterdir()) == ["frame_0000.tif", "frame_0001.tif"]
+    assert len(list((out / "masks").glob("*.png"))) == 2
+    header = (out / "annotations.csv").read_text().splitlines()[0]
+    assert header.startswith("frame,instance,x0,y0,x1,y1,label,labels")
+    assert "total" in result.output
+
+
+def test_synth_refuses_a_foreign_folder(tmp_path):
+    (tmp_path / "thesis.docx").write_text("precious")
+    result = runner.invoke(app, ["synth", "--out", str(tmp_path), "--frames", "1", "--size", "512"])
+    assert result.exit_code == 2 and str(tmp_path) in result.output
+    assert (tmp_path / "thesis.docx").read_text() == "precious"
+
+
+@pytest.mark.ray
+def test_demo_runs_end_to_end(ray_local, tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "catalog" / "catalog.json").exists()
+    assert (tmp_path / "demo" / "catalog" / "folds.parquet").exists()
+    assert (tmp_path / "demo" / "patches.png").stat().st_size > 1000
+    assert "labelled patches of fold 0" in result.output
