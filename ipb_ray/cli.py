@@ -200,6 +200,50 @@ def preprocess(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRES
         _preprocess(cfg, importer, out)
 
 
+def print_report(report: dict, title: str) -> None:
+    """Per-class TPR / precision / F1 table, macro averages and the confusion matrix."""
+    names = report["class_names"]
+    table = Table("class", "TPR", "precision", "F1", "support", title=title)
+    for n in names:
+        table.add_row(n, f"{report['tpr'][n]:.4f}", f"{report['precision'][n]:.4f}", f"{report['f1'][n]:.4f}",
+                      str(report["support"][n]))
+    table.add_row("[bold]macro", f"[bold]{report['macro_tpr']:.4f}", f"{report['macro_precision']:.4f}",
+                  f"[bold]{report['macro_f1']:.4f}", str(report["n"]))
+    console.print(table)
+    cm = Table("true \\ predicted", *names, title="confusion matrix (rows: true class)")
+    for n, row in zip(names, report["confusion_matrix"]):
+        cm.add_row(n, *(str(v) for v in row))
+    console.print(cm)
+    console.print(f"balanced accuracy {report['balanced_accuracy']:.4f}, accuracy {report['accuracy']:.4f}",
+                  highlight=False)
+
+
+@app.command()
+def train(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+          overrides: Optional[List[str]] = OVERRIDES_ARG,
+          fold: Optional[int] = typer.Option(None, help="Fold to run (split.fold)."),
+          address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
+                                                "local cluster.")) -> None:
+    """Train one fold on Ray Train (supervised on L; IPB/MPL land later) and print test metrics."""
+    from ipb_ray.training import train_fold
+
+    extra = [f"resources.address={address}"] if address else []
+    with _user_errors():
+        cfg = _resolve(config, preset, list(overrides or []) + extra)
+        if cfg.method.name != "supervised":
+            raise ValueError(f"method.name={cfg.method.name!r}: `ipb train` runs supervised training for "
+                             "now; pass method.name=supervised (IPB and MPL land with their issue)")
+        fold = cfg.split.fold if fold is None else fold
+        console.print(f"training fold {fold}: {cfg.model.backbone} "
+                      f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, "
+                      f"{cfg.method.epochs} epochs, {cfg.resources.num_workers} worker(s)", highlight=False)
+        metrics = train_fold(cfg, fold)
+    print_report(metrics["test_report"], f"test fold {fold} (best epoch on V)")
+    if metrics.get("resumed_from_epoch", -1) >= 0:
+        console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
+    console.print(f"checkpoint: {metrics['checkpoint']}", highlight=False)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run.")) -> None:
