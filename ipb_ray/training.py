@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -158,6 +159,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             ray.get(actor.set.remote(epoch, {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}))
         ray.train.collective.barrier()
         model.train()
+        t_epoch = time.perf_counter()
         loss_sum, seen = torch.zeros(2, device=device), 0
         for batch in torch_batches(ray.train.get_dataset_shard("train"), spec_train, m.batch_size,
                                    device=str(device)):
@@ -174,10 +176,13 @@ def _train_loop(config: dict[str, Any]) -> None:
                                      torch.tensor(float(len(batch["label"])), device=device)])
             seen += 1
         sched.step()
+        train_seconds = time.perf_counter() - t_epoch
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(loss_sum)
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                                   "train_steps": seen, "lr": sched.get_last_lr()[0], "world_size": world}
+                                   "train_steps": seen, "train_seconds": train_seconds,
+                                   "train_patches_per_s": float(loss_sum[1]) / max(train_seconds, 1e-9),
+                                   "lr": sched.get_last_lr()[0], "world_size": world}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
