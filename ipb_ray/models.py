@@ -1,0 +1,309 @@
+"""Backbones, the multi-scale two-stream wrapper, and the registry behind `create_model`.
+
+Every model maps grayscale patches to ``(logits, features)``: the features are the
+pre-logit vector (for a multi-scale model, the batch-normalised concatenation of both
+streams, as in the paper's Figure 3). Nothing here downloads weights: the paper trains
+from scratch with Kaiming initialisation.
+
+    model = create_model("hrnet_tiny", num_classes=4, multi_scale=True)
+    logits, feats = model(x224, x112)
+
+A backbone is a module ``image -> (N, feature_dim)``; register new ones with
+``@register_model("name")`` on a builder ``(in_chans, width, feature_dim) -> nn.Module``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["Classifier", "MultiScale", "count_parameters", "create_model", "list_models", "register_model"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a backbone builder available to `create_model` under ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ch(base: int, width: float) -> int:
+    """Channel count for a width multiplier: at least 4, rounded to an even number."""
+    return max(4, int(round(base * width / 2)) * 2)
+
+
+def _conv_bn_relu(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Kaiming initialisation (He et al.) for convolutions and hidden linear layers."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------- VGG19-BN
+
+# torchvision's configuration "E" (VGG19): 16 convolutions, "M" = 2x2 max-pool
+_VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
+
+
+class VGG(nn.Module):
+    """VGG with batch norm after every convolution (torchvision's layout, grayscale input).
+
+    The classifier part is torchvision's two hidden layers, the second ending in the
+    ``feature_dim`` vector the head classifies (4096 in torchvision, 512 in the paper).
+    """
+
+    def __init__(self, in_chans: int, width: float, feature_dim: int, hidden: int, pool: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for v in _VGG19:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                cout = _ch(int(v), width)
+                layers.append(_conv_bn_relu(cin, cout, bias=True))  # biased, as torchvision's
+                cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        h = _ch(hidden, width)
+        self.fc = nn.Sequential(nn.Linear(cin * pool * pool, h), nn.ReLU(inplace=True),
+                                nn.Linear(h, feature_dim), nn.ReLU(inplace=True))
+        self.feature_dim = feature_dim
+        self.min_size = 32  # five 2x2 pools
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+@register_model("vgg19_bn")
+def vgg19_bn(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """VGG19-BN: 16 convolutions 64-512 channels, 7x7 pooled, 4096 hidden (the paper's baseline)."""
+    return VGG(in_chans, width, feature_dim, hidden=4096, pool=7)
+
+
+@register_model("vgg_tiny")
+def vgg_tiny(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """VGG19-BN's 16-convolution layout at 1/16 width, 1x1 pooled: for CPU tests and the demo."""
+    return VGG(in_chans, width / 16, feature_dim, hidden=1024, pool=1)
+
+
+# --------------------------------------------------------------------------- HRNet
+
+
+class _Fuse(nn.Module):
+    """Exchange between parallel branches: every output branch sums all inputs brought to
+    its resolution (stride-2 3x3 convolutions down, 1x1 convolution + upsampling up)."""
+
+    def __init__(self, channels: list[int]) -> None:
+        super().__init__()
+        self.paths = nn.ModuleList()
+        for j, cj in enumerate(channels):
+            row = nn.ModuleList()
+            for i, ci in enumerate(channels):
+                if i == j:
+                    row.append(nn.Identity())
+                elif i > j:  # lower resolution to higher
+                    row.append(nn.Sequential(nn.Conv2d(ci, cj, 1, bias=False), nn.BatchNorm2d(cj)))
+                else:  # higher resolution to lower: (j - i) stride-2 convolutions
+                    steps: list[nn.Module] = []
+                    c = ci
+                    for k in range(j - i):
+                        last = k == j - i - 1
+                        cout = cj if last else ci
+                        steps += [nn.Conv2d(c, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout)]
+                        if not last:
+                            steps.append(nn.ReLU(inplace=True))
+                        c = cout
+                    row.append(nn.Sequential(*steps))
+            self.paths.append(row)
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for j, row in enumerate(self.paths):
+            size = xs[j].shape[-2:]
+            acc = xs[j]
+            for i, path in enumerate(row):
+                if i == j:
+                    continue
+                y = path(xs[i])
+                if y.shape[-2:] != size:
+                    y = F.interpolate(y, size=size, mode="nearest")
+                acc = acc + y
+            out.append(F.relu(acc))
+        return out
+
+
+class HRNet(nn.Module):
+    """Compact HRNet in the spirit of the paper's network.
+
+    A stride-4 stem of two 3x3 stride-2 convolutions, then three stages with 1, 2 and 3
+    parallel branches (C, 2C, 4C channels at 1/4, 1/8, 1/16 resolution). Each stage runs
+    one 3x3 BN-ReLU convolution per branch and fuses the branches; a new lower branch is
+    made by a 3x3 stride-2 convolution from the lowest one. The high-resolution branch is
+    kept to the end. That is ten 3x3 convolutions on the main paths (2 stem + 1 + 1 + 2 +
+    1 + 3), before the fusion convolutions. Each branch is globally pooled, the pooled
+    vectors concatenated and passed through four fully connected layers to the
+    ``feature_dim`` vector; the classifier head is the fifth.
+    """
+
+    def __init__(self, in_chans: int, width: float, feature_dim: int, base: int) -> None:
+        super().__init__()
+        c = _ch(base, width)
+        chans = [c, 2 * c, 4 * c]
+        self.stem = nn.Sequential(_conv_bn_relu(in_chans, c, 2), _conv_bn_relu(c, c, 2))
+        self.stage1 = nn.ModuleList([_conv_bn_relu(c, c)])
+        self.trans1 = _conv_bn_relu(chans[0], chans[1], 2)
+        self.stage2 = nn.ModuleList([_conv_bn_relu(ch, ch) for ch in chans[:2]])
+        self.fuse2 = _Fuse(chans[:2])
+        self.trans2 = _conv_bn_relu(chans[1], chans[2], 2)
+        self.stage3 = nn.ModuleList([_conv_bn_relu(ch, ch) for ch in chans])
+        self.fuse3 = _Fuse(chans)
+        total = sum(chans)
+        hidden = max(feature_dim, _ch(256, width))
+        self.fc = nn.Sequential(nn.Linear(total, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, feature_dim), nn.ReLU(inplace=True))
+        self.feature_dim = feature_dim
+        self.min_size = 16  # 1/16 resolution on the lowest branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1[0](self.stem(x))
+        xs = [x, self.trans1(x)]
+        xs = self.fuse2([blk(t) for blk, t in zip(self.stage2, xs, strict=True)])
+        xs = xs + [self.trans2(xs[-1])]
+        xs = self.fuse3([blk(t) for blk, t in zip(self.stage3, xs, strict=True)])
+        pooled = [F.adaptive_avg_pool2d(t, 1).flatten(1) for t in xs]
+        return self.fc(torch.cat(pooled, 1))
+
+
+@register_model("hrnet")
+def hrnet(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """Compact HRNet, branches of 32/64/128 channels."""
+    return HRNet(in_chans, width, feature_dim, base=32)
+
+
+@register_model("hrnet_tiny")
+def hrnet_tiny(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """Compact HRNet at 1/4 width (8/16/32 channels): for CPU tests and the demo."""
+    return HRNet(in_chans, width, feature_dim, base=8)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def _check_input(x: torch.Tensor, backbone: nn.Module, in_chans: int, what: str) -> None:
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"{what}: expected a batch shaped (N, {in_chans}, H, W), got {tuple(x.shape)}")
+    size = getattr(backbone, "min_size", 1)
+    if min(x.shape[-2:]) < size:
+        raise ValueError(f"{what}: patches of {tuple(x.shape[-2:])} px are too small for this backbone "
+                         f"(at least {size} px); raise data.patch_size / data.patch_size_small")
+
+
+class Classifier(nn.Module):
+    """Single-scale network: backbone features -> dropout -> linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.in_chans = in_chans
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        self.multi_scale = False
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(inputs) != 1:
+            raise TypeError(f"a single-scale model takes one input batch, got {len(inputs)}; "
+                            "was data.multi_scale set differently for the model and the stream?")
+        (x,) = inputs
+        _check_input(x, self.backbone, self.in_chans, "input")
+        feats = self.backbone(x)
+        return self.head(self.dropout(feats)), feats
+
+
+class MultiScale(nn.Module):
+    """Two streams (the large patch and its centre), each its own backbone with its own
+    stem; the two feature vectors are concatenated, batch-normalised and classified."""
+
+    def __init__(self, big: nn.Module, small: nn.Module, num_classes: int, in_chans: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if big.feature_dim != small.feature_dim:
+            raise ValueError(f"both streams must give features of equal length, "
+                             f"got {big.feature_dim} and {small.feature_dim}")
+        self.big, self.small = big, small
+        self.in_chans = in_chans
+        self.norm = nn.BatchNorm1d(2 * big.feature_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(2 * big.feature_dim, num_classes)
+        self.multi_scale = True
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(inputs) != 2:
+            raise TypeError(f"a multi-scale model takes two input batches (large patch, centre), got {len(inputs)}; "
+                            "was data.multi_scale set differently for the model and the stream?")
+        x_big, x_small = inputs
+        _check_input(x_big, self.big, self.in_chans, "large-scale input")
+        _check_input(x_small, self.small, self.in_chans, "small-scale input")
+        feats = self.norm(torch.cat([self.big(x_big), self.small(x_small)], 1))
+        return self.head(self.dropout(feats)), feats
+
+
+def create_model(name: str, num_classes: int, in_chans: int = 1, *, width: float = 1.0, feature_dim: int = 512,
+                 dropout: float = 0.0, multi_scale: bool = False) -> nn.Module:
+    """Build a registered backbone with its head, Kaiming-initialised.
+
+    ``multi_scale=True`` builds two independent backbones (one per patch scale) under the
+    `MultiScale` wrapper; the model is then called as ``model(x_big, x_small)``.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(list_models())}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    if feature_dim < 1:
+        raise ValueError(f"feature_dim must be at least 1, got {feature_dim}")
+    build = _REGISTRY[name]
+    model: nn.Module
+    if multi_scale:
+        model = MultiScale(build(in_chans=in_chans, width=width, feature_dim=feature_dim),
+                           build(in_chans=in_chans, width=width, feature_dim=feature_dim),
+                           num_classes, in_chans, dropout)
+    else:
+        model = Classifier(build(in_chans=in_chans, width=width, feature_dim=feature_dim),
+                           num_classes, in_chans, dropout)
+    _init_weights(model)
+    return model
