@@ -89,7 +89,9 @@ class VGG(nn.Module):
         cin = in_chans
         for v in _VGG19:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                # ceil mode: equal to torchvision's floor mode on even sizes (224, 128, 112),
+                # and small odd-sized patches keep at least one pixel to the end
+                layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             else:
                 cout = _ch(int(v), width)
                 layers.append(_conv_bn_relu(cin, cout, bias=True))  # biased, as torchvision's
@@ -100,7 +102,7 @@ class VGG(nn.Module):
         self.fc = nn.Sequential(nn.Linear(cin * pool * pool, h), nn.ReLU(inplace=True),
                                 nn.Linear(h, feature_dim), nn.ReLU(inplace=True))
         self.feature_dim = feature_dim
-        self.min_size = 32  # five 2x2 pools
+        self.min_size = 16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))

@@ -239,11 +239,15 @@ def _unwrap(model: Any) -> Any:
 
 
 def param_digest(model: Any) -> str:
-    """A short hash of all parameters and buffers (equal models, equal digests)."""
+    """A short hash of the trainable parameters (equal weights, equal digests).
+
+    Buffers are left out: DDP broadcasts rank 0's BatchNorm running statistics at the start
+    of every forward, so after the last step each rank holds its own batch's update, and
+    only rank 0's (the one checkpointed) are used."""
     import hashlib
 
     h = hashlib.sha1()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model.named_parameters()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
