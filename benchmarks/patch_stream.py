@@ -7,14 +7,14 @@ Both producers turn the same catalog rows into the same patches with the same pu
 function, :func:`ipb_ray.streams.patch_batch` (train mode, multi-scale 224/112 geometry of
 ``DataConfig()``, paper augmentation), in sequential catalog order:
 
-- ``ray``: :func:`ipb_ray.streams.patch_dataset` with one stage actor (``actors=1``, 1 CPU)
+- ``ray``: :func:`ipb_ray.streams.patch_dataset` with one patch task at a time (``workers=1``, 1 CPU)
   read by :func:`ipb_ray.streams.torch_batches` in the driver, on a local Ray cluster that
   :func:`ipb_ray.ray_setup.init_ray` starts (2 CPUs here). A fresh dataset per epoch, as
   a training loop with a fixed ``epoch`` argument builds it.
 - ``dl1`` / ``dl0``: ``torch.utils.data.DataLoader`` over a map-style dataset whose items
   are whole batches (a batch sampler hands it 32 catalog indices; it reads those rows
   and calls ``patch_batch`` once), with ``num_workers=1`` (one producer process, as the
-  one Ray actor) or ``0`` (producer and consumer share the process). Rows are read lazily:
+  one Ray patch task) or ``0`` (producer and consumer share the process). Rows are read lazily:
   the dataset keeps only (file, row group, row) per colony and reads a row group's
   ``colony_id/image/mask/label`` columns with pyarrow when a batch first needs it (a
   few row groups cached per worker); ``--dl-source memory`` holds the PNG bytes instead.
@@ -29,7 +29,7 @@ receives the batch.
 
 Each (scale, pipeline, model) run is a fresh child process: ``--warmup`` untimed epochs,
 then ``--epochs`` timed ones. An epoch's time runs from building its iterator (Ray: the
-plan and the stage actor's start; DataLoader: forking its worker) to the last batch, so
+plan and the first read and patch tasks; DataLoader: forking its worker) to the last batch, so
 the rate counts the per-epoch start-up a training loop pays; the time to the first batch
 and the rate after it are reported as well. The runs are interleaved round by round
 (``--repeat``) so a busy neighbour hurts every pipeline alike; the table shows medians.
@@ -52,9 +52,7 @@ code as it is; ``--tag`` names the variant in the table): ``--prefetch-batches``
 ``torch_batches`` by one that skips the defensive copy), ``--reuse-dataset`` (one dataset
 for every epoch, epoch read from the :class:`ipb_ray.streams.StreamState` actor),
 ``--read-rows N`` (``read_parquet`` patched to ``override_num_blocks = ceil(colonies / N)``:
-read tasks of about N colonies rather than one per part file) and ``--stage tasks``
-(:func:`task_dataset`: the same pipeline with the stage on a one-task pool instead of a
-one-actor pool).
+read tasks of about N colonies rather than one per part file).
 """
 
 from __future__ import annotations
@@ -107,7 +105,6 @@ class RunSpec:
     preserve_order: bool = False
     lean_collate: bool = False
     reuse_dataset: bool = False
-    stage: str = "actor"
     read_rows: int | None = None
     dl_source: str = "lazy"
     ray_stats: bool = False
@@ -484,33 +481,6 @@ def _lean_collate(spec):
     return LeanCollate()
 
 
-class _PatchTask:
-    """The stage as a plain function for Ray tasks: pooled workers outlive an execution,
-    so the next epoch finds its imports done (an actor is a fresh process per epoch)."""
-
-    def __init__(self, spec, epoch: int):
-        self.spec, self.epoch = spec, epoch
-
-    def __call__(self, batch: dict) -> dict:
-        from ipb_ray.streams import patch_batch
-
-        return patch_batch(batch, self.spec, self.epoch)
-
-
-def task_dataset(catalog_dir: str, spec, *, epoch: int, batch_size: int, cpus: float):
-    """``patch_dataset`` with one change: ``map_batches`` on a one-task pool instead of a
-    one-actor pool (same read, same columns, same patch_batch)."""
-    import ray
-
-    from ipb_ray import streams
-
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=streams.CATALOG_COLUMNS, num_cpus=cpus)
-    stage = _PatchTask(spec, epoch)
-    return ds.map_batches(lambda batch: stage(batch), batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-                          compute=ray.data.TaskPoolStrategy(size=1))
-
-
 def _read_in_blocks_of(rows: int, catalog_dir: Path) -> None:
     """Make ``ray.data.read_parquet`` (as patch_dataset calls it) cut the catalog into read
     tasks of about ``rows`` colonies instead of one task per part file."""
@@ -547,7 +517,7 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
         state_name = f"bench-{os.getpid()}"
         state = streams.stream_state(state_name)
         ds_shared = streams.patch_dataset(str(catalog_dir), spec, state_name=state_name,
-                                          batch_size=run.map_batch_size or run.batch_size, actors=1,
+                                          batch_size=run.map_batch_size or run.batch_size, workers=1,
                                           cpus=run.stage_cpus)
 
     def batches_of(ds):
@@ -564,13 +534,10 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
             if run.reuse_dataset:
                 ray.get(state.set.remote(epoch))
                 holder["ds"] = ds_shared
-            elif run.stage == "tasks":
-                holder["ds"] = task_dataset(str(catalog_dir), spec, epoch=epoch,
-                                            batch_size=run.map_batch_size or run.batch_size, cpus=run.stage_cpus)
             else:
                 holder["ds"] = streams.patch_dataset(str(catalog_dir), spec, epoch=epoch,
                                                      batch_size=run.map_batch_size or run.batch_size,
-                                                     actors=1, cpus=run.stage_cpus)
+                                                     workers=1, cpus=run.stage_cpus)
             return batches_of(holder["ds"])
 
         times.append(time_epoch(make, consume))
@@ -642,7 +609,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         key = (r["run"]["scale"], r["run"]["model"], r["run"]["pipeline"], r["run"]["tag"])
         groups.setdefault(key, []).append(r)
-    names = {"ray": "Ray Data, 1 actor", "dl1": "DataLoader, 1 worker", "dl0": "DataLoader, 0 workers"}
+    names = {"ray": "Ray Data, 1 task", "dl1": "DataLoader, 1 worker", "dl0": "DataLoader, 0 workers"}
     head = (f"{'scale':>5} {'model':>5} {'pipeline':<40} {'runs':>4} {'patches/s':>9} {'range':>11} "
             f"{'steady/s':>8} {'1st batch s':>11} {'vs dl1':>6} {'cons RSS':>8} {'tree RSS':>8} "
             f"{'tree PSS':>8} {'(start)':>7} {'store':>6}")
@@ -656,8 +623,6 @@ def table(results: list[dict[str, Any]]) -> str:
         mem = {k: max(r["memory"][k] for r in runs) for k in ("consumer_rss_mb", "tree_rss_mb", "tree_pss_mb",
                                                               "object_store_mb")}
         name = names[pipeline] + (f" [{tag}]" if tag else "")
-        if runs[0]["run"].get("stage") == "tasks":
-            name = name.replace("1 actor", "1 task")
         store = f"{mem['object_store_mb']:6.0f}" if pipeline == "ray" else f"{'-':>6}"
         start = _median([r["memory"]["baseline"].get("tree_pss_mb", float("nan")) for r in runs])
         lines.append(
@@ -685,12 +650,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--object-store-mb", type=int, default=1000)
     p.add_argument("--prefetch-batches", type=int, default=2, help="torch_batches' prefetch (its default 2)")
     p.add_argument("--map-batch-size", type=int, default=None, help="rows per map_batches call (default --batch-size)")
-    p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per stage actor and read task")
+    p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per patch task and read task")
     p.add_argument("--preserve-order", action="store_true")
     p.add_argument("--lean-collate", action="store_true", help="collate without the defensive copy")
     p.add_argument("--reuse-dataset", action="store_true", help="one dataset, epoch from the StreamState actor")
-    p.add_argument("--stage", choices=("actor", "tasks"), default="actor",
-                   help="Ray stage: patch_dataset's actor (default) or the same UDF as one-task pool")
     p.add_argument("--read-rows", type=int, default=None,
                    help="Ray read tasks of about this many colonies (default: one per part file)")
     p.add_argument("--dl-source", choices=("lazy", "memory"), default="lazy")
@@ -730,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
                                   sample_s=args.sample_s, object_store_mb=args.object_store_mb,
                                   prefetch_batches=args.prefetch_batches, map_batch_size=args.map_batch_size,
                                   stage_cpus=args.stage_cpus, preserve_order=args.preserve_order,
-                                  lean_collate=args.lean_collate, reuse_dataset=args.reuse_dataset, stage=args.stage,
+                                  lean_collate=args.lean_collate, reuse_dataset=args.reuse_dataset,
                                   read_rows=args.read_rows,
                                   dl_source=args.dl_source, ray_stats=args.ray_stats, tag=args.tag)
                     started = time.perf_counter()

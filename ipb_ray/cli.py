@@ -7,7 +7,6 @@ function; progress bars and tables live here, never in the library.
 from __future__ import annotations
 
 import logging
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, List, Optional

@@ -188,39 +188,40 @@ def stream_state(name: str):
                              lifetime="detached").remote()
 
 
-class _PatchStage:
-    """``map_batches`` UDF: a fixed epoch/counts, or read from the named state actor per batch."""
+_STATE_HANDLES: dict[str, Any] = {}
 
-    def __init__(self, spec: StreamSpec, epoch: int, counts: Mapping[str, int] | None,
-                 state_name: str | None):
-        import torch
 
-        torch.set_num_threads(1)  # one CPU per data task; no oversubscription
-        self.spec, self.epoch, self.counts, self.state_name = spec, epoch, counts, state_name
-        self._state = None
+def _patch_stage(batch: dict[str, np.ndarray], spec: StreamSpec, epoch: int, counts: Mapping[str, int] | None,
+                 state_name: str | None) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF: a fixed epoch/counts, or read from the named state actor per batch.
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch, counts = self.epoch, self.counts
-        if self.state_name is not None:
-            import ray
+    A plain function on Ray tasks rather than an actor class: Ray keeps task workers (and
+    their imports) alive between executions, while an actor pool starts fresh processes
+    every epoch (about 4 s per epoch on a 2-core machine; see BENCHMARKS.md)."""
+    import torch
 
-            if self._state is None:
-                self._state = ray.get_actor(self.state_name, namespace=STATE_NAMESPACE)
-            epoch, state_counts = ray.get(self._state.get.remote())
-            counts = state_counts if state_counts is not None else counts
-        return patch_batch(batch, self.spec, epoch, counts)
+    torch.set_num_threads(1)  # one CPU per data task; no oversubscription
+    if state_name is not None:
+        import ray
+
+        handle = _STATE_HANDLES.get(state_name)
+        if handle is None:
+            handle = _STATE_HANDLES[state_name] = ray.get_actor(state_name, namespace=STATE_NAMESPACE)
+        epoch, state_counts = ray.get(handle.get.remote())
+        counts = state_counts if state_counts is not None else counts
+    return patch_batch(batch, spec, epoch, counts)
 
 
 def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | None = None,
                   counts: Mapping[str, int] | None = None, epoch: int = 0, state_name: str | None = None,
-                  batch_size: int = 32, actors: int | None = None, cpus: float = 1.0):
+                  batch_size: int = 32, workers: int | None = None, cpus: float = 1.0):
     """A lazy ``ray.data.Dataset`` of patch rows from the catalog at ``catalog_dir``.
 
     ``ids`` restricts the stream to these colonies (one copy each); ``counts`` gives copies
     per colony instead. With ``state_name`` the epoch and counts are read from that
     :class:`StreamState` actor at run time (for Ray Train loops); otherwise ``epoch`` is
-    fixed. ``actors``: size of the stage's actor pool (default: autoscaling up to the
-    cluster's CPUs - 1); ``cpus``: CPUs per stage actor and per read task. On a small
+    fixed. ``workers``: how many patch tasks run at once (default: as many as the
+    cluster's free CPUs allow); ``cpus``: CPUs per patch task and per read task. On a small
     machine shared with Ray Train workers give fractions, or reads and the stage can
     starve each other of CPUs and the pipeline stalls.
     """
@@ -237,19 +238,10 @@ def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | No
     ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
     kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-                                  fn_constructor_kwargs=dict(spec=spec, epoch=epoch, counts=counts,
-                                                             state_name=state_name))
-    if actors:
-        kwargs["compute"] = ray.data.ActorPoolStrategy(size=actors)
-    else:
-        kwargs["compute"] = ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, _cpus() - 1))
-    return ds.map_batches(_PatchStage, **kwargs)
-
-
-def _cpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("CPU", 1))
+                                  fn_kwargs=dict(spec=spec, epoch=epoch, counts=counts, state_name=state_name))
+    if workers:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=workers)
+    return ds.map_batches(_patch_stage, **kwargs)
 
 
 def _collate_class():

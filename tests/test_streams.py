@@ -168,8 +168,8 @@ def test_two_ddp_workers_get_equal_batches_and_fresh_epochs(small_catalog, tmp_p
         loop, train_loop_config={"state": state_name, "spec": spec, "out": str(tmp_path)},
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name="streams-ddp", storage_path=str(tmp_path / "store")),
-        datasets={"train": patch_dataset(small_catalog, spec, state_name=state_name, actors=1,
-                                                   cpus=0.25)})
+        datasets={"train": patch_dataset(small_catalog, spec, state_name=state_name, workers=1,
+                                                    cpus=0.25)})
     trainer.fit()
     import ray
     ray.kill(state)
