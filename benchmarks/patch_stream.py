@@ -105,6 +105,7 @@ class RunSpec:
     preserve_order: bool = False
     lean_collate: bool = False
     reuse_dataset: bool = False
+    split: bool = False
     read_rows: int | None = None
     dl_source: str = "lazy"
     ray_stats: bool = False
@@ -521,6 +522,8 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
                                           cpus=run.stage_cpus)
 
     def batches_of(ds):
+        if run.split:  # as Ray Train's get_dataset_shard: the executor runs in a coordinator actor
+            ds = ds.streaming_split(1, equal=True)[0]
         if run.lean_collate:
             return ds.iter_torch_batches(batch_size=run.batch_size, collate_fn=_lean_collate(spec), drop_last=True,
                                          prefetch_batches=run.prefetch_batches)
@@ -653,6 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per patch task and read task")
     p.add_argument("--preserve-order", action="store_true")
     p.add_argument("--lean-collate", action="store_true", help="collate without the defensive copy")
+    p.add_argument("--split", action="store_true",
+                   help="read through streaming_split(1), as a Ray Train worker's dataset shard does")
     p.add_argument("--reuse-dataset", action="store_true", help="one dataset, epoch from the StreamState actor")
     p.add_argument("--read-rows", type=int, default=None,
                    help="Ray read tasks of about this many colonies (default: one per part file)")
@@ -693,7 +698,7 @@ def main(argv: list[str] | None = None) -> None:
                                   sample_s=args.sample_s, object_store_mb=args.object_store_mb,
                                   prefetch_batches=args.prefetch_batches, map_batch_size=args.map_batch_size,
                                   stage_cpus=args.stage_cpus, preserve_order=args.preserve_order,
-                                  lean_collate=args.lean_collate, reuse_dataset=args.reuse_dataset,
+                                  lean_collate=args.lean_collate, reuse_dataset=args.reuse_dataset, split=args.split,
                                   read_rows=args.read_rows,
                                   dl_source=args.dl_source, ray_stats=args.ray_stats, tag=args.tag)
                     started = time.perf_counter()
