@@ -66,7 +66,8 @@ def bench_ray(catalog: str, epochs: int, backbone: str) -> list[dict]:
         t0 = time.perf_counter()
         m = train_fold(cfg, 0)
         rows.append({"workers": workers, "cpus_per_worker": cpus, "wall_s": time.perf_counter() - t0,
-                     "last_epoch_patches_per_s": m["train_patches_per_s"], "steps_last_epoch": m["train_steps"]})
+                     "last_epoch_patches_per_s": m["train_patches_per_s"], "steps_last_epoch": m["train_steps"],
+                     "data_wait_fraction": m["data_wait_fraction"], "first_batch_s": m["first_batch_s"]})
     return rows
 
 
@@ -81,12 +82,15 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="also run part B (needs --catalog)")
     ap.add_argument("--ray-epochs", type=int, default=3)
     ap.add_argument("--ray-backbone", default="hrnet_tiny")
+    ap.add_argument("--no-steps", action="store_true", help="skip part A")
     args = ap.parse_args()
     import torch
 
     print(f"device {args.device}, torch {torch.__version__}, threads {args.threads}, batch {args.batch}")
-    print(f"{'backbone':<12} {'input':<8} {'params M':>9} {'s/step':>8} {'steps/s':>8} {'patches/s':>10}")
-    for name in args.backbones.split(","):
+    names = [] if args.no_steps else args.backbones.split(",")
+    if names:
+        print(f"{'backbone':<12} {'input':<8} {'params M':>9} {'s/step':>8} {'steps/s':>8} {'patches/s':>10}")
+    for name in names:
         for ms in (False, True):
             r = bench_step(name, ms, args.batch, args.steps, args.device, args.threads)
             print(f"{r['backbone']:<12} {r['input']:<8} {r['params_M']:>9.2f} {r['s_per_step']:>8.3f} "
@@ -97,7 +101,8 @@ def main() -> None:
         print(f"\nRay Train on {args.catalog}, backbone {args.ray_backbone}, demo preset sizes")
         for r in bench_ray(args.catalog, args.ray_epochs, args.ray_backbone):
             print(f"workers {r['workers']} x {r['cpus_per_worker']} CPU: last epoch "
-                  f"{r['last_epoch_patches_per_s']:.1f} patches/s ({r['steps_last_epoch']} steps), "
+                  f"{r['last_epoch_patches_per_s']:.1f} patches/s ({r['steps_last_epoch']} steps; waiting for data "
+                  f"{100 * r['data_wait_fraction']:.0f} % of the epoch, first batch after {r['first_batch_s']:.1f} s), "
                   f"wall {r['wall_s']:.1f} s", flush=True)
 
 

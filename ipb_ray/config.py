@@ -222,7 +222,7 @@ class ResourcesConfig:
     gpus_per_worker: float = _f(1.0, lo=0.0, hi=16.0, doc="used only with use_gpu")
     teacher_actors: int = _f(1, lo=1, hi=1024, doc="actors of the pseudo-labelling stage")
     data_cpus: float = _f(1.0, lo=0.01, hi=64.0,
-                          doc="CPUs per patch-stage actor and read task; fractions on small machines")
+                          doc="CPUs per patch task and read task; fractions on small machines")
     checkpoints_to_keep: int = _f(2, lo=1, hi=1000, doc="Ray Train checkpoints kept per run")
     max_failures: int = _f(3, lo=0, hi=1000, doc="worker failures a run survives (restarts from checkpoint)")
     object_store_mb: int | None = _f(None, lo=64, doc="object store size of a local cluster")

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from ipb_ray.config import ResourcesConfig
 
 log = logging.getLogger(__name__)
+
+
+def worker_soft_limit(cpus: int, data_cpus: float) -> int:
+    """How many idle worker processes a node keeps alive: enough for every data task that
+    can run at once. Ray's default (one per CPU) kills the extra workers that fractional-CPU
+    data tasks start, so each epoch pays for new processes and their torch/OpenCV imports
+    (9 s instead of 1.8 s per epoch of 320 patches on 2 CPUs with data_cpus 0.25; see
+    BENCHMARKS.md). On a cluster started with `ray start`, set the same through the
+    environment: ``RAY_num_workers_soft_limit=N ray start ...``."""
+    return max(cpus, math.ceil(cpus / min(max(data_cpus, 0.01), 1.0)))
 
 
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
@@ -28,6 +39,8 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
     else:
         if resources.object_store_mb:
             kwargs["object_store_memory"] = resources.object_store_mb * 1024 * 1024
+        kwargs["_system_config"] = {"num_workers_soft_limit": worker_soft_limit(os.cpu_count() or 1,
+                                                                                resources.data_cpus)}
         ray.init(**kwargs)
     log.info("Ray: %s", ray.cluster_resources())
     import ray.data

@@ -160,9 +160,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         ray.train.collective.barrier()
         model.train()
         t_epoch = time.perf_counter()
-        loss_sum, seen = torch.zeros(2, device=device), 0
+        loss_sum, seen, wait_s, first_batch_s = torch.zeros(2, device=device), 0, 0.0, None
+        t_wait = t_epoch
         for batch in torch_batches(ray.train.get_dataset_shard("train"), spec_train, m.batch_size,
                                    device=str(device)):
+            now = time.perf_counter()
+            wait_s += now - t_wait  # time the loop stood waiting for data (start-up included)
+            first_batch_s = now - t_epoch if first_batch_s is None else first_batch_s
             with _autocast(device, amp):
                 logits, _ = model(*_inputs(batch, columns, device))
                 loss = F.cross_entropy(logits.float(), batch["label"].to(device),
@@ -175,6 +179,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             loss_sum += torch.stack([loss.detach().float() * len(batch["label"]),
                                      torch.tensor(float(len(batch["label"])), device=device)])
             seen += 1
+            t_wait = time.perf_counter()
         sched.step()
         train_seconds = time.perf_counter() - t_epoch
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -182,6 +187,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
                                    "train_steps": seen, "train_seconds": train_seconds,
                                    "train_patches_per_s": float(loss_sum[1]) / max(train_seconds, 1e-9),
+                                   "data_wait_fraction": wait_s / max(train_seconds, 1e-9),
+                                   "first_batch_s": first_batch_s if first_batch_s is not None else float("nan"),
                                    "lr": sched.get_last_lr()[0], "world_size": world}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None

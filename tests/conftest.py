@@ -54,6 +54,6 @@ def ray_local():
     from ipb_ray.config import ResourcesConfig
     from ipb_ray.ray_setup import init_ray
 
-    init_ray(ResourcesConfig(object_store_mb=300))
+    init_ray(ResourcesConfig(object_store_mb=300, data_cpus=0.25))  # as the demo preset
     yield ray
     ray.shutdown()

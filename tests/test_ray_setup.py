@@ -1,0 +1,39 @@
+"""Local cluster settings made by init_ray."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from ipb_ray.ray_setup import worker_soft_limit
+
+
+def test_worker_soft_limit_covers_every_concurrent_data_task():
+    assert worker_soft_limit(2, 0.25) == 8
+    assert worker_soft_limit(2, 1.0) == 2
+    assert worker_soft_limit(64, 2.0) == 64  # whole-CPU tasks: Ray's default, one per CPU
+    assert worker_soft_limit(3, 0.5) == 6
+
+
+@pytest.mark.ray
+def test_fractional_cpu_task_workers_stay_warm_between_rounds(ray_local):
+    """Four 0.25-CPU tasks at once need four worker processes; Ray's default keeps only one
+    idle worker per CPU and kills the rest after a second, so a second round (the next
+    epoch) would start new processes. The local cluster keeps them."""
+    ray = ray_local
+    cpus = int(ray.cluster_resources()["CPU"])
+
+    @ray.remote(num_cpus=0.25)
+    def pid_after(seconds: float) -> int:
+        import os
+
+        time.sleep(seconds)
+        return os.getpid()
+
+    tasks = 4 * cpus
+    first = set(ray.get([pid_after.remote(1.0) for _ in range(tasks)]))
+    assert len(first) == tasks
+    time.sleep(3.0)  # past Ray's idle-worker killing threshold (1 s)
+    second = set(ray.get([pid_after.remote(1.0) for _ in range(tasks)]))
+    assert second == first, f"{len(second - first)} of {tasks} workers were started anew"
