@@ -33,7 +33,8 @@ def test_fractional_cpu_task_workers_stay_warm_between_rounds(ray_local):
 
     tasks = 4 * cpus
     first = set(ray.get([pid_after.remote(1.0) for _ in range(tasks)]))
-    assert len(first) == tasks
+    # other tests' actors may hold some CPU, but more workers than CPUs must have run at once
+    assert len(first) > cpus, f"only {len(first)} workers for {tasks} concurrent 0.25-CPU tasks"
     time.sleep(3.0)  # past Ray's idle-worker killing threshold (1 s)
     second = set(ray.get([pid_after.remote(1.0) for _ in range(tasks)]))
-    assert second == first, f"{len(second - first)} of {tasks} workers were started anew"
+    assert second <= first, f"{len(second - first)} of {len(second)} workers were started anew"
