@@ -13,12 +13,14 @@ log = logging.getLogger(__name__)
 
 def worker_soft_limit(cpus: int, data_cpus: float) -> int:
     """How many idle worker processes a node keeps alive: enough for every data task that
-    can run at once. Ray's default (one per CPU) kills the extra workers that fractional-CPU
-    data tasks start, so each epoch pays for new processes and their torch/OpenCV imports
+    can run at once, and the training workers beside them. Ray's default (one per CPU)
+    kills the extra workers that fractional-CPU data tasks start, so each epoch pays for
+    new processes and their torch/OpenCV imports
     (9 s instead of 1.8 s per epoch of 320 patches on 2 CPUs with data_cpus 0.25; see
     BENCHMARKS.md). On a cluster started with `ray start`, set the same through the
     environment: ``RAY_num_workers_soft_limit=N ray start ...``."""
-    return max(cpus, math.ceil(cpus / min(max(data_cpus, 0.01), 1.0)))
+    # plus one per CPU for the Ray Train workers and actors that share the node
+    return max(cpus, math.ceil(cpus / min(max(data_cpus, 0.01), 1.0))) + cpus
 
 
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
