@@ -52,3 +52,66 @@ def test_balanced_resampling_draws_classes_equally_and_reproducibly():
     assert np.array_equal(resample_counts(labels, 50, 1, 3), resample_counts(labels, 50, 1, 3))
     assert not np.array_equal(resample_counts(labels, 50, 1, 3), resample_counts(labels, 50, 1, 4))
     assert resample_counts(labels, None, 1, 0, balanced=False).sum() == 100
+
+
+def _imbalanced(seed=0, n=400):
+    rng = np.random.default_rng(seed)
+    return rng.choice(4, size=n, p=[0.6, 0.25, 0.1, 0.05])
+
+
+def test_pseudo_balance_weights_are_inverse_class_counts():
+    from ipb_ray.balance import pseudo_balance
+
+    lab = _imbalanced()
+    pb = pseudo_balance(lab, 4, seed=1, epoch=0)
+    counts = np.bincount(lab, minlength=4)
+    assert pb.class_counts.tolist() == counts.tolist()
+    np.testing.assert_allclose(pb.proportions, counts / lab.size)
+    np.testing.assert_allclose(pb.class_weights, (1 / counts) / (1 / counts).sum())
+    assert pb.counts.sum() == lab.size and pb.missing == ()
+
+
+def test_pseudo_balance_draw_is_reproducible_per_seed_and_epoch():
+    from ipb_ray.balance import pseudo_balance
+
+    lab = _imbalanced()
+    a, b = pseudo_balance(lab, 4, 7, 3), pseudo_balance(lab, 4, 7, 3)
+    assert np.array_equal(a.counts, b.counts)
+    assert not np.array_equal(a.counts, pseudo_balance(lab, 4, 7, 4).counts)
+    assert not np.array_equal(a.counts, pseudo_balance(lab, 4, 8, 3).counts)
+    assert pseudo_balance(lab, 4, 7, 3, n_draws=1000).counts.sum() == 1000
+
+
+def test_pseudo_balance_class_frequencies_pass_a_chi_square_test_for_uniform():
+    """Over many epochs the drawn classes are uniform although the pseudo-labels are 60/25/10/5 %."""
+    from scipy.stats import chisquare
+
+    from ipb_ray.balance import pseudo_balance
+
+    lab = _imbalanced()
+    drawn = np.zeros(4, dtype=np.int64)
+    for epoch in range(200):
+        pb = pseudo_balance(lab, 4, seed=0, epoch=epoch)
+        drawn += np.bincount(np.repeat(lab, pb.counts), minlength=4)
+    assert chisquare(drawn).pvalue > 1e-3, drawn
+    # the same statistic rejects the raw, unbalanced pseudo-labels outright
+    assert chisquare(np.bincount(lab, minlength=4) * 200).pvalue < 1e-12
+
+
+def test_pseudo_balance_class_without_pseudo_labels_warns_and_gets_no_draws():
+    from ipb_ray.balance import pseudo_balance
+
+    lab = np.array([0] * 30 + [1] * 5 + [3] * 2)
+    with pytest.warns(RuntimeWarning, match=r"epoch 5: the teacher gave no patch the class\(es\) Diff"):
+        pb = pseudo_balance(lab, 4, seed=0, epoch=5, class_names=["Debris", "Dense", "Diff", "Spread"])
+    assert pb.missing == (2,) and pb.class_weights[2] == 0 and np.isfinite(pb.class_weights).all()
+    assert pb.counts.sum() == lab.size
+    assert np.bincount(np.repeat(lab, pb.counts), minlength=4)[2] == 0
+
+
+def test_pseudo_balance_rejects_out_of_range_labels():
+    from ipb_ray.balance import pseudo_balance
+
+    with pytest.raises(ValueError, match=r"pseudo-labels must lie in 0..3, got 0..4"):
+        pseudo_balance([0, 4], 4, 0, 0)
+    assert pseudo_balance([], 4, 0, 0).counts.size == 0
