@@ -224,19 +224,22 @@ def train(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
                                                 "local cluster.")) -> None:
     """Train one fold on Ray Train (supervised on L; IPB/MPL land later) and print test metrics."""
-    from ipb_ray.training import train_fold
-
     extra = [f"resources.address={address}"] if address else []
     with _user_errors():
         cfg = _resolve(config, preset, list(overrides or []) + extra)
         if cfg.method.name != "supervised":
             raise ValueError(f"method.name={cfg.method.name!r}: `ipb train` runs supervised training for "
                              "now; pass method.name=supervised (IPB and MPL land with their issue)")
-        fold = cfg.split.fold if fold is None else fold
-        console.print(f"training fold {fold}: {cfg.model.backbone} "
-                      f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, "
-                      f"{cfg.method.epochs} epochs, {cfg.resources.num_workers} worker(s)", highlight=False)
-        metrics = train_fold(cfg, fold)
+        _train_and_report(cfg, cfg.split.fold if fold is None else fold)
+
+
+def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> None:
+    from ipb_ray.training import train_fold
+
+    console.print(f"training fold {fold}: {cfg.model.backbone} "
+                  f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, "
+                  f"{cfg.method.epochs} epochs, {cfg.resources.num_workers} worker(s)", highlight=False)
+    metrics = train_fold(cfg, fold)
     print_report(metrics["test_report"], f"test fold {fold} (best epoch on V)")
     if metrics.get("resumed_from_epoch", -1) >= 0:
         console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
@@ -251,15 +254,21 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
         _synth_world(world, frames=8, size=1024, colonies=20, scale=0.4, seed=seed, image_format="tif")
-        cfg = cfgmod.load_config(preset="demo", overrides=[
-            f"seed={seed}", f"data.frames={world}", "data.annotations=null",
-            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}"])
+        cfg = cfgmod.load_config(preset="demo", overrides=_demo_overrides(seed, world, out))
         console.rule("[bold]2. colony catalog and folds on Ray Data")
         _preprocess(cfg, "auto", None)
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
         _demo_stream(cfg, out)
+        console.rule("[bold]4. supervised multi-scale HRNet baseline on fold 0 (Ray Train)")
+        _train_and_report(cfgmod.load_config(preset="demo", overrides=[
+            *_demo_overrides(seed, world, out), "method.name=supervised", f"name=demo-seed{seed}"]), 0)
     console.print(f"[green]demo finished[/]: world in {world}, catalog in {out / 'catalog'}, "
-                  f"patches in {out / 'patches.png'}.")
+                  f"patches in {out / 'patches.png'}, runs in {out / 'ray_results'}.")
+
+
+def _demo_overrides(seed: int, world: Path, out: Path) -> list[str]:
+    return [f"seed={seed}", f"data.frames={world}", "data.annotations=null",
+            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}"]
 
 
 def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:

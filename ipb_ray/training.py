@@ -218,6 +218,20 @@ def _train_loop(config: dict[str, Any]) -> None:
                     metrics["param_digest"] = param_digest(_unwrap(model))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+    if start >= m.epochs:  # the run had already finished: test its selected model again
+        metrics = {"epoch": m.epochs - 1, "world_size": world}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                metrics.update(_test_metrics(model, best_state, inputs, spec_eval, columns, device, amp,
+                                             m.batch_size))
+                metrics["resumed_from_epoch"] = resumed_from
+                metrics["param_digest"] = param_digest(_unwrap(model))
+                # the run's result carries the metrics of its latest checkpoint: report the
+                # finished state again so that these figures are the ones returned
+                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
     if config.get("digest_dir"):  # lets tests compare the ranks' final parameters
         with open(os.path.join(config["digest_dir"], f"rank{rank}.txt"), "w") as fh:
             fh.write(param_digest(_unwrap(model)))

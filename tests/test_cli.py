@@ -98,3 +98,5 @@ def test_demo_runs_end_to_end(ray_local, tmp_path):
     assert (tmp_path / "demo" / "catalog" / "folds.parquet").exists()
     assert (tmp_path / "demo" / "patches.png").stat().st_size > 1000
     assert "labelled patches of fold 0" in result.output
+    assert "confusion matrix" in result.output and "macro" in result.output  # step 4: the baseline's test report
+    assert list((tmp_path / "demo" / "ray_results" / "demo-seed0-supervised-fold0").glob("checkpoint_*"))
