@@ -77,9 +77,8 @@ def pseudo_balance(pseudo_labels: Sequence[int], num_classes: int, seed: int, ep
                       "they get no draws this epoch", RuntimeWarning, stacklevel=2)
     if lab.size == 0:
         return PseudoBalance(np.zeros(0, np.int64), class_counts, proportions, class_weights, missing)
-    w = class_weights[lab]
     rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x1B5]))
-    counts = rng.multinomial(n, w / w.sum()).astype(np.int64)
+    counts = rng.multinomial(n, inverse_frequency_weights(lab)).astype(np.int64)
     total = class_weights.sum()
     return PseudoBalance(counts, class_counts, proportions, class_weights / total if total else class_weights,
                          missing)

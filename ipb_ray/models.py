@@ -184,7 +184,7 @@ class HRNet(nn.Module):
         c = _ch(base, width)
         chans = [c, 2 * c, 4 * c]
         self.stem = nn.Sequential(_conv_bn_relu(in_chans, c, 2), _conv_bn_relu(c, c, 2))
-        self.stage1 = nn.ModuleList([_conv_bn_relu(c, c)])
+        self.stage1 = _conv_bn_relu(c, c)
         self.trans1 = _conv_bn_relu(chans[0], chans[1], 2)
         self.stage2 = nn.ModuleList([_conv_bn_relu(ch, ch) for ch in chans[:2]])
         self.fuse2 = _Fuse(chans[:2])
@@ -201,7 +201,7 @@ class HRNet(nn.Module):
         self.min_size = 16  # 1/16 resolution on the lowest branch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage1[0](self.stem(x))
+        x = self.stage1(self.stem(x))
         xs = [x, self.trans1(x)]
         xs = self.fuse2([blk(t) for blk, t in zip(self.stage2, xs, strict=True)])
         xs = xs + [self.trans2(xs[-1])]
@@ -231,7 +231,8 @@ def _check_input(x: torch.Tensor, backbone: nn.Module, in_chans: int, what: str)
     size = getattr(backbone, "min_size", 1)
     if min(x.shape[-2:]) < size:
         raise ValueError(f"{what}: patches of {tuple(x.shape[-2:])} px are too small for this backbone "
-                         f"(at least {size} px); raise data.patch_size / data.patch_size_small")
+                         f"(at least {size} px); raise data.patch_size (single-scale) or "
+                         "data.global_patch / data.local_patch (multi-scale)")
 
 
 class Classifier(nn.Module):

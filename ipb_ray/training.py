@@ -153,6 +153,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
     columns = spec_train.patch_columns()
     labels = np.asarray(inputs.labelled_labels)
+
+    def final() -> dict[str, Any]:
+        """Rank 0's end-of-run figures: the selected model on T, and where the run began."""
+        return {**_test_metrics(model, best_state, inputs, spec_eval, columns, device, amp, m.batch_size),
+                "resumed_from_epoch": -1 if resumed_from is None else resumed_from,
+                "param_digest": param_digest(_unwrap(model))}
+
     for epoch in range(start, m.epochs):
         if rank == 0:
             counts = resample_counts(labels, None, cfg.seed, epoch, balanced=m.balance_labelled)
@@ -212,10 +219,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                             "class_names": list(inputs.class_names), "config": config["cfg"]},
                            os.path.join(tmp, CHECKPOINT_FILE))
                 if epoch == m.epochs - 1:
-                    metrics.update(_test_metrics(model, best_state, inputs, spec_eval, columns, device, amp,
-                                                 m.batch_size))
-                    metrics["resumed_from_epoch"] = -1 if resumed_from is None else resumed_from
-                    metrics["param_digest"] = param_digest(_unwrap(model))
+                    metrics.update(final())
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
     if start >= m.epochs:  # the run had already finished: test its selected model again
@@ -223,10 +227,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                metrics.update(_test_metrics(model, best_state, inputs, spec_eval, columns, device, amp,
-                                             m.batch_size))
-                metrics["resumed_from_epoch"] = resumed_from
-                metrics["param_digest"] = param_digest(_unwrap(model))
+                metrics.update(final())
                 # the run's result carries the metrics of its latest checkpoint: report the
                 # finished state again so that these figures are the ones returned
                 torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))

@@ -114,4 +114,6 @@ def test_pseudo_balance_rejects_out_of_range_labels():
 
     with pytest.raises(ValueError, match=r"pseudo-labels must lie in 0..3, got 0..4"):
         pseudo_balance([0, 4], 4, 0, 0)
+    with pytest.raises(ValueError, match="n_draws must be >= 0, got -1"):
+        pseudo_balance([0, 1], 4, 0, 0, n_draws=-1)
     assert pseudo_balance([], 4, 0, 0).counts.size == 0

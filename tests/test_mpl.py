@@ -260,3 +260,8 @@ def test_ema_update_math_and_buffers():
         assert torch.equal(p, e)
     with pytest.raises(ValueError, match="method.ema"):
         ema_update(ema, model, decay=1.5)
+
+
+def test_ema_update_refuses_a_model_of_another_shape():
+    with pytest.raises(ValueError, match="different parameters or buffers; build the EMA model as a deep copy"):
+        ema_update(nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2)), decay=0.5)

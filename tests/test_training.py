@@ -27,13 +27,15 @@ def train_catalog(tmp_path_factory, ray_local):
     return root
 
 
+def _overrides(root):
+    return [f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+            f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
+            "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised",
+            "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24", "method.batch_size=4"]
+
+
 def _cfg(root, *extra):
-    return load_config(preset="demo", overrides=[
-        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
-        f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
-        "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised",
-        "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24",
-        "method.batch_size=4", *extra])
+    return load_config(preset="demo", overrides=[*_overrides(root), *extra])
 
 
 def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
@@ -59,10 +61,7 @@ def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
 def test_killed_worker_restarts_from_checkpoint(train_catalog):
     psutil = pytest.importorskip("psutil")
     args = [sys.executable, "-m", "ipb_ray.cli", "train", "--preset", "demo", "--fold", "1",
-            f"data.frames={train_catalog / 'frames'}", f"data.annotations={train_catalog / 'ann.csv'}",
-            f"data.catalog={train_catalog / 'catalog'}", f"tracking.storage_path={train_catalog / 'runs'}",
-            "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised",
-            "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24", "method.batch_size=4",
+            *_overrides(train_catalog),
             "name=killed", "method.epochs=4", "resources.object_store_mb=100"]
     env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
