@@ -223,13 +223,10 @@ def train(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           fold: Optional[int] = typer.Option(None, help="Fold to run (split.fold)."),
           address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
                                                 "local cluster.")) -> None:
-    """Train one fold on Ray Train (supervised on L; IPB/MPL land later) and print test metrics."""
+    """Train one fold on Ray Train (method.name: supervised, mpl or ipb) and print test metrics."""
     extra = [f"resources.address={address}"] if address else []
     with _user_errors():
         cfg = _resolve(config, preset, list(overrides or []) + extra)
-        if cfg.method.name != "supervised":
-            raise ValueError(f"method.name={cfg.method.name!r}: `ipb train` runs supervised training for "
-                             "now; pass method.name=supervised (IPB and MPL land with their issue)")
         _train_and_report(cfg, cfg.split.fold if fold is None else fold)
 
 

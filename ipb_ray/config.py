@@ -43,11 +43,14 @@ __all__ = [
     "to_dict",
 ]
 
-#: Backbones the model registry provides (the *_tiny ones are CPU-sized for tests and demo).
-BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny")
+#: Backbones the model registry provides (the *_tiny ones are CPU-sized for tests and demo;
+#: patch_stats is a linear model of patch statistics for smoke tests).
+BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "patch_stats")
 #: Training methods: plain supervised on L, Meta Pseudo Labels, Iterative Pseudo Balancing.
 METHODS = ("supervised", "mpl", "ipb")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
+RELABEL = ("pass", "reuse")
+LABEL_STAGES = ("auto", "tasks", "actors")
 
 
 class ConfigError(ValueError):
@@ -200,7 +203,10 @@ class MethodConfig:
     mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
                            doc="sign of the MPL feedback h (derivation: old - new)")
     balance_labelled: bool = _f(True, doc="class-balance L by resampling")
-    draws_per_epoch: int | None = _f(None, lo=1, doc="IPB multinomial draws per epoch; None = |U|")
+    draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per MPL/IPB epoch (IPB: multinomial "
+                                     "draws); None = |U|")
+    relabel: str = _f("pass", choices=RELABEL, doc="IPB's pseudo-labels each epoch: a separate labelling pass "
+                      "over U, or reuse those of the previous epoch's MPL steps")
     grad_clip: float = _f(0.0, lo=0.0, doc="max grad norm; 0 = off")
     ema: float = _f(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
     finetune_epochs: int = _f(0, lo=0, doc="fine-tune the student on L afterwards; 0 = off")
@@ -220,7 +226,11 @@ class ResourcesConfig:
     use_gpu: bool = _f(False)
     cpus_per_worker: float = _f(1.0, lo=0.0, hi=1024.0)
     gpus_per_worker: float = _f(1.0, lo=0.0, hi=16.0, doc="used only with use_gpu")
-    teacher_actors: int = _f(1, lo=1, hi=1024, doc="actors of the pseudo-labelling stage")
+    teacher_actors: int = _f(1, lo=1, hi=1024, doc="actors of the pseudo-labelling stage (label_stage=actors)")
+    label_stage: str = _f("auto", choices=LABEL_STAGES, doc="IPB labelling pass on Ray tasks or an actor pool; "
+                          "auto = actors when label_gpus > 0, else tasks")
+    label_gpus: float = _f(0.0, lo=0.0, hi=16.0, doc="GPUs per labelling actor (leave room beside the Train "
+                           "workers' gpus_per_worker)")
     data_cpus: float = _f(1.0, lo=0.01, hi=64.0,
                           doc="CPUs per patch task and read task; fractions on small machines")
     checkpoints_to_keep: int = _f(2, lo=1, hi=1000, doc="Ray Train checkpoints kept per run")

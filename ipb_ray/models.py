@@ -120,6 +120,36 @@ def vgg_tiny(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> n
     return VGG(in_chans, width / 16, feature_dim, hidden=1024, pool=1)
 
 
+class PatchStats(nn.Module):
+    """Hand-made features of a patch (mean, spread, edge energy per direction, bright and
+    dark tails) through one linear layer. Not a network worth publishing: a CPU-cheap
+    model whose predictions depend on texture from the first step, for smoke tests of the
+    training machinery and as a floor any real backbone must beat."""
+
+    n_stats = 6
+
+    def __init__(self, in_chans: int, feature_dim: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.proj = nn.Linear(self.n_stats * in_chans, feature_dim)
+        self.min_size = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(2).mean(-1)
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(2).mean(-1)
+        mean, std = flat.mean(-1), flat.std(-1)
+        hi = flat.amax(-1) - mean
+        lo = mean - flat.amin(-1)
+        return F.relu(self.proj(torch.cat([mean, std, dx, dy, hi, lo], 1)))
+
+
+@register_model("patch_stats")
+def patch_stats(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """:class:`PatchStats` (``width`` is ignored)."""
+    return PatchStats(in_chans, feature_dim)
+
+
 # --------------------------------------------------------------------------- HRNet
 
 

@@ -146,7 +146,8 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     ``student_loss``, ``student_loss_l_old``/``_new``, ``mpl_h``; ``mask_rate`` (share of
     strong-view pseudo-labels with confidence >= threshold, the ones the student learns
     from when ``cfg.threshold_student``), ``uda_mask_rate``; and
-    ``pseudo_label_counts``, a list of per-class counts of all hard pseudo-labels.
+    ``pseudo_label_counts``, a list of per-class counts of all hard pseudo-labels, and
+    ``pseudo_labels``, the hard pseudo-label of every unlabelled patch (a list).
     """
     x_l, x_uw, x_us = _as_inputs(x_l), _as_inputs(x_uw), _as_inputs(x_us)
     if not len(x_l) == len(x_uw) == len(x_us):
@@ -186,6 +187,7 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     out: dict[str, Any] = dict(zip(names, values.tolist()))  # one device sync
     out["uda_weight"] = w_uda
     out["pseudo_label_counts"] = torch.bincount(hard, minlength=t_logits.shape[-1]).tolist()
+    out["pseudo_labels"] = hard.tolist()
     return out
 
 

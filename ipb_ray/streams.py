@@ -35,8 +35,8 @@ from ipb_ray.patches import PatchCoord, PatchGeometry, centre_coord, cut, prepar
 
 log = logging.getLogger(__name__)
 
-MODES = ("train", "plain", "uda", "test")
-_STREAM_TAG = {"train": 1, "plain": 2, "uda": 3, "test": 4}
+MODES = ("train", "plain", "uda", "test", "label")
+_STREAM_TAG = {"train": 1, "plain": 2, "uda": 3, "test": 4, "label": 5}
 CATALOG_COLUMNS = ["colony_id", "image", "mask", "label"]
 STATE_NAMESPACE = "ipb_ray"
 
@@ -46,7 +46,8 @@ class StreamSpec:
     """What a stream emits. ``mode``: ``train`` (random window + the paper's augmentation),
     ``plain`` (random window, no augmentation), ``uda`` (random window, weak and strong
     views), ``test`` (the mask's centre-of-mass window, plus ``tta - 1`` seeded random
-    windows for test-time averaging)."""
+    windows for test-time averaging), ``label`` (random window, no augmentation: IPB's
+    pseudo-labelling pass, seeded apart from every other stream)."""
 
     geometry: PatchGeometry
     class_names: tuple[str, ...]
@@ -95,12 +96,16 @@ def _empty_batch(spec: StreamSpec) -> dict[str, np.ndarray]:
 
 
 def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int = 0,
-                counts: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+                counts: Mapping[str, int] | None = None,
+                coords: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """Catalog rows -> patch rows (pure; see the module docstring for the columns).
 
     ``batch``: columns ``colony_id``, ``image`` and ``mask`` (PNG bytes), ``label`` (str or
     None). ``counts``: copies per colony id (absent id = 0 copies); None = one copy each
-    (``tta`` copies in test mode). Each copy is an independent draw.
+    (``tta`` copies in test mode). Each copy is an independent draw. ``coords``: a fixed
+    window ``(x, y, scale)`` per colony id (IPB: the student trains on the very patch the
+    teacher labelled); its copies differ only in their augmentation. Colonies absent from
+    ``coords`` draw their windows as usual.
     """
     index = {n: i for i, n in enumerate(spec.class_names)}
     rows: dict[str, list[Any]] = {k: [] for k in spec.columns()}
@@ -110,11 +115,14 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
             else int(counts.get(cid, 0))
         if n <= 0:
             continue
+        fixed = coords.get(cid) if coords is not None else None
         image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
-                                          spec.geometry.size)
+                                          spec.geometry.size, scale=None if fixed is None else fixed[2])
         for copy in range(n):
             rng = colony_rng(spec.seed, epoch, spec.mode, cid, copy)
-            if spec.mode == "test" and copy == 0:
+            if fixed is not None:
+                coord, met = PatchCoord(fixed[0], fixed[1], fixed[2]), True
+            elif spec.mode == "test" and copy == 0:
                 coord, met = centre_coord(mask, spec.geometry, scale=scale), True
             else:
                 coord, met = sample_coord(mask, spec.geometry, rng, scale=scale)
@@ -140,7 +148,7 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
 
 def _append_views(rows: dict[str, list[Any]], window: np.ndarray, spec: StreamSpec,
                   rng: np.random.Generator) -> None:
-    if spec.mode in ("plain", "test"):
+    if spec.mode in ("plain", "test", "label"):
         views = {"x": to_scales(window, spec.geometry)}
     elif spec.mode == "train":
         aug, _fired = augment.paper_augment(window, rng)
@@ -164,19 +172,41 @@ def revisit_coords(image_png: bytes, mask_png: bytes, coord: PatchCoord, spec: S
 # --------------------------------------------------------------------------- Ray wiring
 
 class StreamState:
-    """Per-epoch state of the streams, held by a named Ray actor: the epoch and optional
-    per-colony copy counts. Rank 0 sets it before an epoch; the patch stage reads it."""
+    """Per-epoch state of a stream, held by a named Ray actor: the epoch, optional
+    per-colony copy counts and fixed windows, and a version that changes with every
+    :meth:`set` (patch tasks cache the state by version and fetch the large parts once).
+    Rank 0 sets it before an epoch; the patch stage reads it. IPB's teacher weights are
+    published here too (:meth:`publish`), as an object reference."""
 
     def __init__(self) -> None:
+        self._version = 0
         self._epoch = 0
         self._counts: dict[str, int] | None = None
+        self._coords: dict[str, tuple[int, int, float]] | None = None
+        self._teacher: tuple[int, list[Any]] = (-1, [])
 
-    def set(self, epoch: int, counts: Mapping[str, int] | None = None) -> None:
+    def set(self, epoch: int, counts: Mapping[str, int] | None = None,
+            coords: Mapping[str, Sequence[float]] | None = None) -> int:
+        self._version += 1
         self._epoch = int(epoch)
         self._counts = dict(counts) if counts is not None else None
+        self._coords = {k: (int(v[0]), int(v[1]), float(v[2])) for k, v in coords.items()} \
+            if coords is not None else None
+        return self._version
 
-    def get(self) -> tuple[int, dict[str, int] | None]:
-        return self._epoch, self._counts
+    def version(self) -> int:
+        return self._version
+
+    def get(self) -> tuple[int, int, dict[str, int] | None, dict[str, tuple[int, int, float]] | None]:
+        return self._version, self._epoch, self._counts, self._coords
+
+    def publish(self, version: int, weights: list[Any]) -> None:
+        """Store the current teacher: ``weights`` is ``[ObjectRef]`` (a list, so Ray passes
+        the reference rather than the weights themselves)."""
+        self._teacher = (int(version), list(weights))
+
+    def teacher(self) -> tuple[int, list[Any]]:
+        return self._teacher
 
 
 def stream_state(name: str):
@@ -189,11 +219,35 @@ def stream_state(name: str):
 
 
 _STATE_HANDLES: dict[str, Any] = {}
+_STATE_CACHE: dict[str, tuple[int, int, Any, Any]] = {}
+
+
+def state_handle(state_name: str):
+    """The named :class:`StreamState` actor, looked up once per process."""
+    import ray
+
+    handle = _STATE_HANDLES.get(state_name)
+    if handle is None:
+        handle = _STATE_HANDLES[state_name] = ray.get_actor(state_name, namespace=STATE_NAMESPACE)
+    return handle
+
+
+def current_state(state_name: str) -> tuple[int, Any, Any]:
+    """``(epoch, counts, coords)`` of a named state; the full state crosses the wire only
+    when its version changed since this process last looked."""
+    import ray
+
+    handle = state_handle(state_name)
+    cached = _STATE_CACHE.get(state_name)
+    if cached is None or ray.get(handle.version.remote()) != cached[0]:
+        cached = _STATE_CACHE[state_name] = ray.get(handle.get.remote())
+    return cached[1], cached[2], cached[3]
 
 
 def _patch_stage(batch: dict[str, np.ndarray], spec: StreamSpec, epoch: int, counts: Mapping[str, int] | None,
-                 state_name: str | None) -> dict[str, np.ndarray]:
-    """``map_batches`` UDF: a fixed epoch/counts, or read from the named state actor per batch.
+                 state_name: str | None, coords: Mapping[str, Sequence[float]] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF: a fixed epoch/counts/coords, or read from the named state actor.
 
     A plain function on Ray tasks rather than an actor class: Ray keeps task workers (and
     their imports) alive between executions, while an actor pool starts fresh processes
@@ -202,23 +256,21 @@ def _patch_stage(batch: dict[str, np.ndarray], spec: StreamSpec, epoch: int, cou
 
     torch.set_num_threads(1)  # one CPU per data task; no oversubscription
     if state_name is not None:
-        import ray
-
-        handle = _STATE_HANDLES.get(state_name)
-        if handle is None:
-            handle = _STATE_HANDLES[state_name] = ray.get_actor(state_name, namespace=STATE_NAMESPACE)
-        epoch, state_counts = ray.get(handle.get.remote())
+        epoch, state_counts, state_coords = current_state(state_name)
         counts = state_counts if state_counts is not None else counts
-    return patch_batch(batch, spec, epoch, counts)
+        coords = state_coords if state_coords is not None else coords
+    return patch_batch(batch, spec, epoch, counts, coords)
 
 
 def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | None = None,
                   counts: Mapping[str, int] | None = None, epoch: int = 0, state_name: str | None = None,
-                  batch_size: int = 32, workers: int | None = None, cpus: float = 1.0):
+                  batch_size: int = 32, workers: int | None = None, cpus: float = 1.0,
+                  coords: Mapping[str, Sequence[float]] | None = None):
     """A lazy ``ray.data.Dataset`` of patch rows from the catalog at ``catalog_dir``.
 
     ``ids`` restricts the stream to these colonies (one copy each); ``counts`` gives copies
-    per colony instead. With ``state_name`` the epoch and counts are read from that
+    per colony instead, ``coords`` fixed windows. With ``state_name`` the epoch, counts and
+    coords are read from that
     :class:`StreamState` actor at run time (for Ray Train loops); otherwise ``epoch`` is
     fixed. ``workers``: how many patch tasks run at once (default: as many as the
     cluster's free CPUs allow); ``cpus``: CPUs per patch task and per read task. On a small
@@ -238,7 +290,8 @@ def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | No
     ray.data.DataContext.get_current().use_datasource_v2 = False
     ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
     kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
-                                  fn_kwargs=dict(spec=spec, epoch=epoch, counts=counts, state_name=state_name))
+                                  fn_kwargs=dict(spec=spec, epoch=epoch, counts=counts, state_name=state_name,
+                                                 coords=coords))
     if workers:
         kwargs["compute"] = ray.data.TaskPoolStrategy(size=workers)
     return ds.map_batches(_patch_stage, **kwargs)

@@ -41,6 +41,7 @@ class FoldInputs:
     validation: tuple[str, ...]
     test: tuple[str, ...]
     unlabelled: tuple[str, ...]
+    unlabelled_truth: tuple[int, ...] = ()  # hidden class of each U colony, -1 = unknown/multi-label (metrics only)
 
 
 def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
@@ -64,7 +65,8 @@ def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
     if not roles["L"]:
         raise ValueError(f"fold {fold} of {root} has no labelled colonies; raise split.labelled_fraction")
     return FoldInputs(root, names, tuple(roles["L"]), tuple(index[label_of[c]] for c in roles["L"]),
-                      tuple(roles["V"]), tuple(roles["T"]), tuple(roles["U"]))
+                      tuple(roles["V"]), tuple(roles["T"]), tuple(roles["U"]),
+                      tuple(index.get(label_of.get(c), -1) for c in roles["U"]))
 
 
 def run_name(cfg: ExperimentConfig, fold: int) -> str:
@@ -109,17 +111,142 @@ def evaluate(model: Any, batches: Any, columns: list[str], device: Any, amp: boo
             np.array([int(np.argmax(probs[c])) for c in ids], np.int64), ids)
 
 
+class _Timer:
+    """Per-epoch data-wait bookkeeping: call :meth:`got` when a batch arrives and
+    :meth:`resume` when the step that used it is done."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.wait_s, self.first_batch_s = 0.0, None
+
+    def got(self) -> None:
+        now = time.perf_counter()
+        self.wait_s += now - self.last  # time the loop stood waiting for data (start-up included)
+        self.first_batch_s = now - self.start if self.first_batch_s is None else self.first_batch_s
+
+    def resume(self) -> None:
+        self.last = time.perf_counter()
+
+    def metrics(self, patches: float) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        return {"train_seconds": seconds, "train_patches_per_s": patches / max(seconds, 1e-9),
+                "data_wait_fraction": self.wait_s / max(seconds, 1e-9),
+                "first_batch_s": self.first_batch_s if self.first_batch_s is not None else float("nan")}
+
+
+def _all_reduce(t: Any) -> Any:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], device: Any, amp: bool,
+                     m: Any) -> dict[str, Any]:
+    """One epoch of cross-entropy training over ``batches`` (every rank); returns the
+    epoch's loss (averaged over all ranks), steps and timings."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    timer, loss_sum, seen = _Timer(), torch.zeros(2, device=device), 0
+    for batch in batches:
+        timer.got()
+        with _autocast(device, amp):
+            logits, _ = model(*_inputs(batch, columns, device))
+            loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=m.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if m.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
+        opt.step()
+        loss_sum += torch.stack([loss.detach().float() * len(batch["label"]),
+                                 torch.tensor(float(len(batch["label"])), device=device)])
+        seen += 1
+        timer.resume()
+    out = timer.metrics(0.0)
+    _all_reduce(loss_sum)
+    out["train_patches_per_s"] = float(loss_sum[1]) / max(out["train_seconds"], 1e-9)
+    return {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "train_steps": seen, **out}
+
+
+def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str], device: Any, amp: bool,
+             batch_size: int) -> dict[str, Any] | None:
+    """Rank 0: ``model`` on the validation split V (None when the fold has no V)."""
+    import ray.train
+
+    from ipb_ray.metrics import classification_report
+    from ipb_ray.streams import torch_batches
+
+    if not inputs.validation:
+        return None
+    y, p, _ = evaluate(_unwrap(model), torch_batches(ray.train.get_dataset_shard("val"), spec_eval, batch_size,
+                                                     drop_last=False, device=str(device)), columns, device, amp)
+    return classification_report(y, p, inputs.class_names)
+
+
+HISTORY_FILE = "history.json"
+
+
+def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """``ray.train.report`` on every rank; rank 0 passes its ``state`` to checkpoint.
+
+    A ``state["history"]`` list (one metrics dict per epoch so far) is also written as
+    ``history.json`` beside the weights, so the curves survive with the checkpoint."""
+    import json
+
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if state is not None:
+            if "history" in state:
+                with open(os.path.join(tmp, HISTORY_FILE), "w") as fh:
+                    json.dump(state["history"], fh, default=float)
+            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def load_checkpoint() -> dict[str, Any] | None:
+    """The run's latest checkpoint state (a resumed or restarted run), else None."""
+    import ray.train
+    import torch
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> Any:
+    from ipb_ray.models import create_model
+
+    return create_model(**model_kwargs(cfg, num_classes))
+
+
+def model_kwargs(cfg: ExperimentConfig, num_classes: int) -> dict[str, Any]:
+    """:func:`ipb_ray.models.create_model` arguments of the experiment's network."""
+    return dict(name=cfg.model.backbone, num_classes=num_classes, in_chans=1, width=cfg.model.width,
+                feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout, multi_scale=cfg.data.multi_scale)
+
+
+def snapshot(model: Any) -> dict[str, Any]:
+    """A CPU copy of a (possibly DDP-wrapped) model's state dict."""
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.collective
     import ray.train.torch
     import torch
-    import torch.nn.functional as F
 
     from ipb_ray.balance import resample_counts
-    from ipb_ray.metrics import classification_report
-    from ipb_ray.models import create_model
     from ipb_ray.streams import STATE_NAMESPACE, torch_batches
 
     cfg: ExperimentConfig = from_dict(config["cfg"])
@@ -131,19 +258,16 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     amp = m.mixed_precision and device.type == "cuda"
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = create_model(cfg.model.backbone, len(inputs.class_names), in_chans=1, width=cfg.model.width,
-                         feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout,
-                         multi_scale=cfg.data.multi_scale)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(build_model(cfg, len(inputs.class_names)))
     opt = torch.optim.SGD(model.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay,
                           nesterov=m.nesterov)
     # the authors' teacher pre-training drops the lr tenfold halfway
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, m.epochs // 2)], gamma=0.1)
     start, best_metric, best_state, resumed_from = 0, -1.0, None, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    history: list[dict[str, Any]] = []
+    state = load_checkpoint()
+    if state is not None:
+        history = list(state.get("history", []))
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -165,74 +289,44 @@ def _train_loop(config: dict[str, Any]) -> None:
             counts = resample_counts(labels, None, cfg.seed, epoch, balanced=m.balance_labelled)
             ray.get(actor.set.remote(epoch, {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}))
         ray.train.collective.barrier()
-        model.train()
-        t_epoch = time.perf_counter()
-        loss_sum, seen, wait_s, first_batch_s = torch.zeros(2, device=device), 0, 0.0, None
-        t_wait = t_epoch
-        for batch in torch_batches(ray.train.get_dataset_shard("train"), spec_train, m.batch_size,
-                                   device=str(device)):
-            now = time.perf_counter()
-            wait_s += now - t_wait  # time the loop stood waiting for data (start-up included)
-            first_batch_s = now - t_epoch if first_batch_s is None else first_batch_s
-            with _autocast(device, amp):
-                logits, _ = model(*_inputs(batch, columns, device))
-                loss = F.cross_entropy(logits.float(), batch["label"].to(device),
-                                       label_smoothing=m.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if m.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), m.grad_clip)
-            opt.step()
-            loss_sum += torch.stack([loss.detach().float() * len(batch["label"]),
-                                     torch.tensor(float(len(batch["label"])), device=device)])
-            seen += 1
-            t_wait = time.perf_counter()
+        metrics: dict[str, Any] = {
+            "epoch": epoch, **supervised_epoch(model, opt, torch_batches(
+                ray.train.get_dataset_shard("train"), spec_train, m.batch_size, device=str(device)),
+                columns, device, amp, m)}
         sched.step()
-        train_seconds = time.perf_counter() - t_epoch
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loss_sum)
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)),
-                                   "train_steps": seen, "train_seconds": train_seconds,
-                                   "train_patches_per_s": float(loss_sum[1]) / max(train_seconds, 1e-9),
-                                   "data_wait_fraction": wait_s / max(train_seconds, 1e-9),
-                                   "first_batch_s": first_batch_s if first_batch_s is not None else float("nan"),
-                                   "lr": sched.get_last_lr()[0], "world_size": world}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                if inputs.validation:
-                    y, p, _ = evaluate(_unwrap(model), torch_batches(
-                        ray.train.get_dataset_shard("val"), spec_eval, m.batch_size, drop_last=False,
-                        device=str(device)), columns, device, amp)
-                    val = classification_report(y, p, inputs.class_names)
-                    metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"])
-                    score = val["balanced_accuracy"]
-                else:  # no V: the latest model is the selected one
-                    score = float(epoch)
-                if score >= best_metric:
-                    best_metric = score
-                    best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
-                    metrics["best_epoch"] = epoch
-                torch.save({"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch, "torch_rng": torch.get_rng_state(),
-                            "best_metric": best_metric, "best_model": best_state,
-                            "class_names": list(inputs.class_names), "config": config["cfg"]},
-                           os.path.join(tmp, CHECKPOINT_FILE))
-                if epoch == m.epochs - 1:
-                    metrics.update(final())
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-    if start >= m.epochs:  # the run had already finished: test its selected model again
-        metrics = {"epoch": m.epochs - 1, "world_size": world}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
+        metrics.update(lr=sched.get_last_lr()[0], world_size=world)
+        state = None
+        if rank == 0:
+            val = validate(model, inputs, spec_eval, columns, device, amp, m.batch_size)
+            if val is not None:
+                metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"])
+            score = val["balanced_accuracy"] if val is not None else float(epoch)  # no V: the latest model
+            if score >= best_metric:
+                best_metric, best_state = score, snapshot(model)
+                metrics["best_epoch"] = epoch
+            state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "epoch": epoch, "torch_rng": torch.get_rng_state(),
+                     "best_metric": best_metric, "best_model": best_state,
+                     "class_names": list(inputs.class_names), "config": config["cfg"], "history": history}
+            history.append(dict(metrics))
+            if epoch == m.epochs - 1:
                 metrics.update(final())
-                # the run's result carries the metrics of its latest checkpoint: report the
-                # finished state again so that these figures are the ones returned
-                torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        report_epoch(metrics, state)
+    if start >= m.epochs:  # the run had already finished: test its selected model again
+        report_finished(state, final, rank, world, m.epochs - 1)
+    write_digest(config, rank, model)
+
+
+def report_finished(state: dict[str, Any] | None, final: Any, rank: int, world: int, last_epoch: int) -> None:
+    """A rerun of a finished run: rank 0 tests its selected model again and reports the
+    finished state once more (a run's result carries its latest checkpoint's metrics)."""
+    metrics: dict[str, Any] = {"epoch": last_epoch, "world_size": world}
+    if rank == 0:
+        metrics.update(final())
+    report_epoch(metrics, state if rank == 0 else None)
+
+
+def write_digest(config: dict[str, Any], rank: int, model: Any) -> None:
     if config.get("digest_dir"):  # lets tests compare the ranks' final parameters
         with open(os.path.join(config["digest_dir"], f"rank{rank}.txt"), "w") as fh:
             fh.write(param_digest(_unwrap(model)))
@@ -290,36 +384,73 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
     fold = cfg.split.fold if fold is None else fold
     inputs = fold_inputs(cfg, fold)
+    semi = cfg.method.name in ("mpl", "ipb")
+    if semi and not inputs.unlabelled:
+        raise ValueError(f"fold {fold} of {inputs.catalog} has no unlabelled colonies; method.name="
+                         f"{cfg.method.name} needs some (lower split.labelled_fraction, or use method.name=supervised)")
+    if semi:
+        from ipb_ray.rebalance import steps_per_epoch
+
+        m, world = cfg.method, max(cfg.resources.num_workers, 1)
+        n_u = m.draws_per_epoch or len(inputs.unlabelled)
+        if steps_per_epoch(n_u, world, m.unlabelled_batch_size) == 0:
+            raise ValueError(f"fold {fold} streams {n_u} unlabelled patches per epoch, less than one batch of "
+                             f"method.unlabelled_batch_size={m.unlabelled_batch_size} for each of {world} "
+                             "worker(s); lower method.unlabelled_batch_size or raise method.draws_per_epoch")
     init_ray(cfg.resources)
     geometry = PatchGeometry.from_config(cfg.data)
-    spec_train = StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="train")
-    spec_eval = StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="test")
-    state_name = f"ipb-stream-{uuid.uuid4().hex[:12]}"
-    state = stream_state(state_name)
+    specs = {"spec_train": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="train"),
+             "spec_eval": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="test")}
+    tag = uuid.uuid4().hex[:12]
+    states = {"state": f"ipb-stream-{tag}"}
+    if semi:
+        specs.update(spec_uda=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="uda"),
+                     spec_label=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="label"))
+        states.update(u_state=f"ipb-unlabelled-{tag}", label_state=f"ipb-label-{tag}")
+    actors = [stream_state(name) for name in states.values()]
     r = cfg.resources
     data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus)
     datasets = {
-        "train": patch_dataset(inputs.catalog, spec_train, state_name=state_name, **data_kw),
-        "val": patch_dataset(inputs.catalog, spec_eval, ids=inputs.validation or inputs.labelled[:1], **data_kw),
-        "test": patch_dataset(inputs.catalog, spec_eval, ids=inputs.test, **data_kw),
+        "train": patch_dataset(inputs.catalog, specs["spec_train"], state_name=states["state"], **data_kw),
+        "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
+                             **data_kw),
+        "test": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.test, **data_kw),
     }
+    if semi:
+        datasets["unlabelled"] = patch_dataset(inputs.catalog, specs["spec_uda"], state_name=states["u_state"],
+                                               **{**data_kw, "batch_size": cfg.method.unlabelled_batch_size})
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
+    from ipb_ray.mpl_train import _mpl_loop
+
     trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, "spec_train": spec_train,
-                           "spec_eval": spec_eval, "state": state_name, "digest_dir": digest_dir},
+        _mpl_loop if semi else _train_loop,
+        train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=os.path.abspath(cfg.tracking.storage_path),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep)),
-        datasets=datasets, dataset_config=DataConfig(datasets_to_split=["train"]))
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train", "unlabelled"] if semi else ["train"]))
     try:
         result = trainer.fit()
     finally:
-        ray.kill(state)
+        for actor in actors:
+            ray.kill(actor)
     metrics = dict(result.metrics or {})
     if "test_report" not in metrics:
         raise RuntimeError(f"run {run_name(cfg, fold)} ended without test metrics; see {result.path}")
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    metrics["history"] = read_history(metrics["checkpoint"])
     return metrics
+
+
+def read_history(checkpoint_dir: str | None) -> list[dict[str, Any]]:
+    """Per-epoch metrics stored with a checkpoint (empty when it has none)."""
+    import json
+
+    path = os.path.join(checkpoint_dir, HISTORY_FILE) if checkpoint_dir else None
+    if not path or not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return json.load(fh)

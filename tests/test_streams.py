@@ -183,3 +183,24 @@ def test_two_ddp_workers_get_equal_batches_and_fresh_epochs(small_catalog, tmp_p
     e1 = {cid: x for r in (0, 1) for cid, x in logs[r][1]["seen"]}
     common = set(e0) & set(e1)
     assert common and sum(e0[c] != e1[c] for c in common) >= len(common) // 2
+
+
+def test_fixed_coords_reuse_the_labelled_window_with_fresh_augmentation():
+    rows = _rows()
+    label = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=3, mode="label"), epoch=2)
+    coords = {c: (x, y, s) for c, x, y, s in zip(label["colony_id"], label["x"].tolist(), label["y"].tolist(),
+                                                  label["scale"].tolist())}
+    first = rows["colony_id"][0]
+    uda = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=3, mode="uda"), epoch=0, counts={first: 3},
+                      coords=coords)
+    assert uda["colony_id"].tolist() == [first] * 3
+    assert {(int(x), int(y)) for x, y in zip(uda["x"], uda["y"])} == {coords[first][:2]}
+    assert uda["scale"].tolist() == [np.float32(coords[first][2])] * 3
+    assert not np.array_equal(uda["strong64"][0], uda["strong64"][1])  # copies: new augmentation each
+    # without augmentation, the window is exactly the one the labelling pass cut
+    plain = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=9, mode="plain"), epoch=7, counts={first: 1},
+                        coords=coords)
+    assert np.array_equal(plain["x64"][0], label["x64"][0])
+    # the labelling stream draws apart from the plain stream of the same seed and epoch
+    other = patch_batch(rows, StreamSpec(GEO, CLASSES, seed=3, mode="plain"), epoch=2)
+    assert _coords(other) != _coords(label)

@@ -1,0 +1,288 @@
+"""MPL and IPB on Ray Train: teacher pre-training, then teacher/student epochs (worker side).
+
+One run has ``method.teacher_epochs`` pre-training epochs (the teacher alone on L,
+class-balanced by resampling) followed by ``method.epochs`` MPL epochs. In every MPL
+epoch rank 0 first prepares the streams:
+
+- IPB (``method.name=ipb``): publishes the teacher's weights, runs the labelling pass on
+  Ray Data (:mod:`ipb_ray.rebalance`; skipped after the first epoch with
+  ``method.relabel=reuse``) and draws the epoch's pseudo-balanced plan;
+- plain MPL (``method.name=mpl``): every unlabelled colony once, at a fresh window;
+
+and writes the plan to the unlabelled stream's state actor. Then every rank runs the
+same number of :func:`ipb_ray.mpl.mpl_step` s on its equal share of both streams (the
+labelled stream is resampled to exactly as many batches). The student with the best
+balanced accuracy on V is kept and tested on T.
+
+The checkpoint of every epoch holds both networks, both optimisers, the teacher's
+scheduler, the EMA student, the global step, the latest pseudo-label table and class
+weights, and the best student, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from ipb_ray.config import ExperimentConfig, from_dict
+from ipb_ray.training import (FoldInputs, _Timer, _all_reduce, _autocast, _inputs, _test_metrics, _unwrap,
+                              build_model, load_checkpoint, model_kwargs, param_digest, report_epoch,
+                              report_finished, snapshot, supervised_epoch, validate, write_digest)
+
+log = logging.getLogger(__name__)
+
+#: per-step figures of :func:`ipb_ray.mpl.mpl_step` averaged into the epoch's metrics
+STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
+                "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
+
+
+def _gather(obj: Any) -> list[Any]:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _shares(prefix: str, counts: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    total = max(float(np.sum(counts)), 1.0)
+    return {f"{prefix}/{n}": float(c) / total for n, c in zip(names, counts)}
+
+
+def _per_class(prefix: str, values: Any, names: tuple[str, ...]) -> dict[str, float]:
+    return {f"{prefix}/{n}": float(v) for n, v in zip(names, values)}
+
+
+def _mpl_loop(config: dict[str, Any]) -> None:
+    import ray
+    import ray.data
+    import ray.train
+    import ray.train.collective
+    import ray.train.torch
+    import torch
+
+    from ipb_ray.balance import resample_counts
+    from ipb_ray.mpl import ema_update, mpl_step, student_lr_at
+    from ipb_ray.rebalance import (LabelTable, class_histogram, epoch_plan, labelling_dataset, pseudo_label_tpr,
+                                   run_labelling, steps_per_epoch)
+    from ipb_ray.streams import state_handle, torch_batches
+
+    cfg: ExperimentConfig = from_dict(config["cfg"])
+    inputs: FoldInputs = config["inputs"]
+    spec_train, spec_uda, spec_label, spec_eval = (config[k] for k in ("spec_train", "spec_uda", "spec_label",
+                                                                      "spec_eval"))
+    m, r = cfg.method, cfg.resources
+    names, n_cls = inputs.class_names, len(inputs.class_names)
+    ipb = m.name == "ipb"
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    amp = m.mixed_precision and device.type == "cuda"
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank; teacher and student differ
+    teacher = ray.train.torch.prepare_model(build_model(cfg, n_cls))
+    torch.manual_seed(cfg.seed + 1)
+    student = ray.train.torch.prepare_model(build_model(cfg, n_cls))
+    sgd = dict(momentum=m.momentum, weight_decay=m.weight_decay, nesterov=m.nesterov)
+    t_opt = torch.optim.SGD(teacher.parameters(), lr=m.lr, **sgd)
+    # pre-training as the authors': the lr drops tenfold halfway
+    t_sched = torch.optim.lr_scheduler.MultiStepLR(t_opt, milestones=[max(1, m.teacher_epochs // 2)], gamma=0.1)
+    s_opt = torch.optim.SGD(student.parameters(), lr=student_lr_at(0, m), **sgd)
+    ema = copy.deepcopy(_unwrap(student)) if m.ema > 0 else None
+
+    n_u = m.draws_per_epoch or len(inputs.unlabelled)
+    steps = steps_per_epoch(n_u, world, m.unlabelled_batch_size)
+    if steps == 0:
+        raise ValueError(f"{n_u} unlabelled patches per epoch make no full batch of method.unlabelled_batch_size="
+                         f"{m.unlabelled_batch_size} on each of {world} worker(s); lower the batch size or raise "
+                         "method.draws_per_epoch")
+    n_draws, n_labelled = steps * world * m.unlabelled_batch_size, steps * world * m.batch_size
+    total = m.teacher_epochs + m.epochs
+    columns = spec_train.patch_columns()
+    labels = np.asarray(inputs.labelled_labels)
+    u_truth = np.asarray(inputs.unlabelled_truth or [-1] * len(inputs.unlabelled), np.int64)
+    truth_of = dict(zip(inputs.unlabelled, u_truth.tolist()))
+
+    start, global_step, best_metric, best_state, resumed_from = 0, 0, -1.0, None, None
+    table: LabelTable | None = None
+    class_weights: list[float] | None = None
+    history: list[dict[str, Any]] = []
+    state = load_checkpoint()
+    if state is not None:
+        _unwrap(teacher).load_state_dict(state["teacher"])
+        _unwrap(student).load_state_dict(state["student"])
+        t_opt.load_state_dict(state["t_opt"])
+        s_opt.load_state_dict(state["s_opt"])
+        t_sched.load_state_dict(state["t_sched"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["torch_rng"])
+        start, global_step = state["epoch"] + 1, state["global_step"]
+        best_metric, best_state, resumed_from = state["best_metric"], state["best_model"], state["epoch"]
+        table = LabelTable.from_rows(state["table"]) if state.get("table") else None
+        class_weights = state.get("class_weights")
+        history = list(state.get("history", []))
+    l_state, u_state, p_state = (state_handle(config[k]) for k in ("state", "u_state", "label_state"))
+
+    def selected() -> Any:
+        return ema if ema is not None else student
+
+    def checkpoint_state(g: int) -> dict[str, Any]:
+        return {"phase": "teacher" if g < m.teacher_epochs else "mpl", "epoch": g,
+                "teacher": _unwrap(teacher).state_dict(), "student": _unwrap(student).state_dict(),
+                "t_opt": t_opt.state_dict(), "s_opt": s_opt.state_dict(), "t_sched": t_sched.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "global_step": global_step,
+                "best_metric": best_metric, "best_model": best_state,
+                "table": table.to_dict() if table is not None else None, "class_weights": class_weights,
+                "torch_rng": torch.get_rng_state(), "class_names": list(names), "config": config["cfg"],
+                "history": history}
+
+    def final() -> dict[str, Any]:
+        """Rank 0: the selected student on T, and where the run began."""
+        return {**_test_metrics(selected(), best_state, inputs, spec_eval, columns, device, amp, m.batch_size),
+                "resumed_from_epoch": -1 if resumed_from is None else resumed_from,
+                "param_digest": param_digest(_unwrap(student)),
+                "teacher_param_digest": param_digest(_unwrap(teacher))}
+
+    def labelled_counts(epoch: int, n: int | None) -> dict[str, int]:
+        counts = resample_counts(labels, n, cfg.seed, epoch, balanced=m.balance_labelled)
+        return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+
+    for g in range(start, total):
+        t_epoch = time.perf_counter()
+        metrics: dict[str, Any] = {"epoch": g, "world_size": world}
+        if g < m.teacher_epochs:  # ---- teacher pre-training on (balanced) L
+            if rank == 0:
+                ray.get(l_state.set.remote(g, labelled_counts(g, None)))
+            ray.train.collective.barrier()
+            sup = supervised_epoch(teacher, t_opt, torch_batches(ray.train.get_dataset_shard("train"), spec_train,
+                                                                 m.batch_size, device=str(device)),
+                                   columns, device, amp, m)
+            t_sched.step()
+            metrics.update({"phase": 0, "teacher_lr": t_sched.get_last_lr()[0],
+                           **{f"teacher_{k}": v for k, v in sup.items()}})
+            if rank == 0:
+                val = validate(teacher, inputs, spec_eval, columns, device, amp, m.batch_size)
+                if val is not None:
+                    metrics["teacher_val_balanced_accuracy"] = val["balanced_accuracy"]
+            metrics["epoch_seconds"] = time.perf_counter() - t_epoch
+            if rank == 0:
+                history.append(dict(metrics))
+            report_epoch(metrics, checkpoint_state(g) if rank == 0 else None)
+            continue
+
+        e = g - m.teacher_epochs  # ---- one MPL / IPB epoch
+        plan_metrics: dict[str, Any] = {}
+        if rank == 0:
+            label_s = 0.0
+            if ipb and (m.relabel == "pass" or table is None):
+                t0 = time.perf_counter()
+                weights = ray.put(snapshot(teacher))
+                ray.get(p_state.set.remote(e, {cid: 1 for cid in inputs.unlabelled}))
+                ray.get(p_state.publish.remote(time.time_ns(), [weights]))
+                table = run_labelling(labelling_dataset(
+                    inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls),
+                    batch_size=max(m.unlabelled_batch_size, 32), cpus=r.data_cpus, actors=r.teacher_actors,
+                    gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
+                                                                                and r.label_gpus > 0)))
+                label_s = time.perf_counter() - t0
+                if len(table) != len(inputs.unlabelled):
+                    raise RuntimeError(f"the labelling pass labelled {len(table)} of {len(inputs.unlabelled)} "
+                                       "unlabelled colonies")
+            t0 = time.perf_counter()
+            plan = epoch_plan(inputs.unlabelled, table if ipb else None, n_cls, cfg.seed, e, n_draws, names)
+            ray.get(u_state.set.remote(e, plan.counts, plan.coords))
+            ray.get(l_state.set.remote(g, labelled_counts(g, n_labelled)))
+            plan_metrics = {"label_seconds": label_s, "plan_seconds": time.perf_counter() - t0,
+                            "unlabelled_draws": n_draws}
+            if plan.balance is not None:
+                class_weights = plan.balance.class_weights.tolist()
+                plan_metrics.update(_per_class("teacher_proportion", plan.balance.proportions, names))
+                plan_metrics.update(_per_class("sampling_weight", plan.balance.class_weights, names))
+                plan_metrics["missing_classes"] = len(plan.balance.missing)
+                tpr, acc = pseudo_label_tpr(table, n_cls)
+                plan_metrics.update(_per_class("pseudo_tpr", tpr, names))
+                plan_metrics["pseudo_accuracy"] = acc
+        ray.train.collective.barrier()
+
+        s_lr = student_lr_at(e, m)
+        for group in s_opt.param_groups:
+            group["lr"] = s_lr
+        for group in t_opt.param_groups:
+            group["lr"] = m.teacher_lr
+        teacher.train()
+        student.train()
+        l_iter = iter(torch_batches(ray.train.get_dataset_shard("train"), spec_train, m.batch_size,
+                                    device=str(device)))
+        u_iter = iter(torch_batches(ray.train.get_dataset_shard("unlabelled"), spec_uda,
+                                    m.unlabelled_batch_size, device=str(device)))
+        timer, sums = _Timer(), torch.zeros(len(STEP_METRICS), dtype=torch.float64)
+        step_counts = np.zeros(n_cls, np.int64)
+        seen: list[str] = []
+        seen_labels: list[int] = []
+        last: dict[str, Any] = {}
+        weak = [f"weak{s}" for s in spec_uda.geometry.scales]
+        strong = [f"strong{s}" for s in spec_uda.geometry.scales]
+        for _ in range(steps):
+            bl, bu = next(l_iter), next(u_iter)
+            timer.got()
+            with _autocast(device, amp):
+                last = mpl_step(teacher, student, t_opt, s_opt, _inputs(bl, columns, device),
+                                bl["label"].to(device), _inputs(bu, weak, device), _inputs(bu, strong, device),
+                                step=global_step, cfg=m)
+            if ema is not None:
+                ema_update(ema, _unwrap(student), m.ema)
+            global_step += 1
+            sums += torch.tensor([last[k] for k in STEP_METRICS], dtype=torch.float64)
+            step_counts += np.asarray(last["pseudo_label_counts"], np.int64)
+            seen.extend(bu["colony_id"])
+            seen_labels.extend(last["pseudo_labels"])
+            timer.resume()
+        for _ in l_iter:  # the shares hold exactly `steps` batches; finish both executions cleanly
+            pass
+        for _ in u_iter:
+            pass
+        metrics.update(timer.metrics(float(steps * m.unlabelled_batch_size * world)))
+        _all_reduce(sums)
+        gathered = _gather((seen, seen_labels, step_counts))
+        metrics.update({"phase": 1, "mpl_epoch": e, "student_lr": s_lr, "teacher_lr": m.teacher_lr,
+                        "uda_weight": float(last.get("uda_weight", 0.0)), "global_step": global_step,
+                        "train_steps": steps, **{k: float(v) / (steps * world) for k, v in zip(STEP_METRICS, sums)}})
+        state = None
+        if rank == 0:
+            metrics.update(plan_metrics)
+            ids = [c for part in gathered for c in part[0]]
+            stream_pseudo = [p for part in gathered for p in part[1]]
+            metrics.update(_shares("step_pseudo_share", sum(part[2] for part in gathered), names))
+            metrics.update(_shares("unlabelled_true_share", class_histogram(u_truth, n_cls), names))
+            metrics.update(_shares("stream_true_share", class_histogram([truth_of[c] for c in ids], n_cls), names))
+            if ipb and table is not None:
+                # the student's stream by the pseudo-label its window was drawn with
+                rows = table.lookup(ids)
+                metrics.update(_shares("stream_share", class_histogram(table.pseudo[rows], n_cls), names))
+                if m.relabel == "reuse":
+                    table = table.with_labels(ids, stream_pseudo)
+            for tag, net in (("student", selected()), ("teacher", teacher)):
+                val = validate(net, inputs, spec_eval, columns, device, amp, m.batch_size)
+                if val is not None:
+                    metrics[f"{tag}_val_balanced_accuracy"] = val["balanced_accuracy"]
+            score = metrics.get("student_val_balanced_accuracy", float(g))  # no V: the latest student
+            if score >= best_metric:
+                best_metric, best_state = score, snapshot(selected())
+                metrics["best_epoch"] = g
+            metrics["epoch_seconds"] = time.perf_counter() - t_epoch
+            history.append(dict(metrics))
+            state = checkpoint_state(g)
+            if g == total - 1:
+                metrics.update(final())
+        report_epoch(metrics, state)
+    if start >= total:  # the run had already finished: test its selected student again
+        report_finished(state, final, rank, world, total - 1)
+    write_digest(config, rank, student)

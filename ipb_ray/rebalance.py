@@ -1,0 +1,273 @@
+"""IPB's per-epoch pseudo-label rebalancing: the labelling pass on Ray Data and the draw.
+
+At the start of every IPB epoch (shared/IPB.md, step 2a):
+
+1. **Labelling pass** (Ray Data): one fresh random window of every unlabelled colony is
+   cut (stream mode ``label``, seeded by ``(seed, epoch, colony)``) and the current
+   teacher predicts its class. The stage is :class:`TeacherLabeller`; it reads the
+   epoch and the teacher weights that rank 0 published on a :class:`~ipb_ray.streams.StreamState`
+   actor, and loads a new teacher only when the published version changes. On CPU it
+   runs as Ray tasks (their processes outlive an epoch, so the teacher's module is built
+   once per process); with GPUs as an actor pool holding a GPU each.
+2. **Draw** (pure, :func:`epoch_plan`): every colony weighs 1/n_c of its pseudo-label's
+   class and ``n`` windows are drawn from that multinomial with replacement
+   (:func:`ipb_ray.balance.pseudo_balance`), reproducible from ``(seed, epoch)``. The
+   drawn colonies, their copy counts and the labelled windows go to the student's stream,
+   so the student trains on the very patches the teacher labelled, freshly augmented.
+
+Without balancing (plain MPL, ``method.name=mpl``) there is no labelling pass: every
+unlabelled colony appears once per epoch at a fresh random window.
+
+With ``method.relabel=reuse`` the pass runs only in the first epoch of a run; later
+epochs draw on the pseudo-labels the teacher gave during the previous epoch's MPL steps
+(a colony not drawn then keeps its older label and window).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ipb_ray.balance import PseudoBalance, pseudo_balance
+from ipb_ray.streams import StreamSpec, current_state, patch_batch, state_handle
+
+log = logging.getLogger(__name__)
+
+_DRAW_TAG = 0x5EED
+
+
+# --------------------------------------------------------------------------- pure part
+
+@dataclass
+class LabelTable:
+    """One pseudo-label per unlabelled colony, sorted by colony id (so the draw does not
+    depend on which worker labelled what). ``truth``: hidden class index, -1 = unknown or
+    multi-label. Windows ``x``, ``y``, ``scale`` locate the labelled patch."""
+
+    colony_id: np.ndarray
+    pseudo: np.ndarray
+    confidence: np.ndarray
+    truth: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    scale: np.ndarray
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.colony_id)
+        for name in ("pseudo", "confidence", "truth", "x", "y", "scale"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"LabelTable.{name} has {len(getattr(self, name))} rows, colony_id has {n}")
+        self._index = {c: i for i, c in enumerate(self.colony_id.tolist())}
+
+    @staticmethod
+    def from_rows(rows: Mapping[str, Sequence[Any]]) -> "LabelTable":
+        """Build from columns (any order, e.g. the labelling stage's batches concatenated)."""
+        ids = np.asarray(rows["colony_id"], dtype=object)
+        order = np.argsort(ids.astype(str), kind="stable")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("the labelling pass returned a colony twice; every colony must be labelled once")
+        return LabelTable(ids[order], np.asarray(rows["pseudo"], np.int64)[order],
+                          np.asarray(rows["confidence"], np.float32)[order],
+                          np.asarray(rows["truth"], np.int64)[order], np.asarray(rows["x"], np.int32)[order],
+                          np.asarray(rows["y"], np.int32)[order], np.asarray(rows["scale"], np.float32)[order])
+
+    def __len__(self) -> int:
+        return len(self.colony_id)
+
+    def lookup(self, colony_ids: Sequence[str]) -> np.ndarray:
+        """Row index of each colony id (KeyError names an unknown one)."""
+        try:
+            return np.array([self._index[c] for c in colony_ids], dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"colony {exc.args[0]!r} is not in the pseudo-label table") from None
+
+    def with_labels(self, colony_ids: Sequence[str], pseudo: Sequence[int]) -> "LabelTable":
+        """A copy with new pseudo-labels for some colonies (the last one given wins): the
+        reuse option feeds the labels of an epoch's MPL steps back this way."""
+        new = self.pseudo.copy()
+        if len(colony_ids):
+            new[self.lookup(colony_ids)] = np.asarray(pseudo, np.int64)
+        return LabelTable(self.colony_id, new, self.confidence, self.truth, self.x, self.y, self.scale)
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {k: getattr(self, k).tolist() for k in ("colony_id", "pseudo", "confidence", "truth", "x", "y",
+                                                        "scale")}
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What the student's unlabelled stream holds in one epoch."""
+
+    counts: dict[str, int]  # copies per colony id (sum = n_draws)
+    coords: dict[str, tuple[int, int, float]] | None  # fixed windows (IPB) or None (fresh random windows)
+    n_draws: int
+    balance: PseudoBalance | None  # the draw's statistics (IPB only)
+
+
+def steps_per_epoch(n_draws: int, world: int, batch_size: int) -> int:
+    """Full unlabelled batches every rank gets from ``n_draws`` patches."""
+    return int(n_draws) // (max(world, 1) * int(batch_size))
+
+
+def epoch_plan(unlabelled: Sequence[str], table: LabelTable | None, num_classes: int, seed: int, epoch: int,
+               n_draws: int, class_names: Sequence[str] | None = None) -> EpochPlan:
+    """The student's stream of one epoch: ``n_draws`` patches.
+
+    With a ``table`` (IPB): the paper's pseudo-balanced multinomial draw over its colonies
+    at their labelled windows. Without (plain MPL): each colony of ``unlabelled`` once at a
+    fresh window, in a seeded random subset when ``n_draws`` < |U| (and whole rounds plus
+    a subset when it is larger), so every epoch streams the data as it is."""
+    if n_draws < 0:
+        raise ValueError(f"n_draws must be >= 0, got {n_draws}")
+    if table is not None:
+        pb = pseudo_balance(table.pseudo, num_classes, seed, epoch, n_draws=n_draws, class_names=class_names)
+        drawn = np.flatnonzero(pb.counts)
+        ids = table.colony_id[drawn].tolist()
+        counts = dict(zip(ids, pb.counts[drawn].tolist()))
+        coords = {c: (int(table.x[i]), int(table.y[i]), float(table.scale[i])) for c, i in zip(ids, drawn)}
+        return EpochPlan(counts, coords, int(n_draws), pb)
+    ids = sorted(unlabelled)
+    if not ids:
+        return EpochPlan({}, None, 0, None)
+    rounds, rest = divmod(int(n_draws), len(ids))
+    copies = np.full(len(ids), rounds, dtype=np.int64)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, _DRAW_TAG]))
+    copies[rng.permutation(len(ids))[:rest]] += 1
+    return EpochPlan({c: int(k) for c, k in zip(ids, copies) if k}, None, int(n_draws), None)
+
+
+def class_histogram(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """Counts per class of the labels >= 0 (unknown = -1 is left out)."""
+    lab = np.asarray(labels, dtype=np.int64)
+    return np.bincount(lab[lab >= 0], minlength=num_classes).astype(np.int64)
+
+
+def pseudo_label_tpr(table: LabelTable, num_classes: int) -> tuple[np.ndarray, float]:
+    """How often the teacher's pseudo-label is the hidden true class, per true class
+    (NaN where the class has no colony with a known label), and over all known colonies."""
+    known = table.truth >= 0
+    t, p = table.truth[known], table.pseudo[known]
+    hits = np.bincount(t[p == t], minlength=num_classes).astype(np.float64)
+    support = np.bincount(t, minlength=num_classes).astype(np.float64)
+    tpr = np.full(num_classes, np.nan)
+    np.divide(hits, support, out=tpr, where=support > 0)
+    return tpr, float((p == t).mean()) if t.size else float("nan")
+
+
+# --------------------------------------------------------------------------- Ray Data stage
+
+LABEL_COLUMNS = ("colony_id", "truth", "x", "y", "scale", "pseudo", "confidence")
+
+
+def _empty_labels() -> dict[str, np.ndarray]:
+    return {"colony_id": np.array([], dtype=object), "truth": np.zeros(0, np.int64), "x": np.zeros(0, np.int32),
+            "y": np.zeros(0, np.int32), "scale": np.zeros(0, np.float32), "pseudo": np.zeros(0, np.int64),
+            "confidence": np.zeros(0, np.float32)}
+
+
+class TeacherLabeller:
+    """``map_batches`` stage: catalog rows -> one pseudo-labelled window per colony.
+
+    Reads the epoch, the colonies to label (as counts) and the teacher from the named
+    :class:`~ipb_ray.streams.StreamState`; rebuilds nothing but the weights when rank 0
+    publishes a new teacher version. ``model_kwargs`` are
+    :func:`ipb_ray.models.create_model`'s arguments."""
+
+    def __init__(self, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], device: str = "cpu"):
+        import torch
+
+        from ipb_ray.models import create_model
+
+        if spec.mode != "label":
+            raise ValueError(f"the labelling stage needs a stream of mode 'label', got {spec.mode!r}")
+        if device == "cpu":
+            torch.set_num_threads(1)  # one CPU per data task; no oversubscription
+        self.spec, self.state_name, self.device = spec, state_name, torch.device(device)
+        self.model = create_model(**model_kwargs).to(self.device).eval()
+        self.version = None
+
+    def _refresh(self) -> None:
+        import ray
+        import torch
+
+        version, refs = ray.get(state_handle(self.state_name).teacher.remote())
+        if not refs:
+            raise RuntimeError(f"no teacher has been published on {self.state_name}; rank 0 publishes it "
+                               "before the labelling pass")
+        if version != self.version:
+            weights = ray.get(refs[0])
+            self.model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+            self.version = version
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        epoch, counts, _ = current_state(self.state_name)
+        rows = patch_batch(batch, self.spec, epoch, counts)
+        if not len(rows["colony_id"]):
+            return _empty_labels()
+        self._refresh()
+        with torch.no_grad():
+            out = self.model(*[torch.from_numpy(rows[c]).to(self.device) for c in self.spec.patch_columns()])
+            probs = torch.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=1).cpu()
+        confidence, pseudo = probs.max(dim=1)
+        return {"colony_id": rows["colony_id"], "truth": rows["label"], "x": rows["x"], "y": rows["y"],
+                "scale": rows["scale"], "pseudo": pseudo.numpy().astype(np.int64),
+                "confidence": confidence.numpy().astype(np.float32)}
+
+
+_LABELLERS: dict[tuple[str, str], TeacherLabeller] = {}
+
+
+def _label_task(batch: dict[str, np.ndarray], spec: StreamSpec, state_name: str,
+                model_kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Task form of :class:`TeacherLabeller`: one labeller per worker process, kept between
+    epochs (an actor pool would start new processes every epoch)."""
+    key = (state_name, repr(sorted(model_kwargs.items())))
+    labeller = _LABELLERS.get(key)
+    if labeller is None:
+        labeller = _LABELLERS[key] = TeacherLabeller(spec, state_name, model_kwargs)
+    return labeller(batch)
+
+
+def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], *,
+                      batch_size: int = 64, cpus: float = 1.0, actors: int = 1, gpus: float = 0.0,
+                      use_actors: bool = False, workers: int | None = None):
+    """A lazy ``ray.data.Dataset`` of :data:`LABEL_COLUMNS`: the labelling pass over the
+    colonies that ``state_name`` counts, by the teacher published there.
+
+    ``use_actors``: an actor pool of ``actors`` labellers holding ``gpus`` each (for GPU
+    clusters); otherwise Ray tasks of ``cpus`` each, at most ``workers`` at once (default:
+    as many as the free CPUs allow)."""
+    import ray
+
+    from ipb_ray import catalog
+    from ipb_ray.streams import CATALOG_COLUMNS
+
+    catalog.read_manifest(catalog_dir)
+    ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset
+    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
+    if use_actors:
+        return ds.map_batches(TeacherLabeller, batch_size=batch_size, batch_format="numpy",
+                              fn_constructor_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=model_kwargs,
+                                                         device="cuda" if gpus > 0 else "cpu"),
+                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
+                              **({"num_gpus": gpus} if gpus > 0 else {}))
+    extra = {"compute": ray.data.TaskPoolStrategy(size=workers)} if workers else {}
+    return ds.map_batches(_label_task, batch_size=batch_size, batch_format="numpy", num_cpus=cpus, **extra,
+                          fn_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=dict(model_kwargs)))
+
+
+def run_labelling(dataset) -> LabelTable:
+    """Execute a labelling dataset and collect its rows into a :class:`LabelTable`."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in LABEL_COLUMNS:
+            parts[k].append(np.asarray(batch[k]))
+    cols = {k: np.concatenate(v) if v else _empty_labels()[k] for k, v in parts.items()}
+    cols["colony_id"] = cols["colony_id"].astype(object)
+    return LabelTable.from_rows(cols)
