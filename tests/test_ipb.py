@@ -1,0 +1,121 @@
+"""IPB and MPL on a local Ray cluster: 2 DDP workers, the balanced student stream, reuse,
+resume from a checkpoint, and plain MPL."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from ipb_ray.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """A small synthetic world (the paper's imbalanced class mix) and its catalog."""
+    from ipb_ray import synth
+    from ipb_ray.preprocess import build_catalog
+
+    root = tmp_path_factory.mktemp("ipb")
+    synth.write_world(synth.SynthConfig(frames=6, frame_size=768, colonies_per_frame=20, colony_scale=0.35,
+                                        seed=3, image_format="png"), root / "world")
+    build_catalog(_cfg(root))
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(preset="demo", overrides=[
+        f"data.frames={root / 'world'}", "data.annotations=null", f"data.catalog={root / 'catalog'}",
+        f"tracking.storage_path={root / 'runs'}", "split.folds=3", "split.labelled_fraction=0.3",
+        "data.global_patch=48", "data.local_patch=24", "model.backbone=patch_stats", "model.feature_dim=16",
+        "method.batch_size=8", "method.unlabelled_batch_size=8", "method.teacher_epochs=3", "method.epochs=3",
+        *extra])
+
+
+def _classes(h):
+    return [k.split("/", 1)[1] for k in h if k.startswith("unlabelled_true_share/")]
+
+
+def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
+    import torch
+
+    from ipb_ray.training import CHECKPOINT_FILE, train_fold
+
+    cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
+               "resources.cpus_per_worker=0.5")
+    metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
+    history = metrics["history"]
+    assert [h["phase"] for h in history] == [0, 0, 0, 1, 1, 1]
+    names = _classes(history[-1])
+    raw = np.array([history[-1][f"unlabelled_true_share/{c}"] for c in names])
+    print("raw unlabelled shares by hidden class:", dict(zip(names, raw.round(3))))
+    assert raw.max() - 1 / len(names) > 0.15  # the unlabelled set itself is far from balanced
+    balanced_epochs = 0
+    for h in history[3:]:
+        stream = np.array([h[f"stream_share/{c}"] for c in names])
+        teacher = np.array([h[f"teacher_proportion/{c}"] for c in names])
+        weights = np.array([h[f"sampling_weight/{c}"] for c in names])
+        print(f"epoch {h['epoch']}: teacher {teacher.round(3)} weights {weights.round(3)} stream {stream.round(3)}")
+        assert teacher.sum() == pytest.approx(1) and weights.sum() == pytest.approx(1)
+        present = teacher > 0
+        assert np.all(stream[~present] == 0)  # a class nobody was labelled with is never drawn
+        assert np.all(np.abs(stream[present] - 1 / present.sum()) < 0.15), (stream, teacher)
+        balanced_epochs += present.sum() >= 2
+        assert h["label_seconds"] > 0 and h["unlabelled_draws"] == 160 and h["train_steps"] == 10
+        assert 0 <= h["student_val_balanced_accuracy"] <= 1 and np.isfinite(h["teacher_loss"])
+        assert {f"pseudo_tpr/{c}" for c in names} <= set(h) and 0 <= h["pseudo_accuracy"] <= 1
+    assert balanced_epochs >= 1, "the teacher labelled every patch with one class in every epoch"
+    # DDP: both ranks end with the same student
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1] == metrics["param_digest"]
+    report = metrics["test_report"]
+    assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
+    state = torch.load(os.path.join(metrics["checkpoint"], CHECKPOINT_FILE), weights_only=False)
+    assert {"teacher", "student", "t_opt", "s_opt", "t_sched", "ema", "global_step", "table", "class_weights",
+            "best_model", "history"} <= set(state)
+    assert state["epoch"] == 5 and state["global_step"] == 30 and len(state["table"]["colony_id"]) > 0
+    # the same command again finds the finished run and tests the same student
+    again = train_fold(cfg, 0)
+    assert again["resumed_from_epoch"] == 5 and again["param_digest"] == metrics["param_digest"]
+    assert again["test_report"]["confusion_matrix"] == report["confusion_matrix"]
+
+
+def test_ipb_reuse_labels_survive_a_resume(world):
+    from ipb_ray.training import train_fold
+
+    first = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
+                            "method.epochs=1"), 0)
+    assert first["history"][-1]["label_seconds"] > 0  # the first MPL epoch runs the labelling pass
+    # one more epoch on the same run: it resumes from the checkpoint and reuses the stored labels
+    more = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
+                           "method.epochs=2"), 0)
+    assert more["resumed_from_epoch"] == 1
+    h = more["history"]
+    assert [x["epoch"] for x in h] == [0, 1, 2]
+    assert h[2]["label_seconds"] == 0 and h[2]["mpl_epoch"] == 1
+    names = _classes(h[2])
+    assert sum(h[2][f"stream_share/{c}"] for c in names) == pytest.approx(1)
+
+
+def test_plain_mpl_streams_the_unlabelled_set_as_it_is(world):
+    from ipb_ray.training import train_fold
+
+    metrics = train_fold(_cfg(world, "name=mpl", "method.name=mpl", "method.teacher_epochs=1",
+                              "method.epochs=1"), 0)
+    h = metrics["history"][-1]
+    names = _classes(h)
+    assert h["label_seconds"] == 0 and not any(k.startswith(("stream_share/", "teacher_proportion/")) for k in h)
+    for c in names:  # every colony once (up to the last partial batch): the raw class mix
+        assert abs(h[f"stream_true_share/{c}"] - h[f"unlabelled_true_share/{c}"]) < 0.1
+    assert sum(h[f"step_pseudo_share/{c}"] for c in names) == pytest.approx(1)
+    assert metrics["test_report"]["n"] > 0
+
+
+def test_too_few_unlabelled_colonies_for_a_batch_is_refused_with_the_fix(world):
+    from ipb_ray.training import train_fold
+
+    with pytest.raises(ValueError, match="lower method.unlabelled_batch_size or raise method.draws_per_epoch"):
+        train_fold(_cfg(world, "name=small", "method.unlabelled_batch_size=4096"), 0)
