@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -230,23 +230,72 @@ def train(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
         _train_and_report(cfg, cfg.split.fold if fold is None else fold)
 
 
-def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> None:
-    from ipb_ray.training import train_fold
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
 
-    console.print(f"training fold {fold}: {cfg.model.backbone} "
-                  f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, "
-                  f"{cfg.method.epochs} epochs, {cfg.resources.num_workers} worker(s)", highlight=False)
+
+def print_history(history: list, class_names: Sequence[str]) -> None:
+    """One row per epoch: phase, losses and validation balanced accuracy; for IPB a second
+    table of the teacher's class proportion -> the student stream's share, per class."""
+    table = Table("epoch", "phase", "teacher loss", "student loss", "val BA teacher", "val BA student", "s",
+                  title="per epoch")
+    for h in history:
+        table.add_row(str(h["epoch"]), {0: "teacher", 1: "mpl"}.get(h.get("phase"), "supervised"),
+                      _fmt(h.get("teacher_loss", h.get("teacher_train_loss"))),
+                      _fmt(h.get("student_loss", h.get("train_loss"))), _fmt(h.get("teacher_val_balanced_accuracy")),
+                      _fmt(h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy"))),
+                      _fmt(h.get("epoch_seconds"), ".1f"))
+    console.print(table)
+    balanced = [h for h in history if f"teacher_proportion/{class_names[0]}" in h]
+    if balanced:
+        table = Table("epoch", *class_names, title="pseudo-balancing: teacher proportion -> student stream share")
+        for h in balanced:
+            table.add_row(str(h["epoch"]), *(f"{h[f'teacher_proportion/{c}']:.2f}->{h.get(f'stream_share/{c}', 0):.2f}"
+                                             for c in class_names))
+        console.print(table)
+
+
+def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
+    from ipb_ray.training import train_fold
+    from ipb_ray.viz import save_training_curves
+
+    m = cfg.method
+    phases = f"{m.teacher_epochs} teacher + {m.epochs} {m.name.upper()} epochs" if m.name != "supervised" \
+        else f"{m.epochs} epochs"
+    console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
+                  f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
+                  f"{cfg.resources.num_workers} worker(s)", highlight=False)
     metrics = train_fold(cfg, fold)
-    print_report(metrics["test_report"], f"test fold {fold} (best epoch on V)")
+    names = metrics["test_report"]["class_names"]
+    if metrics.get("history"):
+        print_history(metrics["history"], names)
+    print_report(metrics["test_report"], f"test fold {fold} ({m.name}; best epoch on V)")
     if metrics.get("resumed_from_epoch", -1) >= 0:
         console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
     console.print(f"checkpoint: {metrics['checkpoint']}", highlight=False)
+    if metrics.get("history") and metrics.get("checkpoint"):
+        curves = save_training_curves(metrics["history"], names, Path(metrics["checkpoint"]).parent / "curves.png",
+                                      title=f"{cfg.name} {m.name} fold {fold}")
+        console.print(f"curves: {curves}", highlight=False)
+    return metrics
+
+
+def print_comparison(results: dict, title: str) -> None:
+    """Methods side by side: macro TPR, the worst class's TPR, macro F1."""
+    table = Table("method", "macro TPR", "worst-class TPR", "macro F1", "balanced accuracy", title=title)
+    for method, report in results.items():
+        tprs = {k: v for k, v in report["tpr"].items() if v == v}  # NaN: class absent from T
+        worst = min(tprs, key=tprs.get) if tprs else "-"
+        table.add_row(method, f"{report['macro_tpr']:.4f}", f"{tprs.get(worst, float('nan')):.4f} ({worst})",
+                      f"{report['macro_f1']:.4f}", f"{report['balanced_accuracy']:.4f}")
+    console.print(table)
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run.")) -> None:
-    """Run the demo on the embedded default: a small synthetic world, then every stage that exists."""
+    """Run the demo: a small synthetic world, its catalog and folds, a patch stream, then the
+    supervised baseline, MPL and IPB on fold 0, compared."""
     with _user_errors():
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
@@ -256,9 +305,15 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         _preprocess(cfg, "auto", None)
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
         _demo_stream(cfg, out)
-        console.rule("[bold]4. supervised multi-scale HRNet baseline on fold 0 (Ray Train)")
-        _train_and_report(cfgmod.load_config(preset="demo", overrides=[
-            *_demo_overrides(seed, world, out), "method.name=supervised", f"name=demo-seed{seed}"]), 0)
+        results = {}
+        for step, (method, what) in enumerate((("supervised", "supervised multi-scale HRNet baseline"),
+                                              ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
+                                              ("ipb", "IPB: MPL with per-epoch pseudo-balancing")), start=4):
+            console.rule(f"[bold]{step}. {what} on fold 0 (Ray Train)")
+            results[method] = _train_and_report(cfgmod.load_config(preset="demo", overrides=[
+                *_demo_overrides(seed, world, out), f"method.name={method}", f"name=demo-seed{seed}"]),
+                0)["test_report"]
+        print_comparison(results, "fold 0 test set: the three methods (demo sizes: a smoke signal, not a result)")
     console.print(f"[green]demo finished[/]: world in {world}, catalog in {out / 'catalog'}, "
                   f"patches in {out / 'patches.png'}, runs in {out / 'ray_results'}.")
 

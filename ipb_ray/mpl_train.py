@@ -9,7 +9,11 @@ epoch rank 0 first prepares the streams:
   ``method.relabel=reuse``) and draws the epoch's pseudo-balanced plan;
 - plain MPL (``method.name=mpl``): every unlabelled colony once, at a fresh window;
 
-and writes the plan to the unlabelled stream's state actor. Then every rank runs the
+and writes the plan to the unlabelled stream's state actor. The labelling pass of the next
+epoch starts in a background thread as soon as an epoch's last step is done (the teacher
+will not change before then), so it overlaps rank 0's validation and checkpointing;
+``label_seconds`` is what the epoch still had to wait for it, ``label_pass_seconds`` its
+duration. Then every rank runs the
 same number of :func:`ipb_ray.mpl.mpl_step` s on its equal share of both streams (the
 labelled stream is resampled to exactly as many batches). The student with the best
 balanced accuracy on V is kept and tested on T.
@@ -21,6 +25,7 @@ weights, and the best student, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import time
@@ -151,6 +156,39 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                 "param_digest": param_digest(_unwrap(student)),
                 "teacher_param_digest": param_digest(_unwrap(teacher))}
 
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ipb-label") if rank == 0 and ipb else None
+    pending: dict[int, concurrent.futures.Future] = {}
+
+    def start_pass(e: int) -> None:
+        """Rank 0: label every unlabelled colony for MPL epoch ``e`` with the teacher as it
+        is now, in the background (it overlaps validation and checkpointing)."""
+        weights = ray.put(snapshot(teacher))
+
+        def work() -> tuple[LabelTable, float]:
+            t0 = time.perf_counter()
+            ray.get(p_state.set.remote(e, {cid: 1 for cid in inputs.unlabelled}))
+            ray.get(p_state.publish.remote(time.time_ns(), [weights]))
+            labelled = run_labelling(labelling_dataset(
+                inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls),
+                batch_size=max(m.unlabelled_batch_size, 32), cpus=r.data_cpus, actors=r.teacher_actors,
+                gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
+                                                                            and r.label_gpus > 0)))
+            return labelled, time.perf_counter() - t0
+
+        pending[e] = pool.submit(work)
+
+    def finish_pass(e: int) -> tuple[LabelTable, float, float]:
+        """The labelling of epoch ``e`` (started now if it was not prefetched): the table,
+        how long the pass took, and how long the epoch had to wait for it."""
+        if e not in pending:
+            start_pass(e)
+        t0 = time.perf_counter()
+        labelled, took = pending.pop(e).result()
+        if len(labelled) != len(inputs.unlabelled):
+            raise RuntimeError(f"the labelling pass labelled {len(labelled)} of {len(inputs.unlabelled)} "
+                               "unlabelled colonies")
+        return labelled, took, time.perf_counter() - t0
+
     def labelled_counts(epoch: int, n: int | None) -> dict[str, int]:
         counts = resample_counts(labels, n, cfg.seed, epoch, balanced=m.balance_labelled)
         return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
@@ -166,6 +204,8 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                                                                  m.batch_size, device=str(device)),
                                    columns, device, amp, m)
             t_sched.step()
+            if rank == 0 and ipb and g == m.teacher_epochs - 1:
+                start_pass(0)  # the final teacher labels MPL epoch 0 while validation runs
             metrics.update({"phase": 0, "teacher_lr": t_sched.get_last_lr()[0],
                            **{f"teacher_{k}": v for k, v in sup.items()}})
             if rank == 0:
@@ -181,26 +221,15 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         e = g - m.teacher_epochs  # ---- one MPL / IPB epoch
         plan_metrics: dict[str, Any] = {}
         if rank == 0:
-            label_s = 0.0
+            label_s = pass_s = 0.0
             if ipb and (m.relabel == "pass" or table is None):
-                t0 = time.perf_counter()
-                weights = ray.put(snapshot(teacher))
-                ray.get(p_state.set.remote(e, {cid: 1 for cid in inputs.unlabelled}))
-                ray.get(p_state.publish.remote(time.time_ns(), [weights]))
-                table = run_labelling(labelling_dataset(
-                    inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls),
-                    batch_size=max(m.unlabelled_batch_size, 32), cpus=r.data_cpus, actors=r.teacher_actors,
-                    gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
-                                                                                and r.label_gpus > 0)))
-                label_s = time.perf_counter() - t0
-                if len(table) != len(inputs.unlabelled):
-                    raise RuntimeError(f"the labelling pass labelled {len(table)} of {len(inputs.unlabelled)} "
-                                       "unlabelled colonies")
+                table, pass_s, label_s = finish_pass(e)
             t0 = time.perf_counter()
             plan = epoch_plan(inputs.unlabelled, table if ipb else None, n_cls, cfg.seed, e, n_draws, names)
             ray.get(u_state.set.remote(e, plan.counts, plan.coords))
             ray.get(l_state.set.remote(g, labelled_counts(g, n_labelled)))
-            plan_metrics = {"label_seconds": label_s, "plan_seconds": time.perf_counter() - t0,
+            plan_metrics = {"label_seconds": label_s, "label_pass_seconds": pass_s,
+                            "plan_seconds": time.perf_counter() - t0,
                             "unlabelled_draws": n_draws}
             if plan.balance is not None:
                 class_weights = plan.balance.class_weights.tolist()
@@ -250,6 +279,8 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         for _ in u_iter:
             pass
         metrics.update(timer.metrics(float(steps * m.unlabelled_batch_size * world)))
+        if rank == 0 and ipb and m.relabel == "pass" and g + 1 < total:
+            start_pass(e + 1)  # the teacher is final for this epoch: label the next one meanwhile
         _all_reduce(sums)
         gathered = _gather((seen, seen_labels, step_counts))
         metrics.update({"phase": 1, "mpl_epoch": e, "student_lr": s_lr, "teacher_lr": m.teacher_lr,
@@ -283,6 +314,8 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             if g == total - 1:
                 metrics.update(final())
         report_epoch(metrics, state)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
     if start >= total:  # the run had already finished: test its selected student again
         report_finished(state, final, rank, world, total - 1)
     write_digest(config, rank, student)

@@ -64,9 +64,15 @@ def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
         raise ValueError(f"labels {missing} of {root} are not in data.class_names {list(names)}")
     if not roles["L"]:
         raise ValueError(f"fold {fold} of {root} has no labelled colonies; raise split.labelled_fraction")
+    unlabelled = roles["U"]
+    if not cfg.data.multi_label:  # the paper's "ML" switch off: multi-label colonies stay out of U
+        multi = catalog.read_catalog(root, columns=["colony_id", "multi_label"])
+        drop = {c for c, flag in zip(multi.column("colony_id").to_pylist(), multi.column("multi_label").to_pylist())
+                if flag}
+        unlabelled = [c for c in unlabelled if c not in drop]
     return FoldInputs(root, names, tuple(roles["L"]), tuple(index[label_of[c]] for c in roles["L"]),
-                      tuple(roles["V"]), tuple(roles["T"]), tuple(roles["U"]),
-                      tuple(index.get(label_of.get(c), -1) for c in roles["U"]))
+                      tuple(roles["V"]), tuple(roles["T"]), tuple(unlabelled),
+                      tuple(index.get(label_of.get(c), -1) for c in unlabelled))
 
 
 def run_name(cfg: ExperimentConfig, fold: int) -> str:

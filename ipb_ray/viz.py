@@ -35,3 +35,54 @@ def save_patch_grid(batch: dict[str, Any], spec: Any, class_names: Sequence[str]
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for h in history:
+        if key in h and h[key] is not None:
+            xs.append(int(h["epoch"]))
+            ys.append(float(h[key]))
+    return xs, ys
+
+
+def save_training_curves(history: Sequence[dict[str, Any]], class_names: Sequence[str], path: str | Path,
+                         title: str = "") -> Path:
+    """A run's per-epoch curves (the paper's Figures 2, 6 and 7): losses, validation balanced
+    accuracy, the teacher's estimated class proportions against the unlabelled set's hidden
+    class mix, and the sampling weights. Panels without data are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("losses", [("teacher_train_loss", "teacher (pre-training)"), ("teacher_loss", "teacher (MPL)"),
+                          ("student_loss", "student"), ("train_loss", "supervised")]),
+              ("validation balanced accuracy", [("teacher_val_balanced_accuracy", "teacher"),
+                                                ("student_val_balanced_accuracy", "student"),
+                                                ("val_balanced_accuracy", "model")]),
+              ("teacher's class proportions (dashed: hidden truth of U)",
+               [(f"teacher_proportion/{c}", c) for c in class_names]),
+              ("sampling weight per class", [(f"sampling_weight/{c}", c) for c in class_names])]
+    used = [(t, [(k, n) for k, n in series if _series(history, k)[0]]) for t, series in panels]
+    used = [(t, s) for t, s in used if s]
+    fig, axes = plt.subplots(1, max(len(used), 1), figsize=(4.2 * max(len(used), 1), 3.4), squeeze=False)
+    for ax, (panel_title, series) in zip(axes[0], used):
+        for i, (key, name) in enumerate(series):
+            xs, ys = _series(history, key)
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=name)
+            if key.startswith("teacher_proportion/"):
+                txs, tys = _series(history, key.replace("teacher_proportion/", "unlabelled_true_share/"))
+                ax.plot(txs, tys, ls="--", color=line.get_color(), lw=1)
+        ax.set_title(panel_title, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

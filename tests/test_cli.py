@@ -99,4 +99,29 @@ def test_demo_runs_end_to_end(ray_local, tmp_path):
     assert (tmp_path / "demo" / "patches.png").stat().st_size > 1000
     assert "labelled patches of fold 0" in result.output
     assert "confusion matrix" in result.output and "macro" in result.output  # step 4: the baseline's test report
-    assert list((tmp_path / "demo" / "ray_results" / "demo-seed0-supervised-fold0").glob("checkpoint_*"))
+    for method in ("supervised", "mpl", "ipb"):  # steps 4-6, each with its curves
+        run = tmp_path / "demo" / "ray_results" / f"demo-seed0-{method}-fold0"
+        assert list(run.glob("checkpoint_*")) and (run / "curves.png").stat().st_size > 1000
+    assert "the three methods" in result.output and "worst-class TPR" in result.output
+    assert "pseudo-balancing" in result.output  # IPB's per-epoch table
+
+
+def test_history_table_curves_and_comparison_render(tmp_path, capsys):
+    from ipb_ray.cli import print_comparison, print_history
+    from ipb_ray.viz import save_training_curves
+
+    names = ["A", "B"]
+    history = [{"epoch": 0, "phase": 0, "teacher_train_loss": 1.2, "teacher_val_balanced_accuracy": 0.5,
+                "epoch_seconds": 2.0},
+               {"epoch": 1, "phase": 1, "teacher_loss": 1.0, "student_loss": 0.9, "student_val_balanced_accuracy": 0.6,
+                "teacher_proportion/A": 0.8, "teacher_proportion/B": 0.2, "sampling_weight/A": 0.2,
+                "sampling_weight/B": 0.8, "stream_share/A": 0.52, "stream_share/B": 0.48,
+                "unlabelled_true_share/A": 0.7, "unlabelled_true_share/B": 0.3, "epoch_seconds": 3.0}]
+    print_history(history, names)
+    report = {"tpr": {"A": 0.9, "B": 0.3}, "macro_tpr": 0.6, "macro_f1": 0.55, "balanced_accuracy": 0.6}
+    print_comparison({"ipb": report}, "cmp")
+    out = capsys.readouterr().out
+    assert "0.80->0.52" in out and "0.20->0.48" in out and "teacher" in out and "mpl" in out
+    assert "0.3000 (B)" in out  # the worst class is named
+    png = save_training_curves(history, names, tmp_path / "c.png", title="t")
+    assert png.stat().st_size > 5000

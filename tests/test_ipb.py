@@ -119,3 +119,17 @@ def test_too_few_unlabelled_colonies_for_a_batch_is_refused_with_the_fix(world):
 
     with pytest.raises(ValueError, match="lower method.unlabelled_batch_size or raise method.draws_per_epoch"):
         train_fold(_cfg(world, "name=small", "method.unlabelled_batch_size=4096"), 0)
+
+
+def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
+    from ipb_ray import catalog
+    from ipb_ray.training import fold_inputs
+
+    with_ml = fold_inputs(_cfg(world), 0)
+    without = fold_inputs(_cfg(world, "data.multi_label=false"), 0)
+    table = catalog.read_catalog(str(world / "catalog"), columns=["colony_id", "multi_label"])
+    multi = {c for c, f in zip(table.column("colony_id").to_pylist(), table.column("multi_label").to_pylist()) if f}
+    assert multi & set(with_ml.unlabelled)  # the synthetic world has multi-label colonies, in U by default
+    assert not multi & set(without.unlabelled)
+    assert set(without.unlabelled) == set(with_ml.unlabelled) - multi
+    assert without.labelled == with_ml.labelled and without.test == with_ml.test
