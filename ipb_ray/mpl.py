@@ -13,13 +13,14 @@ One MPL step (shared/IPB.md, "Training (Algorithm 1)", step b), for a labelled b
 
 Models are plain ``nn.Module``s called as ``model(*inputs)`` with one input batch per
 scale (two for a multi-scale model); they may return ``(logits, features)`` or logits.
-Nothing here imports Ray or wraps autocast: the training loop does both.
+Nothing here imports Ray; mixed precision comes in as an ``autocast`` factory from the loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, TypeVar
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager, TypeVar
 
 import torch
 from torch import nn
@@ -131,13 +132,15 @@ def _step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor
 
 def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimizer,
              s_opt: torch.optim.Optimizer, x_l: Inputs, y_l: torch.Tensor, x_uw: Inputs,
-             x_us: Inputs, *, step: int, cfg: MethodConfig) -> dict[str, Any]:
+             x_us: Inputs, *, step: int, cfg: MethodConfig,
+             autocast: Callable[[], ContextManager[Any]] | None = None) -> dict[str, Any]:
     """One Meta Pseudo Labels step: updates ``student`` then ``teacher`` in place.
 
     ``x_l``, ``x_uw``, ``x_us``: one (N, 1, H, W) batch per scale (a tuple/list, or a
     tensor for a single scale); ``y_l``: (N_l,) int64 labels; the weak and strong views
     share their batch size. ``step``: the global MPL step (0-based) for the UDA ramp.
-    Both models should be in train mode. The student's labelled loss is measured
+    ``autocast``: a zero-argument context-manager factory (e.g. bf16 autocast on GPU) that
+    wraps the forward passes, never the backward ones. Both models should be in train mode. The student's labelled loss is measured
     without grad, in the same mode, just before and just after its step, so ``h``
     reflects the parameter change only.
 
@@ -157,7 +160,9 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
 
     # 1. teacher on labelled + weak + strong as one batch (shared BN statistics, as in MPL)
     t_in = [torch.cat(views) for views in zip(x_l, x_uw, x_us)]
-    t_logits = _logits(teacher(*t_in))
+    fwd = autocast or contextlib.nullcontext  # mixed precision wraps the forwards only
+    with fwd():
+        t_logits = _logits(teacher(*t_in))
     t_logits_l, t_logits_uw, t_logits_us = t_logits.split([n_l, n_u, n_u])
     t_loss_l = F.cross_entropy(t_logits_l.float(), y_l, label_smoothing=cfg.label_smoothing)
     t_loss_uda, uda_mask = uda_loss(t_logits_uw, t_logits_us, cfg.temperature, cfg.threshold)
@@ -167,11 +172,15 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
 
     # 2. student on the teacher's hard pseudo-labels of the strong view
     with torch.no_grad():
-        s_loss_l_old = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
-    s_loss = student_loss(_logits(student(*x_us)), hard, student_mask)
+        with fwd():
+            s_loss_l_old = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
+    with fwd():
+        s_logits = _logits(student(*x_us))
+    s_loss = student_loss(s_logits, hard, student_mask)
     _step(s_opt, student, s_loss, cfg.grad_clip)
     with torch.no_grad():
-        s_loss_l_new = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
+        with fwd():
+            s_loss_l_new = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
 
     # 3-4. feedback and teacher step; the MPL term uses the student's mask, since the
     # first-order derivation rewards the teacher only for labels the student learnt from

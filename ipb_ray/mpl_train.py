@@ -170,7 +170,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             ray.get(p_state.publish.remote(time.time_ns(), [weights]))
             labelled = run_labelling(labelling_dataset(
                 inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls),
-                batch_size=max(m.unlabelled_batch_size, 32), cpus=r.data_cpus, actors=r.teacher_actors,
+                batch_size=max(4 * m.unlabelled_batch_size, 128), cpus=r.data_cpus, actors=r.teacher_actors,
                 gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
                                                                             and r.label_gpus > 0)))
             return labelled, time.perf_counter() - t0
@@ -262,10 +262,9 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         for _ in range(steps):
             bl, bu = next(l_iter), next(u_iter)
             timer.got()
-            with _autocast(device, amp):
-                last = mpl_step(teacher, student, t_opt, s_opt, _inputs(bl, columns, device),
-                                bl["label"].to(device), _inputs(bu, weak, device), _inputs(bu, strong, device),
-                                step=global_step, cfg=m)
+            last = mpl_step(teacher, student, t_opt, s_opt, _inputs(bl, columns, device), bl["label"].to(device),
+                            _inputs(bu, weak, device), _inputs(bu, strong, device), step=global_step, cfg=m,
+                            autocast=lambda: _autocast(device, amp))
             if ema is not None:
                 ema_update(ema, _unwrap(student), m.ema)
             global_step += 1

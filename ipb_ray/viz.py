@@ -29,6 +29,12 @@ def save_patch_grid(batch: dict[str, Any], spec: Any, class_names: Sequence[str]
                 ax.set_title(class_names[label] if label >= 0 else "?", fontsize=8)
             if c == 0:
                 ax.set_ylabel(col, fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +86,4 @@ def save_training_curves(history: Sequence[dict[str, Any]], class_names: Sequenc
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

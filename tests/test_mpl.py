@@ -266,3 +266,21 @@ def test_ema_update_math_and_buffers():
 def test_ema_update_refuses_a_model_of_another_shape():
     with pytest.raises(ValueError, match="different parameters or buffers; build the EMA model as a deep copy"):
         ema_update(nn.Linear(3, 2), nn.Sequential(nn.Linear(3, 2)), decay=0.5)
+
+
+def test_autocast_factory_wraps_every_forward_of_the_step():
+    teacher, student = _mlp(0), _mlp(1)
+    entered = []
+
+    class Probe:
+        def __enter__(self):
+            entered.append(torch.is_grad_enabled())
+
+        def __exit__(self, *exc):
+            return False
+
+    x = torch.rand(4, 8)
+    mpl_step(teacher, student, _sgd(teacher, 0.01), _sgd(student, 0.01), x, torch.tensor([0, 1, 0, 1]), x, x,
+             step=0, cfg=MethodConfig(threshold=0.0), autocast=Probe)
+    # teacher forward, student before (no grad), student on x_us, student after (no grad)
+    assert entered == [True, False, True, False]

@@ -52,6 +52,17 @@ def make_frames(root, n_frames=6, seed=0):
     return root
 
 
+def small_catalog_at(root, n_frames, seed):
+    """make_frames + build_catalog with 2 folds and 30 % labelled; returns the catalog path."""
+    from ipb_ray.preprocess import build_catalog
+
+    make_frames(root, n_frames=n_frames, seed=seed)
+    build_catalog(load_config(preset="demo", overrides=[
+        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.catalog={root / 'catalog'}", "split.folds=2", "split.labelled_fraction=0.3"]))
+    return str(root / "catalog")
+
+
 def _cfg(root, *extra):
     return load_config(preset="demo", overrides=[
         f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",

@@ -97,17 +97,9 @@ def test_reused_labels_replace_the_pass_labels_last_one_winning():
 
 @pytest.fixture(scope="module")
 def label_catalog(tmp_path_factory, ray_local):
-    from test_preprocess import make_frames
+    from test_preprocess import small_catalog_at
 
-    from ipb_ray.config import load_config
-    from ipb_ray.preprocess import build_catalog
-
-    root = make_frames(tmp_path_factory.mktemp("rebalance"), n_frames=8, seed=5)
-    cfg = load_config(preset="demo", overrides=[
-        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
-        f"data.catalog={root / 'catalog'}", "split.folds=2", "split.labelled_fraction=0.3"])
-    build_catalog(cfg)
-    return str(root / "catalog")
+    return small_catalog_at(tmp_path_factory.mktemp("rebalance"), n_frames=8, seed=5)
 
 
 @pytest.mark.ray
