@@ -280,22 +280,136 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     return metrics
 
 
-def print_comparison(results: dict, title: str) -> None:
-    """Methods side by side: macro TPR, the worst class's TPR, macro F1."""
-    table = Table("method", "macro TPR", "worst-class TPR", "macro F1", "balanced accuracy", title=title)
-    for method, report in results.items():
-        tprs = {k: v for k, v in report["tpr"].items() if v == v}  # NaN: class absent from T
-        worst = min(tprs, key=tprs.get) if tprs else "-"
-        table.add_row(method, f"{report['macro_tpr']:.4f}", f"{tprs.get(worst, float('nan')):.4f} ({worst})",
-                      f"{report['macro_f1']:.4f}", f"{report['balanced_accuracy']:.4f}")
+def _parse_fractions(text: Optional[str]) -> list[float]:
+    if not text:
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labelled-fraction {text!r} should be numbers separated by commas, "
+                         "e.g. 0.01,0.05,0.1") from None
+    bad = [v for v in values if not 0 < v < 1]
+    if bad:
+        raise ValueError(f"--labelled-fraction values must lie in (0, 1), got {bad}")
+    return values
+
+
+def _cv_one(cfg: cfgmod.ExperimentConfig, folds: Optional[List[int]], parallel: Optional[int],
+            log_model: bool, run_name: Optional[str] = None):
+    from ipb_ray.cv import run_cv
+
+    with _progress() as bar:
+        task = bar.add_task(f"{run_name or cfg.name + '-' + cfg.method.name}: folds", total=None)
+        done: list[int] = []
+
+        def on_event(kind: str, fold: int, info: dict) -> None:
+            if kind in ("skipped", "finished"):
+                done.append(fold)
+                rep = info["test_report"]
+                note = "already finished in MLflow" if kind == "skipped" else "finished"
+                bar.console.print(f"fold {fold} {note}: macro TPR {rep['macro_tpr']:.4f}, "
+                                  f"macro F1 {rep['macro_f1']:.4f}", highlight=False)
+            elif kind == "started":
+                bar.console.print(f"fold {fold} started", highlight=False)
+            bar.update(task, completed=len(done))
+
+        result = run_cv(cfg, folds, parallel=parallel, log_model=log_model, run_name=run_name, on_event=on_event)
+    s = result.summary
+    table = Table("class", "TPR mean ± std", "F1 mean ± std",
+                  title=f"{run_name or cfg.name + '-' + cfg.method.name}: {s['folds']} fold(s)")
+    for c in s["class_names"]:
+        table.add_row(c, f"{s['tpr']['mean'][c]:.4f} ± {s['tpr']['std'][c]:.4f}",
+                      f"{s['f1']['mean'][c]:.4f} ± {s['f1']['std'][c]:.4f}")
+    table.add_row("[bold]macro", f"[bold]{s['macro_tpr']['mean']:.4f} ± {s['macro_tpr']['std']:.4f}",
+                  f"[bold]{s['macro_f1']['mean']:.4f} ± {s['macro_f1']['std']:.4f}")
     console.print(table)
+    console.print(f"MLflow: parent run {result.parent_run_id} in experiment '{cfg.tracking.experiment}' at "
+                  f"{cfg.tracking.tracking_uri}", highlight=False)
+    return result
+
+
+@app.command()
+def cv(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+       overrides: Optional[List[str]] = OVERRIDES_ARG,
+       folds: Optional[int] = typer.Option(None, "--folds", help="Run only the first N folds (default: all)."),
+       fold: Optional[List[int]] = typer.Option(None, "--fold", help="Run this fold (repeatable)."),
+       labelled_fraction: Optional[str] = typer.Option(
+           None, "--labelled-fraction", help="Sweep: comma-separated fractions of labelled colonies, one CV each "
+           "(e.g. 0.01,0.05,0.1,0.5,0.8)."),
+       parallel: Optional[int] = typer.Option(None, help="Folds at once (default: what the cluster holds)."),
+       tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (tracking.tracking_uri)."),
+       no_model: bool = typer.Option(False, "--no-model", help="Do not log the best student as an MLflow model."),
+       address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a local cluster.")
+       ) -> None:
+    """Cross-validate a configuration on Ray: every fold trained and tested, tracked in MLflow.
+    Rerun the same command to skip finished folds and resume unfinished ones."""
+    extra = [f"resources.address={address}"] if address else []
+    extra += [f"tracking.tracking_uri={tracking_uri}"] if tracking_uri else []
+    with _user_errors():
+        cfg = _resolve(config, preset, list(overrides or []) + extra)
+        chosen = list(fold) if fold else (list(range(folds)) if folds else None)
+        fractions = _parse_fractions(labelled_fraction)
+        if not fractions:
+            _cv_one(cfg, chosen, parallel, not no_model)
+            return
+        for frac in fractions:
+            console.rule(f"[bold]labelled fraction {frac:g}")
+            swept = cfg.replace(f"split.labelled_fraction={frac}", f"name={cfg.name}-lf{frac:g}")
+            _cv_one(swept, chosen, parallel, not no_model)
+
+
+@app.command()
+def compare(run_a: str = typer.Argument(..., help="Parent run (name or id) of configuration A."),
+            run_b: str = typer.Argument(..., help="Parent run (name or id) of configuration B."),
+            experiment: str = typer.Option("ipb-ray", help="MLflow experiment."),
+            tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+            alpha: float = typer.Option(0.05, help="Significance level.")) -> None:
+    """Paired comparison of two cross-validated configurations, per class and macro, over
+    their common folds: Student's t-test (as in the paper) and Wilcoxon signed-rank."""
+    from ipb_ray.stats import format_comparison, paired_tests
+    from ipb_ray.tracking import load_cv
+
+    with _user_errors():
+        _, a = load_cv(tracking_uri, experiment, run_a)
+        _, b = load_cv(tracking_uri, experiment, run_b)
+        common = sorted(set(a) & set(b))
+        if len(common) < 2:
+            raise ValueError(f"{run_a} has folds {sorted(a)} and {run_b} has folds {sorted(b)}; a paired test "
+                             "needs at least 2 common folds (run more folds with `ipb cv`)")
+        rows = paired_tests([a[f] for f in common], [b[f] for f in common], alpha=alpha)
+        console.print(f"folds compared: {common}", highlight=False)
+        console.print(format_comparison(rows, run_a, run_b), highlight=False, markup=False)
+
+
+@app.command()
+def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment to report on."),
+           out: Path = typer.Option(Path("report"), "--out", "-o", help="Output directory."),
+           tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
+           baseline: Optional[str] = typer.Option(None, help="Configuration the others are compared with "
+                                                  "(default: the supervised one).")) -> None:
+    """Render the paper's tables and figures for an experiment's CV runs (HTML and Markdown)."""
+    from ipb_ray.report import render_report
+
+    with _user_errors():
+        paths = render_report(tracking_uri, experiment, out, baseline=baseline)
+        console.print(f"report: {paths['html']} (open in a browser) and {paths['markdown']}", highlight=False)
+
+
+DEMO_METHODS = (("supervised", "supervised multi-scale HRNet baseline"),
+                ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
+                ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))
 
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
-         seed: int = typer.Option(0, help="Seed of the synthetic world and the run.")) -> None:
-    """Run the demo: a small synthetic world, its catalog and folds, a patch stream, then the
-    supervised baseline, MPL and IPB on fold 0, compared."""
+         seed: int = typer.Option(0, help="Seed of the synthetic world and the run."),
+         folds: int = typer.Option(3, help="Cross-validation folds per method (of the preset's 5).")) -> None:
+    """Run the demo: a synthetic world, its catalog and folds, a patch stream, then a small
+    cross-validation of the supervised baseline, MPL and IPB, tracked in MLflow, compared,
+    and rendered as a report."""
+    import time
+
+    t0 = time.perf_counter()
     with _user_errors():
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
@@ -306,21 +420,50 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
         _demo_stream(cfg, out)
         results = {}
-        for step, (method, what) in enumerate((("supervised", "supervised multi-scale HRNet baseline"),
-                                              ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
-                                              ("ipb", "IPB: MPL with per-epoch pseudo-balancing")), start=4):
-            console.rule(f"[bold]{step}. {what} on fold 0 (Ray Train)")
-            results[method] = _train_and_report(cfgmod.load_config(preset="demo", overrides=[
-                *_demo_overrides(seed, world, out), f"method.name={method}", f"name=demo-seed{seed}"]),
-                0)["test_report"]
-        print_comparison(results, "fold 0 test set: the three methods (demo sizes: a smoke signal, not a result)")
-    console.print(f"[green]demo finished[/]: world in {world}, catalog in {out / 'catalog'}, "
-                  f"patches in {out / 'patches.png'}, runs in {out / 'ray_results'}.")
+        for step, (method, what) in enumerate(DEMO_METHODS, start=4):
+            console.rule(f"[bold]{step}. {what}: {folds}-fold cross-validation (Ray Train, MLflow)")
+            run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), None, True)
+            results[method] = run
+        console.rule("[bold]7. comparison")
+        _demo_compare(results, folds)
+        console.rule("[bold]8. report")
+        from ipb_ray.report import render_report
+
+        paths = render_report(cfg.tracking.tracking_uri, cfg.tracking.experiment, out / "report")
+    minutes = (time.perf_counter() - t0) / 60
+    console.print(f"[green]demo finished in {minutes:.1f} min[/]: world in {world}, catalog in {out / 'catalog'}, "
+                  f"patches in {out / 'patches.png'}, checkpoints in {out / 'ray_results'}.", highlight=False)
+    console.print(f"report: {paths['html']} (open it in a browser)", highlight=False)
+    console.print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {cfg.tracking.tracking_uri} --host 127.0.0.1",
+                  highlight=False)
+
+
+def _demo_compare(results: dict, folds: int) -> None:
+    from ipb_ray.stats import format_comparison, paired_tests
+
+    table = Table("method", "macro TPR (mean ± std)", "worst-class TPR (mean)", "macro F1 (mean ± std)",
+                  title=f"test folds 0..{folds - 1}: the three methods (demo sizes: a smoke signal, not a result)")
+    for method, run in results.items():
+        s = run.summary
+        tprs = {c: v for c, v in s["tpr"]["mean"].items() if v == v}
+        worst = min(tprs, key=tprs.get) if tprs else "-"
+        table.add_row(method, f"{s['macro_tpr']['mean']:.4f} ± {s['macro_tpr']['std']:.4f}",
+                      f"{tprs.get(worst, float('nan')):.4f} ({worst})",
+                      f"{s['macro_f1']['mean']:.4f} ± {s['macro_f1']['std']:.4f}")
+    console.print(table)
+    base = results["supervised"].reports
+    for method in ("mpl", "ipb"):
+        other = results[method].reports
+        common = sorted(set(base) & set(other))
+        if len(common) >= 2:
+            rows = paired_tests([base[f] for f in common], [other[f] for f in common])
+            console.print(format_comparison(rows, "supervised", method), highlight=False, markup=False)
 
 
 def _demo_overrides(seed: int, world: Path, out: Path) -> list[str]:
-    return [f"seed={seed}", f"data.frames={world}", "data.annotations=null",
-            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}"]
+    return [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
+            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
+            f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
 
 
 def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:

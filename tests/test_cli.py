@@ -92,22 +92,33 @@ def test_synth_refuses_a_foreign_folder(tmp_path):
 
 @pytest.mark.ray
 def test_demo_runs_end_to_end(ray_local, tmp_path):
-    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+    from mlflow import MlflowClient
+
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--folds", "2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "catalog" / "catalog.json").exists()
     assert (tmp_path / "demo" / "catalog" / "folds.parquet").exists()
     assert (tmp_path / "demo" / "patches.png").stat().st_size > 1000
     assert "labelled patches of fold 0" in result.output
-    assert "confusion matrix" in result.output and "macro" in result.output  # step 4: the baseline's test report
-    for method in ("supervised", "mpl", "ipb"):  # steps 4-6, each with its curves
-        run = tmp_path / "demo" / "ray_results" / f"demo-seed0-{method}-fold0"
-        assert list(run.glob("checkpoint_*")) and (run / "curves.png").stat().st_size > 1000
+    for method in ("supervised", "mpl", "ipb"):  # steps 4-6: two folds each, with curves
+        for fold in (0, 1):
+            run = tmp_path / "demo" / "ray_results" / f"demo-seed0-{method}-fold{fold}"
+            assert list(run.glob("checkpoint_*")) and (run / "curves.png").stat().st_size > 1000
     assert "the three methods" in result.output and "worst-class TPR" in result.output
-    assert "pseudo-balancing" in result.output  # IPB's per-epoch table
+    assert "t-test p" in result.output  # the paired comparisons against the baseline
+    # MLflow: one parent per method with two fold children
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'demo' / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("ipb-demo")
+    parents = client.search_runs([exp.experiment_id], "tags.`ipb.kind` = 'cv'")
+    assert sorted(p.data.tags["ipb.method"] for p in parents) == ["ipb", "mpl", "supervised"]
+    children = client.search_runs([exp.experiment_id], "tags.`ipb.kind` = 'fold'")
+    assert len(children) == 6
+    html = (tmp_path / "demo" / "report" / "report.html").read_text()
+    assert "demo-seed0-ipb" in html and "data:image/png;base64" in html
 
 
 def test_history_table_curves_and_comparison_render(tmp_path, capsys):
-    from ipb_ray.cli import print_comparison, print_history
+    from ipb_ray.cli import print_history
     from ipb_ray.viz import save_training_curves
 
     names = ["A", "B"]
@@ -118,10 +129,7 @@ def test_history_table_curves_and_comparison_render(tmp_path, capsys):
                 "sampling_weight/B": 0.8, "stream_share/A": 0.52, "stream_share/B": 0.48,
                 "unlabelled_true_share/A": 0.7, "unlabelled_true_share/B": 0.3, "epoch_seconds": 3.0}]
     print_history(history, names)
-    report = {"tpr": {"A": 0.9, "B": 0.3}, "macro_tpr": 0.6, "macro_f1": 0.55, "balanced_accuracy": 0.6}
-    print_comparison({"ipb": report}, "cmp")
     out = capsys.readouterr().out
     assert "0.80->0.52" in out and "0.20->0.48" in out and "teacher" in out and "mpl" in out
-    assert "0.3000 (B)" in out  # the worst class is named
     png = save_training_curves(history, names, tmp_path / "c.png", title="t")
     assert png.stat().st_size > 5000

@@ -1,0 +1,164 @@
+"""Cross-validation of one configuration: every fold on Ray Train, tracked in MLflow.
+
+:func:`run_cv` runs the folds of ``cfg`` (all of them by default), each as its own
+``TorchTrainer`` (:func:`ipb_ray.training.train_fold`), logs each finished fold as a
+child run of the configuration's parent run (:mod:`ipb_ray.tracking`), and finally the
+mean ± std over folds. Rerunning the same command skips folds whose child run finished
+and resumes unfinished ones from their Ray Train checkpoints.
+
+Folds run ``parallel`` at a time. The default is what the cluster holds without
+starving anyone: its CPUs divided by what one fold takes (the Train workers' CPUs plus
+one for its data tasks), at most the number of folds; on a 2-core machine that is one.
+
+The catalog's stored fold plan must match ``cfg.split``; when it does not (another
+labelled fraction, say), the folds are drawn into a *view* of the catalog,
+``<catalog>/views/<plan>/``, which shares the colony Parquet files and holds its own
+plan, so sweeps never overwrite each other's folds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import math
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ipb_ray.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+VIEWS = "views"
+
+
+@dataclass
+class CVResult:
+    parent_run_id: str
+    reports: dict[int, dict[str, Any]]  # fold -> test report
+    summary: dict[str, Any]  # ipb_ray.stats.aggregate_folds of the reports
+    skipped: list[int]  # folds found finished in MLflow
+    catalog: str  # the catalog (or view) whose folds ran
+
+
+def _plan_matches(plan: Any, cfg: ExperimentConfig) -> bool:
+    s = cfg.split
+    return (plan.k == s.folds and math.isclose(plan.labelled_fraction, s.labelled_fraction)
+            and math.isclose(plan.val_fraction, s.val_fraction) and plan.seed == cfg.seed)
+
+
+def fold_catalog(cfg: ExperimentConfig) -> str:
+    """The catalog directory whose stored folds match ``cfg.split`` (drawing them into a
+    view of the catalog when the catalog's own plan differs)."""
+    from ipb_ray import catalog
+    from ipb_ray.folds import read_folds
+    from ipb_ray.preprocess import make_catalog_folds
+
+    root = Path(cfg.data.catalog)
+    catalog.read_manifest(root)
+    try:
+        if _plan_matches(read_folds(root), cfg):
+            return str(root)
+    except FileNotFoundError:
+        plan = make_catalog_folds(root, cfg)
+        if plan is None:
+            raise ValueError(f"{root} has too few single-labelled colonies for split.folds={cfg.split.folds}; "
+                             "lower split.folds") from None
+        return str(root)
+    s = cfg.split
+    view = root / VIEWS / f"k{s.folds}-lf{s.labelled_fraction:g}-vf{s.val_fraction:g}-s{cfg.seed}"
+    try:
+        if _plan_matches(read_folds(view), cfg):
+            return str(view)
+    except (FileNotFoundError, ValueError):
+        pass
+    view.mkdir(parents=True, exist_ok=True)
+    if not (view / "parts").exists():
+        (view / "parts").symlink_to((root / "parts").resolve(), target_is_directory=True)
+    shutil.copyfile(root / catalog.MANIFEST, view / catalog.MANIFEST)
+    if make_catalog_folds(view, cfg) is None:
+        raise ValueError(f"{root} has too few single-labelled colonies for split.folds={s.folds} at "
+                         f"split.labelled_fraction={s.labelled_fraction}")
+    log.info("folds for %s drawn in the catalog view %s", cfg.split, view)
+    return str(view)
+
+
+def default_parallel(cfg: ExperimentConfig, n_folds: int) -> int:
+    """Folds the cluster can run at once (see the module docstring)."""
+    import ray
+
+    r = cfg.resources
+    per_fold = max(r.num_workers, 1) * r.cpus_per_worker + 1.0
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    if r.use_gpu:
+        gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        per_gpu = max(r.num_workers, 1) * r.gpus_per_worker
+        cap = int(gpus // per_gpu) if per_gpu > 0 else n_folds
+        return max(1, min(n_folds, int(cpus // per_fold), cap))
+    return max(1, min(n_folds, int(cpus // per_fold)))
+
+
+def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, parallel: int | None = None,
+           log_model: bool = True, run_name: str | None = None,
+           on_event: Callable[[str, int, dict[str, Any]], None] | None = None) -> CVResult:
+    """Run (or finish) the cross-validation of ``cfg``; see the module docstring.
+
+    ``folds``: which folds (default: all of the plan's). ``on_event(kind, fold, info)``
+    is called with ``"skipped"``, ``"started"`` and ``"finished"`` (info: the fold's
+    metrics) for progress displays; calls may come from worker threads.
+    """
+    from ipb_ray import tracking
+    from ipb_ray.folds import read_folds
+    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.training import train_fold
+    from ipb_ray.viz import save_training_curves
+
+    init_ray(cfg.resources)
+    root = fold_catalog(cfg)
+    cfg = cfg.replace(f"data.catalog={root}")
+    k = read_folds(root).k
+    todo = list(range(k)) if folds is None else list(folds)
+    bad = [f for f in todo if not 0 <= f < k]
+    if bad:
+        raise ValueError(f"folds {bad} do not exist: {root} has folds 0..{k - 1}")
+    uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
+    parent = tracking.open_parent(uri, experiment, cfg, run_name=run_name)
+    done = tracking.finished_folds(uri, parent)
+    reports: dict[int, dict[str, Any]] = {f: done[f] for f in todo if f in done}
+    skipped = sorted(reports)
+    event = on_event or (lambda kind, fold, info: None)
+    for f in skipped:
+        event("skipped", f, {"test_report": done[f]})
+    lock = threading.Lock()
+
+    def one(fold: int) -> None:
+        event("started", fold, {})
+        metrics = train_fold(cfg, fold)
+        if metrics.get("history") and metrics.get("checkpoint"):
+            save_training_curves(metrics["history"], metrics["test_report"]["class_names"],
+                                 Path(metrics["checkpoint"]).parent / "curves.png",
+                                 title=f"{cfg.name} {cfg.method.name} fold {fold}")
+        with lock:  # one MLflow writer at a time
+            tracking.log_fold(uri, parent, fold, metrics, cfg, log_model=log_model)
+            reports[fold] = metrics["test_report"]
+        event("finished", fold, metrics)
+
+    pending = [f for f in todo if f not in reports]
+    width = parallel or default_parallel(cfg, len(pending) or 1)
+    if width <= 1:
+        for fold in pending:
+            one(fold)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="ipb-fold") as pool:
+            for fut in concurrent.futures.as_completed([pool.submit(one, f) for f in pending]):
+                fut.result()
+    summary = tracking.log_summary(uri, parent, dict(sorted(reports.items())))
+    return CVResult(parent, dict(sorted(reports.items())), summary, skipped, root)
+
+
+def summary_json(result: CVResult) -> str:
+    return json.dumps({"parent_run_id": result.parent_run_id, "summary": result.summary,
+                       "skipped": result.skipped}, indent=2, default=float)
