@@ -99,6 +99,12 @@ def store(tmp_path_factory):
     # a CV parent without fold reports (e.g. still running) is left out, not fatal
     client.create_run(exp_id, run_name="unfinished", tags={"ipb.kind": "cv", "ipb.method": "ipb"})
     client.create_experiment("empty-experiment", artifact_location=(root / "empty").as_uri())
+    # one fold, no histories, NaN written as JSON null by a strict writer
+    single = client.create_experiment("single-fold", artifact_location=(root / "single").as_uri())
+    run = client.create_run(single, run_name="lonely", tags={"ipb.kind": "cv", "ipb.method": "ipb"})
+    rep = classification_report([0, 0, 1, 2], [0, 1, 1, 2], CLASSES)       # no Spread: TPR NaN
+    rep["tpr"]["Spread"] = None
+    client.log_text(run.info.run_id, json.dumps([{"fold": 0, "report": rep}]), "fold_reports.json")
     return uri, reports
 
 
@@ -110,9 +116,10 @@ def rendered(store, tmp_path_factory):
     return paths, paths["html"].read_text(encoding="utf-8"), paths["markdown"].read_text(encoding="utf-8"), reports
 
 
-def _row(text: str, first_cell: str) -> str:
-    """The table row (HTML or Markdown line) whose first cell is ``first_cell``."""
-    for line in text.splitlines():
+def _row(text: str, first_cell: str, section: str = "Per-class TPR") -> str:
+    """The table row (HTML or Markdown line) whose first cell is ``first_cell``, in the
+    first table after the heading that starts with ``section``."""
+    for line in text.split(section, 1)[1].splitlines():
         if line.startswith((f"<tr><td>{first_cell}</td>", f'<tr class="best"><td>{first_cell}</td>',
                             f"| {first_cell} |", f"| **{first_cell}** |")):
             return line
@@ -142,10 +149,10 @@ def test_header_and_names(rendered, store):
 def test_tpr_and_f1_cells_match_independent_computation(rendered):
     _, html_text, md, reports = rendered
     name = "IPB HRNet 10%"
-    for metric in ("tpr", "f1"):
+    for metric, section in (("tpr", "Per-class TPR"), ("f1", "Per-class F1")):
         vals = np.array([r[metric]["Dense"] for r in reports[name]])
         cell = f"{vals.mean():.4f} ± {vals.std(ddof=1):.4f}"
-        assert cell in _row(html_text, name) and cell in _row(md, name)
+        assert cell in _row(html_text, name, section) and cell in _row(md, name, section)
     macro = np.array([r["macro_tpr"] for r in reports[name]])
     assert f"{macro.mean():.4f} ± {macro.std(ddof=1):.4f}" in _row(html_text, name)
     # NaN-safe: MPL's fold 2 has no Spread, so that cell uses two folds and says so
@@ -192,3 +199,14 @@ def test_baseline_choice_and_errors(store, tmp_path):
     assert "ipb cv" in str(err.value) and uri in str(err.value)
     with pytest.raises(ValueError, match="empty-experiment.*ipb cv"):
         render_report(uri, "empty-experiment", tmp_path / "e")
+
+
+def test_single_fold_without_histories(store, tmp_path):
+    uri, _ = store
+    paths = render_report(uri, "single-fold", tmp_path / "s")
+    assert set(paths) == {"html", "markdown"}                     # no figure without data
+    md = paths["markdown"].read_text(encoding="utf-8")
+    row = _row(md, "**lonely**")
+    assert "| **1.0000 ± n/a** |" in row                          # one fold: no std
+    assert "| **n/a** | **0.8333 ± n/a** |" in row                # Spread absent: n/a, then macro
+    assert "Table 4" in md and "Table 5" not in md and "Figure" not in md
