@@ -1,0 +1,687 @@
+"""MLflow tracking of a cross-validation experiment (one configuration, all its folds).
+
+Layout in the tracking store (the names are the contract with :mod:`ipb_ray.report`):
+
+- **parent run**, one per configuration, named ``"{cfg.name}-{cfg.method.name}"`` unless
+  given; tags ``ipb.kind = "cv"``, ``ipb.config_key`` (:func:`config_key`), ``ipb.method``,
+  ``ipb.preset``, ``ipb.git_commit``, ``ipb.data_fingerprint``, ``ipb.labelled_fraction``,
+  ``ipb.backbone``; params :func:`ipb_ray.config.flatten` of the config (values ``str()``-ed);
+  after the last fold (:func:`log_summary`) metrics ``cv_{macro_tpr,macro_f1,
+  balanced_accuracy,accuracy}_{mean,std}``, ``cv_{tpr,f1}_{mean,std}/<class>`` and
+  ``cv_folds``; artifacts ``cv_summary.json`` (:func:`ipb_ray.stats.aggregate_folds`),
+  ``fold_reports.json`` (``[{"fold": k, "report": classification_report}, ...]`` in fold
+  order) and ``cv_confusion_matrix.png`` (summed over folds).
+- **child run** per fold (:func:`log_fold`), named ``"{parent name}-fold{k}"``; tags
+  ``mlflow.parentRunId``, ``ipb.kind = "fold"``, ``ipb.fold``, ``ipb.config_key``; metrics:
+  every numeric key of the per-epoch history (step = epoch, names sanitised to MLflow's
+  characters), and the final ``test_{macro_tpr,macro_f1,balanced_accuracy,accuracy}``,
+  ``test_{tpr,f1,precision}/<class>``; artifacts ``test_report.json``,
+  ``confusion_matrix.json`` (``{"class_names": [...], "matrix": [[...]]}``, rows = true
+  class), ``confusion_matrix.png``, ``history.json``; and optionally the selected network
+  as an MLflow model named ``model`` (load it with ``mlflow.pytorch.load_model(
+  "runs:/<child id>/model")`` or pyfunc): it takes one float32 batch ``(N, 1, S, S)`` in
+  [0, 1], S the largest patch side, cuts the centre itself for a multi-scale network and
+  returns softmax probabilities ``(N, C)``. It is pickled (unpickling needs ``ipb_ray``
+  importable); MLflow 3 keeps it as a *logged model* linked to the run, so it is not in the
+  run's artifact list: the tag ``ipb.model_uri`` holds its ``models:/<id>`` URI.
+
+Resuming: :func:`open_parent` reuses the parent run of an equal configuration (same
+``ipb.config_key`` and run name), :func:`finished_folds` says which folds already have a
+finished child run (the CV driver skips them), and :func:`log_fold` supersedes any older
+child run of the same fold (tag ``ipb.superseded_by``; a still RUNNING one is marked KILLED).
+
+Every function takes the tracking URI explicitly and works through an
+``mlflow.MlflowClient``; only logging the model goes through MLflow's fluent API, with the
+URI set for the call and restored after it (under a lock). Experiments are created when
+missing; with a SQLite store the artifacts go next to the database (``mlartifacts/``)
+rather than into the current directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from ipb_ray.config import ExperimentConfig, flatten, to_dict
+
+__all__ = [
+    "CV_KIND",
+    "FOLD_KIND",
+    "FOLD_REPORTS",
+    "config_key",
+    "data_fingerprint",
+    "find_parent",
+    "finished_folds",
+    "git_commit",
+    "load_cv",
+    "log_fold",
+    "log_summary",
+    "open_parent",
+    "sanitize_metric_name",
+]
+
+log = logging.getLogger(__name__)
+
+CV_KIND = "cv"
+FOLD_KIND = "fold"
+FOLD_REPORTS = "fold_reports.json"
+CV_SUMMARY = "cv_summary.json"
+TEST_REPORT = "test_report.json"
+MODEL_NAME = "model"
+PARENT_TAG = "mlflow.parentRunId"
+_MAX_PARAM_VALUE = 6000          # MLflow's limit on a param value (characters)
+_MAX_KEY = 250                   # MLflow's limit on a metric/param key
+_PARAMS_PER_BATCH = 100          # MlflowClient.log_batch limits
+_METRICS_PER_BATCH = 1000
+_PROJECT_DIR = Path(__file__).resolve().parents[1]
+# The fluent API (used to log the model) reads a process-wide tracking URI: one at a time.
+_FLUENT_LOCK = threading.Lock()
+
+
+# --------------------------------------------------------------------------- identities
+
+def config_key(cfg: ExperimentConfig) -> str:
+    """Short sha1 of the configuration without ``split.fold``, ``resources`` and
+    ``tracking`` (which do not change results): equal configs, equal keys."""
+    data = to_dict(cfg)
+    data.pop("resources", None)
+    data.pop("tracking", None)
+    data.get("split", {}).pop("fold", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def git_commit(path: str | Path = _PROJECT_DIR) -> str:
+    """``git rev-parse HEAD`` of the checkout holding ``path``; "unknown" outside one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(path), capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{7,64}", commit) else "unknown"
+
+
+def data_fingerprint(catalog: str | Path) -> str:
+    """sha1 of the catalog's ``catalog.json`` and ``folds.json`` bytes (those present);
+    "unknown" when neither is."""
+    h = hashlib.sha1()
+    found = False
+    for name in ("catalog.json", "folds.json"):
+        path = Path(catalog) / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+            found = True
+    return h.hexdigest() if found else "unknown"
+
+
+_BAD_CHARS = re.compile(r"[^\w\-. /]")
+
+
+def sanitize_metric_name(name: str) -> str:
+    """A metric/param key MLflow accepts: alphanumerics, ``_ - . / space`` (others become
+    ``_``), no empty, ``.`` or ``..`` path segments, at most 250 characters."""
+    text = _BAD_CHARS.sub("_", str(name))
+    parts = ["_" if p in (".", "..") else p for p in text.split("/") if p != ""]
+    return ("/".join(parts) or "_")[:_MAX_KEY]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _client(tracking_uri: str) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def _sqlite_artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """``<database dir>/mlartifacts/<experiment>`` for a SQLite store (MLflow's default
+    would be ``./mlruns`` of whatever directory the process runs in)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    if not db or db == ":memory:":
+        return None
+    safe = re.sub(r"[^\w.\-]", "_", experiment).strip(".") or "experiment"
+    return (Path(db).resolve().parent / "mlartifacts" / safe).as_uri()
+
+
+def _experiment_id(client: Any, tracking_uri: str, experiment: str, create: bool) -> str | None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise ValueError(f"MLflow experiment {experiment!r} at {tracking_uri!r} is deleted; restore it "
+                         "(mlflow experiments restore) or use another tracking.experiment")
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        return None
+    try:
+        return client.create_experiment(experiment, artifact_location=_sqlite_artifact_root(tracking_uri,
+                                                                                            experiment))
+    except Exception:  # created meanwhile by another process
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _get_run(client: Any, tracking_uri: str, run_id: str, what: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException as exc:
+        raise ValueError(f"{what} {run_id!r} not found at tracking URI {tracking_uri!r} ({exc.message}); "
+                         "pass the id returned by open_parent for this tracking URI") from None
+
+
+def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _quote(value: str) -> str:
+    if "'" in value:
+        raise ValueError(f"{value!r} contains a single quote, which MLflow search filters cannot hold")
+    return f"'{value}'"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number (NaN/inf/None/bool/str: None)."""
+    if not _is_number(value):
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):           # numpy arrays and scalars, torch tensors
+        return obj.tolist()
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+@contextlib.contextmanager
+def _quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per small artifact (unless the user set it explicitly)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _log_metrics(client: Any, run_id: str, items: Sequence[tuple[str, Any, int]]) -> int:
+    """Log (name, value, step) triples in batches; non-finite values are skipped."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(sanitize_metric_name(k), v, now, int(step))
+               for k, value, step in items if (v := _finite(value)) is not None]
+    for i in range(0, len(metrics), _METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=metrics[i:i + _METRICS_PER_BATCH])
+    return len(metrics)
+
+
+def _log_json(client: Any, run_id: str, obj: Any, name: str, tmp: Path) -> None:
+    path = tmp / name
+    path.write_text(json.dumps(obj, indent=2, default=_json_default), encoding="utf-8")
+    client.log_artifact(run_id, str(path))
+
+
+def _download_json(client: Any, run_id: str, name: str) -> Any:
+    with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as tmp, _quiet_downloads():
+        local = client.download_artifacts(run_id, name, tmp)
+        return json.loads(Path(local).read_text(encoding="utf-8"))
+
+
+def _has_artifact(client: Any, run_id: str, name: str) -> bool:
+    try:
+        return any(f.path == name for f in client.list_artifacts(run_id))
+    except Exception:
+        return False
+
+
+def _plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path,
+                    title: str = "") -> Path:
+    """Confusion matrix picture: colours are row shares (TPR on the diagonal), cells show
+    counts and row percentages. Uses matplotlib's object API (no pyplot state)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(class_names)
+    side = max(3.2, 0.9 * n + 1.8)
+    fig = Figure(figsize=(side + 0.8, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
+                    fontsize=8, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------- parent run
+
+def find_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig,
+                run_name: str | None = None) -> str | None:
+    """The newest parent run of ``cfg`` (same ``ipb.config_key`` and run name) in
+    ``experiment``, or None (also when the experiment does not exist)."""
+    client = _client(tracking_uri)
+    eid = _experiment_id(client, tracking_uri, experiment, create=False)
+    if eid is None:
+        return None
+    name = run_name or f"{cfg.name}-{cfg.method.name}"
+    runs = _search(client, eid, f"tags.`ipb.kind` = '{CV_KIND}' and "
+                                f"tags.`ipb.config_key` = {_quote(config_key(cfg))}")
+    for r in runs:  # newest first
+        if r.info.run_name == name:
+            return r.info.run_id
+    return None
+
+
+def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_name: str | None = None) -> str:
+    """The parent run id of ``cfg``'s cross-validation: an existing one of the same
+    configuration and name (resumed), else a new run with tags and params set."""
+    from mlflow.entities import Param
+
+    name = run_name or f"{cfg.name}-{cfg.method.name}"
+    found = find_parent(tracking_uri, experiment, cfg, run_name=name)
+    client = _client(tracking_uri)
+    if found is not None:
+        run = client.get_run(found)
+        if run.info.status in ("FAILED", "KILLED"):
+            client.update_run(found, status="RUNNING")
+        log.info("resuming MLflow parent run %s (%s) in experiment %r", name, found, experiment)
+        return found
+    eid = _experiment_id(client, tracking_uri, experiment, create=True)
+    tags = {
+        "ipb.kind": CV_KIND,
+        "ipb.config_key": config_key(cfg),
+        "ipb.method": cfg.method.name,
+        "ipb.preset": cfg.preset or "",
+        "ipb.git_commit": git_commit(),
+        "ipb.data_fingerprint": data_fingerprint(cfg.data.catalog),
+        "ipb.labelled_fraction": str(cfg.split.labelled_fraction),
+        "ipb.backbone": cfg.model.backbone,
+    }
+    run = client.create_run(eid, run_name=name, tags=tags)
+    rid = run.info.run_id
+    try:
+        params = [Param(sanitize_metric_name(k), str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(cfg).items()]
+        for i in range(0, len(params), _PARAMS_PER_BATCH):
+            client.log_batch(rid, params=params[i:i + _PARAMS_PER_BATCH])
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise
+    return rid
+
+
+# --------------------------------------------------------------------------- fold runs
+
+def _fold_children(client: Any, experiment_id: str, parent_id: str, fold: int | None = None) -> list[Any]:
+    filt = f"tags.`{PARENT_TAG}` = {_quote(parent_id)} and tags.`ipb.kind` = '{FOLD_KIND}'"
+    if fold is not None:
+        filt += f" and tags.`ipb.fold` = '{int(fold)}'"
+    return _search(client, experiment_id, filt)
+
+
+def _history_metrics(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any, int]]:
+    items: list[tuple[str, Any, int]] = []
+    for i, row in enumerate(history or []):
+        if not isinstance(row, Mapping):
+            continue
+        epoch = row.get("epoch", i)
+        step = int(epoch) if _is_number(epoch) else i
+        items.extend((key, value, step) for key, value in row.items()
+                     if key != "epoch" and _is_number(value))
+    return items
+
+
+def _final_metrics(report: Mapping[str, Any]) -> list[tuple[str, Any, int]]:
+    items: list[tuple[str, Any, int]] = [(f"test_{k}", report.get(k), 0) for k in
+                                         ("macro_tpr", "macro_f1", "balanced_accuracy", "accuracy")]
+    for metric in ("tpr", "f1", "precision"):
+        items.extend((f"test_{metric}/{c}", v, 0) for c, v in (report.get(metric) or {}).items())
+    return items
+
+
+def _model_input_side(cfg: ExperimentConfig) -> int:
+    return cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size
+
+
+def _probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
+    """``net`` behind one input: a float32 batch (N, 1, S, S) -> softmax probabilities."""
+    import torch
+
+    class ProbabilityModel(torch.nn.Module):
+        """A trained ipb_ray network taking one (N, 1, S, S) float32 batch in [0, 1] and
+        returning class probabilities (N, C); a multi-scale network's second input is the
+        batch's exact centre of side ``local_patch``."""
+
+        def __init__(self, net: Any, multi_scale: bool, local_patch: int) -> None:
+            super().__init__()
+            self.net = net
+            self.multi_scale = bool(multi_scale)
+            self.local_patch = int(local_patch)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x.float()
+            if self.multi_scale:
+                h, w = x.shape[-2], x.shape[-1]
+                y0, x0 = (h - self.local_patch) // 2, (w - self.local_patch) // 2
+                centre = x[..., y0:y0 + self.local_patch, x0:x0 + self.local_patch]
+                logits, _ = self.net(x, centre)
+            else:
+                logits, _ = self.net(x)
+            return torch.softmax(logits.float(), dim=-1)
+
+    return ProbabilityModel(net, multi_scale, local_patch).eval()
+
+
+def _load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: int) -> tuple[Any, str]:
+    """(network with the selected weights, "") or (None, why not)."""
+    import torch
+
+    from ipb_ray.training import CHECKPOINT_FILE, build_model
+
+    if not checkpoint:
+        return None, "the fold has no checkpoint"
+    path = Path(checkpoint) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None, f"{path} does not exist"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    best = state.get("best_model") if isinstance(state, Mapping) else None
+    if best is None:
+        return None, f"{path} holds no 'best_model' weights"
+    net = build_model(cfg, num_classes)
+    try:
+        net.load_state_dict(best)
+    except RuntimeError as exc:
+        raise ValueError(f"the best_model weights in {path} do not fit the configured network "
+                         f"(model.backbone={cfg.model.backbone}, data.multi_scale={cfg.data.multi_scale}, "
+                         f"{num_classes} classes): {exc}") from None
+    return net.eval(), ""
+
+
+@contextlib.contextmanager
+def _fluent_run(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at ``tracking_uri`` with ``run_id`` active, restored on
+    exit. The run ends FINISHED (FAILED on an exception), as ``mlflow.start_run`` does."""
+    import mlflow
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # pragma: no cover - older/newer MLflow without the helper
+        _use_tracking_uri = None
+
+    with _FLUENT_LOCK:
+        if _use_tracking_uri is not None:
+            uri_ctx = _use_tracking_uri(tracking_uri)
+        else:  # pragma: no cover
+            @contextlib.contextmanager
+            def uri_ctx_fn() -> Iterator[None]:
+                old = mlflow.get_tracking_uri()
+                mlflow.set_tracking_uri(tracking_uri)
+                try:
+                    yield
+                finally:
+                    mlflow.set_tracking_uri(old)
+            uri_ctx = uri_ctx_fn()
+        with uri_ctx:
+            nested = mlflow.active_run() is not None
+            with mlflow.start_run(run_id=run_id, nested=nested):
+                yield
+
+
+def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
+               class_names: Sequence[str]) -> str:
+    """Log ``net`` as the MLflow model ``model`` of ``run_id`` (ending the run FINISHED);
+    returns its model URI."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    side = _model_input_side(cfg)
+    wrapped = _probability_model(net, cfg.data.multi_scale, cfg.data.local_patch)
+    example = np.random.default_rng(0).random((2, 1, side, side), dtype=np.float32)
+    with torch.no_grad():
+        probs = wrapped(torch.from_numpy(example)).numpy()
+    signature = mlflow.models.infer_signature(example, probs)
+    reqs = []
+    for dist in ("torch", "cloudpickle", "numpy"):
+        try:
+            reqs.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pass
+    metadata = {"class_names": list(class_names), "input": f"float32 (N, 1, {side}, {side}) in [0, 1]",
+                "output": "softmax probabilities (N, C) in class_names order",
+                "multi_scale": bool(cfg.data.multi_scale), "local_patch": int(cfg.data.local_patch),
+                "backbone": cfg.model.backbone}
+    pt_logger = logging.getLogger("mlflow.pytorch")
+    old_level = pt_logger.level
+    with _fluent_run(tracking_uri, run_id):
+        pt_logger.setLevel(logging.ERROR)  # the pickle-format caution on every call
+        try:
+            # pickle: the pt2 default (torch.export) takes many times longer and needs an example
+            info = mlflow.pytorch.log_model(wrapped, name=MODEL_NAME, signature=signature,
+                                            pip_requirements=reqs, serialization_format="pickle",
+                                            metadata=metadata)
+        finally:
+            pt_logger.setLevel(old_level)
+    return info.model_uri
+
+
+def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping[str, Any],
+             cfg: ExperimentConfig, log_model: bool = True) -> str:
+    """Log one finished fold as a child run of ``parent_id``; returns the child run id.
+
+    ``fold_metrics``: what :func:`ipb_ray.training.train_fold` returns (``test_report``,
+    ``history``, ``checkpoint``, ...). Older child runs of the same fold are superseded. The
+    child run ends FINISHED once everything is logged (FAILED if logging fails).
+    """
+    client = _client(tracking_uri)
+    parent = _get_run(client, tracking_uri, parent_id, "parent run")
+    ptags = parent.data.tags
+    if ptags.get("ipb.kind") != CV_KIND:
+        raise ValueError(f"run {parent_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
+                         f"(tag ipb.kind={ptags.get('ipb.kind')!r}); pass the id returned by open_parent")
+    report = fold_metrics.get("test_report")
+    if not isinstance(report, Mapping) or "class_names" not in report:
+        raise ValueError(f"fold {fold} of parent run {parent.info.run_name!r} ({parent_id}): fold_metrics has "
+                         "no 'test_report' classification report; pass the dict train_fold returns")
+    fold = int(fold)
+    eid = parent.info.experiment_id
+    old_runs = _fold_children(client, eid, parent_id, fold)
+    name = f"{parent.info.run_name}-fold{fold}"
+    tags = {PARENT_TAG: parent_id, "ipb.kind": FOLD_KIND, "ipb.fold": str(fold),
+            "ipb.config_key": ptags.get("ipb.config_key", config_key(cfg)),
+            "ipb.method": ptags.get("ipb.method", cfg.method.name)}
+    if fold_metrics.get("param_digest"):
+        tags["ipb.param_digest"] = str(fold_metrics["param_digest"])
+    if fold_metrics.get("checkpoint"):
+        tags["ipb.checkpoint"] = str(fold_metrics["checkpoint"])[:5000]
+    child = client.create_run(eid, run_name=name, tags=tags).info.run_id
+    for old in old_runs:
+        if old.info.run_id == child:
+            continue
+        client.set_tag(old.info.run_id, "ipb.superseded_by", child)
+        if old.info.status in ("RUNNING", "SCHEDULED"):
+            client.set_terminated(old.info.run_id, "KILLED")
+    try:
+        history = list(fold_metrics.get("history") or [])
+        _log_metrics(client, child, _history_metrics(history) + _final_metrics(report))
+        class_names = list(report["class_names"])
+        with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as d:
+            tmp = Path(d)
+            _log_json(client, child, history, "history.json", tmp)
+            _log_json(client, child, {"class_names": class_names, "matrix": report.get("confusion_matrix", [])},
+                      "confusion_matrix.json", tmp)
+            if report.get("confusion_matrix"):
+                client.log_artifact(child, str(_plot_confusion(
+                    report["confusion_matrix"], class_names, tmp / "confusion_matrix.png",
+                    title=f"{name}: test fold {fold}")))
+            _log_json(client, child, dict(report), TEST_REPORT, tmp)  # last: marks the fold complete
+        net, why = _load_best_model(fold_metrics.get("checkpoint"), cfg, len(class_names)) if log_model \
+            else (None, "log_model=False")
+        if net is not None:
+            uri = _log_model(tracking_uri, child, net, cfg, class_names)  # ends the run FINISHED
+            client.set_tag(child, "ipb.model_uri", uri)
+        else:
+            if log_model:
+                log.warning("fold %d of %s: no model logged (%s)", fold, parent.info.run_name, why)
+            client.set_tag(child, "ipb.model_uri", "")
+        client.set_terminated(child, "FINISHED")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(child, "FAILED")
+        raise
+    return child
+
+
+def finished_folds(tracking_uri: str, parent_id: str) -> dict[int, dict]:
+    """``{fold: test_report}`` of the parent's FINISHED, not superseded child runs that hold
+    a ``test_report.json`` (the newest per fold); the CV driver skips these folds."""
+    client = _client(tracking_uri)
+    parent = _get_run(client, tracking_uri, parent_id, "parent run")
+    out: dict[int, dict] = {}
+    for r in _fold_children(client, parent.info.experiment_id, parent_id):  # newest first
+        tags = r.data.tags
+        if r.info.status != "FINISHED" or "ipb.superseded_by" in tags:
+            continue
+        try:
+            fold = int(tags.get("ipb.fold", ""))
+        except ValueError:
+            continue
+        if fold in out or not _has_artifact(client, r.info.run_id, TEST_REPORT):
+            continue
+        out[fold] = _download_json(client, r.info.run_id, TEST_REPORT)
+    return dict(sorted(out.items()))
+
+
+# --------------------------------------------------------------------------- summary
+
+def log_summary(tracking_uri: str, parent_id: str, fold_reports: Mapping[int, Mapping[str, Any]]) -> dict:
+    """Aggregate the folds' test reports (:func:`ipb_ray.stats.aggregate_folds`), log the
+    ``cv_*`` metrics and summary artifacts on the parent run and end it FINISHED."""
+    from ipb_ray.stats import aggregate_folds
+
+    client = _client(tracking_uri)
+    parent = _get_run(client, tracking_uri, parent_id, "parent run")
+    if not fold_reports:
+        raise ValueError(f"no fold reports to summarise for parent run {parent.info.run_name!r} ({parent_id}); "
+                         "log at least one fold first")
+    ordered = sorted((int(k), dict(v)) for k, v in fold_reports.items())
+    try:
+        summary = aggregate_folds([rep for _, rep in ordered])
+    except ValueError as exc:
+        raise ValueError(f"parent run {parent.info.run_name!r} ({parent_id}): {exc}") from None
+    items: list[tuple[str, Any, int]] = [("cv_folds", len(ordered), 0)]
+    for metric in ("macro_tpr", "macro_f1", "balanced_accuracy", "accuracy"):
+        items += [(f"cv_{metric}_mean", summary[metric]["mean"], 0), (f"cv_{metric}_std", summary[metric]["std"], 0)]
+    for metric in ("tpr", "f1"):
+        for c in summary["class_names"]:
+            items += [(f"cv_{metric}_mean/{c}", summary[metric]["mean"][c], 0),
+                      (f"cv_{metric}_std/{c}", summary[metric]["std"][c], 0)]
+    _log_metrics(client, parent_id, items)
+    with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as d:
+        tmp = Path(d)
+        _log_json(client, parent_id, summary, CV_SUMMARY, tmp)
+        _log_json(client, parent_id, [{"fold": k, "report": rep} for k, rep in ordered], FOLD_REPORTS, tmp)
+        client.log_artifact(parent_id, str(_plot_confusion(
+            summary["confusion_matrix"], summary["class_names"], tmp / "cv_confusion_matrix.png",
+            title=f"{parent.info.run_name}: summed over {len(ordered)} folds")))
+    client.set_terminated(parent_id, "FINISHED")
+    return summary
+
+
+# --------------------------------------------------------------------------- reading back
+
+def load_cv(tracking_uri: str, experiment: str, name_or_id: str) -> tuple[str, dict[int, dict]]:
+    """(parent run id, ``{fold: test_report}``) of a cross-validation parent run given by
+    run id or by run name (the newest parent with that name). Reports come from
+    ``fold_reports.json``, or from the finished child runs when it is absent."""
+    client = _client(tracking_uri)
+    eid = _experiment_id(client, tracking_uri, experiment, create=False)
+    if eid is None:
+        names = [e.name for e in client.search_experiments()][:10]
+        raise ValueError(f"MLflow experiment {experiment!r} does not exist at tracking URI {tracking_uri!r} "
+                         f"(experiments there: {', '.join(names) or 'none'}); check tracking.experiment "
+                         "and tracking.tracking_uri, or run `ipb cv` first")
+    parent = None
+    if re.fullmatch(r"[0-9a-f]{32}", name_or_id):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = client.get_run(name_or_id)
+        except MlflowException:
+            parent = None
+    if parent is None:
+        parents = _search(client, eid, f"tags.`ipb.kind` = '{CV_KIND}'")  # newest first
+        parent = next((r for r in parents if r.info.run_name == name_or_id), None)
+        if parent is None:
+            seen: list[str] = []
+            for r in parents:
+                if r.info.run_name not in seen:
+                    seen.append(r.info.run_name)
+            listing = ", ".join(repr(n) for n in seen[:10]) + (", ..." if len(seen) > 10 else "")
+            raise ValueError(f"no cross-validation parent run named or with id {name_or_id!r} in MLflow "
+                             f"experiment {experiment!r} at {tracking_uri!r}; available parent runs "
+                             f"(newest first): {listing or 'none'}")
+    if parent.data.tags.get("ipb.kind") != CV_KIND:
+        hint = parent.data.tags.get(PARENT_TAG)
+        more = f"; its parent run is {hint}" if hint else ""
+        raise ValueError(f"run {name_or_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
+                         f"(tag ipb.kind={parent.data.tags.get('ipb.kind')!r}){more}")
+    rid = parent.info.run_id
+    if _has_artifact(client, rid, FOLD_REPORTS):
+        entries = _download_json(client, rid, FOLD_REPORTS)
+        return rid, dict(sorted((int(e["fold"]), e["report"]) for e in entries))
+    return rid, finished_folds(tracking_uri, rid)

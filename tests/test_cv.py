@@ -1,0 +1,88 @@
+"""Cross-validation on a local Ray cluster, tracked in a real MLflow store; resume; fold views."""
+
+from __future__ import annotations
+
+import pytest
+
+from ipb_ray.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cv_catalog(tmp_path_factory, ray_local):
+    from test_preprocess import make_frames
+
+    from ipb_ray.preprocess import build_catalog
+
+    root = make_frames(tmp_path_factory.mktemp("cv"), n_frames=8, seed=7)
+    build_catalog(_cfg(root))
+    return root
+
+
+def _cfg(root, *extra):
+    return load_config(preset="demo", overrides=[
+        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=cv-test",
+        "split.folds=2", "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1",
+        "model.backbone=patch_stats", "model.feature_dim=8", "data.global_patch=48", "data.local_patch=24",
+        "method.batch_size=4", *extra])
+
+
+def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_catalog):
+    from mlflow import MlflowClient
+
+    from ipb_ray.cv import run_cv
+    from ipb_ray.stats import aggregate_folds
+
+    cfg = _cfg(cv_catalog, "name=cvtest")
+    events = []
+    first = run_cv(cfg, [0], log_model=False, on_event=lambda kind, fold, info: events.append((kind, fold)))
+    assert sorted(first.reports) == [0] and first.skipped == []
+    assert events == [("started", 0), ("finished", 0)]
+    events.clear()
+    # the same command for all folds: fold 0 is found finished in MLflow, fold 1 trains
+    full = run_cv(cfg, log_model=True, on_event=lambda kind, fold, info: events.append((kind, fold)))
+    assert full.parent_run_id == first.parent_run_id and full.skipped == [0]
+    assert events == [("skipped", 0), ("started", 1), ("finished", 1)]
+    assert full.reports[0] == first.reports[0]
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("cv-test")
+    parent = client.get_run(full.parent_run_id)
+    assert parent.data.tags["ipb.kind"] == "cv" and parent.data.tags["ipb.method"] == "supervised"
+    assert parent.data.params["method.epochs"] == "1"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{full.parent_run_id}'")
+    assert sorted(c.data.tags["ipb.fold"] for c in children) == ["0", "1"]
+    want = aggregate_folds([full.reports[0], full.reports[1]])
+    assert parent.data.metrics["cv_macro_tpr_mean"] == pytest.approx(want["macro_tpr"]["mean"])
+    for child in children:
+        assert "test_macro_tpr" in child.data.metrics
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [0]
+    fold1 = next(c for c in children if c.data.tags["ipb.fold"] == "1")
+    names = {a.path for a in client.list_artifacts(fold1.info.run_id)}
+    assert {"test_report.json", "confusion_matrix.png"} <= names
+    assert fold1.data.tags["ipb.model_uri"]  # the best student, an MLflow model (MLflow 3 keeps it apart)
+    # everything finished: a third run trains nothing
+    again = run_cv(cfg, log_model=False)
+    assert again.skipped == [0, 1] and again.summary["folds"] == 2
+
+
+def test_another_labelled_fraction_draws_folds_in_a_catalog_view(cv_catalog):
+    from ipb_ray.cv import fold_catalog
+    from ipb_ray.folds import read_folds
+
+    same = fold_catalog(_cfg(cv_catalog))
+    assert same == str(cv_catalog / "catalog")
+    view = fold_catalog(_cfg(cv_catalog, "split.labelled_fraction=0.2"))
+    assert "views" in view and read_folds(view).labelled_fraction == pytest.approx(0.2)
+    assert read_folds(cv_catalog / "catalog").labelled_fraction == pytest.approx(0.4)  # untouched
+    assert fold_catalog(_cfg(cv_catalog, "split.labelled_fraction=0.2")) == view  # reused
+
+
+def test_unknown_fold_is_refused(cv_catalog):
+    from ipb_ray.cv import run_cv
+
+    with pytest.raises(ValueError, match=r"folds \[5\] do not exist"):
+        run_cv(_cfg(cv_catalog, "name=bad"), [5])
