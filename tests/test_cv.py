@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ipb_ray.config import load_config
@@ -46,7 +48,7 @@ def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_
     full = run_cv(cfg, log_model=True, on_event=lambda kind, fold, info: events.append((kind, fold)))
     assert full.parent_run_id == first.parent_run_id and full.skipped == [0]
     assert events == [("skipped", 0), ("started", 1), ("finished", 1)]
-    assert full.reports[0] == first.reports[0]
+    assert json.dumps(full.reports[0], sort_keys=True) == json.dumps(first.reports[0], sort_keys=True)
 
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name("cv-test")
