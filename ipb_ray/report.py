@@ -235,8 +235,8 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
     by_parent = {c.run_id: c for c in configs}
     for r in runs:
         c = by_parent.get(r.data.tags.get("mlflow.parentRunId", ""))
-        if c is None or r.data.tags.get("ipb.kind", "fold") != "fold":
-            continue
+        if c is None or r.data.tags.get("ipb.kind", "fold") != "fold" or r.data.tags.get("ipb.superseded_by"):
+            continue  # not a fold run of a reported configuration, or replaced by a later run of its fold
         c.child_ids.append(r.info.run_id)
         for key in sorted(k for k in r.data.metrics if _wanted_metric(k)):
             c.histories.setdefault(key, []).append(_history(client, r.info.run_id, key))

@@ -133,3 +133,15 @@ def test_history_table_curves_and_comparison_render(tmp_path, capsys):
     assert "0.80->0.52" in out and "0.20->0.48" in out and "teacher" in out and "mpl" in out
     png = save_training_curves(history, names, tmp_path / "c.png", title="t")
     assert png.stat().st_size > 5000
+
+
+def test_cv_compare_report_bad_input_messages(tmp_path):
+    result = runner.invoke(app, ["cv", "--preset", "demo", "--labelled-fraction", "0.1,lots"])
+    assert result.exit_code == 2 and "numbers separated by commas" in result.output
+    result = runner.invoke(app, ["cv", "--preset", "demo", "--labelled-fraction", "0.1,1.5"])
+    assert result.exit_code == 2 and "must lie in (0, 1)" in result.output
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["report", "nowhere", "--tracking-uri", uri, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "nowhere" in result.output and "ipb cv" in result.output
+    result = runner.invoke(app, ["compare", "a-ipb", "b-ipb", "--experiment", "nowhere", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "nowhere" in result.output

@@ -88,3 +88,15 @@ def test_unknown_fold_is_refused(cv_catalog):
 
     with pytest.raises(ValueError, match=r"folds \[5\] do not exist"):
         run_cv(_cfg(cv_catalog, "name=bad"), [5])
+
+
+def test_two_folds_in_parallel_share_a_two_cpu_cluster(cv_catalog):
+    from ipb_ray.cv import default_parallel, run_cv
+
+    cfg = _cfg(cv_catalog, "name=par", "resources.cpus_per_worker=0.5")
+    assert default_parallel(cfg, 2) == 1  # 0.5 + 1 CPU per fold on 2 CPUs: the safe default is one at a time
+    events = []
+    result = run_cv(cfg, parallel=2, log_model=False, on_event=lambda kind, fold, info: events.append((kind, fold)))
+    assert sorted(result.reports) == [0, 1] and result.summary["folds"] == 2
+    starts = [i for i, e in enumerate(events) if e[0] == "started"]
+    assert starts[:2] == [0, 1]  # both folds started before either finished: they ran side by side
