@@ -7,6 +7,7 @@ function; progress bars and tables live here, never in the library.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
@@ -495,6 +496,9 @@ def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow's database set-up chatter on a new tracking store (MLflow reads this at import)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     app()
 
 

@@ -70,7 +70,9 @@ def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
         drop = {c for c, flag in zip(multi.column("colony_id").to_pylist(), multi.column("multi_label").to_pylist())
                 if flag}
         unlabelled = [c for c in unlabelled if c not in drop]
-    return FoldInputs(root, names, tuple(roles["L"]), tuple(index[label_of[c]] for c in roles["L"]),
+    # Train workers run in their own working directory: hand them an absolute local path
+    where = root if "://" in str(root) else os.path.abspath(root)
+    return FoldInputs(where, names, tuple(roles["L"]), tuple(index[label_of[c]] for c in roles["L"]),
                       tuple(roles["V"]), tuple(roles["T"]), tuple(unlabelled),
                       tuple(index.get(label_of.get(c), -1) for c in unlabelled))
 

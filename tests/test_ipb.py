@@ -133,3 +133,11 @@ def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
     assert not multi & set(without.unlabelled)
     assert set(without.unlabelled) == set(with_ml.unlabelled) - multi
     assert without.labelled == with_ml.labelled and without.test == with_ml.test
+
+
+def test_fold_inputs_hand_workers_an_absolute_catalog_path(world, monkeypatch):
+    from ipb_ray.training import fold_inputs
+
+    monkeypatch.chdir(world)
+    inputs = fold_inputs(_cfg(world, "data.catalog=catalog"), 0)  # relative, as in the demo
+    assert os.path.isabs(inputs.catalog) and inputs.catalog == str(world / "catalog")
