@@ -295,6 +295,21 @@ def _parse_fractions(text: Optional[str]) -> list[float]:
     return values
 
 
+def print_paired(rows: list, name_a: str, name_b: str) -> None:
+    """The paired tests as a table; ``*`` marks p < alpha."""
+    def p(v: float, sig: bool) -> str:
+        return "n/a" if v != v else f"{v:.3g}{' *' if sig else ''}"
+
+    alpha = rows[0]["alpha"] if rows else 0.05
+    table = Table("metric", name_a, name_b, "B - A", "t-test p", "Wilcoxon p", "n",
+                  title=f"{name_b} (B) against {name_a} (A), paired over folds; * p < {alpha:g}")
+    for r in rows:
+        label = f"TPR {r['name']}" if r["metric"] == "tpr" else r["name"]
+        table.add_row(label, f"{r['mean_a']:.3f}", f"{r['mean_b']:.3f}", f"{r['diff']:+.3f}",
+                      p(r["p_t"], r["significant_t"]), p(r["p_w"], r["significant_w"]), str(r["n"]))
+    console.print(table)
+
+
 def _cv_one(cfg: cfgmod.ExperimentConfig, folds: Optional[List[int]], parallel: Optional[int],
             log_model: bool, run_name: Optional[str] = None):
     from ipb_ray.cv import run_cv
@@ -364,7 +379,8 @@ def compare(run_a: str = typer.Argument(..., help="Parent run (name or id) of co
             run_b: str = typer.Argument(..., help="Parent run (name or id) of configuration B."),
             experiment: str = typer.Option("ipb-ray", help="MLflow experiment."),
             tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI."),
-            alpha: float = typer.Option(0.05, help="Significance level.")) -> None:
+            alpha: float = typer.Option(0.05, help="Significance level."),
+            markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table instead.")) -> None:
     """Paired comparison of two cross-validated configurations, per class and macro, over
     their common folds: Student's t-test (as in the paper) and Wilcoxon signed-rank."""
     from ipb_ray.stats import format_comparison, paired_tests
@@ -379,7 +395,10 @@ def compare(run_a: str = typer.Argument(..., help="Parent run (name or id) of co
                              "needs at least 2 common folds (run more folds with `ipb cv`)")
         rows = paired_tests([a[f] for f in common], [b[f] for f in common], alpha=alpha)
         console.print(f"folds compared: {common}", highlight=False)
-        console.print(format_comparison(rows, run_a, run_b), highlight=False, markup=False)
+        if markdown:
+            print(format_comparison(rows, run_a, run_b))
+        else:
+            print_paired(rows, run_a, run_b)
 
 
 @app.command()
@@ -440,7 +459,7 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
 
 
 def _demo_compare(results: dict, folds: int) -> None:
-    from ipb_ray.stats import format_comparison, paired_tests
+    from ipb_ray.stats import paired_tests
 
     table = Table("method", "macro TPR (mean ± std)", "worst-class TPR (mean)", "macro F1 (mean ± std)",
                   title=f"test folds 0..{folds - 1}: the three methods (demo sizes: a smoke signal, not a result)")
@@ -457,8 +476,7 @@ def _demo_compare(results: dict, folds: int) -> None:
         other = results[method].reports
         common = sorted(set(base) & set(other))
         if len(common) >= 2:
-            rows = paired_tests([base[f] for f in common], [other[f] for f in common])
-            console.print(format_comparison(rows, "supervised", method), highlight=False, markup=False)
+            print_paired(paired_tests([base[f] for f in common], [other[f] for f in common]), "supervised", method)
 
 
 def _demo_overrides(seed: int, world: Path, out: Path) -> list[str]:
