@@ -415,6 +415,51 @@ def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment t
         console.print(f"report: {paths['html']} (open in a browser) and {paths['markdown']}", highlight=False)
 
 
+@app.command()
+def tune(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+         overrides: Optional[List[str]] = OVERRIDES_ARG,
+         space: Path = typer.Option(Path("tune/spaces/ipb.yaml"), "--space", help="Search space YAML."),
+         trials: int = typer.Option(10, "--trials", help="Trials to run (added to the study with --resume)."),
+         out: Path = typer.Option(Path("tune_results"), "--out", "-o", help="Study, Tune results and best.yaml."),
+         objective: str = typer.Option("fold", help="fold: validation balanced accuracy on one fold (ASHA per "
+                                       "epoch); kfold: the mean over --folds folds."),
+         folds: int = typer.Option(3, help="Folds of the kfold objective."),
+         fold: int = typer.Option(0, help="Fold of the fold objective."),
+         resume: bool = typer.Option(False, "--resume", help="Add trials to the study in --out."),
+         max_concurrent: Optional[int] = typer.Option(None, help="Trials at once (default: what the cluster holds)."),
+         grace_period: int = typer.Option(1, help="ASHA: epochs (or folds) every trial gets."),
+         top: int = typer.Option(5, help="Trials to list at the end."),
+         address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a local cluster.")
+         ) -> None:
+    """Search hyperparameters with Ray Tune (Optuna TPE + ASHA), tracked in MLflow; writes the
+    best configuration as a YAML that `ipb cv --config` takes."""
+    from ipb_ray.search import run_search
+
+    extra = [f"resources.address={address}"] if address else []
+    with _user_errors():
+        cfg = _resolve(config, preset, list(overrides or []) + extra)
+        chosen = (fold,) if objective == "fold" else tuple(range(folds))
+        result = run_search(cfg, space, trials, out=out, objective=objective, folds=chosen, resume=resume,
+                            max_concurrent=max_concurrent, grace_period=grace_period)
+        keys = sorted({k for r in result.trials for k in r["params"]})
+        table = Table("objective", "epochs", *keys, title=f"top {top} trials of this run (objective: {objective})")
+        ranked = sorted(result.trials, key=lambda r: -(r["objective"] if r["objective"] == r["objective"] else -1))
+        for r in ranked[:top]:
+            table.add_row(f"{r['objective']:.4f}", str(r["iterations"]),
+                          *(f"{r['params'].get(k):.4g}" if isinstance(r["params"].get(k), float)
+                            else str(r["params"].get(k)) for k in keys))
+        console.print(table)
+        if result.importances:
+            imp = Table("parameter", "importance", title="parameter importances (Optuna, whole study)")
+            for k, v in sorted(result.importances.items(), key=lambda kv: -kv[1]):
+                imp.add_row(k, f"{v:.3f}")
+            console.print(imp)
+        console.print(f"best objective {result.best_value:.4f} with {result.best_params}", highlight=False)
+        console.print(f"best config: {result.best_yaml}  ->  ipb cv --config {result.best_yaml}", highlight=False)
+        console.print(f"Optuna study: {result.study_storage} (study 'ipb-search'); MLflow parent run "
+                      f"{result.parent_run_id}", highlight=False)
+
+
 DEMO_METHODS = (("supervised", "supervised multi-scale HRNet baseline"),
                 ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
                 ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))

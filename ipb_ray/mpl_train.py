@@ -212,6 +212,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                 val = validate(teacher, inputs, spec_eval, columns, device, amp, m.batch_size)
                 if val is not None:
                     metrics["teacher_val_balanced_accuracy"] = val["balanced_accuracy"]
+                    metrics["objective"] = val["balanced_accuracy"]  # the teacher is all there is yet
             metrics["epoch_seconds"] = time.perf_counter() - t_epoch
             if rank == 0:
                 history.append(dict(metrics))
@@ -303,6 +304,8 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                 val = validate(net, inputs, spec_eval, columns, device, amp, m.batch_size)
                 if val is not None:
                     metrics[f"{tag}_val_balanced_accuracy"] = val["balanced_accuracy"]
+            if "student_val_balanced_accuracy" in metrics:
+                metrics["objective"] = metrics["student_val_balanced_accuracy"]
             score = metrics.get("student_val_balanced_accuracy", float(g))  # no V: the latest student
             if score >= best_metric:
                 best_metric, best_state = score, snapshot(selected())

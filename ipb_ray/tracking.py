@@ -685,3 +685,46 @@ def load_cv(tracking_uri: str, experiment: str, name_or_id: str) -> tuple[str, d
         entries = _download_json(client, rid, FOLD_REPORTS)
         return rid, dict(sorted((int(e["fold"]), e["report"]) for e in entries))
     return rid, finished_folds(tracking_uri, rid)
+
+
+# --------------------------------------------------------------------------- searches
+
+SEARCH_KIND = "search"
+
+
+def open_search_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, out: str | Path,
+                       space: Mapping[str, Any]) -> str:
+    """The parent run of a hyperparameter search kept in ``out``: the existing one (a
+    resumed search) or a new run holding the base config as params and the space."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    eid = _experiment_id(client, tracking_uri, experiment, create=True)
+    where = str(Path(out).resolve())
+    for r in _search(client, eid, f"tags.`ipb.kind` = '{SEARCH_KIND}' and tags.`ipb.search_dir` = {_quote(where)}"):
+        if r.info.status != "RUNNING":
+            client.update_run(r.info.run_id, status="RUNNING")
+        return r.info.run_id
+    tags = {"ipb.kind": SEARCH_KIND, "ipb.search_dir": where, "ipb.method": cfg.method.name,
+            "ipb.preset": cfg.preset or "", "ipb.git_commit": git_commit(),
+            "ipb.data_fingerprint": data_fingerprint(cfg.data.catalog)}
+    rid = client.create_run(eid, run_name=f"{cfg.name}-{cfg.method.name}-search", tags=tags).info.run_id
+    params = [Param(sanitize_metric_name(k), str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(cfg).items()]
+    for i in range(0, len(params), _PARAMS_PER_BATCH):
+        client.log_batch(rid, params=params[i:i + _PARAMS_PER_BATCH])
+    with tempfile.TemporaryDirectory() as tmp:
+        _log_json(client, rid, dict(space), "space.json", Path(tmp))
+    return rid
+
+
+def close_search_parent(tracking_uri: str, parent_id: str, best_params: Mapping[str, Any], best_value: float,
+                        best_yaml: str | Path, importances: Mapping[str, float]) -> None:
+    """Log a search's outcome on its parent run (best value, best parameters as tags,
+    parameter importances, ``best.yaml``) and mark it finished."""
+    client = _client(tracking_uri)
+    _log_metrics(client, parent_id, [("best_objective", best_value, 0),
+                                     *((f"importance/{k}", v, 0) for k, v in importances.items())])
+    for k, v in best_params.items():
+        client.set_tag(parent_id, f"ipb.best.{k}", str(v))
+    client.log_artifact(parent_id, str(best_yaml))
+    client.set_terminated(parent_id, "FINISHED")

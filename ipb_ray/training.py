@@ -207,6 +207,7 @@ def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     import ray.train
     import torch
 
+    metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
@@ -307,7 +308,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             val = validate(model, inputs, spec_eval, columns, device, amp, m.batch_size)
             if val is not None:
-                metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"])
+                metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"],
+                               objective=val["balanced_accuracy"])
             score = val["balanced_accuracy"] if val is not None else float(epoch)  # no V: the latest model
             if score >= best_metric:
                 best_metric, best_state = score, snapshot(model)
@@ -379,9 +381,12 @@ def param_digest(model: Any) -> str:
 
 # --------------------------------------------------------------------------- driver side
 
-def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: str | None = None
-               ) -> dict[str, Any]:
-    """Train and test one fold; returns the final metrics (with ``test_report``)."""
+def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: str | None = None,
+               callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """Train and test one fold; returns the final metrics (with ``test_report``).
+
+    ``callbacks``: Ray Train callbacks for the run (a Tune trial passes
+    ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -437,7 +442,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=os.path.abspath(cfg.tracking.storage_path),
                              failure_config=FailureConfig(max_failures=r.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
+                             callbacks=callbacks or None),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train", "unlabelled"] if semi else ["train"]))
     try:

@@ -1,0 +1,96 @@
+"""Hyperparameter search: space checks (pure), and a real Tune + Optuna + ASHA search on a
+local Ray cluster with MLflow tracking and a resumed study."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from ipb_ray.config import ConfigError, load_config
+from ipb_ray.search import load_space, trial_config
+
+
+def _space(tmp_path, text):
+    p = tmp_path / "space.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_space_is_valid_for_the_ipb_presets():
+    from pathlib import Path
+
+    space = load_space(Path(__file__).resolve().parents[1] / "tune" / "spaces" / "ipb.yaml",
+                       load_config(preset="ml_ms_ipb_hrnet"))
+    assert space["method.threshold"] == {"type": "uniform", "low": 0.5, "high": 0.95}
+    assert space["method.batch_size"]["values"] == [16, 32, 64]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method.treshold: {type: uniform, low: 0.5, high: 0.9}", "did you mean 'method.threshold'"),
+    ("method.threshold: {type: normal, low: 0.5, high: 0.9}", "type one of loguniform"),
+    ("method.threshold: {type: uniform, low: 0.9, high: 0.5}", "low < high"),
+    ("method.lr: {type: loguniform, low: 0, high: 0.1}", "loguniform needs low > 0"),
+    ("method.threshold: {type: uniform, low: 0.5, high: 1.5}", "value 1.5 is not allowed"),
+    ("method.batch_size: {type: choice, values: []}", "non-empty list"),
+    ("model.backbone: {type: choice, values: [hrnet, resnet]}", "value 'resnet' is not allowed"),
+])
+def test_bad_spaces_name_the_file_key_and_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_space(_space(tmp_path, text), load_config(preset="demo"))
+    assert "space.yaml" in str(err.value)
+
+
+def test_trial_config_applies_numpy_samples_and_names_the_trial():
+    import numpy as np
+
+    cfg = trial_config(load_config(preset="demo"), {"method.threshold": np.float64(0.7),
+                                                    "method.batch_size": np.int64(32)}, "t-00001")
+    assert cfg.method.threshold == 0.7 and cfg.method.batch_size == 32 and cfg.name == "demo-t-00001"
+
+
+# --------------------------------------------------------------------------- on Ray
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_path, ray_local):
+    import optuna
+    from mlflow import MlflowClient
+
+    from test_preprocess import make_frames
+
+    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.search import run_search
+
+    root = make_frames(tmp_path / "w", n_frames=8, seed=7)
+    cfg = load_config(preset="demo", overrides=[
+        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.catalog={root / 'catalog'}", f"tracking.storage_path={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=search-test",
+        "split.folds=2", "split.labelled_fraction=0.5", "split.val_fraction=0.4", "method.name=supervised",
+        "method.epochs=3", "model.backbone=patch_stats", "model.feature_dim=8", "data.global_patch=48",
+        "data.local_patch=24", "method.batch_size=4", "name=s"])
+    build_catalog(cfg)
+    # one value learns, the other blows the weights up (NaN): a clearly bad trial
+    space = _space(tmp_path, "method.lr: {type: choice, values: [0.05, 1.0e+6]}\n"
+                             "method.momentum: {type: uniform, low: 0.0, high: 0.9}\n")
+    out = tmp_path / "search"
+    result = run_search(cfg, space, 3, out=out, max_concurrent=1)
+    print(result.trials)
+    assert len(result.trials) == 3
+    assert any(r["iterations"] < 3 for r in result.trials), "ASHA stopped no trial early"
+    best = load_config(result.best_yaml)  # the YAML `ipb cv --config` takes
+    assert best.method.lr == result.best_params["method.lr"] and best.method.name == "supervised"
+    assert yaml.safe_load(result.best_yaml.read_text())["data"]["catalog"] == str(root / "catalog")
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("search-test")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["ipb.kind"] == "search" and "best_objective" in parent.data.metrics
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 3 and all("method.lr" in c.data.params for c in children)
+    # --resume: two more trials in the same study and under the same parent
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_search(cfg, space, 1, out=out)
+    more = run_search(cfg, space, 2, out=out, resume=True, max_concurrent=1)
+    assert more.parent_run_id == result.parent_run_id
+    study = optuna.load_study(study_name="ipb-search", storage=f"sqlite:///{out / 'study.db'}")
+    assert len(study.trials) == 5
