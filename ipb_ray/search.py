@@ -186,12 +186,13 @@ def epochs_of(cfg: ExperimentConfig) -> int:
 def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, out: str | Path,
                objective: str = "fold", folds: tuple[int, ...] = (0,), resume: bool = False,
                max_concurrent: int | None = None, grace_period: int = 1, reduction_factor: int = 2,
-               seed: int | None = None) -> SearchResult:
+               seed: int | None = None, points_to_evaluate: list[dict[str, Any]] | None = None) -> SearchResult:
     """Run ``trials`` trials of a search over ``space_path`` on the Ray cluster.
 
     ``out``: directory for the Optuna study (``study.db``), Tune's results and ``best.yaml``.
     ``resume``: add the trials to the study already in ``out`` (refused without one; a new
-    search refuses an existing study so nothing is mixed by accident)."""
+    search refuses an existing study so nothing is mixed by accident). ``points_to_evaluate``:
+    parameter sets to try first (e.g. the preset's own values), before TPE proposes."""
     import optuna
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -219,8 +220,13 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     study_name = "ipb-search"
     seed = cfg.seed if seed is None else seed
     previous = len(optuna.load_study(study_name=study_name, storage=storage_url).trials) if resume else 0
+    for point in points_to_evaluate or []:
+        unknown = set(point) - set(space)
+        if unknown:
+            raise ValueError(f"points_to_evaluate names {sorted(unknown)}, which the space {space_path} does not hold")
     searcher = OptunaSearch(metric=METRIC, mode="max", sampler=optuna.samplers.TPESampler(seed=seed + previous),
-                            study_name=study_name, storage=optuna.storages.RDBStorage(storage_url))
+                            study_name=study_name, storage=optuna.storages.RDBStorage(storage_url),
+                            points_to_evaluate=points_to_evaluate or None)
     max_t = len(folds) if objective == "kfold" else epochs_of(cfg)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(max_t, 1), grace_period=grace_period,
                               reduction_factor=reduction_factor)

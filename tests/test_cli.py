@@ -145,3 +145,15 @@ def test_cv_compare_report_bad_input_messages(tmp_path):
     assert result.exit_code == 2 and "nowhere" in result.output and "ipb cv" in result.output
     result = runner.invoke(app, ["compare", "a-ipb", "b-ipb", "--experiment", "nowhere", "--tracking-uri", uri])
     assert result.exit_code == 2 and "nowhere" in result.output
+
+
+def test_tune_bad_input_messages(tmp_path):
+    result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "none.yaml not found" in result.output
+    space = tmp_path / "s.yaml"
+    space.write_text("method.threshold: {type: uniform, low: 0.5, high: 0.9}\n")
+    result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "--resume",
+                                 "--out", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "no study in" in result.output
+    result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "--objective", "best"])
+    assert result.exit_code == 2 and "objective 'best'" in result.output

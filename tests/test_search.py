@@ -56,41 +56,46 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     import optuna
     from mlflow import MlflowClient
 
-    from test_preprocess import make_frames
-
+    from ipb_ray import synth
     from ipb_ray.preprocess import build_catalog
     from ipb_ray.search import run_search
 
-    root = make_frames(tmp_path / "w", n_frames=8, seed=7)
+    root = tmp_path / "w"
+    synth.write_world(synth.SynthConfig(frames=6, frame_size=768, colonies_per_frame=20, colony_scale=0.35,
+                                        seed=3, image_format="png"), root / "world")
     cfg = load_config(preset="demo", overrides=[
-        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
+        f"data.frames={root / 'world'}", "data.annotations=null",
         f"data.catalog={root / 'catalog'}", f"tracking.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=search-test",
-        "split.folds=2", "split.labelled_fraction=0.5", "split.val_fraction=0.4", "method.name=supervised",
-        "method.epochs=3", "model.backbone=patch_stats", "model.feature_dim=8", "data.global_patch=48",
-        "data.local_patch=24", "method.batch_size=4", "name=s"])
+        "split.folds=3", "split.labelled_fraction=0.6", "split.val_fraction=0.5", "method.name=supervised",
+        "method.epochs=3", "model.backbone=patch_stats", "model.feature_dim=16", "data.global_patch=48",
+        "data.local_patch=24", "method.batch_size=8", "name=s"])
     build_catalog(cfg)
-    # one value learns, the other blows the weights up (NaN): a clearly bad trial
-    space = _space(tmp_path, "method.lr: {type: choice, values: [0.05, 1.0e+6]}\n"
+    # a value that learns, then one that blows the weights up (NaN, one class for all): a
+    # clearly bad trial, which ASHA must stop after its first epoch
+    space = _space(tmp_path, "method.lr: {type: choice, values: [0.05, 10.0]}\n"
                              "method.momentum: {type: uniform, low: 0.0, high: 0.9}\n")
+    points = [{"method.lr": 0.05, "method.momentum": 0.9}, *({"method.lr": 10.0, "method.momentum": m}
+                                                             for m in (0.9, 0.5, 0.0))]
     out = tmp_path / "search"
-    result = run_search(cfg, space, 3, out=out, max_concurrent=1)
+    result = run_search(cfg, space, 4, out=out, max_concurrent=1, points_to_evaluate=points)
     print(result.trials)
-    assert len(result.trials) == 3
+    assert len(result.trials) == 4
     assert any(r["iterations"] < 3 for r in result.trials), "ASHA stopped no trial early"
     best = load_config(result.best_yaml)  # the YAML `ipb cv --config` takes
     assert best.method.lr == result.best_params["method.lr"] and best.method.name == "supervised"
     assert yaml.safe_load(result.best_yaml.read_text())["data"]["catalog"] == str(root / "catalog")
+    assert result.best_params["method.lr"] == 0.05
     client = MlflowClient(cfg.tracking.tracking_uri)
     exp = client.get_experiment_by_name("search-test")
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["ipb.kind"] == "search" and "best_objective" in parent.data.metrics
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert len(children) == 3 and all("method.lr" in c.data.params for c in children)
-    # --resume: two more trials in the same study and under the same parent
+    assert len(children) == 4 and all("method.lr" in c.data.params for c in children)
+    # --resume: one more trial in the same study and under the same parent
     with pytest.raises(FileExistsError, match="--resume"):
         run_search(cfg, space, 1, out=out)
-    more = run_search(cfg, space, 2, out=out, resume=True, max_concurrent=1)
+    more = run_search(cfg, space, 1, out=out, resume=True, max_concurrent=1)
     assert more.parent_run_id == result.parent_run_id
     study = optuna.load_study(study_name="ipb-search", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 5
