@@ -27,19 +27,18 @@ import base64
 import html
 import json
 import math
-import os
 import re
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from ipb_ray.stats import aggregate_folds, format_comparison, paired_tests
+from ipb_ray.tracking import quiet_downloads
 
 FOLD_REPORTS = "fold_reports.json"
 _METHOD_ORDER = {"supervised": 0, "mpl": 1, "ipb": 2}
@@ -136,18 +135,6 @@ def _all_runs(client: Any, experiment_id: str) -> list[Any]:
             return runs
 
 
-@contextmanager
-def _quiet_downloads() -> Iterator[None]:
-    """No MLflow progress bar per small artifact (unless the user asked for it explicitly)."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = "false"
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 def _load_fold_reports(client: Any, run_id: str, tmp: Path) -> dict[int, dict]:
@@ -187,7 +174,7 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
     parents = [r for r in runs if r.data.tags.get("ipb.kind") == "cv"]
     notes: list[str] = []
     configs: list[_Config] = []
-    with tempfile.TemporaryDirectory(prefix="ipb-report-") as tmp, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="ipb-report-") as tmp, quiet_downloads():
         for r in parents:
             tags = r.data.tags
             name = r.info.run_name or tags.get("mlflow.runName") or r.info.run_id

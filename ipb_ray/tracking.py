@@ -228,7 +228,7 @@ def _json_default(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet_downloads() -> Iterator[None]:
+def quiet_downloads() -> Iterator[None]:
     """No MLflow progress bar per small artifact (unless the user set it explicitly)."""
     key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     if key in os.environ:
@@ -260,7 +260,7 @@ def _log_json(client: Any, run_id: str, obj: Any, name: str, tmp: Path) -> None:
 
 
 def _download_json(client: Any, run_id: str, name: str) -> Any:
-    with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as tmp, _quiet_downloads():
+    with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as tmp, quiet_downloads():
         local = client.download_artifacts(run_id, name, tmp)
         return json.loads(Path(local).read_text(encoding="utf-8"))
 
