@@ -1,0 +1,37 @@
+"""Cluster files validate against what Ray ships: the launcher YAML against the JSON schema
+inside the Ray wheel (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+
+
+def _ray_schema() -> dict:
+    ray = pytest.importorskip("ray")
+    return json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+
+
+def test_launcher_yaml_passes_rays_schema_and_keeps_the_dashboard_private():
+    import jsonschema
+
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    jsonschema.validate(config, _ray_schema())
+    assert config["available_node_types"]["gpu_worker"]["resources"]["GPU"] == 1
+    assert "GPU" not in config["available_node_types"]["head"]["resources"]
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+
+
+def test_schema_check_catches_a_broken_launcher_yaml():
+    import jsonschema
+
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    del config["provider"]
+    with pytest.raises(jsonschema.ValidationError, match="provider"):
+        jsonschema.validate(config, _ray_schema())
