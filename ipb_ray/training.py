@@ -440,7 +440,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
-        run_config=RunConfig(name=run_name(cfg, fold), storage_path=os.path.abspath(cfg.tracking.storage_path),
+        run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
                              callbacks=callbacks or None),
@@ -468,3 +468,9 @@ def read_history(checkpoint_dir: str | None) -> list[dict[str, Any]]:
         return []
     with open(path) as fh:
         return json.load(fh)
+
+
+def storage_uri(path: str) -> str:
+    """Ray Train storage: a URI (``s3://``, ``gs://``, ...) as given, a local path made
+    absolute (Train workers run in their own working directories)."""
+    return path if "://" in path else os.path.abspath(path)

@@ -35,3 +35,12 @@ def test_schema_check_catches_a_broken_launcher_yaml():
     del config["provider"]
     with pytest.raises(jsonschema.ValidationError, match="provider"):
         jsonschema.validate(config, _ray_schema())
+
+
+def test_storage_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch):
+    from ipb_ray.training import storage_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert storage_uri("s3://bucket/ipb") == "s3://bucket/ipb"
+    assert storage_uri("gs://bucket/ipb") == "gs://bucket/ipb"
+    assert storage_uri("ray_results") == str(tmp_path / "ray_results")
