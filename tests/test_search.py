@@ -68,7 +68,7 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
         f"data.catalog={root / 'catalog'}", f"tracking.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=search-test",
         "split.folds=3", "split.labelled_fraction=0.6", "split.val_fraction=0.5", "method.name=supervised",
-        "method.epochs=3", "model.backbone=patch_stats", "model.feature_dim=16", "data.global_patch=48",
+        "method.epochs=4", "model.backbone=patch_stats", "model.feature_dim=16", "data.global_patch=48",
         "data.local_patch=24", "method.batch_size=8", "name=s"])
     build_catalog(cfg)
     # a value that learns, then one that blows the weights up (NaN, one class for all): a
@@ -78,10 +78,10 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     points = [{"method.lr": 0.05, "method.momentum": 0.9}, *({"method.lr": 10.0, "method.momentum": m}
                                                              for m in (0.9, 0.5, 0.0))]
     out = tmp_path / "search"
-    result = run_search(cfg, space, 4, out=out, max_concurrent=1, points_to_evaluate=points)
+    result = run_search(cfg, space, 4, out=out, max_concurrent=1, points_to_evaluate=points, grace_period=3)
     print(result.trials)
     assert len(result.trials) == 4
-    assert any(r["iterations"] < 3 for r in result.trials), "ASHA stopped no trial early"
+    assert any(r["iterations"] < 4 for r in result.trials), "ASHA stopped no trial early"
     best = load_config(result.best_yaml)  # the YAML `ipb cv --config` takes
     assert best.method.lr == result.best_params["method.lr"] and best.method.name == "supervised"
     assert yaml.safe_load(result.best_yaml.read_text())["data"]["catalog"] == str(root / "catalog")
@@ -95,7 +95,7 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     # --resume: one more trial in the same study and under the same parent
     with pytest.raises(FileExistsError, match="--resume"):
         run_search(cfg, space, 1, out=out)
-    more = run_search(cfg, space, 1, out=out, resume=True, max_concurrent=1)
+    more = run_search(cfg, space, 1, out=out, resume=True, max_concurrent=1, grace_period=3)
     assert more.parent_run_id == result.parent_run_id
     study = optuna.load_study(study_name="ipb-search", storage=f"sqlite:///{out / 'study.db'}")
     assert len(study.trials) == 5
