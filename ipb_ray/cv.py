@@ -19,7 +19,6 @@ plan, so sweeps never overwrite each other's folds.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import math
 import shutil
@@ -158,7 +157,3 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     summary = tracking.log_summary(uri, parent, dict(sorted(reports.items())))
     return CVResult(parent, dict(sorted(reports.items())), summary, skipped, root)
 
-
-def summary_json(result: CVResult) -> str:
-    return json.dumps({"parent_run_id": result.parent_run_id, "summary": result.summary,
-                       "skipped": result.skipped}, indent=2, default=float)

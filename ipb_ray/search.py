@@ -235,7 +235,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     if max_concurrent is None:
         import ray
 
-        max_concurrent = max(1, int((ray.cluster_resources().get("CPU", 1.0) - 0.0) // (per_trial + 0.5)))
+        max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1.0) // (per_trial + 0.5)))
     uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
     parent = tracking.open_search_parent(uri, experiment, cfg, out, space)
     base = {"__base__": to_dict(cfg), "__meta__": {"objective": objective, "folds": list(folds)}}
