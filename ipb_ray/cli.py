@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence
@@ -46,6 +47,10 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (cfgmod.ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("IPB_TRACEBACK"):
+            import traceback
+
+            traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
 
@@ -266,6 +271,11 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
                   f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
                   f"{cfg.resources.num_workers} worker(s)", highlight=False)
+    from ipb_ray.cluster import check_cluster_paths
+    from ipb_ray.ray_setup import init_ray
+
+    init_ray(cfg.resources)
+    check_cluster_paths(cfg)
     metrics = train_fold(cfg, fold)
     names = metrics["test_report"]["class_names"]
     if metrics.get("history"):
@@ -408,9 +418,12 @@ def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment t
            baseline: Optional[str] = typer.Option(None, help="Configuration the others are compared with "
                                                   "(default: the supervised one).")) -> None:
     """Render the paper's tables and figures for an experiment's CV runs (HTML and Markdown)."""
+    from ipb_ray.cluster import check_cluster_paths
     from ipb_ray.report import render_report
 
     with _user_errors():
+        check_cluster_paths(cfgmod.load_config(overrides=[f"tracking.tracking_uri={tracking_uri}"]),
+                            {"--out": str(out)}, catalog=False, storage=False, connected=False)
         paths = render_report(tracking_uri, experiment, out, baseline=baseline)
         console.print(f"report: {paths['html']} (open in a browser) and {paths['markdown']}", highlight=False)
 
@@ -460,6 +473,140 @@ def tune(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT
                       f"{result.parent_run_id}", highlight=False)
 
 
+# --------------------------------------------------------------------------- Ray jobs
+
+jobs_app = typer.Typer(help="Ask about, follow and stop submitted Ray jobs (see `ipb submit`).",
+                       no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+ADDRESS_OPT = typer.Option(None, "--address", "-a", help="The cluster's job API, e.g. http://127.0.0.1:8265 "
+                           "(default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, or http://127.0.0.1:8265).")
+
+
+def _job_address(address: Optional[str]) -> str:
+    from ipb_ray.submit import address_warning, dashboard_address
+
+    url = dashboard_address(address)
+    warning = address_warning(url)
+    if warning:
+        err_console.print(f"[bold yellow]warning:[/] {warning}")
+    return url
+
+
+def _print_job_end(info: Any, job_id: str) -> int:
+    from ipb_ray.submit import status_name
+
+    status = status_name(info)
+    colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(status, "white")
+    console.print(f"job {job_id}: [bold {colour}]{status}[/]", highlight=False)
+    if status != "SUCCEEDED" and info.message:
+        console.print(info.message, highlight=False, markup=False)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+@app.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": False})
+def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its arguments, after --: "
+                                            "preprocess, train, cv, tune or report.", show_default=False),
+           address: Optional[str] = ADDRESS_OPT,
+           working_dir: Optional[Path] = typer.Option(None, help="Project directory uploaded as the job's "
+                                                      "working_dir (default: this project)."),
+           with_deps: bool = typer.Option(False, "--with-deps", help="Also pip-install the project's requirements "
+                                          "in the job (for nodes that lack them; slow on first use)."),
+           python: str = typer.Option("python", help="Python on the cluster's nodes."),
+           job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: Ray's)."),
+           wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's log until it ends."),
+           timeout: Optional[float] = typer.Option(None, help="Stop following after this many seconds.")) -> None:
+    """Run an ipb command on a Ray cluster as a Ray job, e.g.
+    `ipb submit --address http://127.0.0.1:8265 -- cv --config my.yaml`.
+    Prints the submission id, streams the job's log and exits non-zero unless it SUCCEEDED."""
+    from ipb_ray.submit import follow, submit as submit_job
+
+    with _user_errors():
+        url = _job_address(address)
+        sid = submit_job(url, argv, working_dir=working_dir, with_deps=with_deps, python=python,
+                         submission_id=job_id)
+    console.print(f"submitted job [bold]{sid}[/] to {url}", highlight=False)
+    console.print(f"  status: ipb jobs status {sid} --address {url}\n  logs:   ipb jobs logs {sid} --address {url}"
+                  f" --follow\n  stop:   ipb jobs stop {sid} --address {url}", highlight=False)
+    if not wait:
+        return
+    try:
+        info = follow(url, sid, lambda text: print(text, end="", flush=True), timeout_s=timeout)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; job {sid} keeps running (ipb jobs stop {sid} to stop it)")
+        raise typer.Exit(code=130) from None
+    except TimeoutError as exc:
+        err_console.print(f"[bold yellow]{exc}[/]")
+        raise typer.Exit(code=124) from None
+    raise typer.Exit(code=_print_job_end(info, sid))
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT
+                ) -> None:
+    """A job's status, entrypoint, times and (when it ended badly) Ray's message; exit 1 if it FAILED or STOPPED."""
+    from ipb_ray.submit import client, status_name
+
+    with _user_errors():
+        info = client(_job_address(address)).get_job_info(job_id)
+    console.print(f"entrypoint: {info.entrypoint}", highlight=False, markup=False)
+    for label, ms in (("started", info.start_time), ("ended", info.end_time)):
+        if ms:
+            console.print(f"{label}: {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ms / 1000))}",
+                          highlight=False)
+    if status_name(info) in ("PENDING", "RUNNING"):
+        console.print(f"job {job_id}: [bold]{status_name(info)}[/]", highlight=False)
+        return
+    raise typer.Exit(code=_print_job_end(info, job_id))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT,
+              follow_log: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")
+              ) -> None:
+    """Print a job's log (the driver's output)."""
+    from ipb_ray.submit import client, follow
+
+    with _user_errors():
+        url = _job_address(address)
+        if follow_log:
+            raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
+                                                 job_id))
+        print(client(url).get_job_logs(job_id), end="")
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT,
+              wait_s: float = typer.Option(30.0, "--wait", help="Seconds to wait for STOPPED.")) -> None:
+    """Stop a running job and wait until Ray reports it stopped."""
+    from ipb_ray.submit import TERMINAL, client, status_name
+
+    with _user_errors():
+        c = client(_job_address(address))
+        c.stop_job(job_id)
+        t0 = time.monotonic()
+        info = c.get_job_info(job_id)
+        while status_name(info) not in TERMINAL and time.monotonic() - t0 < wait_s:
+            time.sleep(0.5)
+            info = c.get_job_info(job_id)
+    console.print(f"job {job_id}: {status_name(info)}", highlight=False)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
+    """Submitted jobs, newest first."""
+    from ipb_ray.submit import client, status_name
+
+    with _user_errors():
+        jobs = client(_job_address(address)).list_jobs()
+    table = Table("submission id", "status", "started", "entrypoint")
+    for j in sorted(jobs, key=lambda j: -(j.start_time or 0)):
+        if not j.submission_id:
+            continue  # drivers that were not submitted (e.g. `ipb cv --address ...`)
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(j.start_time / 1000)) if j.start_time else ""
+        table.add_row(j.submission_id, status_name(j), started, j.entrypoint)
+    console.print(table)
+
+
 DEMO_METHODS = (("supervised", "supervised multi-scale HRNet baseline"),
                 ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
                 ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))
@@ -472,8 +619,6 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
     """Run the demo: a synthetic world, its catalog and folds, a patch stream, then a small
     cross-validation of the supervised baseline, MPL and IPB, tracked in MLflow, compared,
     and rendered as a report."""
-    import time
-
     t0 = time.perf_counter()
     with _user_errors():
         world = out / "world"
@@ -531,8 +676,6 @@ def _demo_overrides(seed: int, world: Path, out: Path) -> list[str]:
 
 
 def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
-    import time
-
     from ipb_ray import catalog as catmod
     from ipb_ray.folds import read_folds
     from ipb_ray.patches import PatchGeometry
@@ -557,12 +700,13 @@ def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
         save_patch_grid(first, spec, names, out / "patches.png")
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None, prog_name: Optional[str] = None) -> None:
+    """The ``ipb`` console script (and, with ``argv``, the Ray job entrypoints in jobs/)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # MLflow's database set-up chatter on a new tracking store (MLflow reads this at import)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    app()
+    app(args=None if argv is None else list(argv), prog_name=prog_name)
 
 
 if __name__ == "__main__":

@@ -110,12 +110,14 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     metrics) for progress displays; calls may come from worker threads.
     """
     from ipb_ray import tracking
+    from ipb_ray.cluster import check_cluster_paths
     from ipb_ray.folds import read_folds
     from ipb_ray.ray_setup import init_ray
     from ipb_ray.training import train_fold
     from ipb_ray.viz import save_training_curves
 
     init_ray(cfg.resources)
+    check_cluster_paths(cfg)
     root = fold_catalog(cfg)
     cfg = cfg.replace(f"data.catalog={root}")
     k = read_folds(root).k

@@ -77,6 +77,9 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     log.info("%s: %d shards, %d already done", root, total, done)
     if todo:
         init_ray(cfg.resources)
+        from ipb_ray.cluster import check_cluster_paths
+
+        check_cluster_paths(cfg.replace(f"data.catalog={root}"), storage=False)
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=len(todo))
         fn = _ShardWriter(str(root.resolve()), to_dict(cfg.data))
         for _ in ds.map(fn, num_cpus=1).iter_rows():

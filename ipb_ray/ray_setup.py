@@ -26,8 +26,9 @@ def worker_soft_limit(cpus: int, data_cpus: float) -> int:
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
     """Start or join Ray once per process.
 
-    ``address`` (or ``resources.address``) joins an existing cluster (``"auto"``, ``HOST:6379``
-    or ``ray://...``); without one, or with ``RAY_ADDRESS`` unset, a local cluster starts here.
+    ``address`` (or ``resources.address``, or ``RAY_ADDRESS``, which Ray sets for a
+    submitted job's driver) joins an existing cluster (``"auto"``, ``HOST:6379`` or
+    ``ray://...``); without any, a local cluster starts here.
     """
     import ray
 
@@ -43,7 +44,9 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
             kwargs["object_store_memory"] = resources.object_store_mb * 1024 * 1024
         kwargs["_system_config"] = {"num_workers_soft_limit": worker_soft_limit(os.cpu_count() or 1,
                                                                                 resources.data_cpus)}
-        ray.init(**kwargs)
+        # "local": a cluster of our own even when `ray start` runs on this machine (plain
+        # ray.init() would join that one); join it with --address auto instead
+        ray.init(address="local", **kwargs)
     log.info("Ray: %s", ray.cluster_resources())
     import ray.data
 

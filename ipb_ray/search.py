@@ -200,6 +200,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     from ray.tune.search.optuna import OptunaSearch
 
     from ipb_ray import tracking
+    from ipb_ray.cluster import check_cluster_paths
     from ipb_ray.ray_setup import init_ray
 
     if objective not in OBJECTIVES:
@@ -214,8 +215,9 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     if not resume and db.exists():
         raise FileExistsError(f"{out} already holds a study ({db}); pass --resume to add trials to it, "
                               "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.resources)
+    check_cluster_paths(cfg, {"--out": str(out)})
+    out.mkdir(parents=True, exist_ok=True)
     storage_url = f"sqlite:///{db}"
     study_name = "ipb-search"
     seed = cfg.seed if seed is None else seed

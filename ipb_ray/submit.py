@@ -1,0 +1,167 @@
+"""Ray jobs: submit an ``ipb`` command to a cluster, follow it, ask about it, stop it.
+
+``ipb submit --address http://HEAD:8265 -- cv --config X`` runs ``python -m jobs.cv
+--config X`` on the cluster's head, with this project as the job's ``working_dir``.
+The pure parts (entrypoint, runtime environment, address checks) are plain functions;
+the client calls are thin wrappers over ``ray.job_submission.JobSubmissionClient``.
+
+Security: Ray's job API has no authentication. Anyone who reaches it can run code on
+the cluster, so it belongs on 127.0.0.1 (an SSH tunnel or ``kubectl port-forward``) or
+a private network; :func:`address_warning` says so for any other address. No secrets
+travel with a job: nodes take credentials from their own environment or role.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+import socket
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+from urllib.parse import urlparse
+
+# `ipb` commands that have a Ray job entrypoint in jobs/ (python -m jobs.<command>)
+COMMANDS = ("preprocess", "train", "cv", "tune", "report")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Never uploaded with the job (on top of the project's .gitignore, which Ray honours).
+EXCLUDES = [".git", ".venv", "venv", "demo", "ray_results", "tune_results", "mlruns", "*.db", "__pycache__",
+            ".pytest_cache", "*.egg-info", "report"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def project_root() -> Path:
+    """The project directory (the one holding jobs/ and ipb_ray/)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def entrypoint(argv: Sequence[str], python: str = "python") -> str:
+    """The job's shell command for ``ipb <argv>``; only commands with a job entrypoint."""
+    if not argv:
+        raise ValueError("nothing to submit: put the ipb command after --, e.g. "
+                         "`ipb submit --address http://127.0.0.1:8265 -- cv --config my.yaml`")
+    command, *rest = argv
+    if command not in COMMANDS:
+        raise ValueError(f"`{command}` cannot be submitted as a Ray job; one of: {', '.join(COMMANDS)} "
+                         "(e.g. `ipb submit -- cv --config my.yaml`)")
+    return shlex.join([python, "-m", f"jobs.{command}", *rest])
+
+
+def project_requirements(dist: str = "ipb-ray") -> list[str]:
+    """The project's run-time requirements (no test extras), from the installed metadata."""
+    try:
+        reqs = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"--with-deps reads the requirements of the installed {dist} package, which is not "
+                         "installed here; run `make install` (or pip install -e .) first") from None
+    return [r for r in reqs if "extra ==" not in r]
+
+
+def runtime_env(working_dir: str | Path | None = None, *, with_deps: bool = False,
+                env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime environment: this project as ``working_dir`` (without virtual
+    environments, results and databases) and, with ``with_deps``, the project's
+    requirements installed by Ray's ``pip`` plugin on nodes that lack them."""
+    root = Path(working_dir or project_root()).resolve()
+    if not (root / "jobs").is_dir():
+        raise ValueError(f"--working-dir {root} is not the ipb-ray project (it has no jobs/ folder)")
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(EXCLUDES)}
+    if with_deps:
+        env["pip"] = project_requirements()
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    return env
+
+
+def dashboard_address(address: str | None, environ: dict[str, str] | None = None) -> str:
+    """The job API's URL: ``--address``, else ``RAY_API_SERVER_ADDRESS``, else an
+    ``http`` ``RAY_ADDRESS``, else the local default; ``HOST:PORT`` gains ``http://``."""
+    environ = dict(os.environ) if environ is None else environ
+    env_ray = environ.get("RAY_ADDRESS", "")
+    chosen = address or environ.get("RAY_API_SERVER_ADDRESS") or (env_ray if env_ray.startswith("http") else "") \
+        or DEFAULT_ADDRESS
+    if "://" not in chosen:
+        chosen = "http://" + chosen
+    parsed = urlparse(chosen)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"--address {chosen}: give the dashboard's job API, e.g. http://127.0.0.1:8265 "
+                         "(not the GCS address HOST:6379 or ray://)")
+    if parsed.port == 6379:
+        raise ValueError(f"--address {chosen} is the GCS port; jobs are submitted to the dashboard's port, "
+                         "usually 8265 (http://HOST:8265)")
+    return chosen
+
+
+def address_warning(address: str) -> str | None:
+    """A warning when the job API is reached over something other than loopback or a
+    private network (Ray has no authentication; whoever reaches it runs code)."""
+    host = urlparse(address).hostname or ""
+    try:
+        ips = {ipaddress.ip_address(host)}
+    except ValueError:
+        try:
+            ips = {ipaddress.ip_address(info[4][0]) for info in socket.getaddrinfo(host, None)}
+        except OSError:
+            return None  # unresolvable: the client's own error will say so
+    if all(ip.is_loopback or ip.is_private for ip in ips):
+        return None
+    return (f"{address} is reachable beyond this machine and its private network. Ray's job API has no "
+            "authentication: anyone who reaches it can run code on the cluster. Bind the dashboard to "
+            "127.0.0.1 (--dashboard-host 127.0.0.1) and use an SSH tunnel (`ray dashboard cluster.yaml`) or "
+            "`kubectl port-forward`; see cluster/README.md")
+
+
+def client(address: str):
+    """A ``JobSubmissionClient`` with a message that says what to check when it fails."""
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError) as exc:
+        raise ValueError(f"no Ray job API at {address} ({exc}). Is the cluster up, and the dashboard port "
+                         "forwarded (`ray dashboard cluster/aws-gpu.yaml`, `kubectl port-forward "
+                         "svc/ipb-head-svc 8265:8265`)?") from None
+
+
+def submit(address: str, argv: Sequence[str], *, working_dir: str | Path | None = None,
+           with_deps: bool = False, python: str = "python", submission_id: str | None = None,
+           num_gpus: float | None = None) -> str:
+    """Submit ``ipb <argv>`` as a Ray job; returns the submission id."""
+    command = entrypoint(argv, python)
+    env = runtime_env(working_dir, with_deps=with_deps)
+    kwargs: dict[str, Any] = {}
+    if num_gpus:
+        kwargs["entrypoint_num_gpus"] = num_gpus
+    return client(address).submit_job(entrypoint=command, runtime_env=env, submission_id=submission_id,
+                                      metadata={"ipb_command": argv[0]}, **kwargs)
+
+
+def follow(address: str, job_id: str, write: Callable[[str], None], *, timeout_s: float | None = None) -> Any:
+    """Write the job's log as it arrives (Ray's log stream) until the job ends; returns
+    its ``JobInfo``. ``timeout_s`` stops following (the job keeps running)."""
+    import asyncio
+
+    c = client(address)
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            write(chunk)
+
+    try:
+        asyncio.run(asyncio.wait_for(tail(), timeout_s))
+    except (asyncio.TimeoutError, TimeoutError):
+        raise TimeoutError(f"job {job_id} still {status_name(c.get_job_info(job_id))} after {timeout_s:.0f} s; "
+                           f"it keeps running (ipb jobs status {job_id})") from None
+    info = c.get_job_info(job_id)
+    for _ in range(50):  # the log stream can close a moment before the status is final
+        if status_name(info) in TERMINAL:
+            break
+        time.sleep(0.2)
+        info = c.get_job_info(job_id)
+    return info
+
+
+def status_name(info: Any) -> str:
+    return getattr(info.status, "value", str(info.status))
