@@ -544,10 +544,10 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
 def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT
                 ) -> None:
     """A job's status, entrypoint, times and (when it ended badly) Ray's message; exit 1 if it FAILED or STOPPED."""
-    from ipb_ray.submit import client, status_name
+    from ipb_ray.submit import job_info, status_name
 
     with _user_errors():
-        info = client(_job_address(address)).get_job_info(job_id)
+        info = job_info(_job_address(address), job_id)
     console.print(f"entrypoint: {info.entrypoint}", highlight=False, markup=False)
     for label, ms in (("started", info.start_time), ("ended", info.end_time)):
         if ms:
@@ -564,10 +564,11 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
               follow_log: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")
               ) -> None:
     """Print a job's log (the driver's output)."""
-    from ipb_ray.submit import client, follow
+    from ipb_ray.submit import client, follow, job_info
 
     with _user_errors():
         url = _job_address(address)
+        job_info(url, job_id)
         if follow_log:
             raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
                                                  job_id))
@@ -578,10 +579,12 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
 def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT,
               wait_s: float = typer.Option(30.0, "--wait", help="Seconds to wait for STOPPED.")) -> None:
     """Stop a running job and wait until Ray reports it stopped."""
-    from ipb_ray.submit import TERMINAL, client, status_name
+    from ipb_ray.submit import TERMINAL, client, job_info, status_name
 
     with _user_errors():
-        c = client(_job_address(address))
+        url = _job_address(address)
+        job_info(url, job_id)
+        c = client(url)
         c.stop_job(job_id)
         t0 = time.monotonic()
         info = c.get_job_info(job_id)

@@ -122,7 +122,17 @@ def client(address: str):
     except (ConnectionError, RuntimeError) as exc:
         raise ValueError(f"no Ray job API at {address} ({exc}). Is the cluster up, and the dashboard port "
                          "forwarded (`ray dashboard cluster/aws-gpu.yaml`, `kubectl port-forward "
-                         "svc/ipb-head-svc 8265:8265`)?") from None
+                         "-n ipb svc/ipb-ray-head-svc 8265:8265`)?") from None
+
+
+def job_info(address: str, job_id: str) -> Any:
+    """The job's ``JobInfo``; a clear error for an id the cluster does not know."""
+    c = client(address)
+    try:
+        return c.get_job_info(job_id)
+    except RuntimeError as exc:
+        raise ValueError(f"no job {job_id} at {address} ({str(exc).splitlines()[0][:200]}); "
+                         f"`ipb jobs list --address {address}` lists the submitted jobs") from None
 
 
 def submit(address: str, argv: Sequence[str], *, working_dir: str | Path | None = None,

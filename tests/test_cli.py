@@ -157,3 +157,25 @@ def test_tune_bad_input_messages(tmp_path):
     assert result.exit_code == 2 and "no study in" in result.output
     result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "--objective", "best"])
     assert result.exit_code == 2 and "objective 'best'" in result.output
+
+
+def test_submit_and_jobs_bad_input_messages():
+    result = runner.invoke(app, ["submit", "--", "demo"])
+    assert result.exit_code == 2 and "`demo` cannot be submitted as a Ray job" in result.output
+    result = runner.invoke(app, ["submit", "--address", "10.0.0.1:6379", "--", "cv"])
+    assert result.exit_code == 2 and "is the GCS port" in result.output
+    # nothing listens on port 1: the message says what to check
+    result = runner.invoke(app, ["jobs", "status", "raysubmit_x", "--address", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "no Ray job API at http://127.0.0.1:1" in result.output
+    assert "port-forward" in result.output
+
+
+def test_report_in_a_ray_job_refuses_an_output_inside_the_jobs_working_dir(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://p.zip"}}))
+    result = runner.invoke(app, ["report", "x", "--tracking-uri", "http://127.0.0.1:1", "--out", "report"])
+    assert result.exit_code == 2 and "--out=report lies inside the Ray job's temporary working directory" \
+        in result.output
+    assert not (tmp_path / "report").exists()

@@ -157,6 +157,7 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     assert cv.returncode == 0, out
     job = _submission_id(out)
     assert "fold 0 finished" in out and "fold 1 finished" in out  # the job's log, streamed
+    assert "shared storage visible from all 2 nodes" in out  # the probe ran on both nodes
     assert re.search(rf"job {re.escape(job)}: SUCCEEDED", out)
     status = _ipb("jobs", "status", job, "--address", url)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "python -m jobs.cv" in status.stdout
@@ -193,3 +194,5 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     assert stop.returncode == 0 and f"job {job}: STOPPED" in stop.stdout
     listing = _ipb("jobs", "list", "--address", url)
     assert job in listing.stdout and "STOPPED" in listing.stdout
+    unknown = _ipb("jobs", "status", "raysubmit_nope", "--address", url)
+    assert unknown.returncode == 2 and "no job raysubmit_nope at" in unknown.stderr
