@@ -284,7 +284,7 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     if metrics.get("resumed_from_epoch", -1) >= 0:
         console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
     console.print(f"checkpoint: {metrics['checkpoint']}", highlight=False)
-    if metrics.get("history") and metrics.get("checkpoint"):
+    if metrics.get("history") and metrics.get("checkpoint") == metrics.get("local_checkpoint") is not None:
         curves = save_training_curves(metrics["history"], names, Path(metrics["checkpoint"]).parent / "curves.png",
                                       title=f"{cfg.name} {m.name} fold {fold}")
         console.print(f"curves: {curves}", highlight=False)

@@ -138,7 +138,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     def one(fold: int) -> None:
         event("started", fold, {})
         metrics = train_fold(cfg, fold)
-        if metrics.get("history") and metrics.get("checkpoint"):
+        if metrics.get("history") and metrics.get("checkpoint") == metrics.get("local_checkpoint") is not None:
             save_training_curves(metrics["history"], metrics["test_report"]["class_names"],
                                  Path(metrics["checkpoint"]).parent / "curves.png",
                                  title=f"{cfg.name} {cfg.method.name} fold {fold}")

@@ -569,8 +569,8 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
                     report["confusion_matrix"], class_names, tmp / "confusion_matrix.png",
                     title=f"{name}: test fold {fold}")))
             _log_json(client, child, dict(report), TEST_REPORT, tmp)  # last: marks the fold complete
-        net, why = _load_best_model(fold_metrics.get("checkpoint"), cfg, len(class_names)) if log_model \
-            else (None, "log_model=False")
+        local = fold_metrics.get("local_checkpoint") or fold_metrics.get("checkpoint")
+        net, why = _load_best_model(local, cfg, len(class_names)) if log_model else (None, "log_model=False")
         if net is not None:
             uri = _log_model(tracking_uri, child, net, cfg, class_names)  # ends the run FINISHED
             client.set_tag(child, "ipb.model_uri", uri)

@@ -454,9 +454,28 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     metrics = dict(result.metrics or {})
     if "test_report" not in metrics:
         raise RuntimeError(f"run {run_name(cfg, fold)} ended without test metrics; see {result.path}")
-    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    metrics["history"] = read_history(metrics["checkpoint"])
+    metrics["checkpoint"], metrics["local_checkpoint"] = checkpoint_locations(result.checkpoint)
+    metrics["history"] = read_history(metrics["local_checkpoint"])
     return metrics
+
+
+def checkpoint_locations(checkpoint: Any) -> tuple[str | None, str | None]:
+    """(where the checkpoint lives, a local directory holding it). On local or mounted
+    storage both are its path; on remote storage (``s3://``, ``gs://``, ...) the first is
+    its URI and the second a copy downloaded here (removed when the process exits), so
+    the history, the curves and the MLflow model never depend on where Train stored it."""
+    import atexit
+    import shutil
+
+    if checkpoint is None:
+        return None, None
+    kind = checkpoint.filesystem.type_name
+    if kind == "local":
+        return checkpoint.path, checkpoint.path
+    copy = tempfile.mkdtemp(prefix="ipb-checkpoint-")
+    atexit.register(shutil.rmtree, copy, True)
+    where = checkpoint.path if "://" in checkpoint.path else f"{ {'gcs': 'gs'}.get(kind, kind)}://{checkpoint.path}"
+    return where, checkpoint.to_directory(copy)
 
 
 def read_history(checkpoint_dir: str | None) -> list[dict[str, Any]]:

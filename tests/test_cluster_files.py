@@ -44,3 +44,25 @@ def test_storage_uris_pass_through_and_local_paths_become_absolute(tmp_path, mon
     assert storage_uri("s3://bucket/ipb") == "s3://bucket/ipb"
     assert storage_uri("gs://bucket/ipb") == "gs://bucket/ipb"
     assert storage_uri("ray_results") == str(tmp_path / "ray_results")
+
+
+def test_a_checkpoint_on_remote_storage_is_copied_here_and_named_by_its_uri(tmp_path):
+    """A Ray Train checkpoint on a non-local pyarrow filesystem (a stand-in for s3://):
+    its URI goes to MLflow, and the history, curves and model are read from a local copy."""
+    import pyarrow.fs as pafs
+
+    pytest.importorskip("ray")
+    from ray.train import Checkpoint
+
+    from ipb_ray.training import HISTORY_FILE, checkpoint_locations, read_history
+
+    (tmp_path / "bucket" / "run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "bucket" / "run" / "ckpt" / HISTORY_FILE).write_text('[{"epoch": 0, "train_loss": 1.5}]')
+    remote = Checkpoint("run/ckpt", filesystem=pafs.SubTreeFileSystem(str(tmp_path / "bucket"),
+                                                                      pafs.LocalFileSystem()))
+    where, local = checkpoint_locations(remote)
+    assert where == "subtree://run/ckpt" and local != where
+    assert read_history(local) == [{"epoch": 0, "train_loss": 1.5}]
+    on_disk = Checkpoint(str(tmp_path / "bucket" / "run" / "ckpt"))
+    assert checkpoint_locations(on_disk) == (on_disk.path, on_disk.path)
+    assert checkpoint_locations(None) == (None, None)

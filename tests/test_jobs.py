@@ -112,9 +112,13 @@ def cluster(tmp_path_factory):
                 pass
         for p in procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                pass
+            try:  # whatever of the group is still there (agents, workers)
                 os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for log in logs:
             log.close()
         for temp in temps:
