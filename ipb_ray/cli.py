@@ -540,6 +540,34 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
     raise typer.Exit(code=_print_job_end(info, sid))
 
 
+@app.command("local-cluster")
+def local_cluster(workers: int = typer.Option(1, help="Worker nodes besides the head."),
+                  cpus: int = typer.Option(2, help="Logical CPUs per node."),
+                  work_dir: Path = typer.Option(Path("local-cluster"), "--dir", help="Logs and the MLflow store."),
+                  mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Also start an MLflow server.")
+                  ) -> None:
+    """Rehearse a cluster run on this machine: a Ray head and worker nodes (each its own
+    `ray start`, all on 127.0.0.1) and an MLflow server; Ctrl-C stops them all."""
+    from ipb_ray.localcluster import LocalCluster
+
+    work = work_dir.resolve()
+    with _user_errors(), LocalCluster(work, workers=workers, cpus=cpus, mlflow=mlflow) as c:
+        console.print(f"[green]Ray cluster up[/]: head + {workers} worker node(s), {cpus} CPUs each", highlight=False)
+        console.print(f"  job API and dashboard: {c.address}\n  GCS (ray start --address, ipb --address): "
+                      f"{c.gcs_address}" + (f"\n  MLflow server: {c.mlflow_uri}" if mlflow else ""), highlight=False)
+        tracking = f" tracking.tracking_uri={c.mlflow_uri}" if mlflow else ""
+        console.print(f"try, in another shell:\n  ipb submit --address {c.address} -- cv --preset demo "
+                      f"data.catalog=$PWD/demo/catalog tracking.storage_path={work / 'ray_results'}{tracking}\n"
+                      f"  ipb jobs list --address {c.address}\nCtrl-C stops the cluster "
+                      f"(logs in {work}).", highlight=False, markup=False)
+        try:
+            while all(p.poll() is None for p in c.procs):
+                time.sleep(1.0)
+            err_console.print(f"[bold red]a node or the MLflow server exited[/]; logs in {work}")
+        except KeyboardInterrupt:
+            console.print("stopping the cluster")
+
+
 @jobs_app.command("status")
 def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT
                 ) -> None:

@@ -28,7 +28,7 @@ COMMANDS = ("preprocess", "train", "cv", "tune", "report")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the job (on top of the project's .gitignore, which Ray honours).
 EXCLUDES = [".git", ".venv", "venv", "demo", "ray_results", "tune_results", "mlruns", "*.db", "__pycache__",
-            ".pytest_cache", "*.egg-info", "report"]
+            ".pytest_cache", "*.egg-info", "report", "local-cluster"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

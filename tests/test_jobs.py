@@ -1,7 +1,8 @@
 """`ipb submit` against a real two-node Ray cluster on this machine.
 
 The test starts its own head (`ray start --head --dashboard-host 127.0.0.1`) and a second
-worker node process, plus an MLflow tracking server with a SQLite database behind it.
+worker node process, plus an MLflow tracking server with a SQLite database behind it
+(:class:`ipb_ray.localcluster.LocalCluster`, what `ipb local-cluster` runs).
 Through the real CLI it submits `preprocess` and `cv` jobs, follows them to SUCCEEDED and
 reads the MLflow runs back from the server; then a job with bad input, which must end
 FAILED with our message; then a job it stops. Only the processes it started are stopped
@@ -12,14 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,99 +25,21 @@ PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _wait(what: str, check, timeout: float, procs) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"{what}: a process exited with {p.returncode} ({p.args[:3]})")
-        try:
-            if check():
-                return
-        except Exception:  # not up yet
-            pass
-        time.sleep(1.0)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
-
-
-def _node_args(ports: list[int], temp_dir: str) -> list[str]:
-    agent, grpc, metrics, renv, manager = ports
-    # each node its own temp dir, as on separate machines (they would otherwise share the
-    # job's unpacked working_dir, and one node re-unpacking it pulls it from under the other)
-    return ["--block", f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=0", "--node-ip-address=127.0.0.1",
-            "--object-store-memory=150000000", f"--dashboard-agent-listen-port={agent}",
-            f"--dashboard-agent-grpc-port={grpc}", f"--metrics-export-port={metrics}",
-            f"--runtime-env-agent-port={renv}", f"--node-manager-port={manager}"]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(job API URL, MLflow URL, work dir) of a 2-node Ray cluster and an MLflow server."""
-    work = tmp_path_factory.mktemp("jobs")
-    gcs, dash, client_port, mlflow_port, *rest = _free_ports(15)
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.pop("RAY_ADDRESS", None)
-    logs = [open(work / f"{name}.log", "w") for name in ("head", "worker", "mlflow")]
-    procs = []
-    temps = [tempfile.mkdtemp(prefix=f"ipb{n}", dir="/tmp") for n in ("h", "w")]  # short: socket paths
+    from ipb_ray.localcluster import LocalCluster
 
-    def start(args, log):
-        procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work,
-                                      start_new_session=True))
-
-    url, mlflow_url = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow_port}"
+    c = LocalCluster(tmp_path_factory.mktemp("jobs"), workers=1, cpus=2)
     try:
-        start([str(BIN / "ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-               f"--dashboard-port={dash}", f"--ray-client-server-port={client_port}", *_node_args(rest[:5], temps[0])],
-              logs[0])
-        start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}",
-               "--artifacts-destination", str(work / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(mlflow_port), "--workers", "1"], logs[2])
-        from ray.job_submission import JobSubmissionClient
-
-        _wait("Ray head", lambda: JobSubmissionClient(url).list_jobs() is not None, 120, procs)
-        start([str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", *_node_args(rest[5:10], temps[1])], logs[1])
-        from ray.util.state import list_nodes
-
-        _wait("second node", lambda: len([n for n in list_nodes(address=url) if n.state == "ALIVE"]) == 2,
-              120, procs)
-        _wait("MLflow server", lambda: urllib.request.urlopen(f"{mlflow_url}/health", timeout=5).status == 200,
-              120, procs)
-        yield url, mlflow_url, work
+        c.start()
     except Exception:
-        for log in logs:
-            log.flush()
-            print(f"--- {log.name}\n{Path(log.name).read_text()[-3000:]}")
+        print(c.tail_logs())
         raise
+    try:
+        yield c.address, c.mlflow_uri, c.work
     finally:
-        for p in procs:  # each started in its own session: the group holds raylet, GCS, workers
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # whatever of the group is still there (agents, workers)
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for log in logs:
-            log.close()
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
+        c.stop()
 
 
 def _ipb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
