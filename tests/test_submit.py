@@ -161,3 +161,15 @@ def test_address_warning_only_beyond_loopback_and_private_networks():
         assert address_warning(quiet) is None, quiet
     warning = address_warning("http://8.8.8.8:8265")
     assert warning and "no authentication" in warning and "--dashboard-host 127.0.0.1" in warning
+
+
+def test_job_entrypoints_are_installed_with_the_project(tmp_path):
+    """A RayJob or a launcher node runs `python -m jobs.cv` outside the project directory:
+    the installed package must hold jobs/ (pyproject's package list)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import jobs.cv, jobs._run; print(jobs._run.__file__)"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "jobs" in done.stdout
