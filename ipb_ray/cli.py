@@ -492,14 +492,17 @@ def _job_address(address: Optional[str]) -> str:
     return url
 
 
-def _print_job_end(info: Any, job_id: str) -> int:
+def _print_job_end(info: Any, job_id: str, full: bool = True) -> int:
+    """Print the job's final status (and Ray's message unless it succeeded); the exit code.
+    ``full=False``: the message's first line only (its log tail was just streamed)."""
     from ipb_ray.submit import status_name
 
     status = status_name(info)
     colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(status, "white")
     console.print(f"job {job_id}: [bold {colour}]{status}[/]", highlight=False)
     if status != "SUCCEEDED" and info.message:
-        console.print(info.message, highlight=False, markup=False)
+        message = info.message if full else info.message.splitlines()[0].split(", last available logs")[0]
+        console.print(message, highlight=False, markup=False)
     return 0 if status == "SUCCEEDED" else 1
 
 
@@ -537,7 +540,7 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
     except TimeoutError as exc:
         err_console.print(f"[bold yellow]{exc}[/]")
         raise typer.Exit(code=124) from None
-    raise typer.Exit(code=_print_job_end(info, sid))
+    raise typer.Exit(code=_print_job_end(info, sid, full=False))
 
 
 @app.command("local-cluster")
@@ -599,7 +602,7 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
         job_info(url, job_id)
         if follow_log:
             raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
-                                                 job_id))
+                                                 job_id, full=False))
         print(client(url).get_job_logs(job_id), end="")
 
 
