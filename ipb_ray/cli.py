@@ -482,11 +482,13 @@ ADDRESS_OPT = typer.Option(None, "--address", "-a", help="The cluster's job API,
                            "(default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, or http://127.0.0.1:8265).")
 
 
-def _job_address(address: Optional[str]) -> str:
-    from ipb_ray.submit import address_warning, dashboard_address
+def _job_address(address: Optional[str], check_token: bool = False) -> str:
+    from ipb_ray.submit import TOKEN_OFF, address_warning, dashboard_address, requires_token
 
     url = dashboard_address(address)
     warning = address_warning(url)
+    if check_token and requires_token(url) is False:
+        warning = (warning + "\n" if warning else "") + TOKEN_OFF.format(address=url)
     if warning:
         err_console.print(f"[bold yellow]warning:[/] {warning}")
     return url
@@ -521,12 +523,13 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
     """Run an ipb command on a Ray cluster as a Ray job, e.g.
     `ipb submit --address http://127.0.0.1:8265 -- cv --config my.yaml`.
     Prints the submission id, streams the job's log and exits non-zero unless it SUCCEEDED."""
-    from ipb_ray.submit import follow, submit as submit_job
+    from ipb_ray.submit import auth_errors, follow, submit as submit_job
 
     with _user_errors():
-        url = _job_address(address)
-        sid = submit_job(url, argv, working_dir=working_dir, with_deps=with_deps, python=python,
-                         submission_id=job_id)
+        url = _job_address(address, check_token=True)
+        with auth_errors(url):
+            sid = submit_job(url, argv, working_dir=working_dir, with_deps=with_deps, python=python,
+                             submission_id=job_id)
     console.print(f"submitted job [bold]{sid}[/] to {url}", highlight=False)
     console.print(f"  status: ipb jobs status {sid} --address {url}\n  logs:   ipb jobs logs {sid} --address {url}"
                   f" --follow\n  stop:   ipb jobs stop {sid} --address {url}", highlight=False)
@@ -595,43 +598,47 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
               follow_log: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")
               ) -> None:
     """Print a job's log (the driver's output)."""
-    from ipb_ray.submit import client, follow, job_info
+    from ipb_ray.submit import auth_errors, client, follow, job_info
 
     with _user_errors():
         url = _job_address(address)
         job_info(url, job_id)
-        if follow_log:
-            raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
-                                                 job_id, full=False))
-        print(client(url).get_job_logs(job_id), end="")
+        with auth_errors(url):
+            if follow_log:
+                raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
+                                                     job_id, full=False))
+            print(client(url).get_job_logs(job_id), end="")
 
 
 @jobs_app.command("stop")
 def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT,
               wait_s: float = typer.Option(30.0, "--wait", help="Seconds to wait for STOPPED.")) -> None:
     """Stop a running job and wait until Ray reports it stopped."""
-    from ipb_ray.submit import TERMINAL, client, job_info, status_name
+    from ipb_ray.submit import TERMINAL, auth_errors, client, job_info, status_name
 
     with _user_errors():
         url = _job_address(address)
         job_info(url, job_id)
         c = client(url)
-        c.stop_job(job_id)
-        t0 = time.monotonic()
-        info = c.get_job_info(job_id)
-        while status_name(info) not in TERMINAL and time.monotonic() - t0 < wait_s:
-            time.sleep(0.5)
+        with auth_errors(url):
+            c.stop_job(job_id)
+            t0 = time.monotonic()
             info = c.get_job_info(job_id)
+            while status_name(info) not in TERMINAL and time.monotonic() - t0 < wait_s:
+                time.sleep(0.5)
+                info = c.get_job_info(job_id)
     console.print(f"job {job_id}: {status_name(info)}", highlight=False)
 
 
 @jobs_app.command("list")
 def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
     """Submitted jobs, newest first."""
-    from ipb_ray.submit import client, status_name
+    from ipb_ray.submit import auth_errors, client, status_name
 
     with _user_errors():
-        jobs = client(_job_address(address)).list_jobs()
+        url = _job_address(address)
+        with auth_errors(url):
+            jobs = client(url).list_jobs()
     table = Table("submission id", "status", "started", "entrypoint")
     for j in sorted(jobs, key=lambda j: -(j.start_time or 0)):
         if not j.submission_id:

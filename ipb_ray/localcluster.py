@@ -5,8 +5,10 @@ benchmarks of ``ipb submit``. It runs what a real cluster runs: a head started w
 ``ray start --head --dashboard-host 127.0.0.1``, worker nodes started with ``ray start
 --address``, each node with its own temp directory (as on separate machines), and
 ``mlflow server`` with a SQLite database and a proxied artifact store. Everything binds
-to 127.0.0.1 and every process is stopped on :meth:`LocalCluster.stop` (never ``ray
-stop``, which would also stop any other Ray on this machine).
+to 127.0.0.1, Ray's token authentication is on (``RAY_AUTH_MODE=token``; the token is
+Ray's own ``~/.ray/auth_token``, generated when missing, which local clients send), and
+every process is stopped on :meth:`LocalCluster.stop` (never ``ray stop``, which would
+also stop any other Ray on this machine).
 """
 
 from __future__ import annotations
@@ -59,9 +61,18 @@ class LocalCluster:
         return str(Path(sys.executable).parent / name)
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   RAY_AUTH_MODE="token")
         env.pop("RAY_ADDRESS", None)
         return env
+
+    def _ensure_token(self) -> None:
+        """Ray's token for this user, created when there is none (it stays out of every log)."""
+        if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+                or (Path.home() / ".ray" / "auth_token").is_file():
+            return
+        # the command prints the token: captured and dropped
+        subprocess.run([self._bin("ray"), "get-auth-token", "--generate"], capture_output=True, check=True)
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.work / f"{name}.log", "w")
@@ -106,6 +117,7 @@ class LocalCluster:
 
         self.work = Path(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
+        self._ensure_token()
         gcs, dash, client = free_ports(3)
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         try:

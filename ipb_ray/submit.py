@@ -5,10 +5,13 @@
 The pure parts (entrypoint, runtime environment, address checks) are plain functions;
 the client calls are thin wrappers over ``ray.job_submission.JobSubmissionClient``.
 
-Security: Ray's job API has no authentication. Anyone who reaches it can run code on
-the cluster, so it belongs on 127.0.0.1 (an SSH tunnel or ``kubectl port-forward``) or
-a private network; :func:`address_warning` says so for any other address. No secrets
-travel with a job: nodes take credentials from their own environment or role.
+Security: whoever reaches Ray's job API can run code on the cluster; with Ray's token
+authentication (``RAY_AUTH_MODE=token``), whoever also holds the token. So the API
+belongs on 127.0.0.1 (an SSH tunnel or ``kubectl port-forward``) or a private network,
+with token authentication on: :func:`address_warning` and :func:`requires_token` let
+``ipb submit`` say when either is not the case. The client sends the token from
+``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` (Ray's own lookup).
+No secrets travel with a job: nodes take credentials from their own environment or role.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import os
 import shlex
 import socket
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 # `ipb` commands that have a Ray job entrypoint in jobs/ (python -m jobs.<command>)
@@ -107,10 +111,43 @@ def address_warning(address: str) -> str | None:
             return None  # unresolvable: the client's own error will say so
     if all(ip.is_loopback or ip.is_private for ip in ips):
         return None
-    return (f"{address} is reachable beyond this machine and its private network. Ray's job API has no "
-            "authentication: anyone who reaches it can run code on the cluster. Bind the dashboard to "
-            "127.0.0.1 (--dashboard-host 127.0.0.1) and use an SSH tunnel (`ray dashboard cluster.yaml`) or "
-            "`kubectl port-forward`; see cluster/README.md")
+    return (f"{address} is reachable beyond this machine and its private network. Whoever reaches Ray's job "
+            "API (and holds its token, with token authentication) can run code on the cluster. Bind the "
+            "dashboard to 127.0.0.1 (--dashboard-host 127.0.0.1) and use an SSH tunnel (`ray dashboard "
+            "cluster.yaml`) or `kubectl port-forward`; see cluster/README.md")
+
+
+def requires_token(address: str, timeout_s: float = 5.0) -> bool | None:
+    """Whether the job API refuses a request without a token (True), answers it (False:
+    token authentication is off), or cannot be asked (None)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{address.rstrip('/')}/api/jobs/", timeout=timeout_s):
+            return False
+    except urllib.error.HTTPError as exc:
+        return True if exc.code in (401, 403) else None
+    except (OSError, ValueError):
+        return None
+
+
+TOKEN_OFF = ("the Ray cluster at {address} does not require a token: anyone who reaches its job API can run "
+             "code on it. Start every node with RAY_AUTH_MODE=token (and the token from `ray get-auth-token "
+             "--generate`); cluster/README.md shows how")
+
+
+@contextmanager
+def auth_errors(address: str) -> Iterator[None]:
+    """Ray's authentication failures as a ``ValueError`` that says where the token comes from."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise ValueError(f"the Ray cluster at {address} refused this client's token ({str(exc).splitlines()[0]}). "
+                         "The client sends RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or "
+                         "~/.ray/auth_token: give it the cluster's token (`ray get-auth-token` on the head)") from None
 
 
 def client(address: str):
@@ -118,7 +155,8 @@ def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        with auth_errors(address):
+            return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as exc:
         raise ValueError(f"no Ray job API at {address} ({exc}). Is the cluster up, and the dashboard port "
                          "forwarded (`ray dashboard cluster/aws-gpu.yaml`, `kubectl port-forward "
@@ -129,7 +167,8 @@ def job_info(address: str, job_id: str) -> Any:
     """The job's ``JobInfo``; a clear error for an id the cluster does not know."""
     c = client(address)
     try:
-        return c.get_job_info(job_id)
+        with auth_errors(address):
+            return c.get_job_info(job_id)
     except RuntimeError as exc:
         raise ValueError(f"no job {job_id} at {address} ({str(exc).splitlines()[0][:200]}); "
                          f"`ipb jobs list --address {address}` lists the submitted jobs") from None

@@ -42,8 +42,8 @@ def cluster(tmp_path_factory):
         c.stop()
 
 
-def _ipb(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, COLUMNS="200")
+def _ipb(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, COLUMNS="200", **(env or {}))
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(BIN / "ipb"), *args], capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=PROJECT)
@@ -59,7 +59,15 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     from mlflow import MlflowClient
     from test_preprocess import make_frames
 
+    from ipb_ray.submit import requires_token
+
     url, mlflow_url, work = cluster
+    # token authentication is on: a request without the token is refused, a wrong token
+    # gets a message that says where the right one comes from
+    assert requires_token(url) is True
+    wrong = _ipb("jobs", "list", "--address", url, env={"RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 2 and "refused this client's token" in wrong.stderr, wrong.stdout + wrong.stderr
+    assert "not-the-token" not in wrong.stdout + wrong.stderr
     data = make_frames(work / "data", n_frames=6, seed=3)
     shared = work / "shared"  # "shared storage": both nodes run on this machine and see it
     common = ["--preset", "demo", f"data.catalog={shared / 'catalog'}", f"tracking.storage_path={shared / 'runs'}",

@@ -153,7 +153,9 @@ def test_preprocess_joins_an_existing_cluster_by_address(ray_local, tmp_path):
 
     root = make_frames(tmp_path, n_frames=2, seed=5)
     address = ray_local.get_runtime_context().gcs_address
-    jobs_before = len(list_jobs())
+    # the address named: without one, the state API looks for "the latest cluster started on
+    # this machine" (/tmp/ray/ray_current_cluster), which may be another (or a dead) one
+    jobs_before = len(list_jobs(address=address))
     out = subprocess.run(
         [sys.executable, "-m", "ipb_ray.cli", "preprocess", "--preset", "demo", "--frames",
          str(root / "frames"), "--annotations", str(root / "ann.csv"), "--out", str(root / "catalog"),
@@ -162,5 +164,5 @@ def test_preprocess_joins_an_existing_cluster_by_address(ray_local, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "shards: 2" in out.stdout
     # its driver ran on this cluster: the cluster's job table grew by one
-    assert len(list_jobs()) == jobs_before + 1
+    assert len(list_jobs(address=address)) == jobs_before + 1
     assert catalog.read_manifest(root / "catalog")["colonies"] == 8

@@ -14,7 +14,8 @@ import pytest
 from ipb_ray.cluster import Placement, invisible_paths, job_submission_id, job_workdir, path_problems, \
     tracking_is_local
 from ipb_ray.config import load_config
-from ipb_ray.submit import COMMANDS, address_warning, dashboard_address, entrypoint, project_root, runtime_env
+from ipb_ray.submit import COMMANDS, address_warning, dashboard_address, entrypoint, project_root, \
+    requires_token, runtime_env
 
 TWO_NODES = {"n1": "10.0.0.1", "n2": "10.0.0.2"}
 
@@ -160,7 +161,38 @@ def test_address_warning_only_beyond_loopback_and_private_networks():
     for quiet in ("http://127.0.0.1:8265", "http://10.1.2.3:8265", "http://192.168.0.9:8265", "http://[::1]:8265"):
         assert address_warning(quiet) is None, quiet
     warning = address_warning("http://8.8.8.8:8265")
-    assert warning and "no authentication" in warning and "--dashboard-host 127.0.0.1" in warning
+    assert warning and "can run code on the cluster" in warning and "--dashboard-host 127.0.0.1" in warning
+
+
+@pytest.mark.parametrize("status,want", [(200, False), (401, True), (403, True), (500, None)])
+def test_requires_token_asks_the_job_api_without_one(status, want):
+    """A throwaway HTTP server on 127.0.0.1 answers /api/jobs/ like a dashboard would."""
+    import http.server
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert requires_token(f"http://127.0.0.1:{server.server_port}") is want
+    finally:
+        server.shutdown()
+    assert seen == [("/api/jobs/", None)]  # asked without a token
+
+
+def test_requires_token_is_unknown_when_nothing_answers():
+    assert requires_token("http://127.0.0.1:1", timeout_s=1) is None
 
 
 def test_job_entrypoints_are_installed_with_the_project(tmp_path):
