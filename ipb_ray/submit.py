@@ -100,7 +100,7 @@ def dashboard_address(address: str | None, environ: dict[str, str] | None = None
 
 def address_warning(address: str) -> str | None:
     """A warning when the job API is reached over something other than loopback or a
-    private network (Ray has no authentication; whoever reaches it runs code)."""
+    private network (whoever reaches it can run code on the cluster)."""
     host = urlparse(address).hostname or ""
     try:
         ips = {ipaddress.ip_address(host)}
