@@ -150,10 +150,33 @@ def auth_errors(address: str) -> Iterator[None]:
                          "~/.ray/auth_token: give it the cluster's token (`ray get-auth-token` on the head)") from None
 
 
+def token_available(environ: dict[str, str] | None = None, home: Path | None = None) -> bool:
+    """Whether this client has a Ray token to send (Ray's own sources, in its order)."""
+    environ = dict(os.environ) if environ is None else environ
+    return bool(environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH")
+                or ((home or Path.home()) / ".ray" / "auth_token").is_file())
+
+
+def send_token_if_available() -> None:
+    """Ray's clients attach the token only in token mode (``RAY_AUTH_MODE=token``); turn
+    it on for this process when a token exists and the mode is not set. A cluster without
+    token authentication ignores the header."""
+    if "RAY_AUTH_MODE" in os.environ or not token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config: refresh it so this process sees the mode
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):
+        pass
+
+
 def client(address: str):
     """A ``JobSubmissionClient`` with a message that says what to check when it fails."""
     from ray.job_submission import JobSubmissionClient
 
+    send_token_if_available()
     try:
         with auth_errors(address):
             return JobSubmissionClient(address)

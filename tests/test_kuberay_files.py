@@ -17,7 +17,18 @@ RayCluster spec, lists the same: ``rayClusterSpec`` requires ``headGroupSpec``;
 ``minReplicas``, ``maxReplicas`` and ``template``; a Pod spec requires ``containers``; a
 container requires ``name``; a volume ``name``; a volume mount ``name`` and ``mountPath``;
 an env entry ``name``. RayJobSpec requires nothing; this project requires ``entrypoint``
-and ``rayClusterSpec`` (a job brings its own cluster).
+and ``rayClusterSpec`` (a job brings its own cluster). ``submitterPodTemplate`` (RayJobSpec)
+is a Kubernetes PodTemplateSpec and ``autoscalerOptions.env`` an EnvVar list (same API
+reference); a Job's pods take restartPolicy ``Never`` or ``OnFailure`` only.
+
+Token authentication (Ray >= 2.52): ``RAY_AUTH_MODE=token`` and the token in ``RAY_AUTH_TOKEN``
+on every Ray container, from the Secret ``ray-auth-token``. Its key is ``auth_token``, the key
+KubeRay's own ``authOptions.secretName`` expects, so the same Secret serves either way. KubeRay
+gives the autoscaler container (its own container in the head pod) and the RayJob submitter
+the auth variables only when ``authOptions`` is set (``ray-operator/controllers/ray/common/pod.go``,
+``DefaultHeadPodTemplate``; ``rayjob_controller.go``, ``configureSubmitterContainer``), so the
+manifests give them ``autoscalerOptions.env`` and a ``submitterPodTemplate``; KubeRay fills in
+the submitter's ``ray job submit`` command when the template's container has none.
 Older KubeRay releases (before ``rayStartParams`` became optional) also required
 ``rayStartParams`` and ``replicas``; the manifests set both, so they work there too.
 """
@@ -47,6 +58,10 @@ GPU = "nvidia.com/gpu"
 # data_cpus the RAY_num_workers_soft_limit values are sized for (cluster/README.md)
 DATA_CPUS = 0.25
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY", re.IGNORECASE)
+# Ray token authentication: the Secret (made from ~/.ray/auth_token, README) and its key
+AUTH_SECRET = "ray-auth-token"
+AUTH_SECRET_KEY = "auth_token"
+JOB_RESTART_POLICIES = ("Never", "OnFailure")
 URI_PASSWORD = re.compile(r"://[^/\s:@]+:(?P<password>[^@]+)@")
 
 # --- schemas of the ray.io/v1 fields (see the module docstring for their source) ------
@@ -86,6 +101,7 @@ _POD_TEMPLATE = {
     "properties": {
         "metadata": {"type": "object"},
         "spec": {"type": "object", "required": ["containers"], "properties": {
+            "restartPolicy": {"enum": ["Always", "OnFailure", "Never"]},
             "containers": {"type": "array", "items": _CONTAINER},
             "volumes": {"type": "array", "items": {
                 "type": "object", "required": ["name"],
@@ -99,7 +115,8 @@ _CLUSTER_SPEC = {
         "enableInTreeAutoscaling": _BOOL,
         "autoscalerOptions": {"type": "object", "properties": {
             "idleTimeoutSeconds": _INT32,
-            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]}}},
+            "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+            "env": {"type": "array", "items": _ENV_ENTRY}}},
         "headGroupSpec": {"type": "object", "required": ["template"], "properties": {
             "serviceType": _STRING, "enableIngress": _BOOL, "rayStartParams": _STRING_MAP,
             "template": _POD_TEMPLATE}},
@@ -119,6 +136,7 @@ _JOB_SPEC = {
         "backoffLimit": _INT32,
         # the modes KubeRay v1.7.0 knows (JobSubmissionMode)
         "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "submitterPodTemplate": _POD_TEMPLATE,
         "rayClusterSpec": _CLUSTER_SPEC}}
 
 
@@ -211,6 +229,35 @@ def literal_secrets(doc: dict) -> list[str]:
     return bad
 
 
+def _token_env_holders(doc: dict) -> list[tuple[str, dict]]:
+    """(where, container) for everything that talks to Ray in a RayCluster or RayJob: the
+    Ray container of the head and of each worker group, the autoscaler (its env from
+    autoscalerOptions) and, for a RayJob, the submitter (first container of its template)."""
+    spec = _cluster_spec_of(doc)
+    holders = [(group, _ray_container(pod)) for group, pod in _groups(spec)]
+    if spec.get("enableInTreeAutoscaling"):
+        holders.append(("autoscaler", {"env": spec.get("autoscalerOptions", {}).get("env", [])}))
+    if doc["kind"] == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") == "K8sJobMode":
+        template = doc["spec"].get("submitterPodTemplate") or {"spec": {"containers": [{}]}}
+        holders.append(("submitter", template["spec"]["containers"][0]))
+    return holders
+
+
+def token_auth_problems(doc: dict) -> list[str]:
+    """Where token authentication is missing: RAY_AUTH_MODE must be 'token' and RAY_AUTH_TOKEN
+    must come from the Secret AUTH_SECRET (key AUTH_SECRET_KEY), never as a literal value."""
+    bad = []
+    for where, container in _token_env_holders(doc):
+        env = _env(container)
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+            bad.append(f"{where}: RAY_AUTH_MODE must be 'token'")
+        token = env.get("RAY_AUTH_TOKEN", {})
+        ref = token.get("valueFrom", {}).get("secretKeyRef", {})
+        if "value" in token or (ref.get("name"), ref.get("key")) != (AUTH_SECRET, AUTH_SECRET_KEY):
+            bad.append(f"{where}: RAY_AUTH_TOKEN must come from secretKeyRef {AUTH_SECRET}/{AUTH_SECRET_KEY}")
+    return bad
+
+
 def _compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
@@ -265,6 +312,14 @@ def _job_unknown_mode(doc):
     doc["spec"]["submissionMode"] = "K8sJob"
 
 
+def _job_submitter_without_containers(doc):
+    del doc["spec"]["submitterPodTemplate"]["spec"]["containers"]
+
+
+def _job_submitter_restarts_always(doc):
+    doc["spec"]["submitterPodTemplate"]["spec"]["restartPolicy"] = "Sometimes"
+
+
 @pytest.mark.parametrize("path,kind,breakage,field,expected", [
     (RAYCLUSTER, "RayCluster", _drop_head_template, "spec.headGroupSpec", "'template' is a required"),
     (RAYCLUSTER, "RayCluster", _drop_group_name, "spec.workerGroupSpecs[0]", "'groupName' is a required"),
@@ -275,8 +330,12 @@ def _job_unknown_mode(doc):
     (RAYJOB, "RayJob", _job_without_cluster_head, "spec.rayClusterSpec", "'headGroupSpec' is a required"),
     (RAYJOB, "RayJob", _job_shutdown_as_text, "spec.shutdownAfterJobFinishes", "is not of type 'boolean'"),
     (RAYJOB, "RayJob", _job_unknown_mode, "spec.submissionMode", "is not one of"),
+    (RAYJOB, "RayJob", _job_submitter_without_containers, "spec.submitterPodTemplate.spec",
+     "'containers' is a required"),
+    (RAYJOB, "RayJob", _job_submitter_restarts_always, "spec.submitterPodTemplate.spec.restartPolicy",
+     "is not one of"),
 ], ids=["head-template", "group-name", "container-name", "start-param-type", "job-head", "job-shutdown",
-        "job-mode"])
+        "job-mode", "submitter-containers", "submitter-restart"])
 def test_schema_names_the_broken_field(path, kind, breakage, field, expected):
     doc = copy.deepcopy(_one(path, kind))
     breakage(doc)
@@ -371,6 +430,85 @@ def test_the_secret_check_catches_literal_values():
     found = literal_secrets(doc)
     assert any("AWS_SECRET_ACCESS_KEY" in p for p in found), found
     assert any("DB_URI" in p and "URI" in p for p in found), found
+
+
+# --- Ray token authentication ----------------------------------------------------------------
+
+@pytest.mark.parametrize("path,kind", [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob")],
+                         ids=["raycluster", "rayjob"])
+def test_every_ray_container_uses_token_auth_from_the_secret(path, kind):
+    doc = _one(path, kind)
+    assert token_auth_problems(doc) == []
+    places = [where for where, _ in _token_env_holders(doc)]
+    expected = ["head", "gpu", "autoscaler"] + (["submitter"] if kind == "RayJob" else [])
+    assert places == expected, places
+    # the Secret lives in the cluster's namespace (secretKeyRef has none of its own) and is
+    # made from a file with kubectl (README), never defined in a manifest here
+    assert doc["metadata"]["namespace"] == "ipb"
+    assert not [d for p in K8S_FILES for d in _docs(p) if d["kind"] == "Secret"]
+
+
+def test_rayjob_submitter_gets_the_token_and_leaves_the_command_to_kuberay():
+    spec = _one(RAYJOB, "RayJob")["spec"]
+    template = spec["submitterPodTemplate"]
+    container = template["spec"]["containers"][0]  # KubeRay: the first container submits
+    assert "command" not in container and "args" not in container, \
+        "without a command KubeRay fills in `ray job submit ... -- <entrypoint>` itself"
+    head = _ray_container(spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"])
+    assert container["image"] == head["image"], "the submitter runs the head's Ray (as KubeRay's default)"
+    assert template["spec"]["restartPolicy"] in JOB_RESTART_POLICIES
+    assert GPU not in container.get("resources", {}).get("limits", {})
+
+
+def _literal_worker_token(doc):
+    env = _cluster_spec_of(doc)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    for entry in env:
+        if entry["name"] == "RAY_AUTH_TOKEN":
+            entry.pop("valueFrom")
+            entry["value"] = "0123456789abcdef" * 4  # the shape of a Ray token (token_hex(32))
+
+
+def _head_auth_disabled(doc):
+    env = _cluster_spec_of(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "RAY_AUTH_MODE")["value"] = "disabled"
+
+
+def _worker_without_auth_mode(doc):
+    container = _cluster_spec_of(doc)["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    container["env"] = [e for e in container["env"] if e["name"] != "RAY_AUTH_MODE"]
+
+
+def _autoscaler_without_token(doc):
+    del _cluster_spec_of(doc)["autoscalerOptions"]["env"]
+
+
+def _head_token_from_another_secret(doc):
+    env = _cluster_spec_of(doc)["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    next(e for e in env if e["name"] == "RAY_AUTH_TOKEN")["valueFrom"]["secretKeyRef"]["name"] = "other"
+
+
+def _submitter_without_template(doc):
+    del doc["spec"]["submitterPodTemplate"]
+
+
+@pytest.mark.parametrize("path,kind,breakage,where,literal", [
+    (RAYCLUSTER, "RayCluster", _literal_worker_token, "gpu: RAY_AUTH_TOKEN", True),
+    (RAYJOB, "RayJob", _literal_worker_token, "gpu: RAY_AUTH_TOKEN", True),
+    (RAYCLUSTER, "RayCluster", _head_auth_disabled, "head: RAY_AUTH_MODE", False),
+    (RAYCLUSTER, "RayCluster", _worker_without_auth_mode, "gpu: RAY_AUTH_MODE", False),
+    (RAYCLUSTER, "RayCluster", _autoscaler_without_token, "autoscaler: RAY_AUTH_MODE", False),
+    (RAYCLUSTER, "RayCluster", _head_token_from_another_secret, "head: RAY_AUTH_TOKEN", False),
+    (RAYJOB, "RayJob", _submitter_without_template, "submitter: RAY_AUTH_TOKEN", False),
+], ids=["literal-token", "job-literal-token", "mode-disabled", "no-mode", "autoscaler", "other-secret",
+        "no-submitter-template"])
+def test_token_auth_check_catches_broken_copies(path, kind, breakage, where, literal):
+    doc = copy.deepcopy(_one(path, kind))
+    breakage(doc)
+    found = token_auth_problems(doc)
+    assert any(p.startswith(where) for p in found), found
+    # a literal token is also a literal secret (the check every manifest passes)
+    secrets = literal_secrets(doc)
+    assert any("RAY_AUTH_TOKEN" in p for p in secrets) == literal, secrets
 
 
 # --- the RayJob's command ---------------------------------------------------------------

@@ -205,3 +205,14 @@ def test_job_entrypoints_are_installed_with_the_project(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "jobs" in done.stdout
+
+
+def test_token_sources_follow_rays_order(tmp_path):
+    from ipb_ray.submit import token_available
+
+    assert not token_available({}, home=tmp_path)
+    assert token_available({"RAY_AUTH_TOKEN": "x"}, home=tmp_path)
+    assert token_available({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "t")}, home=tmp_path)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x")
+    assert token_available({}, home=tmp_path)
