@@ -118,6 +118,9 @@ class LocalCluster:
         self.work = Path(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._ensure_token()
+        from ipb_ray.submit import send_token_if_available
+
+        send_token_if_available()  # this process's own checks below go through token auth too
         gcs, dash, client = free_ports(3)
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         try:
