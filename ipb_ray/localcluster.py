@@ -13,7 +13,9 @@ also stop any other Ray on this machine).
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,17 +28,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+log = logging.getLogger(__name__)
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free on 127.0.0.1 right now."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+# Ports for our processes come from below the kernel's ephemeral range (32768+ on Linux,
+# where Ray's components and every other bind(0) land) and above Ray's worker-port range
+# (10002-19999): a port chosen here is not taken by a Ray process that starts meanwhile.
+PORT_RANGE = (20000, 32000)
+
+
+def free_ports(n: int, rng: random.Random | None = None) -> list[int]:
+    """``n`` distinct TCP ports in :data:`PORT_RANGE`, free on 127.0.0.1 right now."""
+    rng = rng or random.Random()
+    chosen: list[int] = []
+    for _ in range(n * 200):
+        if len(chosen) == n:
+            break
+        port = rng.randrange(*PORT_RANGE)
+        if port in chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+    if len(chosen) < n:
+        raise RuntimeError(f"found only {len(chosen)} free ports of {n} in {PORT_RANGE}")
+    return chosen
 
 
 @dataclass
@@ -112,7 +130,20 @@ class LocalCluster:
 
         return len([n for n in list_nodes(address=self.address) if n.state == "ALIVE"])
 
-    def start(self) -> "LocalCluster":
+    def start(self, attempts: int = 2) -> "LocalCluster":
+        """Start everything and wait until it answers; a try whose process exits early
+        (a port taken after all, say) is stopped and made again with new ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once()
+            except RuntimeError as exc:
+                if attempt == attempts - 1:
+                    raise
+                log.warning("local cluster: %s; starting again with new ports", exc)
+                time.sleep(1.0)
+        return self
+
+    def _start_once(self) -> "LocalCluster":
         from ray.job_submission import JobSubmissionClient
 
         self.work = Path(self.work)
@@ -121,14 +152,14 @@ class LocalCluster:
         from ipb_ray.submit import send_token_if_available
 
         send_token_if_available()  # this process's own checks below go through token auth too
-        gcs, dash, client = free_ports(3)
+        gcs, dash, client, mlflow_port = free_ports(4)
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         try:
             self._spawn("head", [self._bin("ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                                  *self._node_args("head")])
             if self.mlflow:
-                port = free_ports(1)[0]
+                port = mlflow_port
                 self.mlflow_uri = f"http://127.0.0.1:{port}"
                 self._spawn("mlflow", [self._bin("mlflow"), "server", "--backend-store-uri",
                                        f"sqlite:///{self.work / 'mlflow.db'}", "--artifacts-destination",

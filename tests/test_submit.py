@@ -216,3 +216,18 @@ def test_token_sources_follow_rays_order(tmp_path):
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("x")
     assert token_available({}, home=tmp_path)
+
+
+def test_local_cluster_ports_avoid_the_ephemeral_and_ray_worker_ranges():
+    import random
+    import socket
+
+    from ipb_ray.localcluster import PORT_RANGE, free_ports
+
+    ports = free_ports(12, random.Random(0))
+    assert len(set(ports)) == 12 and all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)
+    assert free_ports(12, random.Random(0)) == ports  # seeded: reproducible
+    with socket.socket() as s:  # a port in use is never offered
+        s.bind(("127.0.0.1", ports[0]))
+        again = free_ports(12, random.Random(0))
+    assert ports[0] not in again
