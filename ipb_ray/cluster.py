@@ -151,6 +151,8 @@ def invisible_paths(paths: Mapping[str, str], where: Placement,
         if is_uri(value) or not os.path.isabs(value):
             continue
         directory = Path(value)
+        if key == "data.catalog" and not directory.exists():
+            continue  # an input: its reader says what is missing; no directory made at a typo
         try:
             directory.mkdir(parents=True, exist_ok=True)
             marker = directory / f".ipb-shared-{token}"

@@ -231,3 +231,9 @@ def test_local_cluster_ports_avoid_the_ephemeral_and_ray_worker_ranges():
         s.bind(("127.0.0.1", ports[0]))
         again = free_ports(12, random.Random(0))
     assert ports[0] not in again
+
+
+def test_the_probe_never_creates_a_missing_catalog(tmp_path):
+    missing = tmp_path / "no-such-catalog"
+    assert invisible_paths({"data.catalog": str(missing)}, Placement(TWO_NODES), lambda m, n: ["n2"]) == []
+    assert not missing.exists()
