@@ -30,14 +30,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def wait_for(client, job_id: str, status: str | tuple[str, ...], timeout: float = 900.0) -> float:
     """Seconds until the job's status is one of ``status`` (polled every 0.1 s)."""
+    from ipb_ray.submit import status_name
+
     wanted = (status,) if isinstance(status, str) else status
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         info = client.get_job_info(job_id)
-        if str(info.status.value) in wanted or str(info.status.value) in ("FAILED", "STOPPED"):
-            if str(info.status.value) not in wanted:
-                raise RuntimeError(f"job {job_id} {info.status.value}: {info.message}\n{client.get_job_logs(job_id)}")
+        if status_name(info) in wanted:
             return time.monotonic() - t0
+        if status_name(info) in ("FAILED", "STOPPED"):
+            raise RuntimeError(f"job {job_id} {status_name(info)}: {info.message}\n{client.get_job_logs(job_id)}")
         time.sleep(0.1)
     raise TimeoutError(job_id)
 

@@ -47,10 +47,6 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (cfgmod.ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("IPB_TRACEBACK"):
-            import traceback
-
-            traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None
 
@@ -262,7 +258,7 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
 
 
 def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
-    from ipb_ray.training import train_fold
+    from ipb_ray.training import local_run_dir, train_fold
     from ipb_ray.viz import save_training_curves
 
     m = cfg.method
@@ -284,8 +280,9 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     if metrics.get("resumed_from_epoch", -1) >= 0:
         console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
     console.print(f"checkpoint: {metrics['checkpoint']}", highlight=False)
-    if metrics.get("history") and metrics.get("checkpoint") == metrics.get("local_checkpoint") is not None:
-        curves = save_training_curves(metrics["history"], names, Path(metrics["checkpoint"]).parent / "curves.png",
+    run_dir = local_run_dir(metrics)
+    if metrics.get("history") and run_dir:
+        curves = save_training_curves(metrics["history"], names, run_dir / "curves.png",
                                       title=f"{cfg.name} {m.name} fold {fold}")
         console.print(f"curves: {curves}", highlight=False)
     return metrics
@@ -602,12 +599,13 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
 
     with _user_errors():
         url = _job_address(address)
-        job_info(url, job_id)
+        c = client(url)
+        job_info(url, job_id, c)
         with auth_errors(url):
             if follow_log:
-                raise typer.Exit(code=_print_job_end(follow(url, job_id, lambda t: print(t, end="", flush=True)),
-                                                     job_id, full=False))
-            print(client(url).get_job_logs(job_id), end="")
+                info = follow(url, job_id, lambda t: print(t, end="", flush=True), c=c)
+                raise typer.Exit(code=_print_job_end(info, job_id, full=False))
+            print(c.get_job_logs(job_id), end="")
 
 
 @jobs_app.command("stop")
@@ -618,8 +616,8 @@ def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address:
 
     with _user_errors():
         url = _job_address(address)
-        job_info(url, job_id)
         c = client(url)
+        job_info(url, job_id, c)
         with auth_errors(url):
             c.stop_job(job_id)
             t0 = time.monotonic()

@@ -93,6 +93,17 @@ def job_workdir(environ: Mapping[str, str] | None = None, cwd: str | None = None
     return (cwd or os.getcwd()) if runtime_env.get("working_dir") else None
 
 
+def _named_paths(cfg: ExperimentConfig, outputs: Mapping[str, str] | None, *, catalog: bool,
+                 storage: bool) -> dict[str, str]:
+    """The directories a command uses, by the option or config key that names them."""
+    named = dict(outputs or {})
+    if storage:
+        named["tracking.storage_path"] = cfg.tracking.storage_path
+    if catalog:
+        named["data.catalog"] = cfg.data.catalog
+    return named
+
+
 def path_problems(cfg: ExperimentConfig, where: Placement, outputs: Mapping[str, str] | None = None,
                   *, catalog: bool = True, storage: bool = True) -> list[str]:
     """The reasons ``cfg`` would lose or miss data at ``where`` (empty when none).
@@ -102,11 +113,7 @@ def path_problems(cfg: ExperimentConfig, where: Placement, outputs: Mapping[str,
     catalog / writes Ray Train checkpoints (``ipb report`` does neither).
     """
     problems: list[str] = []
-    named: dict[str, str] = dict(outputs or {})
-    if storage:
-        named["tracking.storage_path"] = cfg.tracking.storage_path
-    if catalog:
-        named["data.catalog"] = cfg.data.catalog
+    named = _named_paths(cfg, outputs, catalog=catalog, storage=storage)
     uri = cfg.tracking.tracking_uri
     if where.job_workdir:
         for key, value in named.items():
@@ -131,8 +138,6 @@ def path_problems(cfg: ExperimentConfig, where: Placement, outputs: Mapping[str,
                 f"data.catalog={cfg.data.catalog}: the catalog is read as files; mount the bucket on every node "
                 "(e.g. mountpoint-s3 or gcsfuse) and give the mount's path")
         for key, value in named.items():
-            if key == "data.catalog" and is_uri(value):
-                continue
             if not is_uri(value) and not os.path.isabs(value) and not where.job_workdir:
                 problems.append(
                     f"{key}={value} is a relative path on a {len(where.nodes)}-node cluster: give an absolute "
@@ -203,11 +208,7 @@ def check_cluster_paths(cfg: ExperimentConfig, outputs: Mapping[str, str] | None
     where = current_placement() if connected else Placement({}, job_workdir())
     problems = path_problems(cfg, where, outputs, catalog=catalog, storage=storage)
     if not problems and where.multi_node:
-        shared = dict(outputs or {})
-        if storage:
-            shared["tracking.storage_path"] = cfg.tracking.storage_path
-        if catalog:
-            shared["data.catalog"] = cfg.data.catalog
+        shared = _named_paths(cfg, outputs, catalog=catalog, storage=storage)
         problems = invisible_paths(shared, where, _ray_probe)
         if not problems:
             log.info("shared storage visible from all %d nodes: %s", len(where.nodes), shared)

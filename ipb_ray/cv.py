@@ -113,7 +113,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     from ipb_ray.cluster import check_cluster_paths
     from ipb_ray.folds import read_folds
     from ipb_ray.ray_setup import init_ray
-    from ipb_ray.training import train_fold
+    from ipb_ray.training import local_run_dir, train_fold
     from ipb_ray.viz import save_training_curves
 
     init_ray(cfg.resources)
@@ -138,9 +138,9 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     def one(fold: int) -> None:
         event("started", fold, {})
         metrics = train_fold(cfg, fold)
-        if metrics.get("history") and metrics.get("checkpoint") == metrics.get("local_checkpoint") is not None:
-            save_training_curves(metrics["history"], metrics["test_report"]["class_names"],
-                                 Path(metrics["checkpoint"]).parent / "curves.png",
+        run_dir = local_run_dir(metrics)
+        if metrics.get("history") and run_dir:
+            save_training_curves(metrics["history"], metrics["test_report"]["class_names"], run_dir / "curves.png",
                                  title=f"{cfg.name} {cfg.method.name} fold {fold}")
         with lock:  # one MLflow writer at a time
             tracking.log_fold(uri, parent, fold, metrics, cfg, log_model=log_model)

@@ -63,8 +63,7 @@ def project_requirements(dist: str = "ipb-ray") -> list[str]:
     return [r for r in reqs if "extra ==" not in r]
 
 
-def runtime_env(working_dir: str | Path | None = None, *, with_deps: bool = False,
-                env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+def runtime_env(working_dir: str | Path | None = None, *, with_deps: bool = False) -> dict[str, Any]:
     """The job's runtime environment: this project as ``working_dir`` (without virtual
     environments, results and databases) and, with ``with_deps``, the project's
     requirements installed by Ray's ``pip`` plugin on nodes that lack them."""
@@ -74,8 +73,6 @@ def runtime_env(working_dir: str | Path | None = None, *, with_deps: bool = Fals
     env: dict[str, Any] = {"working_dir": str(root), "excludes": list(EXCLUDES)}
     if with_deps:
         env["pip"] = project_requirements()
-    if env_vars:
-        env["env_vars"] = dict(env_vars)
     return env
 
 
@@ -186,9 +183,10 @@ def client(address: str):
                          "-n ipb svc/ipb-ray-head-svc 8265:8265`)?") from None
 
 
-def job_info(address: str, job_id: str) -> Any:
-    """The job's ``JobInfo``; a clear error for an id the cluster does not know."""
-    c = client(address)
+def job_info(address: str, job_id: str, c: Any = None) -> Any:
+    """The job's ``JobInfo``; a clear error for an id the cluster does not know.
+    ``c``: a client already made for ``address`` (one is made otherwise)."""
+    c = c or client(address)
     try:
         with auth_errors(address):
             return c.get_job_info(job_id)
@@ -198,24 +196,22 @@ def job_info(address: str, job_id: str) -> Any:
 
 
 def submit(address: str, argv: Sequence[str], *, working_dir: str | Path | None = None,
-           with_deps: bool = False, python: str = "python", submission_id: str | None = None,
-           num_gpus: float | None = None) -> str:
+           with_deps: bool = False, python: str = "python", submission_id: str | None = None) -> str:
     """Submit ``ipb <argv>`` as a Ray job; returns the submission id."""
     command = entrypoint(argv, python)
     env = runtime_env(working_dir, with_deps=with_deps)
-    kwargs: dict[str, Any] = {}
-    if num_gpus:
-        kwargs["entrypoint_num_gpus"] = num_gpus
     return client(address).submit_job(entrypoint=command, runtime_env=env, submission_id=submission_id,
-                                      metadata={"ipb_command": argv[0]}, **kwargs)
+                                      metadata={"ipb_command": argv[0]})
 
 
-def follow(address: str, job_id: str, write: Callable[[str], None], *, timeout_s: float | None = None) -> Any:
+def follow(address: str, job_id: str, write: Callable[[str], None], *, timeout_s: float | None = None,
+           c: Any = None) -> Any:
     """Write the job's log as it arrives (Ray's log stream) until the job ends; returns
-    its ``JobInfo``. ``timeout_s`` stops following (the job keeps running)."""
+    its ``JobInfo``. ``timeout_s`` stops following (the job keeps running). ``c``: a
+    client already made for ``address``."""
     import asyncio
 
-    c = client(address)
+    c = c or client(address)
 
     async def tail() -> None:
         async for chunk in c.tail_job_logs(job_id):

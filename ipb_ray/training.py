@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -459,6 +460,10 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     return metrics
 
 
+# pyarrow filesystem type -> URI scheme, where they differ
+URI_SCHEMES = {"gcs": "gs"}
+
+
 def checkpoint_locations(checkpoint: Any) -> tuple[str | None, str | None]:
     """(where the checkpoint lives, a local directory holding it). On local or mounted
     storage both are its path; on remote storage (``s3://``, ``gs://``, ...) the first is
@@ -474,8 +479,16 @@ def checkpoint_locations(checkpoint: Any) -> tuple[str | None, str | None]:
         return checkpoint.path, checkpoint.path
     copy = tempfile.mkdtemp(prefix="ipb-checkpoint-")
     atexit.register(shutil.rmtree, copy, True)
-    where = checkpoint.path if "://" in checkpoint.path else f"{ {'gcs': 'gs'}.get(kind, kind)}://{checkpoint.path}"
+    scheme = URI_SCHEMES.get(kind, kind)
+    where = checkpoint.path if "://" in checkpoint.path else f"{scheme}://{checkpoint.path}"
     return where, checkpoint.to_directory(copy)
+
+
+def local_run_dir(metrics: dict[str, Any]) -> Path | None:
+    """The run's directory on this machine (where ``curves.png`` goes), or None when
+    the checkpoint lives on remote storage (its local copy is temporary)."""
+    where, local = metrics.get("checkpoint"), metrics.get("local_checkpoint")
+    return Path(where).parent if where and where == local else None
 
 
 def read_history(checkpoint_dir: str | None) -> list[dict[str, Any]]:
