@@ -40,7 +40,9 @@ __all__ = [
     "STRONG_OPS",
     "as_tensor",
     "paper_augment",
+    "configured_pair",
     "strong_view",
+    "train_view",
     "weak_view",
     "weak_strong",
 ]
@@ -169,14 +171,16 @@ def _from_u8(a: np.ndarray) -> np.ndarray:
 
 
 def _paper_one(a: np.ndarray, rng: Rng, *, p: float, flip_p: float, brightness: float,
-               contrast: float, blur_kernel: int, max_rotation: float) -> tuple[np.ndarray, dict[str, bool]]:
+               contrast: float, blur_kernel: int, max_rotation: float, rot90: bool,
+               rotate_p: float, jitter_p: float, blur_p: float) -> tuple[np.ndarray, dict[str, bool]]:
     # Fixed draw count, whatever fires: firing coins, then every op's parameter.
     coins = rng.random(len(PAPER_OPS))
     angle = rng.uniform(0.0, max_rotation)
     b = rng.uniform(max(0.0, 1.0 - brightness), 1.0 + brightness)
     c = rng.uniform(max(0.0, 1.0 - contrast), 1.0 + contrast)
     sigma = rng.uniform(*_BLUR_SIGMA)
-    probs = (flip_p, flip_p, p, p, p)
+    quarter_turns = int(rng.integers(0, 4)) if rot90 else 0
+    probs = (flip_p, flip_p, rotate_p, jitter_p, blur_p)
     fired = {name: bool(u < q) for name, u, q in zip(PAPER_OPS, coins, probs)}
 
     out = a
@@ -184,6 +188,8 @@ def _paper_one(a: np.ndarray, rng: Rng, *, p: float, flip_p: float, brightness: 
         out = out[:, ::-1]
     if fired["vflip"]:
         out = out[::-1]
+    if quarter_turns:
+        out = np.rot90(out, quarter_turns)
     out = np.ascontiguousarray(out)
     if fired["rotate"]:
         out = _rotate(out, angle)
@@ -199,7 +205,8 @@ def _paper_one(a: np.ndarray, rng: Rng, *, p: float, flip_p: float, brightness: 
 
 def paper_augment(x: Any, rng: Rng, p: float = 0.25, brightness: float = 0.5, contrast: float = 0.75,
                   blur_kernel: int = 3, max_rotation: float = 180.0,
-                  flip_p: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                  flip_p: float | None = None, *, rot90: bool = False, rotate_p: float | None = None,
+                  jitter_p: float | None = None, blur_p: float | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
     """The paper's augmentation of a patch window.
 
     ``x``: (1, S, S) or (B, 1, S, S) float32 in [0, 1] (uint8 accepted). Each of
@@ -207,13 +214,18 @@ def paper_augment(x: Any, rng: Rng, p: float = 0.25, brightness: float = 0.5, co
     default ``p``; the authors' code flips with 0.5): flips, a rotation by an angle
     uniform in [0, ``max_rotation``] degrees with reflected borders, brightness then
     contrast factors uniform in [1 - b, 1 + b] and [1 - c, 1 + c], a ``blur_kernel``
-    square Gaussian blur (sigma uniform in [0.1, 2]). Returns a new float32 tensor (same
+    square Gaussian blur (sigma uniform in [0.1, 2]). ``rotate_p``, ``jitter_p`` and
+    ``blur_p`` override ``p`` per op; ``rot90`` adds a rotation by a random multiple of 90
+    degrees after the flips (lossless: with the flips, all 8 symmetries of the square).
+    Returns a new float32 tensor (same
     shape, in [0, 1]; the input is never modified) and ``fired``: op name -> bool, or
     -> (B,) bool array for a batch.
     """
     flip_p = p if flip_p is None else flip_p
     out, infos = _per_sample(_paper_one, x, rng, p=p, flip_p=flip_p, brightness=brightness,
-                             contrast=contrast, blur_kernel=blur_kernel, max_rotation=max_rotation)
+                             contrast=contrast, blur_kernel=blur_kernel, max_rotation=max_rotation, rot90=rot90,
+                             rotate_p=p if rotate_p is None else rotate_p,
+                             jitter_p=p if jitter_p is None else jitter_p, blur_p=p if blur_p is None else blur_p)
     if out.ndim == 3:
         return out, infos[0]
     return out, {name: np.array([i[name] for i in infos], dtype=bool) for name in PAPER_OPS}
@@ -282,10 +294,10 @@ def _strong_op(a: np.ndarray, op: str, m: float, sign: int) -> np.ndarray:
 
 
 def _strong_one(a: np.ndarray, rng: Rng, *, n_ops: int, magnitude: float | None,
-                cutout: float) -> tuple[np.ndarray, tuple[str, ...]]:
+                cutout: float, ops: tuple[str, ...], max_magnitude: float) -> tuple[np.ndarray, tuple[str, ...]]:
     h, w = a.shape
-    picks = rng.integers(0, len(STRONG_OPS), size=n_ops)
-    mags = rng.random(n_ops) if magnitude is None else np.full(n_ops, float(magnitude))
+    picks = rng.integers(0, len(ops), size=n_ops)
+    mags = rng.random(n_ops) * max_magnitude if magnitude is None else np.full(n_ops, float(magnitude))
     signs = rng.integers(0, 2, size=n_ops) * 2 - 1
     max_side = max(1, int(cutout * min(h, w)))
     side = int(rng.integers(1, max_side + 1))
@@ -293,16 +305,17 @@ def _strong_one(a: np.ndarray, rng: Rng, *, n_ops: int, magnitude: float | None,
 
     out = a
     for i, m, sgn in zip(picks.tolist(), mags.tolist(), signs.tolist()):
-        out = _strong_op(out, STRONG_OPS[i], m, sgn)
+        out = _strong_op(out, ops[i], m, sgn)
     out = np.array(out, dtype=np.float32, copy=True)  # never write into the caller's data
     if cutout > 0:
         y0, x0 = cy - side // 2, cx - side // 2
         out[max(0, y0):y0 + side, max(0, x0):x0 + side] = out.mean()
-    return _clip(out), tuple(STRONG_OPS[i] for i in picks.tolist())
+    return _clip(out), tuple(ops[i] for i in picks.tolist())
 
 
 def strong_view(x: Any, rng: Rng, n_ops: int = 2, magnitude: float | None = None,
-                cutout: float = 0.25) -> torch.Tensor:
+                cutout: float = 0.25, ops: tuple[str, ...] = STRONG_OPS,
+                max_magnitude: float = 1.0) -> torch.Tensor:
     """UDA's strong view: RandAugment for single-channel images, then cutout.
 
     ``n_ops`` ops drawn with replacement from :data:`STRONG_OPS`, each at ``magnitude``
@@ -311,15 +324,43 @@ def strong_view(x: Any, rng: Rng, n_ops: int = 2, magnitude: float | None = None
     8 - 4 m bits) or, when None, a magnitude uniform in [0, 1] per op; then a square of
     side uniform in [1, ``cutout`` * S] px at a random centre is filled with the image
     mean. ``x``: (1, S, S) or (B, 1, S, S) float32 in [0, 1]; same shape out, in [0, 1].
+    ``ops`` restricts the ops drawn from (default all of :data:`STRONG_OPS`);
+    ``max_magnitude`` caps a random magnitude (uniform in [0, max_magnitude]).
     """
     if not 0.0 <= cutout <= 1.0:
         raise ValueError(f"strong_view cutout={cutout!r} is a fraction of the side; use [0, 1]")
     if magnitude is not None and not 0.0 <= magnitude <= 1.0:
         raise ValueError(f"strong_view magnitude={magnitude!r} must lie in [0, 1] (or None for random)")
-    return _per_sample(_strong_one, x, rng, n_ops=n_ops, magnitude=magnitude, cutout=cutout)[0]
+    unknown = [op for op in ops if op not in STRONG_OPS]
+    if unknown or not ops:
+        raise ValueError(f"strong_view ops {list(ops)}: unknown {unknown}; choose from {', '.join(STRONG_OPS)}")
+    if not 0.0 <= max_magnitude <= 1.0:
+        raise ValueError(f"strong_view max_magnitude={max_magnitude!r} must lie in [0, 1]")
+    return _per_sample(_strong_one, x, rng, n_ops=n_ops, magnitude=magnitude, cutout=cutout, ops=tuple(ops),
+                       max_magnitude=max_magnitude)[0]
 
 
 def weak_strong(x: Any, rng: Rng, **strong_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """The UDA pair of one window (or batch): ``(weak_view(x), strong_view(x))``."""
     x = as_tensor(x)
     return weak_view(x, rng), strong_view(x, rng, **strong_kwargs)
+
+
+def train_view(x: Any, rng: Rng, aug: Any) -> torch.Tensor:
+    """The configured weak (training) view: :func:`paper_augment` with the keys of an
+    :class:`ipb_ray.config.AugmentConfig` ``aug``."""
+    return paper_augment(x, rng, brightness=aug.brightness, contrast=aug.contrast, max_rotation=aug.max_rotation,
+                         flip_p=aug.flip_p, rot90=aug.rot90, rotate_p=aug.rotate_p, jitter_p=aug.jitter_p,
+                         blur_p=aug.blur_p)[0]
+
+
+def configured_pair(x: Any, rng: Rng, aug: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """UDA's pair under an :class:`ipb_ray.config.AugmentConfig`: the configured weak
+    (training) view, and the strong view of the same window: the weak view's geometry
+    then RandAugment over ``aug.strong_ops`` at magnitudes up to
+    ``aug.strong_max_magnitude``, then cutout."""
+    x = as_tensor(x)
+    weak = train_view(x, rng, aug)
+    strong = strong_view(train_view(x, rng, aug), rng, n_ops=aug.strong_n_ops, cutout=aug.cutout,
+                         ops=tuple(aug.strong_ops), max_magnitude=aug.strong_max_magnitude)
+    return weak, strong

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +62,11 @@ SCHEMA = pa.schema([
     pa.field("importer", pa.string(), nullable=False),
     pa.field("provenance", pa.string(), nullable=False),
 ])
+
+#: Key of ``provenance`` under which the frames importer keeps the annotation table's own
+#: columns (any beyond frame, box/point, label(s), frame_index/time) of a colony, e.g.
+#: ``{"well": "B3", "track": "17"}``; ``split.group_by=column:well`` reads them.
+ANNOTATION_COLUMNS = "annotation"
 
 REJECT_SCHEMA = pa.schema([
     pa.field("source", pa.string(), nullable=False),
@@ -211,8 +217,11 @@ def finish_build(root: str | Path, shards: Sequence[str], info: Mapping[str, Any
     for cid, label, labels in sorted(zip(ids, table.column("label").to_pylist(),
                                          table.column("labels").to_pylist())):
         digest.update(f"{cid}:{label}:{'+'.join(labels)};".encode())
+    mean, std = pixel_stats(root)
     manifest = {
         "version": CATALOG_VERSION,
+        "pixel_mean": mean,
+        "pixel_std": std,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "colonies": len(ids),
         "class_names": sorted({n for labels in table.column("labels").to_pylist() for n in labels}),
@@ -235,6 +244,48 @@ def class_counts(table: pa.Table) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+#: Crops whose pixels estimate a catalog's mean and std (a seeded sample; enough for two
+#: numbers, cheap on a catalog of any size).
+STATS_SAMPLE = 512
+
+
+def pixel_stats(root: str | Path, sample: int = STATS_SAMPLE, seed: int = 0) -> tuple[float, float]:
+    """Mean and standard deviation of the pixels of a catalog's crops, in [0, 1] units
+    (uint8 / 255), over a seeded sample of at most ``sample`` crops, every pixel of a crop
+    counted (patches hold background as well as colony). Label-free: no label is read."""
+    table = pq.read_table(Path(root) / "parts", columns=["colony_id", "image"], schema=SCHEMA)
+    n = table.num_rows
+    if n == 0:
+        return 0.0, 1.0
+    ids = np.asarray(table.column("colony_id").to_pylist(), dtype=object)
+    order = np.argsort(ids, kind="stable")  # the sample does not depend on the shard order
+    pick = np.sort(np.random.default_rng(seed).permutation(n)[:sample])
+    total = total_sq = count = 0.0
+    images = table.column("image")
+    for i in order[pick]:
+        a = decode_png(images[int(i)].as_py()).astype(np.float64) / 255.0
+        total += float(a.sum())
+        total_sq += float(np.square(a).sum())
+        count += a.size
+    mean = total / count
+    std = max(float(np.sqrt(max(total_sq / count - mean * mean, 0.0))), 1e-3)
+    return round(mean, 6), round(std, 6)
+
+
+def normalisation(root: str | Path) -> tuple[float, float]:
+    """``(pixel_mean, pixel_std)`` of a catalog: from its manifest, or (a catalog built
+    before they were recorded) computed now and added to the manifest."""
+    manifest = read_manifest(root)
+    if "pixel_mean" not in manifest or "pixel_std" not in manifest:
+        mean, std = pixel_stats(root)
+        manifest.update(pixel_mean=mean, pixel_std=std)
+        try:
+            _atomic_write_text(json.dumps(manifest, indent=2, sort_keys=True), Path(root) / MANIFEST)
+        except OSError:  # a read-only catalog: use the numbers without recording them
+            pass
+    return float(manifest["pixel_mean"]), float(manifest["pixel_std"])
+
+
 # --------------------------------------------------------------------------- reading
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -250,6 +301,61 @@ def read_catalog(root: str | Path, columns: Sequence[str] | None = None) -> pa.T
     """The whole catalog as one pyarrow Table (checks it is complete first)."""
     read_manifest(root)
     return pq.read_table(Path(root) / "parts", columns=list(columns) if columns else None, schema=SCHEMA)
+
+
+def colony_groups(table: pa.Table, group_by: str, catalog: str = "the catalog") -> list[str | None]:
+    """Group name of every row of ``table`` (catalog rows), per ``split.group_by``.
+
+    ``column:<name>``: the value of the catalog column ``<name>`` (e.g. ``source``: one
+    group per frame), else of the annotation-table column ``<name>`` kept in
+    ``provenance`` (see :data:`ANNOTATION_COLUMNS`); a colony without a value is a group
+    of its own. ``regex:<pattern>``: the pattern's one capture group, searched in the
+    colony's ``source`` path; every source must match. ``table`` needs ``source`` and
+    ``provenance`` (and the named column, if it is a catalog column). Raises
+    :class:`~ipb_ray.config.ConfigError` (key ``split.group_by``) naming ``catalog``, the
+    column or the pattern, and the fix.
+    """
+    from ipb_ray.config import ConfigError
+
+    kind, _, arg = group_by.partition(":")
+    key = "split.group_by"
+    if kind == "regex":
+        pattern = re.compile(arg)
+        if pattern.groups != 1:
+            raise ConfigError(f"regex '{arg}' has {pattern.groups} capture groups; it needs exactly one",
+                              key=key, source=catalog)
+        sources = table.column("source").to_pylist()
+        found = [pattern.search(src) for src in sources]
+        names = [m.group(1) if m and m.group(1) else None for m in found]
+        misses = [src for src, name in zip(sources, names) if name is None]
+        if misses:
+            raise ConfigError(f"regex '{arg}' finds no group name in the source path of {len(misses)} of "
+                              f"{len(sources)} colonies, e.g. {misses[0]!r}; change the pattern so that its "
+                              "(...) group matches a non-empty part of every source path", key=key,
+                              source=catalog)
+        return names
+    if kind != "column" or not arg:
+        raise ConfigError(f"{group_by!r} is not a grouping; write column:<name> or regex:<pattern>",
+                          key=key, source=catalog)
+    if arg in SCHEMA.names and arg in table.column_names:
+        values = table.column(arg).to_pylist()
+    else:
+        extras = [json.loads(p).get(ANNOTATION_COLUMNS, {}) for p in table.column("provenance").to_pylist()]
+        values = [e.get(arg) for e in extras]
+        if all(v is None for v in values):
+            kept = sorted({c for e in extras for c in e})
+            shown = [n for n in SCHEMA.names if n not in ("image", "mask", "provenance", "labels")]
+            raise ConfigError(
+                f"no column {arg!r} in {catalog}: its catalog columns are {', '.join(shown)} and the "
+                f"annotation columns it kept are {', '.join(kept) or 'none'}; name one of them, or add a "
+                f"{arg!r} column to the annotation table (data.annotations) and rerun `ipb preprocess`",
+                key=key, source=catalog)
+    names = [None if v is None or str(v).strip() == "" else str(v) for v in values]
+    missing = sum(v is None for v in names)
+    if missing:
+        log.warning("%s: %d of %d colonies have no %r; each is a group of its own (split.group_by=%s)",
+                    catalog, missing, len(names), arg, group_by)
+    return names
 
 
 def read_rejects(root: str | Path) -> pa.Table:

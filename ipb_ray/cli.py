@@ -15,6 +15,7 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Column, Table
@@ -81,7 +82,14 @@ def config_show(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRE
 @config_app.command("validate")
 def config_validate(config: Path = typer.Argument(..., help="Experiment YAML to check."),
                     overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
-    """Check a config file; exit 0 with 'ok', or 2 with the key, the value and the fix."""
+    """Check a config file; exit 0 with 'ok', or 2 listing every bad key with its value and fix."""
+    errors = cfgmod.validate_all(str(config), overrides or ())
+    if errors:
+        for exc in errors:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        err_console.print(f"{len(errors)} error{'s' * (len(errors) != 1)} in {escape(str(config))}; "
+                          "fix them and run `ipb config validate` again", highlight=False)
+        raise typer.Exit(code=2)
     with _user_errors():
         cfg = _resolve(config, None, overrides)
     console.print(f"[green]ok[/] {config}: method={cfg.method.name} backbone={cfg.model.backbone} "
@@ -152,13 +160,14 @@ def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str])
         console.print(f"  [yellow]rejected[/] {count} x {reason}", highlight=False)
     if summary.rejects:
         console.print(f"  details: {summary.catalog}/rejects (Parquet: source, item, reason)")
-    _print_folds(summary.folds, summary.catalog)
+    _print_folds(summary.folds, summary.catalog, summary.folds_note)
     return summary
 
 
-def _print_folds(folds: list, where: str) -> None:
+def _print_folds(folds: list, where: str, why: str = "") -> None:
     if not folds:
-        console.print("[yellow]no folds drawn[/] (too few labelled colonies for split.folds)")
+        console.print(f"[yellow]no folds drawn:[/] "
+                      f"{escape(why or 'too few labelled colonies for split.folds')}", highlight=False)
         return
     table = Table("fold", "U", "L", "V", "T", "L per class", title=f"folds in {where}/folds.parquet")
     for row in folds:
@@ -173,13 +182,13 @@ def folds(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           catalog_dir: Optional[str] = typer.Option(None, "--catalog", help="Catalog directory "
                                                     "(data.catalog).")) -> None:
     """(Re)draw the cross-validation folds of a catalog, e.g. for another labelled fraction."""
-    from ipb_ray.preprocess import make_catalog_folds
+    from ipb_ray.preprocess import make_catalog_folds, why_no_folds
 
     with _user_errors():
         cfg = _resolve(config, preset, overrides)
         root = catalog_dir or cfg.data.catalog
         plan = make_catalog_folds(root, cfg)
-        _print_folds(plan.summary() if plan else [], root)
+        _print_folds(plan.summary() if plan else [], root, "" if plan else why_no_folds(root, cfg))
 
 
 @app.command()
@@ -258,8 +267,15 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
 
 
 def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
+    from ipb_ray.cv import resolve_fold_catalog
     from ipb_ray.training import local_run_dir, train_fold
     from ipb_ray.viz import save_training_curves
+
+    before = cfg.data.catalog
+    cfg = resolve_fold_catalog(cfg)  # the folds split.* asks for, not whatever the catalog holds
+    if cfg.data.catalog != before:
+        console.print(f"split.* differs from the folds stored in {escape(str(before))}: using the catalog "
+                      f"view {escape(str(cfg.data.catalog))}", highlight=False)
 
     m = cfg.method
     phases = f"{m.teacher_epochs} teacher + {m.epochs} {m.name.upper()} epochs" if m.name != "supervised" \

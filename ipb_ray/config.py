@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
 __all__ = [
+    "AugmentConfig",
     "BACKBONES",
+    "EvalConfig",
     "METHODS",
     "ConfigError",
     "DataConfig",
@@ -41,16 +44,28 @@ __all__ = [
     "load_config",
     "parse_override",
     "to_dict",
+    "validate_all",
 ]
 
-#: Backbones the model registry provides (the *_tiny ones are CPU-sized for tests and demo;
-#: patch_stats is a linear model of patch statistics for smoke tests).
-BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "patch_stats")
+#: Backbones shipped with the model registry (the *_tiny ones and cnn_small are CPU-sized
+#: for tests and the demo; patch_stats is a linear model of patch statistics for smoke
+#: tests). ``model.backbone`` is checked against the registry itself
+#: (:func:`ipb_ray.models.list_models`), so a ``@register_model`` backbone is valid too.
+BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
 #: Training methods: plain supervised on L, Meta Pseudo Labels, Iterative Pseudo Balancing.
 METHODS = ("supervised", "mpl", "ipb")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 RELABEL = ("pass", "reuse")
 LABEL_STAGES = ("auto", "tasks", "actors")
+SCHEDULES = ("cosine", "constant", "step")
+OPTIMIZERS = ("sgd", "adamw")
+#: Ops of the strong (UDA/FixMatch) view; see ipb_ray.augment.STRONG_OPS.
+STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "posterize", "contrast",
+              "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
+#: Default strong ops: the ones that keep a phase-contrast image's polarity and grey-level
+#: order (solarize, posterize and equalize invert or flatten the halo and texture cues).
+GRAY_STRONG_OPS = ("identity", "autocontrast", "rotate", "contrast", "brightness", "sharpness", "shear_x",
+                   "shear_y", "translate_x", "translate_y")
 
 
 class ConfigError(ValueError):
@@ -86,22 +101,26 @@ def _section(cls: type) -> Any:
 def _check_fields(obj: Any) -> None:
     """Range/choice checks declared with :func:`_f`, run from every ``__post_init__``."""
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        meta = f.metadata
-        if value is None or dataclasses.is_dataclass(value):
-            continue
-        choices = meta.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{value!r} is not allowed; choose one of {', '.join(map(str, choices))}",
-                              key=f.name)
-        lo, hi = meta.get("lo"), meta.get("hi")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if (lo is not None and value < lo) or (hi is not None and value > hi):
-                lo_s = "-inf" if lo is None else f"{lo:g}"
-                hi_s = "inf" if hi is None else f"{hi:g}"
-                raise ConfigError(f"{value!r} is out of range; allowed [{lo_s}, {hi_s}]", key=f.name)
-            if meta.get("odd") and int(value) % 2 == 0:
-                raise ConfigError(f"{value!r} must be an odd number", key=f.name)
+        _check_value(f, getattr(obj, f.name), key=f.name)
+
+
+def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
+    """The :func:`_f` range/choice checks of one field; errors carry ``key``."""
+    meta = f.metadata
+    if value is None or dataclasses.is_dataclass(value):
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{value!r} is not allowed; choose one of {', '.join(map(str, choices))}",
+                          key=key)
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            raise ConfigError(f"{value!r} is out of range; allowed [{lo_s}, {hi_s}]", key=key)
+        if meta.get("odd") and int(value) % 2 == 0:
+            raise ConfigError(f"{value!r} must be an odd number", key=key)
 
 
 @dataclass(frozen=True)
@@ -153,6 +172,9 @@ class SplitConfig:
     labelled_fraction: float = _f(0.1, lo=1e-4, hi=0.98, doc="share of the single-labelled colonies put in L per fold")
     val_fraction: float = _f(0.2, lo=0.0, hi=0.9, doc="share of L held out for model selection")
     fold: int = _f(0, lo=0, doc="fold run by `ipb train`")
+    group_by: str | None = _f(None, doc="colonies that share a group share a test fold: column:<name> (a catalog or "
+                              "annotation column, e.g. column:well) or regex:<pattern with one (...) group> "
+                              "on the source frame path; None = every colony its own group")
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -162,19 +184,52 @@ class SplitConfig:
                 "data; lower split.labelled_fraction or raise split.folds", key="labelled_fraction")
         if self.fold >= self.folds:
             raise ConfigError(f"{self.fold} is out of range; allowed [0, {self.folds - 1}]", key="fold")
+        if self.group_by is not None:
+            _check_group_by(self.group_by)
+
+
+#: Kinds of ``split.group_by``: a column of the catalog (or of the annotation table, kept
+#: at import), or a regular expression whose one group picks the name from the source path.
+GROUP_BY_KINDS = ("column", "regex")
+
+
+def _check_group_by(text: str) -> None:
+    kind, sep, arg = text.partition(":")
+    if not sep or kind not in GROUP_BY_KINDS or not arg.strip():
+        raise ConfigError(f"{text!r} is not a grouping; write column:<name> (e.g. column:well) or "
+                          "regex:<pattern> whose one (...) group names the group in the source frame path "
+                          "(e.g. regex:(well[0-9]+)_t)", key="group_by")
+    if kind == "regex":
+        try:
+            groups = re.compile(arg).groups
+        except re.error as exc:
+            raise ConfigError(f"'{arg}' is not a valid regular expression ({exc})", key="group_by") from None
+        if groups != 1:
+            raise ConfigError(f"regex '{arg}' has {groups} capture groups; it needs exactly one, around the "
+                              "part of the source path that names the group, e.g. regex:(well[0-9]+)_t",
+                              key="group_by")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Backbone shared by teacher and student."""
 
-    backbone: str = _f("hrnet", choices=BACKBONES, doc="registered backbone name")
+    backbone: str = _f("hrnet", doc="registered backbone name (ipb_ray.models.list_models())")
     width: float = _f(1.0, lo=0.01, hi=8.0, doc="channel width multiplier")
     feature_dim: int = _f(512, lo=2, hi=8192, doc="per-stream feature length before the head")
     dropout: float = _f(0.0, lo=0.0, hi=0.99, doc="dropout before the classifier")
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        from ipb_ray.models import list_models  # the registry decides, so @register_model works
+
+        known = list_models()
+        if self.backbone not in known:
+            close = difflib.get_close_matches(self.backbone, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{self.backbone!r} is not a registered backbone{hint}; registered: "
+                              f"{', '.join(known)} (add your own with @ipb_ray.models.register_model)",
+                              key="backbone")
 
 
 @dataclass(frozen=True)
@@ -186,6 +241,15 @@ class MethodConfig:
     teacher_epochs: int = _f(200, lo=0, doc="teacher pre-training epochs on balanced L")
     batch_size: int = _f(32, lo=1, hi=65536, doc="labelled batch size per worker")
     unlabelled_batch_size: int = _f(32, lo=1, hi=65536, doc="unlabelled batch size per worker")
+    steps_per_epoch: int | None = _f(None, lo=1, doc="optimizer steps per epoch (supervised, teacher "
+                                     "pre-training and MPL/IPB); None = one pass: |L| labelled draws "
+                                     "(supervised) or draws_per_epoch unlabelled ones (MPL/IPB)")
+    optimizer: str = _f("sgd", choices=OPTIMIZERS, doc="sgd (the paper's, with momentum) | adamw")
+    schedule: str = _f("cosine", choices=SCHEDULES, doc="lr schedule per optimizer step: cosine decay "
+                       "after a linear warm-up, constant, or step (x0.1 at half the steps)")
+    warmup_fraction: float = _f(0.05, lo=0.0, hi=0.5, doc="share of a phase's steps with linear lr warm-up")
+    shuffle_buffer: int = _f(512, lo=0, hi=1_000_000, doc="patches in each training stream's shuffle "
+                             "buffer (per worker; 0 = off); seeded by (seed, epoch, rank)")
     lr: float = _f(0.005, lo=0.0, hi=10.0, doc="supervised and teacher pre-training lr")
     teacher_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="teacher lr in the MPL phase")
     student_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="student lr after warm-up")
@@ -209,9 +273,51 @@ class MethodConfig:
                       "over U, or reuse those of the previous epoch's MPL steps")
     grad_clip: float = _f(0.0, lo=0.0, doc="max grad norm; 0 = off")
     ema: float = _f(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
-    finetune_epochs: int = _f(0, lo=0, doc="fine-tune the student on L afterwards; 0 = off")
-    finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0)
     mixed_precision: bool = _f(True, doc="autocast on GPU (ignored on CPU)")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-view augmentation. The weak view (supervised stream, teacher pre-training,
+    the labelled MPL stream, UDA's weak view) follows the paper: flips, rotation,
+    brightness/contrast jitter, blur. The strong view (UDA/MPL) is RandAugment for
+    grayscale microscopy at a capped magnitude, then cutout."""
+
+    flip_p: float = _f(0.5, lo=0.0, hi=1.0, doc="probability of each of the horizontal and vertical flips")
+    rot90: bool = _f(True, doc="rotate by a random multiple of 90 degrees (lossless; colonies have no up)")
+    rotate_p: float = _f(0.25, lo=0.0, hi=1.0, doc="probability of a free rotation")
+    max_rotation: float = _f(180.0, lo=0.0, hi=360.0, doc="free rotation angle range, degrees")
+    jitter_p: float = _f(0.25, lo=0.0, hi=1.0, doc="probability of the brightness/contrast jitter")
+    brightness: float = _f(0.2, lo=0.0, hi=1.0, doc="brightness factor range 1 +- this")
+    contrast: float = _f(0.2, lo=0.0, hi=1.0, doc="contrast factor range 1 +- this")
+    blur_p: float = _f(0.25, lo=0.0, hi=1.0, doc="probability of the 3x3 Gaussian blur")
+    strong_ops: tuple[str, ...] = _f(GRAY_STRONG_OPS, doc="ops the strong view draws from")
+    strong_n_ops: int = _f(2, lo=0, hi=10, doc="ops per strong view")
+    strong_max_magnitude: float = _f(0.5, lo=0.0, hi=1.0, doc="cap of each op's magnitude (fraction of "
+                                     "its range)")
+    cutout: float = _f(0.25, lo=0.0, hi=1.0, doc="largest cutout side, fraction of the patch side")
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
+        bad = [op for op in self.strong_ops if op not in STRONG_OPS]
+        if bad or not self.strong_ops:
+            raise ConfigError(f"{list(self.strong_ops)} has unknown ops {bad}; choose from {', '.join(STRONG_OPS)}"
+                              if bad else "is empty; name at least one op (e.g. identity)", key="strong_ops")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a network is evaluated (validation V, test T, IPB's labelling pass)."""
+
+    tta: int = _f(1, lo=1, hi=64, doc="test windows per colony: the mask-centre window plus tta - 1 seeded "
+                  "random ones, averaged in softmax space")
+    bn_recalibrate: bool = _f(True, doc="re-estimate BatchNorm statistics on un-augmented L before every "
+                              "validation, test and labelling pass, so eval mode sees the statistics of "
+                              "the inputs it is given")
+    bn_batches: int = _f(16, lo=1, hi=100_000, doc="most batches of L used to re-estimate the statistics")
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -266,6 +372,8 @@ class ExperimentConfig:
     split: SplitConfig = _section(SplitConfig)
     model: ModelConfig = _section(ModelConfig)
     method: MethodConfig = _section(MethodConfig)
+    augment: AugmentConfig = _section(AugmentConfig)
+    eval: EvalConfig = _section(EvalConfig)
     resources: ResourcesConfig = _section(ResourcesConfig)
     tracking: TrackingConfig = _section(TrackingConfig)
 
@@ -365,10 +473,7 @@ def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str
     for key, value in data.items():
         dotted = f"{_prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{_prefix}{close[0]}'?" if close else \
-                f"; known keys here: {', '.join(names)}"
-            raise ConfigError(f"unknown key{hint}", key=dotted, source=source)
+            raise _unknown_key(key, names, _prefix, source)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(value if value is not None else {}, tp, source, dotted + ".")
@@ -382,6 +487,55 @@ def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str
     except ConfigError as exc:
         full = f"{_prefix}{exc.key}" if exc.key else _prefix.rstrip(".")
         raise ConfigError(exc.detail, key=full, source=source) from None
+
+
+def _unknown_key(key: Any, names: Sequence[str], prefix: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys here: {', '.join(names)}"
+    return ConfigError(f"unknown key{hint}", key=f"{prefix}{key}", source=source)
+
+
+def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[ConfigError]) -> Any:
+    """:func:`from_dict` that appends every error to ``errors`` instead of raising the first.
+
+    Each key is coerced and range-checked on its own; a section's ``__post_init__``
+    (its cross-field checks) runs only once all its own values are valid, so a bad
+    value is not reported a second time through a check that depends on it. Returns
+    the built object, or None when the section has an error.
+    """
+    if not isinstance(data, Mapping):
+        errors.append(ConfigError(f"expected a mapping of keys, got {type(data).__name__}",
+                                  key=prefix.rstrip("."), source=source))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    valid = True
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            errors.append(_unknown_key(key, list(fields), prefix, source))
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            sub = _collect(value if value is not None else {}, tp, source, dotted + ".", errors)
+            valid = valid and sub is not None
+            kwargs[key] = sub
+            continue
+        try:
+            kwargs[key] = _coerce(value, tp, dotted)
+            _check_value(fields[key], kwargs[key], key=dotted)
+        except ConfigError as exc:
+            errors.append(ConfigError(exc.detail, key=exc.key, source=source))
+            valid = False
+    if not valid:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        full = f"{prefix}{exc.key}" if exc.key else prefix.rstrip(".")
+        errors.append(ConfigError(exc.detail, key=full, source=source))
+        return None
 
 
 # --------------------------------------------------------------------------- loading
@@ -494,6 +648,45 @@ def load_config(ref: str | Path | None = None, overrides: Sequence[str] = (),
 
     ``ref`` is a YAML path or a preset name; ``preset`` names a preset explicitly
     (both may be given: the file then extends the preset unless it says otherwise).
+    Raises the first :class:`ConfigError`; :func:`validate_all` lists them all.
+    """
+    source, merged = "", {}
+    for source, merged in _stages(ref, overrides, preset):
+        from_dict(merged, source=source)  # validate as each layer lands, so errors name it
+    return from_dict(merged, source=source)
+
+
+def validate_all(ref: str | Path | None = None, overrides: Sequence[str] = (),
+                 preset: str | None = None) -> list[ConfigError]:
+    """Every problem :func:`load_config` would meet, not just the first; [] = it loads.
+
+    Each layer of the ``extends`` chain and each override is checked as it lands (as
+    :func:`load_config` does), collecting every unknown key, bad type and out-of-range
+    value of every section, each with its source, dotted key and fix. A file that
+    cannot be read (missing, not YAML, an ``extends`` loop) stops the walk: that one
+    error is returned.
+    """
+    errors: list[ConfigError] = []
+    seen: set[tuple[str, str]] = set()
+    try:
+        for source, merged in _stages(ref, overrides, preset, errors=errors):
+            found: list[ConfigError] = []
+            _collect(merged, ExperimentConfig, source, "", found)
+            for exc in found:  # a bad value left in place stays bad in every later stage
+                if (exc.key, exc.detail) not in seen:
+                    seen.add((exc.key, exc.detail))
+                    errors.append(exc)
+    except ConfigError as exc:
+        errors.append(exc)
+    return errors
+
+
+def _stages(ref: str | Path | None, overrides: Sequence[str], preset: str | None,
+            errors: list[ConfigError] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(source, merged dict)`` as each layer, then each override, lands.
+
+    Unreadable layers raise. A malformed override raises, or, when ``errors`` is
+    given, is appended there and skipped.
     """
     layers: list[tuple[str, dict[str, Any]]] = []
     preset_name = None
@@ -507,11 +700,17 @@ def load_config(ref: str | Path | None = None, overrides: Sequence[str] = (),
     merged: dict[str, Any] = {}
     for source, data in layers:
         merged = _merge(merged, data)
-        from_dict(merged, source=source)  # validate as each layer lands, so errors name it
+        yield source, merged
     if preset_name is not None and "preset" not in merged:
         merged["preset"] = preset_name
+        yield layers[-1][0], merged
     for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(merged, key, value, source="override")
-        from_dict(merged, source=f"override {item!r}")
-    return from_dict(merged, source=layers[-1][0] if layers else "")
+        try:
+            key, value = parse_override(item)
+            _set_dotted(merged, key, value, source="override")
+        except ConfigError as exc:
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
+        yield f"override {item!r}", merged

@@ -22,6 +22,18 @@ row order of the catalog does not change the plan):
    V is taken from the same seeded per-class order as L, so changing ``val_fraction``
    moves colonies between L and V only.
 
+Grouped plans (``split.group_by``): on time-lapse data one colony is imaged hourly, so
+per-colony folds put the same colony in L/U and in T. Given a group per colony (a well,
+a sequence, a track; see :func:`ipb_ray.catalog.colony_groups`), step 1 deals whole groups instead:
+groups in a seeded order, largest first, each onto the test fold that has fewest
+colonies of the group's majority class so far (then fewest colonies, then the lowest
+index). Every labelled colony of a group is then in the same T_f, and L_f/V_f are drawn
+from colonies outside T_f only, so from other groups. A colony without a single label
+whose group is in T_f can be neither tested nor left in U beside its own group's test
+colonies: it gets role ``"E"`` (excluded from fold f). A colony with no group name is a
+group of its own. Per-class counts and fold sizes are then only as even as the group
+sizes allow.
+
 Balanced resampling of L for teacher pre-training is recorded, not materialised:
 :meth:`FoldPlan.class_weights` gives each class the weight 1/count in L, so every class
 is drawn equally often.
@@ -54,6 +66,7 @@ from ipb_ray.config import ConfigError
 __all__ = [
     "FOLDS_JSON",
     "FOLDS_PARQUET",
+    "GROUP_FIELD",
     "ROLES",
     "SCHEMA",
     "FoldPlan",
@@ -66,9 +79,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Roles of a colony within one fold: unlabelled, labelled (training), validation
-#: (held out of L for model selection), test.
-ROLES = ("U", "L", "V", "T")
-_U, _L, _V, _T = range(len(ROLES))
+#: (held out of L for model selection), test, and excluded (grouped plans only: no single
+#: label, but its group is in the test fold; training uses it nowhere).
+ROLES = ("U", "L", "V", "T", "E")
+_U, _L, _V, _T, _E = range(len(ROLES))
 
 FOLDS_PARQUET = "folds.parquet"
 FOLDS_JSON = "folds.json"
@@ -84,6 +98,8 @@ SCHEMA = pa.schema([
     pa.field("role", pa.string(), nullable=False),
     pa.field("label", pa.string()),
 ])
+#: Extra column of a grouped plan: the colony's group (null = a group of its own).
+GROUP_FIELD = pa.field("group", pa.string())
 
 # Independent random streams (SeedSequence([seed, stream, ...])), so that e.g. the
 # test folds do not move when the labelled fraction changes.
@@ -97,8 +113,10 @@ _LABELLED_STREAM = 1
 class FoldPlan:
     """A k-fold plan: which role every colony plays in every fold.
 
-    ``table`` has the columns of :data:`SCHEMA` (``role`` may be dictionary-encoded);
-    ``class_names`` are the single labels, sorted.
+    ``table`` has the columns of :data:`SCHEMA` (``role`` may be dictionary-encoded),
+    plus :data:`GROUP_FIELD` when ``group_by`` is set; ``class_names`` are the single
+    labels, sorted; ``group_by`` is how the groups were named (``split.group_by``), None
+    for a per-colony plan.
     """
 
     table: pa.Table
@@ -107,12 +125,16 @@ class FoldPlan:
     labelled_fraction: float
     val_fraction: float
     seed: int
+    group_by: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_names", tuple(self.class_names))
         missing = [n for n in SCHEMA.names if n not in self.table.column_names]
         if missing:
             raise ValueError(f"fold table lacks column(s) {missing}; expected {SCHEMA.names}")
+        if self.group_by is not None and GROUP_FIELD.name not in self.table.column_names:
+            raise ValueError(f"fold table of a plan grouped by {self.group_by!r} lacks the "
+                             f"{GROUP_FIELD.name!r} column")
 
     def _check_fold(self, fold: int) -> int:
         if not 0 <= int(fold) < self.k:
@@ -152,12 +174,14 @@ class FoldPlan:
         return {name: (1.0 / int(n) if n else 0.0) for name, n in zip(self.class_names, counts)}
 
     def summary(self) -> list[dict[str, Any]]:
-        """Per fold: sizes of U/L/V/T, labelled colonies inside U, per-class counts of L, V, T."""
+        """Per fold: sizes of U/L/V/T (and E in a grouped plan), labelled colonies inside U,
+        per-class counts of L, V, T."""
+        roles = ROLES if self.group_by is not None else ROLES[:_E]
         out = []
         for f in range(self.k):
             counts = self._counts[f]
             row: dict[str, Any] = {"fold": f}
-            row.update({r: int(counts[i].sum()) for i, r in enumerate(ROLES)})
+            row.update({r: int(counts[i].sum()) for i, r in enumerate(roles)})
             row["U_labelled"] = int(counts[_U, :-1].sum())
             for r in ("L", "V", "T"):
                 row[f"{r}_counts"] = {n: int(v) for n, v in
@@ -170,16 +194,21 @@ class FoldPlan:
 
 def make_folds(colony_ids: Iterable[str], labels: Iterable[str | None],
                multi_label: Iterable[bool], k: int = 10, labelled_fraction: float = 0.1,
-               val_fraction: float = 0.2, seed: int = 0) -> FoldPlan:
+               val_fraction: float = 0.2, seed: int = 0,
+               groups: Iterable[str | None] | None = None, group_by: str | None = None) -> FoldPlan:
     """Draw a k-fold plan over a colony table (see the module docstring for the rules).
 
     ``colony_ids``: unique strings; ``labels``: the single label or None (multi-label or
     never labelled); ``multi_label``: one flag per colony (a flagged colony is treated as
     having no single label). Lists, numpy or pyarrow arrays all work. The result depends
     only on the set of (id, label, flag) rows and the parameters, not on row order.
+
+    ``groups``: one group name per colony (None = a group of its own), e.g. from
+    :func:`ipb_ray.catalog.colony_groups`; whole groups are then dealt onto the test folds. ``group_by``
+    says how the names were made and is stored with the plan (default ``"groups"``).
     """
     _check_params(k, labelled_fraction, val_fraction, seed)
-    ids, labs = _normalise(colony_ids, labels, multi_label)
+    ids, labs, grp = _normalise(colony_ids, labels, multi_label, groups)
     class_names = tuple(sorted({lab for lab in labs if lab is not None}))
     index = {name: i for i, name in enumerate(class_names)}
     cls = np.array([index[lab] if lab is not None else -1 for lab in labs], dtype=np.int64)
@@ -188,22 +217,34 @@ def make_folds(colony_ids: Iterable[str], labels: Iterable[str | None],
         raise ValueError(f"only {n_labelled} single-labelled colonies for {k} folds; every test "
                          "fold needs at least one (label more colonies or lower split.folds)")
 
-    test_fold = _deal_test_folds(cls, class_names, k, seed)
+    if grp is None:
+        gcode = None
+        test_fold = _deal_test_folds(cls, class_names, k, seed)
+    else:
+        group_by = group_by or "groups"
+        gcode = _group_codes(grp)
+        test_fold = _deal_test_groups(cls, gcode, grp, class_names, k, seed, group_by)
     budget = _round_half_up(labelled_fraction * n_labelled)
     role = np.full((k, n), _U, dtype=np.int8)
     for f in range(k):
         role[f] = _fold_roles(f, cls, class_names, test_fold, budget, val_fraction, seed)
+        if gcode is not None:  # no single label, but its group is under test: sits the fold out
+            role[f][(cls < 0) & np.isin(gcode, gcode[test_fold == f])] = _E
 
     take = np.tile(np.arange(n), k)
-    table = pa.table({
+    columns = {
         "fold": pa.array(np.repeat(np.arange(k), n).astype(np.int16), pa.int16()),
         "colony_id": pa.array(ids, pa.string()).take(take),
         "role": pa.array(np.asarray(ROLES, dtype=object)[role.ravel()], pa.string()),
         "label": pa.array(labs, pa.string()).take(take),
-    }, schema=SCHEMA)
-    return FoldPlan(table=table, class_names=class_names, k=k,
+    }
+    schema = SCHEMA
+    if grp is not None:
+        columns[GROUP_FIELD.name] = pa.array(grp, pa.string()).take(take)
+        schema = SCHEMA.append(GROUP_FIELD)
+    return FoldPlan(table=pa.table(columns, schema=schema), class_names=class_names, k=k,
                     labelled_fraction=float(labelled_fraction), val_fraction=float(val_fraction),
-                    seed=int(seed))
+                    seed=int(seed), group_by=group_by if grp is not None else None)
 
 
 def _check_params(k: int, labelled_fraction: float, val_fraction: float, seed: int) -> None:
@@ -224,12 +265,21 @@ def _check_params(k: int, labelled_fraction: float, val_fraction: float, seed: i
 
 
 def _normalise(colony_ids: Iterable[str], labels: Iterable[str | None],
-               multi_label: Iterable[bool]) -> tuple[list[str], list[str | None]]:
-    """Ids and effective single labels, sorted by id; rejects mismatches and duplicates."""
+               multi_label: Iterable[bool], groups: Iterable[str | None] | None = None
+               ) -> tuple[list[str], list[str | None], list[str | None] | None]:
+    """Ids, effective single labels and groups, sorted by id; rejects mismatches and duplicates."""
     ids, labs, multi = _as_list(colony_ids), _as_list(labels), _as_list(multi_label)
     if not len(ids) == len(labs) == len(multi):
         raise ValueError(f"colony_ids, labels and multi_label differ in length "
                          f"({len(ids)}, {len(labs)}, {len(multi)})")
+    grp = None if groups is None else _as_list(groups)
+    if grp is not None:
+        if len(grp) != len(ids):
+            raise ValueError(f"groups has {len(grp)} entries for {len(ids)} colonies; give one group "
+                             "name (or None) per colony")
+        for cid, g in zip(ids, grp):
+            if g is not None and (not isinstance(g, str) or not g):
+                raise ValueError(f"colony {cid!r}: group {g!r} should be a non-empty string or None")
     for cid in ids:
         if not isinstance(cid, str) or not cid:
             raise ValueError(f"colony id {cid!r} is not a non-empty string")
@@ -245,7 +295,8 @@ def _normalise(colony_ids: Iterable[str], labels: Iterable[str | None],
         raise ValueError(f"colony id {dup!r} occurs more than once; ids must be unique")
     order = sorted(range(len(ids)), key=ids.__getitem__)
     return ([ids[i] for i in order],
-            [None if multi[i] else labs[i] for i in order])
+            [None if multi[i] else labs[i] for i in order],
+            None if grp is None else [grp[i] for i in order])
 
 
 def _as_list(values: Iterable[Any]) -> list[Any]:
@@ -277,6 +328,64 @@ def _deal_test_folds(cls: np.ndarray, class_names: Sequence[str], k: int, seed: 
             log.warning("class %r has %d single-labelled colonies, fewer than the %d folds; "
                         "%d test folds have none of it", name, members.size, k, k - members.size)
     return fold
+
+
+def _group_codes(groups: Sequence[str | None]) -> np.ndarray:
+    """Integer code per colony: named groups by sorted name, then one code per unnamed colony."""
+    names = sorted({g for g in groups if g is not None})
+    index = {g: i for i, g in enumerate(names)}
+    codes = np.empty(len(groups), dtype=np.int64)
+    spare = len(names)
+    for i, g in enumerate(groups):
+        if g is None:
+            codes[i], spare = spare, spare + 1
+        else:
+            codes[i] = index[g]
+    return codes
+
+
+def _deal_test_groups(cls: np.ndarray, gcode: np.ndarray, groups: Sequence[str | None],
+                      class_names: Sequence[str], k: int, seed: int, group_by: str) -> np.ndarray:
+    """Test fold of every colony, dealing whole groups (-1 for colonies without a single
+    label; see the module docstring for the order)."""
+    c = len(class_names)
+    labelled = cls >= 0
+    # (groups, classes) counts of single-labelled colonies; groups without any are never tested
+    counts = np.zeros((int(gcode.max()) + 1, c), dtype=np.int64)
+    np.add.at(counts, (gcode[labelled], cls[labelled]), 1)
+    tested = np.flatnonzero(counts.sum(axis=1) > 0)
+    if tested.size < k:
+        held = "group holds" if tested.size == 1 else "groups hold"
+        raise ValueError(f"only {tested.size} {held} single-labelled colonies (split.group_by={group_by}), "
+                         f"for {k} folds; every test fold needs a group of its own (lower split.folds, or "
+                         "group by something finer)")
+    n_labelled = int(labelled.sum())
+    size = counts.sum(axis=1)
+    big = tested[size[tested] > n_labelled / k]
+    if big.size:
+        g = int(big[np.argmax(size[big])])
+        log.warning("group %r holds %d of the %d single-labelled colonies, more than a test fold's "
+                    "share (1/%d); the test folds will differ in size", _group_name(groups, gcode, g),
+                    int(size[g]), n_labelled, k)
+    order = _rng(seed, _TEST_STREAM).permutation(tested)
+    order = order[np.argsort(-size[order], kind="stable")]  # largest first, ties in seeded order
+    fold_of_group = np.full(counts.shape[0], -1, dtype=np.int64)
+    per_class = np.zeros((k, c), dtype=np.int64)
+    for g in order:
+        major = int(np.argmax(counts[g]))  # ties: the earlier class
+        key = per_class[:, major] * (n_labelled + 1) + per_class.sum(axis=1)
+        f = int(np.argmin(key))  # ties: the lower fold
+        fold_of_group[g] = f
+        per_class[f] += counts[g]
+    for i, name in enumerate(class_names):
+        if (per_class[:, i] == 0).any():
+            log.warning("class %r lies in too few groups to reach every test fold; %d test folds "
+                        "have none of it", name, int((per_class[:, i] == 0).sum()))
+    return np.where(labelled, fold_of_group[gcode], -1)
+
+
+def _group_name(groups: Sequence[str | None], gcode: np.ndarray, code: int) -> str | None:
+    return groups[int(np.flatnonzero(gcode == code)[0])]
 
 
 def _fold_roles(f: int, cls: np.ndarray, class_names: Sequence[str], test_fold: np.ndarray,
@@ -348,7 +457,10 @@ def check_folds(plan: FoldPlan) -> None:
     Checked: no nulls in fold/colony_id/role; folds in 0..k-1 and roles in :data:`ROLES`;
     labels among ``class_names``; one row per (fold, colony) and every colony in every
     fold; a colony's label is the same in every fold; multi-label and unlabelled colonies
-    are always U; every labelled colony is in exactly one test fold.
+    are always U; every labelled colony is in exactly one test fold. In a grouped plan
+    also: a colony's group is the same in every fold, no colony of a group in T_f is in
+    L, V or U of fold f, and role E is only for colonies without a single label whose
+    group is in T_f (E does not occur in a per-colony plan).
     """
     t = plan.table
     for name in ("fold", "colony_id", "role"):
@@ -405,12 +517,20 @@ def check_folds(plan: FoldPlan) -> None:
         raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} has label "
                          f"{t['label'][int(i)].as_py()!r}, but {_name(plan, first[cid[i]])} "
                          "in fold 0; a colony's label is the same in every fold")
-    bad = np.flatnonzero((label < 0) & (role != _U))
+    bad = np.flatnonzero((label < 0) & (role != _U) & (role != _E))
     if bad.size:
         i = bad[0]
         raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} has no single label "
                          f"(multi-label or unlabelled) but role {ROLES[role[i]]}; such colonies "
-                         "belong to U")
+                         "belong to U (or E, beside a test group)")
+    if plan.group_by is None:
+        bad = np.flatnonzero(role == _E)
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} has role E, which only a "
+                             "grouped plan (split.group_by) has")
+    else:
+        _check_groups(plan, fold, cid, names, role, label)
     in_test = np.bincount(cid[role == _T], minlength=n)
     bad = np.flatnonzero((first >= 0) & (in_test != 1))
     if bad.size:
@@ -419,6 +539,53 @@ def check_folds(plan: FoldPlan) -> None:
         where = f"the test folds of folds {folds}" if folds else "no test fold"
         raise ValueError(f"labelled colony {names[c]!r} is in {where}; each labelled colony "
                          "belongs to exactly one test fold")
+
+
+def _check_groups(plan: FoldPlan, fold: np.ndarray, cid: np.ndarray, names: Sequence[str],
+                  role: np.ndarray, label: np.ndarray) -> None:
+    """The group invariants of :func:`check_folds` (every fold holds every colony once)."""
+    column = plan.table[GROUP_FIELD.name]
+    group_names = pc.unique(column.drop_null()).to_pylist()
+    n, g_named = len(names), len(group_names)
+    group = _codes(column, group_names)
+    group = np.where(group < 0, g_named + cid, group)  # unnamed: a group of its own
+
+    def shown(code: int) -> str:
+        return repr(group_names[code]) if code < g_named else "(none)"
+
+    first = np.full(n, -1, dtype=np.int64)
+    in0 = fold == 0
+    first[cid[in0]] = group[in0]
+    bad = np.flatnonzero(group != first[cid])
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} is in group {shown(group[i])}, but "
+                         f"in group {shown(first[cid[i]])} in fold 0; a colony's group is the same in "
+                         "every fold")
+    n_groups = g_named + n
+    key = fold * n_groups + group
+    tested = np.zeros(plan.k * n_groups, dtype=bool)
+    tested[key[role == _T]] = True
+    under_test = tested[key]
+    bad = np.flatnonzero(under_test & (role != _T) & (role != _E))
+    if bad.size:
+        i = bad[0]
+        other = np.flatnonzero((key == key[i]) & (role == _T))[0]
+        raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} of group {shown(group[i])} has role "
+                         f"{ROLES[role[i]]}, but colony {names[cid[other]]!r} of the same group is in "
+                         "the test fold; a group is never split across T and L/U/V "
+                         f"(split.group_by={plan.group_by})")
+    bad = np.flatnonzero((role == _E) & ~under_test)
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} has role E, but its group "
+                         f"{shown(group[i])} is not in the test fold; E is only for colonies of a "
+                         "group under test")
+    bad = np.flatnonzero((role == _E) & (label >= 0))
+    if bad.size:
+        i = bad[0]
+        raise ValueError(f"fold {fold[i]}: labelled colony {names[cid[i]]!r} has role E; the labelled "
+                         "colonies of a group under test belong to T")
 
 
 def _name(plan: FoldPlan, code: int) -> str:
@@ -430,7 +597,7 @@ def _name(plan: FoldPlan, code: int) -> str:
 def _metadata(plan: FoldPlan) -> dict[str, Any]:
     return {"version": FOLDS_VERSION, "k": plan.k, "labelled_fraction": plan.labelled_fraction,
             "val_fraction": plan.val_fraction, "seed": plan.seed,
-            "class_names": list(plan.class_names)}
+            "class_names": list(plan.class_names), "group_by": plan.group_by}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -489,7 +656,8 @@ def read_folds(catalog_dir: str | Path) -> FoldPlan:
                          f"reads version {FOLDS_VERSION}; rerun `ipb folds`")
     plan = FoldPlan(table=table.replace_schema_metadata(None), class_names=meta["class_names"],
                     k=int(meta["k"]), labelled_fraction=float(meta["labelled_fraction"]),
-                    val_fraction=float(meta["val_fraction"]), seed=int(meta["seed"]))
+                    val_fraction=float(meta["val_fraction"]), seed=int(meta["seed"]),
+                    group_by=meta.get("group_by"))  # absent in plans written before grouping
     try:
         check_folds(plan)
     except ValueError as exc:

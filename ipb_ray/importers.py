@@ -17,10 +17,15 @@ Four kinds of input give the same catalog:
 ``voc``         Pascal VOC: ``JPEGImages/`` + ``Annotations/*.xml`` boxes; each box is a
                 single-label colony, an image holding several classes a multi-label one
 
-Annotation table columns: ``frame`` (path, relative to the table's folder or absolute),
+Annotation table columns: ``frame`` (path: absolute, or relative to the table's folder or
+to the frames folder ``data.frames``, the first that has the file),
 a box ``x0,y0,x1,y1`` (px, exclusive ends) or a point ``x,y``, and ``label`` or
 ``labels`` (``;``-separated; several labels make a multi-label colony). Optional
 ``frame_index`` (or ``time``). Rows naming the same frame and box merge their labels.
+Any other column (``well``, ``sequence``, ``track``...) is kept with the colony it names,
+in ``provenance["annotation"]``, for ``split.group_by=column:<name>``; a column with one
+value on every row of a frame is the frame's and goes to all of its colonies, also the
+ones no row names (the first row wins where rows of one colony disagree).
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ IMPORTERS = ("auto", "frames", "synth", "imagefolder", "voc")
 MIN_MATCH_IOU = 0.5
 CROPS_PER_SHARD = 128
 MULTI_DIR, UNLABELLED_DIRS = "multi_label", ("unlabeled", "unlabelled")
+#: Annotation table columns the frames importer reads itself; any other is kept as is.
+ANNOTATION_FIELDS = ("frame", "x0", "y0", "x1", "y1", "x", "y", "label", "labels", "frame_index", "time")
 
 
 @dataclass(frozen=True)
@@ -161,13 +168,20 @@ def _row_labels(row: dict[str, Any]) -> list[str]:
 
 
 def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
-                importer: str = "frames") -> Plan:
-    """Shard per frame: every frame in ``frames`` plus every frame the table names."""
+                importer: str = "frames", keep_columns: bool = True) -> Plan:
+    """Shard per frame: every frame in ``frames`` plus every frame the table names.
+
+    ``keep_columns``: keep the table's extra columns with the colonies (module docstring)."""
     rejects: list[dict[str, str]] = []
     known = set(data.class_names)
     per_frame: dict[Path, list[dict[str, Any]]] = {}
     frame_index: dict[Path, int | None] = {}
     base = Path(annotations).parent if annotations else Path(frames or ".")
+    # Relative table paths resolve against the table's folder, then the frames folder.
+    roots = [(base, "the table's folder")]
+    frames_root = frames_dir(frames)
+    if frames_root is not None and frames_root.resolve() != base.resolve():
+        roots.append((frames_root, "data.frames"))
     if frames:
         root = Path(frames)
         if root.is_dir():
@@ -181,8 +195,7 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
     if annotations:
         for i, row in enumerate(read_annotation_table(annotations), start=2):
             where = f"{annotations} row {i}"
-            frame = Path(str(row["frame"]))
-            frame = (frame if frame.is_absolute() else base / frame).resolve()
+            frame, looked = _find_frame(str(row["frame"]), roots)
             labels = _row_labels(row)
             unknown = [n for n in labels if known and n not in known]
             if unknown:
@@ -190,7 +203,8 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
                                                   f"known: {', '.join(sorted(known))}", importer))
                 continue
             if not frame.is_file():
-                rejects.append(catalog.reject_row(str(frame), where, "frame file not found", importer))
+                rejects.append(catalog.reject_row(str(frame), where, f"frame file not found: {looked}",
+                                                  importer))
                 continue
             try:
                 box = [_num(row, k) for k in ("x0", "y0", "x1", "y1")]
@@ -199,6 +213,10 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
                 rejects.append(catalog.reject_row(str(frame), where, f"bad coordinate: {exc}", importer))
                 continue
             ann: dict[str, Any] = {"row": where, "labels": labels}
+            kept = {k: str(v).strip() for k, v in row.items()
+                    if k not in ANNOTATION_FIELDS and k is not None and v is not None and str(v).strip()}
+            if kept and keep_columns:  # only then, so tables without extra columns keep their shard keys
+                ann["columns"] = kept
             if all(v is not None for v in box):
                 if box[2] <= box[0] or box[3] <= box[1]:  # type: ignore[operator]
                     rejects.append(catalog.reject_row(str(frame), where, f"empty box {box}", importer))
@@ -222,6 +240,37 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
     return Plan(tasks, rejects, importer, str(frames or annotations))
 
 
+def frames_dir(frames: str | None) -> Path | None:
+    """The folder of ``data.frames``: itself, or the part of a glob before its first wildcard."""
+    if not frames:
+        return None
+    path = Path(frames)
+    if path.is_dir():
+        return path
+    if not glob.has_magic(frames):
+        return path.parent  # a single frame file
+    parts = []
+    for part in path.parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _find_frame(name: str, roots: Sequence[tuple[Path, str]]) -> tuple[Path, str]:
+    """The resolved frame path (the first root that has it) and, for a reject, where it looked."""
+    frame = Path(name)
+    if frame.is_absolute():
+        return frame.resolve(), f"{frame} does not exist"
+    candidates = [(root / frame).resolve() for root, _ in roots]
+    for path in candidates:
+        if path.is_file():
+            return path, ""
+    places = " and ".join(f"{root.resolve()} ({what})" for root, what in roots)
+    return candidates[0], (f"looked for {name!r} in {places}; fix the frame column or point "
+                           "data.frames at the folder that holds the frames")
+
+
 def _display(path: Path, base: Path) -> str:
     try:
         return str(path.relative_to(base.resolve()))
@@ -235,7 +284,9 @@ def plan_synth(world: str, data: DataConfig) -> Plan:
     if not (root / "world.json").exists():
         raise FileNotFoundError(f"{root} is not a synthetic world (no world.json); "
                                 "write one with `ipb synth --out DIR`")
-    return plan_frames(str(root / "frames"), str(root / "annotations.csv"), data, importer="synth")
+    # Its extra columns (instance, mask, area_px...) are the generator's ground truth, not names to group by
+    return plan_frames(str(root / "frames"), str(root / "annotations.csv"), data, importer="synth",
+                       keep_columns=False)
 
 
 def _match(colonies: Sequence[Any], ann: dict[str, Any]) -> int | None:
@@ -281,7 +332,11 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
         rejects.append(catalog.reject_row(src, "frame", "no colonies found", importer))
     h, w = image.shape
     labels: list[set[str]] = [set() for _ in colonies]
-    for ann in item["annotations"]:
+    anns = item["annotations"]
+    shared = {k: v for k, v in (anns[0].get("columns", {}) if anns else {}).items()
+              if all(a.get("columns", {}).get(k) == v for a in anns)}  # the frame's own columns
+    columns: list[dict[str, str]] = [dict(shared) for _ in colonies]
+    for ann in anns:
         coords = ann.get("box") or ann.get("point")
         if "box" in ann:
             x0, y0, x1, y1 = ann["box"]
@@ -299,12 +354,17 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
                                               "segmented colony", importer))
             continue
         labels[idx].update(ann["labels"])
-    for colony, names in zip(colonies, labels):
+        for k, v in ann.get("columns", {}).items():
+            columns[idx].setdefault(k, v)
+    for colony, names, extra in zip(colonies, labels, columns):
         x0, y0, x1, y1 = colony.bbox
+        provenance: dict[str, Any] = {"frame_shape": [h, w], "segmentation": dataclasses.asdict(data.segmentation)}
+        if extra:
+            provenance[catalog.ANNOTATION_COLUMNS] = extra
         rows.append(catalog.colony_row(
             source=src, bbox=colony.bbox, crop=image[y0:y1, x0:x1], mask=colony.mask, labels=names,
             frame_index=item.get("frame_index"), pixel_size_um=data.pixel_size_um, importer=importer,
-            provenance={"frame_shape": [h, w], "segmentation": dataclasses.asdict(data.segmentation)}))
+            provenance=provenance))
     return rows, rejects
 
 

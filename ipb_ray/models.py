@@ -55,8 +55,14 @@ def _conv_bn_relu(cin: int, cout: int, stride: int = 1, bias: bool = False) -> n
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=bias), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+#: Standard deviation of the classifier head's initial weights: small, so every class
+#: starts near equal probability and no class wins the first steps by accident.
+HEAD_INIT_STD = 0.01
+
+
 def _init_weights(module: nn.Module) -> None:
-    """Kaiming initialisation (He et al.) for convolutions and hidden linear layers."""
+    """Kaiming initialisation (He et al.) for convolutions and hidden linear layers; the
+    classifier head (``module.head``) gets small normal weights and zero bias."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -68,6 +74,10 @@ def _init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
+    head = getattr(module, "head", None)
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=HEAD_INIT_STD)
+        nn.init.zeros_(head.bias)
 
 
 # --------------------------------------------------------------------------- VGG19-BN
@@ -79,11 +89,13 @@ _VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 51
 class VGG(nn.Module):
     """VGG with batch norm after every convolution (torchvision's layout, grayscale input).
 
-    The classifier part is torchvision's two hidden layers, the second ending in the
-    ``feature_dim`` vector the head classifies (4096 in torchvision, 512 in the paper).
+    After the convolutions one fully connected layer (the single hidden layer) gives the
+    ``feature_dim`` vector the head classifies (512 in the paper). torchvision's two
+    4096-wide hidden layers are left out: on a few hundred labels they only add
+    parameters to overfit.
     """
 
-    def __init__(self, in_chans: int, width: float, feature_dim: int, hidden: int, pool: int) -> None:
+    def __init__(self, in_chans: int, width: float, feature_dim: int, pool: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_chans
@@ -98,9 +110,7 @@ class VGG(nn.Module):
                 cin = cout
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(pool)
-        h = _ch(hidden, width)
-        self.fc = nn.Sequential(nn.Linear(cin * pool * pool, h), nn.ReLU(inplace=True),
-                                nn.Linear(h, feature_dim), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Linear(cin * pool * pool, feature_dim), nn.ReLU(inplace=True))
         self.feature_dim = feature_dim
         self.min_size = 16
 
@@ -110,14 +120,14 @@ class VGG(nn.Module):
 
 @register_model("vgg19_bn")
 def vgg19_bn(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
-    """VGG19-BN: 16 convolutions 64-512 channels, 7x7 pooled, 4096 hidden (the paper's baseline)."""
-    return VGG(in_chans, width, feature_dim, hidden=4096, pool=7)
+    """VGG19-BN: 16 convolutions 64-512 channels, 7x7 pooled, one hidden layer (the paper's baseline)."""
+    return VGG(in_chans, width, feature_dim, pool=7)
 
 
 @register_model("vgg_tiny")
 def vgg_tiny(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
     """VGG19-BN's 16-convolution layout at 1/16 width, 1x1 pooled: for CPU tests and the demo."""
-    return VGG(in_chans, width / 16, feature_dim, hidden=1024, pool=1)
+    return VGG(in_chans, width / 16, feature_dim, pool=1)
 
 
 class PatchStats(nn.Module):
@@ -204,9 +214,10 @@ class HRNet(nn.Module):
     one 3x3 BN-ReLU convolution per branch and fuses the branches; a new lower branch is
     made by a 3x3 stride-2 convolution from the lowest one. The high-resolution branch is
     kept to the end. That is ten 3x3 convolutions on the main paths (2 stem + 1 + 1 + 2 +
-    1 + 3), before the fusion convolutions. Each branch is globally pooled, the pooled
-    vectors concatenated and passed through four fully connected layers to the
-    ``feature_dim`` vector; the classifier head is the fifth.
+    1 + 3), before the fusion convolutions. Each branch is globally pooled and the pooled
+    vectors concatenated; one fully connected layer gives the ``feature_dim`` vector. (The
+    paper's text has four hidden FC layers; on a pooled vector of a few dozen channels
+    they made the network slower to learn and no better, see RESULTS.md.)
     """
 
     def __init__(self, in_chans: int, width: float, feature_dim: int, base: int) -> None:
@@ -221,12 +232,7 @@ class HRNet(nn.Module):
         self.trans2 = _conv_bn_relu(chans[1], chans[2], 2)
         self.stage3 = nn.ModuleList([_conv_bn_relu(ch, ch) for ch in chans])
         self.fuse3 = _Fuse(chans)
-        total = sum(chans)
-        hidden = max(feature_dim, _ch(256, width))
-        self.fc = nn.Sequential(nn.Linear(total, hidden), nn.ReLU(inplace=True),
-                                nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
-                                nn.Linear(hidden, feature_dim), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Linear(sum(chans), feature_dim), nn.ReLU(inplace=True))
         self.feature_dim = feature_dim
         self.min_size = 16  # 1/16 resolution on the lowest branch
 
@@ -252,7 +258,53 @@ def hrnet_tiny(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) ->
     return HRNet(in_chans, width, feature_dim, base=8)
 
 
+# --------------------------------------------------------------------------- small CNN
+
+
+class SmallCNN(nn.Module):
+    """Four blocks of (3x3 conv, BN, ReLU, 2x2 max-pool) with 32/64/128/256 channels times
+    ``width``, global average pooling, one fully connected layer: a plain CNN that
+    learns on a CPU in minutes, the kind of network a user writes first."""
+
+    def __init__(self, in_chans: int, width: float, feature_dim: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_chans
+        for base in (32, 64, 128, 256):
+            cout = _ch(base, width)
+            layers += [_conv_bn_relu(cin, cout), nn.MaxPool2d(2, 2, ceil_mode=True)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Sequential(nn.Linear(cin, feature_dim), nn.ReLU(inplace=True))
+        self.feature_dim = feature_dim
+        self.min_size = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+@register_model("cnn_small")
+def cnn_small(in_chans: int = 1, width: float = 1.0, feature_dim: int = 512) -> nn.Module:
+    """:class:`SmallCNN`: 32/64/128/256 channels at width 1."""
+    return SmallCNN(in_chans, width, feature_dim)
+
+
 # --------------------------------------------------------------------------- heads
+
+
+class _Normalise(nn.Module):
+    """``(x - mean) / std`` with the data set's pixel statistics held as buffers, so a
+    saved or logged model carries the normalisation its weights were trained with."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        if not std > 0:
+            raise ValueError(f"pixel std must be > 0, got {std}")
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 def _check_input(x: torch.Tensor, backbone: nn.Module, in_chans: int, what: str) -> None:
@@ -268,8 +320,10 @@ def _check_input(x: torch.Tensor, backbone: nn.Module, in_chans: int, what: str)
 class Classifier(nn.Module):
     """Single-scale network: backbone features -> dropout -> linear head."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int = 1, dropout: float = 0.0) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int = 1, dropout: float = 0.0,
+                 mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__()
+        self.normalise = _Normalise(mean, std)
         self.backbone = backbone
         self.in_chans = in_chans
         self.dropout = nn.Dropout(dropout)
@@ -282,7 +336,7 @@ class Classifier(nn.Module):
                             "was data.multi_scale set differently for the model and the stream?")
         (x,) = inputs
         _check_input(x, self.backbone, self.in_chans, "input")
-        feats = self.backbone(x)
+        feats = self.backbone(self.normalise(x))
         return self.head(self.dropout(feats)), feats
 
 
@@ -291,8 +345,9 @@ class MultiScale(nn.Module):
     stem; the two feature vectors are concatenated, batch-normalised and classified."""
 
     def __init__(self, big: nn.Module, small: nn.Module, num_classes: int, in_chans: int = 1,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__()
+        self.normalise = _Normalise(mean, std)
         if big.feature_dim != small.feature_dim:
             raise ValueError(f"both streams must give features of equal length, "
                              f"got {big.feature_dim} and {small.feature_dim}")
@@ -310,14 +365,17 @@ class MultiScale(nn.Module):
         x_big, x_small = inputs
         _check_input(x_big, self.big, self.in_chans, "large-scale input")
         _check_input(x_small, self.small, self.in_chans, "small-scale input")
-        feats = self.norm(torch.cat([self.big(x_big), self.small(x_small)], 1))
+        feats = self.norm(torch.cat([self.big(self.normalise(x_big)), self.small(self.normalise(x_small))], 1))
         return self.head(self.dropout(feats)), feats
 
 
 def create_model(name: str, num_classes: int, in_chans: int = 1, *, width: float = 1.0, feature_dim: int = 512,
-                 dropout: float = 0.0, multi_scale: bool = False) -> nn.Module:
-    """Build a registered backbone with its head, Kaiming-initialised.
+                 dropout: float = 0.0, multi_scale: bool = False, pixel_mean: float = 0.0,
+                 pixel_std: float = 1.0) -> nn.Module:
+    """Build a registered backbone with its head, Kaiming-initialised (the head small).
 
+    Inputs are patches in [0, 1]; the model subtracts ``pixel_mean`` and divides by
+    ``pixel_std`` first (the data set's statistics, kept as buffers in the state dict).
     ``multi_scale=True`` builds two independent backbones (one per patch scale) under the
     `MultiScale` wrapper; the model is then called as ``model(x_big, x_small)``.
     """
@@ -334,9 +392,9 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *, width: float
     if multi_scale:
         model = MultiScale(build(in_chans=in_chans, width=width, feature_dim=feature_dim),
                            build(in_chans=in_chans, width=width, feature_dim=feature_dim),
-                           num_classes, in_chans, dropout)
+                           num_classes, in_chans, dropout, pixel_mean, pixel_std)
     else:
         model = Classifier(build(in_chans=in_chans, width=width, feature_dim=feature_dim),
-                           num_classes, in_chans, dropout)
+                           num_classes, in_chans, dropout, pixel_mean, pixel_std)
     _init_weights(model)
     return model

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ipb_ray.config import MPL_FEEDBACK, MethodConfig
+from ipb_ray.optim import frozen_bn_stats
 
 __all__ = [
     "ema_update",
@@ -171,14 +172,16 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     student_mask = mask if cfg.threshold_student else None
 
     # 2. student on the teacher's hard pseudo-labels of the strong view
-    with torch.no_grad():
+    # the two measurements of the student's labelled loss run in train mode (as the step
+    # itself) but must not move its BatchNorm running statistics towards L
+    with torch.no_grad(), frozen_bn_stats(student):
         with fwd():
             s_loss_l_old = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
     with fwd():
         s_logits = _logits(student(*x_us))
     s_loss = student_loss(s_logits, hard, student_mask)
     _step(s_opt, student, s_loss, cfg.grad_clip)
-    with torch.no_grad():
+    with torch.no_grad(), frozen_bn_stats(student):
         with fwd():
             s_loss_l_new = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
 

@@ -18,8 +18,13 @@ same number of :func:`ipb_ray.mpl.mpl_step` s on its equal share of both streams
 labelled stream is resampled to exactly as many batches). The student with the best
 balanced accuracy on V is kept and tested on T.
 
-The checkpoint of every epoch holds both networks, both optimisers, the teacher's
-scheduler, the EMA student, the global step, the latest pseudo-label table and class
+Learning rates follow :func:`ipb_ray.optim.lr_factor` per optimizer step (warm-up, then
+cosine by default), over the pre-training steps for the teacher and over the MPL steps
+for both networks (the student's warm-up epochs scale it further). Before every
+validation and every labelling pass rank 0 re-estimates the BatchNorm statistics of the
+network it is about to use on un-augmented L (``eval.bn_recalibrate``).
+
+The checkpoint of every epoch holds both networks, both optimisers, the EMA student, the global step, the latest pseudo-label table and class
 weights, and the best student, so a killed run resumes where it stopped.
 """
 
@@ -35,8 +40,9 @@ import numpy as np
 
 from ipb_ray.config import ExperimentConfig, from_dict
 from ipb_ray.training import (FoldInputs, _Timer, _all_reduce, _autocast, _inputs, _test_metrics, _unwrap,
-                              build_model, load_checkpoint, model_kwargs, param_digest, report_epoch,
-                              report_finished, snapshot, supervised_epoch, validate, write_digest)
+                              build_model, labelled_steps, load_checkpoint, model_kwargs, param_digest, recalibrate,
+                              report_epoch, report_finished, shuffled, snapshot, supervised_epoch, validate,
+                              write_digest)
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +80,15 @@ def _mpl_loop(config: dict[str, Any]) -> None:
 
     from ipb_ray.balance import resample_counts
     from ipb_ray.mpl import ema_update, mpl_step, student_lr_at
+    from ipb_ray.optim import lr_factor, make_optimizer, set_lr, warmup_steps
     from ipb_ray.rebalance import (LabelTable, class_histogram, epoch_plan, labelling_dataset, pseudo_label_tpr,
                                    run_labelling, steps_per_epoch)
-    from ipb_ray.streams import state_handle, torch_batches
+    from ipb_ray.streams import state_handle
 
     cfg: ExperimentConfig = from_dict(config["cfg"])
     inputs: FoldInputs = config["inputs"]
-    spec_train, spec_uda, spec_label, spec_eval = (config[k] for k in ("spec_train", "spec_uda", "spec_label",
-                                                                      "spec_eval"))
+    spec_train, spec_uda, spec_label, spec_eval, spec_plain = (
+        config[k] for k in ("spec_train", "spec_uda", "spec_label", "spec_eval", "spec_plain"))
     m, r = cfg.method, cfg.resources
     names, n_cls = inputs.class_names, len(inputs.class_names)
     ipb = m.name == "ipb"
@@ -92,24 +99,33 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     torch.manual_seed(cfg.seed)  # identical init on every rank; teacher and student differ
-    teacher = ray.train.torch.prepare_model(build_model(cfg, n_cls))
+    teacher = ray.train.torch.prepare_model(build_model(cfg, n_cls, inputs))
     torch.manual_seed(cfg.seed + 1)
-    student = ray.train.torch.prepare_model(build_model(cfg, n_cls))
-    sgd = dict(momentum=m.momentum, weight_decay=m.weight_decay, nesterov=m.nesterov)
-    t_opt = torch.optim.SGD(teacher.parameters(), lr=m.lr, **sgd)
-    # pre-training as the authors': the lr drops tenfold halfway
-    t_sched = torch.optim.lr_scheduler.MultiStepLR(t_opt, milestones=[max(1, m.teacher_epochs // 2)], gamma=0.1)
-    s_opt = torch.optim.SGD(student.parameters(), lr=student_lr_at(0, m), **sgd)
+    student = ray.train.torch.prepare_model(build_model(cfg, n_cls, inputs))
+    opt_kw = dict(momentum=m.momentum, weight_decay=m.weight_decay, nesterov=m.nesterov)
+    t_opt = make_optimizer(teacher.parameters(), m.optimizer, m.lr, **opt_kw)
+    s_opt = make_optimizer(student.parameters(), m.optimizer, student_lr_at(0, m), **opt_kw)
     ema = copy.deepcopy(_unwrap(student)) if m.ema > 0 else None
 
+    # teacher pre-training: steps per epoch on L and the lr schedule over all of them
+    t_steps = labelled_steps(len(inputs.labelled), world, m.batch_size, m.steps_per_epoch)
+    t_total = max(t_steps * m.teacher_epochs, 1)
+    t_warm = warmup_steps(t_total, m.warmup_fraction)
+
+    def pretrain_lr(step: int) -> float:
+        return m.lr * lr_factor(step, t_total, t_warm, m.schedule)
+
     n_u = m.draws_per_epoch or len(inputs.unlabelled)
-    steps = steps_per_epoch(n_u, world, m.unlabelled_batch_size)
+    steps = m.steps_per_epoch or steps_per_epoch(n_u, world, m.unlabelled_batch_size)
     if steps == 0:
         raise ValueError(f"{n_u} unlabelled patches per epoch make no full batch of method.unlabelled_batch_size="
                          f"{m.unlabelled_batch_size} on each of {world} worker(s); lower the batch size or raise "
                          "method.draws_per_epoch")
     n_draws, n_labelled = steps * world * m.unlabelled_batch_size, steps * world * m.batch_size
     total = m.teacher_epochs + m.epochs
+    mpl_total = steps * m.epochs
+    mpl_warm = warmup_steps(mpl_total, m.warmup_fraction)
+    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate)
     columns = spec_train.patch_columns()
     labels = np.asarray(inputs.labelled_labels)
     u_truth = np.asarray(inputs.unlabelled_truth or [-1] * len(inputs.unlabelled), np.int64)
@@ -125,7 +141,6 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         _unwrap(student).load_state_dict(state["student"])
         t_opt.load_state_dict(state["t_opt"])
         s_opt.load_state_dict(state["s_opt"])
-        t_sched.load_state_dict(state["t_sched"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
@@ -142,7 +157,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     def checkpoint_state(g: int) -> dict[str, Any]:
         return {"phase": "teacher" if g < m.teacher_epochs else "mpl", "epoch": g,
                 "teacher": _unwrap(teacher).state_dict(), "student": _unwrap(student).state_dict(),
-                "t_opt": t_opt.state_dict(), "s_opt": s_opt.state_dict(), "t_sched": t_sched.state_dict(),
+                "t_opt": t_opt.state_dict(), "s_opt": s_opt.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "global_step": global_step,
                 "best_metric": best_metric, "best_model": best_state,
                 "table": table.to_dict() if table is not None else None, "class_weights": class_weights,
@@ -169,7 +184,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             ray.get(p_state.set.remote(e, {cid: 1 for cid in inputs.unlabelled}))
             ray.get(p_state.publish.remote(time.time_ns(), [weights]))
             labelled = run_labelling(labelling_dataset(
-                inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls),
+                inputs.catalog, spec_label, config["label_state"], model_kwargs(cfg, n_cls, inputs),
                 batch_size=max(4 * m.unlabelled_batch_size, 128), cpus=r.data_cpus, actors=r.teacher_actors,
                 gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
                                                                             and r.label_gpus > 0)))
@@ -198,15 +213,16 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         metrics: dict[str, Any] = {"epoch": g, "world_size": world}
         if g < m.teacher_epochs:  # ---- teacher pre-training on (balanced) L
             if rank == 0:
-                ray.get(l_state.set.remote(g, labelled_counts(g, None)))
+                ray.get(l_state.set.remote(g, labelled_counts(g, t_steps * world * m.batch_size)))
             ray.train.collective.barrier()
-            sup = supervised_epoch(teacher, t_opt, torch_batches(ray.train.get_dataset_shard("train"), spec_train,
-                                                                 m.batch_size, device=str(device)),
-                                   columns, device, amp, m)
-            t_sched.step()
+            sup = supervised_epoch(teacher, t_opt, shuffled(ray.train.get_dataset_shard("train"), spec_train,
+                                                            m.batch_size, cfg, g, rank, device),
+                                   columns, device, amp, m, pretrain_lr, g * t_steps)
+            if rank == 0:
+                recalibrate(teacher, spec_plain, columns, device, amp, m.batch_size, **calib)
             if rank == 0 and ipb and g == m.teacher_epochs - 1:
                 start_pass(0)  # the final teacher labels MPL epoch 0 while validation runs
-            metrics.update({"phase": 0, "teacher_lr": t_sched.get_last_lr()[0],
+            metrics.update({"phase": 0, "teacher_lr": t_opt.param_groups[0]["lr"],
                            **{f"teacher_{k}": v for k, v in sup.items()}})
             if rank == 0:
                 val = validate(teacher, inputs, spec_eval, columns, device, amp, m.batch_size)
@@ -242,17 +258,12 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                 plan_metrics["pseudo_accuracy"] = acc
         ray.train.collective.barrier()
 
-        s_lr = student_lr_at(e, m)
-        for group in s_opt.param_groups:
-            group["lr"] = s_lr
-        for group in t_opt.param_groups:
-            group["lr"] = m.teacher_lr
+        s_base = student_lr_at(e, m)
         teacher.train()
         student.train()
-        l_iter = iter(torch_batches(ray.train.get_dataset_shard("train"), spec_train, m.batch_size,
-                                    device=str(device)))
-        u_iter = iter(torch_batches(ray.train.get_dataset_shard("unlabelled"), spec_uda,
-                                    m.unlabelled_batch_size, device=str(device)))
+        l_iter = iter(shuffled(ray.train.get_dataset_shard("train"), spec_train, m.batch_size, cfg, g, rank, device))
+        u_iter = iter(shuffled(ray.train.get_dataset_shard("unlabelled"), spec_uda, m.unlabelled_batch_size, cfg,
+                               g, rank, device))
         timer, sums = _Timer(), torch.zeros(len(STEP_METRICS), dtype=torch.float64)
         step_counts = np.zeros(n_cls, np.int64)
         seen: list[str] = []
@@ -260,9 +271,12 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         last: dict[str, Any] = {}
         weak = [f"weak{s}" for s in spec_uda.geometry.scales]
         strong = [f"strong{s}" for s in spec_uda.geometry.scales]
-        for _ in range(steps):
+        for i in range(steps):
             bl, bu = next(l_iter), next(u_iter)
             timer.got()
+            f = lr_factor(e * steps + i, mpl_total, mpl_warm, m.schedule)
+            set_lr(s_opt, s_base * f)
+            set_lr(t_opt, m.teacher_lr * f)
             last = mpl_step(teacher, student, t_opt, s_opt, _inputs(bl, columns, device), bl["label"].to(device),
                             _inputs(bu, weak, device), _inputs(bu, strong, device), step=global_step, cfg=m,
                             autocast=lambda: _autocast(device, amp))
@@ -279,11 +293,15 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         for _ in u_iter:
             pass
         metrics.update(timer.metrics(float(steps * m.unlabelled_batch_size * world)))
+        s_lr, t_lr = s_opt.param_groups[0]["lr"], t_opt.param_groups[0]["lr"]
+        if rank == 0:  # eval-mode statistics of un-augmented L, before labelling and validation
+            recalibrate(teacher, spec_plain, columns, device, amp, m.batch_size, **calib)
+            recalibrate(selected(), spec_plain, columns, device, amp, m.batch_size, **calib)
         if rank == 0 and ipb and m.relabel == "pass" and g + 1 < total:
             start_pass(e + 1)  # the teacher is final for this epoch: label the next one meanwhile
         _all_reduce(sums)
         gathered = _gather((seen, seen_labels, step_counts))
-        metrics.update({"phase": 1, "mpl_epoch": e, "student_lr": s_lr, "teacher_lr": m.teacher_lr,
+        metrics.update({"phase": 1, "mpl_epoch": e, "student_lr": s_lr, "teacher_lr": t_lr,
                         "uda_weight": float(last.get("uda_weight", 0.0)), "global_step": global_step,
                         "train_steps": steps, **{k: float(v) / (steps * world) for k, v in zip(STEP_METRICS, sums)}})
         state = None

@@ -132,13 +132,15 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from ipb_ray.cv import resolve_fold_catalog
     from ipb_ray.training import train_fold
 
     base: ExperimentConfig = from_dict(config["__base__"])
     meta = config["__meta__"]
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     name = ray.tune.get_context().get_trial_name() or "trial"
-    cfg = trial_config(base, params, name.replace("_", "-"))
+    # the folds of the trial's own split.* (a space may vary it): the catalog or a view of it
+    cfg = resolve_fold_catalog(trial_config(base, params, name.replace("_", "-")))
     if meta["objective"] == "fold":
         train_fold(cfg, meta["folds"][0], callbacks=[TuneReportCallback()])
         return
@@ -201,6 +203,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
 
     from ipb_ray import tracking
     from ipb_ray.cluster import check_cluster_paths
+    from ipb_ray.cv import resolve_fold_catalog
     from ipb_ray.ray_setup import init_ray
 
     if objective not in OBJECTIVES:
@@ -215,6 +218,12 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     if not resume and db.exists():
         raise FileExistsError(f"{out} already holds a study ({db}); pass --resume to add trials to it, "
                               "or choose another --out")
+    # Draw the base's folds (into a view when the catalog's plan is another split) once, here,
+    # so a bad split.* fails before any trial and trials only read them; trials resolve the
+    # catalog from an absolute path, whatever their working directory.
+    resolve_fold_catalog(cfg)
+    trial_base = cfg if "://" in cfg.data.catalog else \
+        cfg.replace(f"data.catalog={Path(cfg.data.catalog).resolve()}")
     init_ray(cfg.resources)
     check_cluster_paths(cfg, {"--out": str(out)})
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +249,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
         max_concurrent = max(1, int(ray.cluster_resources().get("CPU", 1.0) // (per_trial + 0.5)))
     uri, experiment = cfg.tracking.tracking_uri, cfg.tracking.experiment
     parent = tracking.open_search_parent(uri, experiment, cfg, out, space)
-    base = {"__base__": to_dict(cfg), "__meta__": {"objective": objective, "folds": list(folds)}}
+    base = {"__base__": to_dict(trial_base), "__meta__": {"objective": objective, "folds": list(folds)}}
     trainable = tune.with_resources(_trial, {"CPU": 0.01})  # the trial only waits on its Train run
     tuner = tune.Tuner(
         trainable, param_space={**base, **tune_space(space)},

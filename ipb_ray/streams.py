@@ -54,6 +54,7 @@ class StreamSpec:
     seed: int = 0
     mode: str = "train"
     tta: int = 1
+    augment: Any = None  # an ipb_ray.config.AugmentConfig; None = the paper's policy as published
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,7 +144,30 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
            "scale": np.array(rows["scale"], np.float32), "met": np.array(rows["met"], bool)}
     for name in spec.patch_columns():
         out[name] = np.stack(rows[name]).astype(np.float32, copy=False)
+    if spec.mode in SHUFFLED_MODES:
+        # a colony's copies come out one after another; scatter them (the stream's shuffle
+        # buffer then mixes batches), seeded by the epoch and the rows this batch holds
+        order = batch_order(out["colony_id"], out["copy"], spec.seed, epoch)
+        out = {k: v[order] for k, v in out.items()}
     return out
+
+
+#: Training streams whose rows are shuffled (evaluation streams keep the catalog order).
+SHUFFLED_MODES = ("train", "plain", "uda")
+
+
+def batch_order(colony_ids: Sequence[str], copies: Sequence[int], seed: int, epoch: int) -> np.ndarray:
+    """A seeded permutation of a patch batch's rows: the same rows, seed and epoch give the
+    same order on any worker; another epoch gives another order."""
+    key = sum(hash_id(str(c)) * 1_000_003 + int(k) for c, k in zip(colony_ids, copies)) % (2 ** 63)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 7, key]))
+    return rng.permutation(len(colony_ids))
+
+
+def hash_id(colony_id: str) -> int:
+    """A stable integer of a colony id (hex ids as their value, others from their bytes)."""
+    return int(colony_id[:16], 16) if _is_hex(colony_id) else \
+        int.from_bytes(colony_id.encode()[:16].ljust(16, b"\0"), "little")
 
 
 def _append_views(rows: dict[str, list[Any]], window: np.ndarray, spec: StreamSpec,
@@ -151,10 +175,12 @@ def _append_views(rows: dict[str, list[Any]], window: np.ndarray, spec: StreamSp
     if spec.mode in ("plain", "test", "label"):
         views = {"x": to_scales(window, spec.geometry)}
     elif spec.mode == "train":
-        aug, _fired = augment.paper_augment(window, rng)
+        aug = augment.train_view(window, rng, spec.augment) if spec.augment is not None \
+            else augment.paper_augment(window, rng)[0]
         views = {"x": [t.numpy() for t in to_scales(aug, spec.geometry)]}
     else:
-        weak, strong = augment.weak_strong(window, rng)
+        weak, strong = augment.configured_pair(window, rng, spec.augment) if spec.augment is not None \
+            else augment.weak_strong(window, rng)
         views = {"weak": [t.numpy() for t in to_scales(weak, spec.geometry)],
                  "strong": [t.numpy() for t in to_scales(strong, spec.geometry)]}
     for prefix, arrays in views.items():
@@ -324,9 +350,22 @@ def _collate_class():
 _COLLATE = None
 
 
+def shuffle_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The local shuffle seed of a training stream in ``epoch`` on ``rank``."""
+    return int(np.random.SeedSequence([seed, epoch, rank, 11]).generate_state(1)[0])
+
+
 def torch_batches(ds, spec: StreamSpec, batch_size: int, *, drop_last: bool = True, prefetch_batches: int = 2,
-                  device: str = "cpu"):
+                  device: str = "cpu", shuffle_buffer: int = 0, shuffle_seed: int | None = None):
     """``iter_torch_batches`` over a patch dataset (or a Train shard): a dict of float32
-    tensors per patch column, int64 ``label`` and the list of ``colony_id`` s."""
+    tensors per patch column, int64 ``label`` and the list of ``colony_id`` s.
+
+    ``shuffle_buffer`` > 0: rows pass through a local shuffle buffer of that many patches
+    (at least two batches), seeded with ``shuffle_seed`` (see :func:`shuffle_seed`), so a
+    batch mixes colonies and classes from across the stream."""
+    kwargs: dict[str, Any] = {}
+    if shuffle_buffer > 0:
+        kwargs = dict(local_shuffle_buffer_size=max(int(shuffle_buffer), 2 * batch_size),
+                      local_shuffle_seed=shuffle_seed)
     return ds.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_class()(spec.patch_columns()),
-                                 drop_last=drop_last, prefetch_batches=prefetch_batches, device=device)
+                                 drop_last=drop_last, prefetch_batches=prefetch_batches, device=device, **kwargs)

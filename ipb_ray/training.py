@@ -43,6 +43,8 @@ class FoldInputs:
     test: tuple[str, ...]
     unlabelled: tuple[str, ...]
     unlabelled_truth: tuple[int, ...] = ()  # hidden class of each U colony, -1 = unknown/multi-label (metrics only)
+    pixel_mean: float = 0.0  # the catalog's pixel statistics ([0, 1] units), applied inside the model
+    pixel_std: float = 1.0
 
 
 def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
@@ -73,9 +75,18 @@ def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
         unlabelled = [c for c in unlabelled if c not in drop]
     # Train workers run in their own working directory: hand them an absolute local path
     where = root if "://" in str(root) else os.path.abspath(root)
+    mean, std = catalog.normalisation(root)
     return FoldInputs(where, names, tuple(roles["L"]), tuple(index[label_of[c]] for c in roles["L"]),
                       tuple(roles["V"]), tuple(roles["T"]), tuple(unlabelled),
-                      tuple(index.get(label_of.get(c), -1) for c in unlabelled))
+                      tuple(index.get(label_of.get(c), -1) for c in unlabelled), mean, std)
+
+
+def labelled_steps(n_labelled: int, world: int, batch_size: int, steps_per_epoch: int | None) -> int:
+    """Optimizer steps per epoch on the labelled stream: ``method.steps_per_epoch``, or one
+    pass over L (|L| draws) rounded up to whole batches on every worker (at least one)."""
+    if steps_per_epoch:
+        return int(steps_per_epoch)
+    return max(1, -(-int(n_labelled) // (max(world, 1) * batch_size)))
 
 
 def run_name(cfg: ExperimentConfig, fold: int) -> str:
@@ -152,16 +163,21 @@ def _all_reduce(t: Any) -> Any:
 
 
 def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], device: Any, amp: bool,
-                     m: Any) -> dict[str, Any]:
+                     m: Any, lr_at: Any = None, first_step: int = 0) -> dict[str, Any]:
     """One epoch of cross-entropy training over ``batches`` (every rank); returns the
-    epoch's loss (averaged over all ranks), steps and timings."""
+    epoch's loss (averaged over all ranks), steps and timings. ``lr_at(step)``: the lr of
+    global step ``first_step + i`` (set before each step); None leaves the lr alone."""
     import torch
     import torch.nn.functional as F
+
+    from ipb_ray.optim import set_lr
 
     model.train()
     timer, loss_sum, seen = _Timer(), torch.zeros(2, device=device), 0
     for batch in batches:
         timer.got()
+        if lr_at is not None:
+            set_lr(opt, lr_at(first_step + seen))
         with _autocast(device, amp):
             logits, _ = model(*_inputs(batch, columns, device))
             loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=m.label_smoothing)
@@ -178,6 +194,28 @@ def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], dev
     _all_reduce(loss_sum)
     out["train_patches_per_s"] = float(loss_sum[1]) / max(out["train_seconds"], 1e-9)
     return {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "train_steps": seen, **out}
+
+
+def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, amp: bool, batch_size: int,
+                max_batches: int, enabled: bool = True) -> int:
+    """Rank 0: re-estimate ``model``'s BatchNorm statistics on the un-augmented labelled
+    stream (``calib`` shard) before it evaluates or labels; returns the batches used."""
+    import ray.train
+
+    from ipb_ray.optim import recalibrate_bn
+    from ipb_ray.streams import torch_batches
+
+    if not enabled:
+        return 0
+
+    def forward(net: Any, batch: dict[str, Any]) -> None:
+        if len(batch["label"]) > 1:  # a BatchNorm1d in train mode needs two samples
+            with _autocast(device, amp):
+                net(*_inputs(batch, columns, device))
+
+    batches = torch_batches(ray.train.get_dataset_shard("calib"), spec_plain, batch_size, drop_last=False,
+                            device=str(device))
+    return recalibrate_bn(_unwrap(model), batches, forward, max_batches)
 
 
 def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str], device: Any, amp: bool,
@@ -232,16 +270,28 @@ def load_checkpoint() -> dict[str, Any] | None:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int) -> Any:
+def build_model(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> Any:
     from ipb_ray.models import create_model
 
-    return create_model(**model_kwargs(cfg, num_classes))
+    return create_model(**model_kwargs(cfg, num_classes, inputs))
 
 
-def model_kwargs(cfg: ExperimentConfig, num_classes: int) -> dict[str, Any]:
-    """:func:`ipb_ray.models.create_model` arguments of the experiment's network."""
+def model_kwargs(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> dict[str, Any]:
+    """:func:`ipb_ray.models.create_model` arguments of the experiment's network (with
+    the fold's pixel statistics when ``inputs`` is given; a loaded state dict brings its own)."""
+    stats = dict(pixel_mean=inputs.pixel_mean, pixel_std=inputs.pixel_std) if inputs is not None else {}
     return dict(name=cfg.model.backbone, num_classes=num_classes, in_chans=1, width=cfg.model.width,
-                feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout, multi_scale=cfg.data.multi_scale)
+                feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout, multi_scale=cfg.data.multi_scale,
+                **stats)
+
+
+def shuffled(shard: Any, spec: Any, batch_size: int, cfg: ExperimentConfig, epoch: int, rank: int,
+             device: Any) -> Any:
+    """A training shard's batches through the seeded shuffle buffer of ``(seed, epoch, rank)``."""
+    from ipb_ray.streams import shuffle_seed, torch_batches
+
+    return torch_batches(shard, spec, batch_size, device=str(device), shuffle_buffer=cfg.method.shuffle_buffer,
+                         shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
 
 
 def snapshot(model: Any) -> dict[str, Any]:
@@ -257,22 +307,28 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch
 
     from ipb_ray.balance import resample_counts
-    from ipb_ray.streams import STATE_NAMESPACE, torch_batches
+    from ipb_ray.optim import lr_factor, make_optimizer, warmup_steps
+    from ipb_ray.streams import STATE_NAMESPACE
 
     cfg: ExperimentConfig = from_dict(config["cfg"])
     inputs: FoldInputs = config["inputs"]
-    spec_train, spec_eval = config["spec_train"], config["spec_eval"]
+    spec_train, spec_eval, spec_plain = config["spec_train"], config["spec_eval"], config["spec_plain"]
     m = cfg.method
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     amp = m.mixed_precision and device.type == "cuda"
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = ray.train.torch.prepare_model(build_model(cfg, len(inputs.class_names)))
-    opt = torch.optim.SGD(model.parameters(), lr=m.lr, momentum=m.momentum, weight_decay=m.weight_decay,
-                          nesterov=m.nesterov)
-    # the authors' teacher pre-training drops the lr tenfold halfway
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[max(1, m.epochs // 2)], gamma=0.1)
+    model = ray.train.torch.prepare_model(build_model(cfg, len(inputs.class_names), inputs))
+    opt = make_optimizer(model.parameters(), m.optimizer, m.lr, momentum=m.momentum,
+                         weight_decay=m.weight_decay, nesterov=m.nesterov)
+    steps = labelled_steps(len(inputs.labelled), world, m.batch_size, m.steps_per_epoch)
+    total = steps * m.epochs
+    warm = warmup_steps(total, m.warmup_fraction)
+
+    def lr_at(step: int) -> float:
+        return m.lr * lr_factor(step, total, warm, m.schedule)
+
     start, best_metric, best_state, resumed_from = 0, -1.0, None, None
     history: list[dict[str, Any]] = []
     state = load_checkpoint()
@@ -280,13 +336,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         history = list(state.get("history", []))
         _unwrap(model).load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start, best_metric, best_state = state["epoch"] + 1, state["best_metric"], state["best_model"]
         resumed_from = state["epoch"]
     actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
     columns = spec_train.patch_columns()
     labels = np.asarray(inputs.labelled_labels)
+    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate)
 
     def final() -> dict[str, Any]:
         """Rank 0's end-of-run figures: the selected model on T, and where the run began."""
@@ -296,17 +352,18 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start, m.epochs):
         if rank == 0:
-            counts = resample_counts(labels, None, cfg.seed, epoch, balanced=m.balance_labelled)
+            counts = resample_counts(labels, steps * world * m.batch_size, cfg.seed, epoch,
+                                     balanced=m.balance_labelled)
             ray.get(actor.set.remote(epoch, {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}))
         ray.train.collective.barrier()
         metrics: dict[str, Any] = {
-            "epoch": epoch, **supervised_epoch(model, opt, torch_batches(
-                ray.train.get_dataset_shard("train"), spec_train, m.batch_size, device=str(device)),
-                columns, device, amp, m)}
-        sched.step()
-        metrics.update(lr=sched.get_last_lr()[0], world_size=world)
+            "epoch": epoch, **supervised_epoch(model, opt, shuffled(ray.train.get_dataset_shard("train"), spec_train,
+                                                                    m.batch_size, cfg, epoch, rank, device),
+                                               columns, device, amp, m, lr_at, epoch * steps)}
+        metrics.update(lr=opt.param_groups[0]["lr"], world_size=world)
         state = None
         if rank == 0:
+            recalibrate(model, spec_plain, columns, device, amp, m.batch_size, **calib)
             val = validate(model, inputs, spec_eval, columns, device, amp, m.batch_size)
             if val is not None:
                 metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"],
@@ -315,9 +372,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             if score >= best_metric:
                 best_metric, best_state = score, snapshot(model)
                 metrics["best_epoch"] = epoch
-            state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "epoch": epoch, "torch_rng": torch.get_rng_state(),
-                     "best_metric": best_metric, "best_model": best_state,
+            state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                     "torch_rng": torch.get_rng_state(), "best_metric": best_metric, "best_model": best_state,
                      "class_names": list(inputs.class_names), "config": config["cfg"], "history": history}
             history.append(dict(metrics))
             if epoch == m.epochs - 1:
@@ -407,18 +463,20 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
         m, world = cfg.method, max(cfg.resources.num_workers, 1)
         n_u = m.draws_per_epoch or len(inputs.unlabelled)
-        if steps_per_epoch(n_u, world, m.unlabelled_batch_size) == 0:
+        if not m.steps_per_epoch and steps_per_epoch(n_u, world, m.unlabelled_batch_size) == 0:
             raise ValueError(f"fold {fold} streams {n_u} unlabelled patches per epoch, less than one batch of "
                              f"method.unlabelled_batch_size={m.unlabelled_batch_size} for each of {world} "
                              "worker(s); lower method.unlabelled_batch_size or raise method.draws_per_epoch")
     init_ray(cfg.resources)
     geometry = PatchGeometry.from_config(cfg.data)
-    specs = {"spec_train": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="train"),
-             "spec_eval": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="test")}
+    aug = cfg.augment
+    specs = {"spec_train": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="train", augment=aug),
+             "spec_eval": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="test", tta=cfg.eval.tta),
+             "spec_plain": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="plain")}
     tag = uuid.uuid4().hex[:12]
     states = {"state": f"ipb-stream-{tag}"}
     if semi:
-        specs.update(spec_uda=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="uda"),
+        specs.update(spec_uda=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="uda", augment=aug),
                      spec_label=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="label"))
         states.update(u_state=f"ipb-unlabelled-{tag}", label_state=f"ipb-label-{tag}")
     actors = [stream_state(name) for name in states.values()]
@@ -429,6 +487,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
                              **data_kw),
         "test": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.test, **data_kw),
+        # un-augmented L: re-estimates BatchNorm statistics before evaluation (eval.bn_recalibrate)
+        "calib": patch_dataset(inputs.catalog, specs["spec_plain"], ids=inputs.labelled, **data_kw),
     }
     if semi:
         datasets["unlabelled"] = patch_dataset(inputs.catalog, specs["spec_uda"], state_name=states["u_state"],

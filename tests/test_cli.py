@@ -58,6 +58,19 @@ def test_config_validate_ok_and_bad(tmp_path):
     assert "bad.yaml" in result.output and "method.threshold" in result.output
 
 
+def test_config_validate_lists_every_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: demo\nmethod: {threshold: 7, batch_size: abc}\nsplit: {foldz: 5}\n")
+    result = runner.invoke(app, ["config", "validate", str(bad), "seed=-1"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 4, result.output
+    for key in ("method.threshold", "method.batch_size", "split.foldz"):
+        assert sum(f"bad.yaml: {key}: " in line for line in lines[:3]) == 1, key
+    assert "override 'seed=-1': seed: " in lines[3]
+    assert f"4 errors in {bad}" in " ".join(result.output.split())
+
+
 def test_unknown_preset_exits_2_with_suggestion():
     result = runner.invoke(app, ["config", "show", "--preset", "ml_ms_ipb_hrnt"])
     assert result.exit_code == 2

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ipb_ray.config import (ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict,
-                            list_presets, load_config, parse_override, to_dict)
+                            list_presets, load_config, parse_override, to_dict, validate_all)
 
 PAPER_PRESETS = ["vgg19", "hrnet", "ms_hrnet", "ipb_vgg", "ms_ipb_vgg", "ml_ipb_vgg", "ml_ms_ipb_vgg",
                  "ms_ipb_hrnet", "ml_ipb_hrnet", "ml_ms_ipb_hrnet", "mpl_imbalanced", "mpl_balanced"]
@@ -145,7 +145,7 @@ def test_parse_override_parses_yaml_scalars():
 
 def test_dump_yaml_is_plain_yaml():
     data = yaml.safe_load(dump_yaml(load_config(preset="ml_ms_ipb_hrnet")))
-    assert set(data) == {"name", "preset", "seed", "data", "split", "model", "method", "resources",
+    assert set(data) == {"name", "preset", "seed", "data", "split", "model", "method", "augment", "eval", "resources",
                          "tracking"}
 
 
@@ -154,3 +154,48 @@ def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert load_config("demo").preset == "demo"
     assert load_config(preset="demo").preset == "demo"
+
+
+def test_validate_all_lists_every_error_of_every_section(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: demo\nmethod:\n  threshold: 7\n  batch_size: abc\nsplit:\n  foldz: 5\n")
+    errors = validate_all(bad)
+    by_key = {e.key: e for e in errors}
+    assert len(errors) == 3 and set(by_key) == {"method.threshold", "method.batch_size", "split.foldz"}
+    assert all(e.source == str(bad) for e in errors)
+    assert "[0, 1]" in by_key["method.threshold"].detail
+    assert "whole number" in by_key["method.batch_size"].detail
+    assert "unknown key; did you mean 'split.fold" in by_key["split.foldz"].detail
+    with pytest.raises(ConfigError) as err:  # load_config still stops at the first
+        load_config(bad)
+    assert str(err.value) == str(errors[0])
+
+
+def test_validate_all_runs_cross_field_checks_only_on_valid_values(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("split: {folds: 5, fold: 7}\ndata: {global_patch: abc, local_patch: 300}\n")
+    errors = validate_all(cfg)
+    assert [e.key for e in errors] == ["split.fold", "data.global_patch"]
+    assert "[0, 4]" in errors[0].detail  # needs both split values; local_patch is not blamed
+
+
+def test_validate_all_is_empty_exactly_when_load_config_loads(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("extends: demo\nmethod: {threshold: 0.7}\n")
+    assert validate_all(good) == [] and validate_all(good, ["split.folds=5"]) == []
+    for override in ("method.threshold=1.5", "method.treshold=0.5", "data.local_patch=300",
+                     "split.fold=10", "method.name=null", "method.threshold"):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides=[override])
+        errors = validate_all(overrides=[override])
+        assert [str(e) for e in errors] == [str(err.value)], override
+
+
+def test_validate_all_collects_bad_overrides_and_stops_at_an_unreadable_file(tmp_path):
+    errors = validate_all(overrides=["method.threshold", "method.lr=-1", "seed=x"])
+    assert [(e.source, e.key) for e in errors] == [
+        ("override", ""), ("override 'method.lr=-1'", "method.lr"), ("override 'seed=x'", "seed")]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: [unclosed\n")
+    (only,) = validate_all(broken, ["method.lr=-1"])
+    assert "not valid YAML" in str(only) and only.source == str(broken)

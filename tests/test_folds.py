@@ -287,3 +287,211 @@ def test_bad_inputs_are_explained():
         make_folds(["a", "a"], ["A", "B"], [False, False])
     with pytest.raises(ValueError, match="only 3 single-labelled colonies for 10 folds"):
         make_folds(["a", "b", "c", "d"], ["A", "B", "A", None], [False] * 4)
+
+
+# --------------------------------------------------------------------------- grouped folds (split.group_by)
+
+def _time_lapse(n_wells=60, seed=3):
+    """Wells imaged hourly: every colony of a well shares its group, mostly of the well's
+    class; some multi-label and unlabelled colonies, a few with no group name at all."""
+    rng = np.random.default_rng(seed)
+    names = list(SHARES)
+    ids, labels, multi, groups = [], [], [], []
+    for w in range(n_wells):
+        major = names[w % len(names)] if w % 7 else names[-1]  # the rare class in a few wells
+        for colony in range(int(rng.integers(1, 4))):
+            for hour in range(int(rng.integers(2, 8))):
+                r = rng.random()
+                ids.append(f"w{w:02d}-c{colony}-t{hour:02d}")
+                labels.append(major if r < 0.75 else (names[int(rng.integers(len(names)))] if r < 0.85 else None))
+                multi.append(0.85 <= r < 0.92)
+                groups.append(f"well{w:02d}")
+    for i in range(15):  # colonies the annotation table gave no well
+        ids.append(f"loose{i:02d}")
+        labels.append(names[i % len(names)])
+        multi.append(False)
+        groups.append(None)
+    return ids, labels, multi, groups
+
+
+@pytest.fixture(scope="module")
+def lapse():
+    return _time_lapse()
+
+
+@pytest.fixture(scope="module")
+def grouped(lapse):
+    ids, labels, multi, groups = lapse
+    return make_folds(ids, labels, multi, k=5, labelled_fraction=0.2, groups=groups, group_by="column:well")
+
+
+def test_grouped_plan_never_splits_a_group_across_t_and_luv(grouped, lapse):
+    ids, labels, multi, groups = lapse
+    check_folds(grouped)
+    group_of = dict(zip(ids, groups))
+    labelled = {c for c, lab, m in zip(ids, labels, multi) if lab is not None and not m}
+    in_test = Counter()
+    for f, roles in enumerate(_by_fold(grouped)):
+        test_groups = {group_of[c] for c in roles["T"]} - {None}
+        assert test_groups, f"fold {f} tests no named group"
+        for role in ("L", "V", "U"):
+            leaked = {group_of[c] for c in roles[role]} & test_groups
+            assert not leaked, f"fold {f}: groups {sorted(leaked)} are in T and in {role}"
+        # E: exactly the colonies without a single label whose group is under test
+        assert set(roles["E"]) == {c for c in ids if c not in labelled and group_of[c] in test_groups}
+        assert len([c for r in ROLES for c in roles[r]]) == len(ids)
+        in_test.update(roles["T"])
+    assert set(in_test) == labelled and set(in_test.values()) == {1}  # every labelled colony in one T
+    # a group's labelled colonies all sit in one test fold
+    fold_of_group = {}
+    for f, roles in enumerate(_by_fold(grouped)):
+        for c in roles["T"]:
+            assert fold_of_group.setdefault(group_of[c] or c, f) == f
+
+
+def test_grouped_plan_is_stratified_as_far_as_groups_allow(grouped, lapse):
+    _, labels, multi, _ = lapse
+    n_lab = sum(lab is not None and not m for lab, m in zip(labels, multi))
+    rows = grouped.summary()
+    assert all("E" in row for row in rows)
+    sizes = [row["T"] for row in rows]
+    assert sum(sizes) == n_lab and max(sizes) <= 1.5 * min(sizes)
+    for name in SHARES:  # every class, even the rare one, is tested and trained on in every fold
+        assert all(row["T_counts"][name] >= 1 and row["L_counts"][name] >= 1 for row in rows)
+    budget = round(0.2 * n_lab)
+    assert all(abs(row["L"] + row["V"] - budget) <= len(SHARES) for row in rows)
+
+
+def test_grouped_plan_is_seeded_and_ignores_row_order(grouped, lapse):
+    ids, labels, multi, groups = lapse
+    order = np.random.default_rng(11).permutation(len(ids))
+    again = make_folds([ids[i] for i in order], [labels[i] for i in order], [multi[i] for i in order],
+                       k=5, labelled_fraction=0.2, groups=[groups[i] for i in order], group_by="column:well")
+    assert again.table.equals(grouped.table)
+    other = make_folds(ids, labels, multi, k=5, labelled_fraction=0.2, groups=groups, group_by="column:well",
+                       seed=1)
+    assert not other.table.equals(grouped.table)
+    check_folds(other)
+
+
+def test_per_colony_plan_has_no_group_column_nor_e(plan):
+    assert plan.group_by is None and "group" not in plan.table.column_names
+    assert "E" not in plan.summary()[0]
+    assert all(roles["E"] == [] for roles in _by_fold(plan))
+    assert make_folds(*_colonies(), groups=None).table.equals(plan.table)
+
+
+def test_grouped_plan_round_trips_with_its_groups(grouped, tmp_path):
+    write_folds(grouped, tmp_path)
+    back = read_folds(tmp_path)
+    assert back.group_by == "column:well" and back.table.equals(grouped.table)
+    assert json.loads((tmp_path / FOLDS_JSON).read_text())["group_by"] == "column:well"
+    assert back.summary() == grouped.summary()
+
+
+def _set_role(plan, fold, colony, role):
+    bad = _corrupt(plan, fold, colony, role)
+    return FoldPlan(bad.table, plan.class_names, plan.k, plan.labelled_fraction, plan.val_fraction,
+                    plan.seed, group_by=plan.group_by)
+
+
+def test_check_catches_a_group_split_across_t_and_l(grouped, lapse):
+    ids, _, _, groups = lapse
+    group_of = dict(zip(ids, groups))
+    roles = grouped.roles(2)
+    victim = next(c for c in roles["T"] if group_of[c] is not None
+                  and sum(group_of[o] == group_of[c] for o in roles["T"]) > 1)
+    with pytest.raises(ValueError, match=rf"fold 2: colony '{victim}' of group '{group_of[victim]}' has "
+                                         r"role L, but colony .* is in the test fold; a group is never split"):
+        check_folds(_set_role(grouped, 2, victim, "L"))
+    outsider = roles["U"][0]
+    with pytest.raises(ValueError, match=rf"'{outsider}' has role E, but its group .* is not in the test fold"):
+        check_folds(_set_role(grouped, 2, outsider, "E"))
+    if roles["E"]:
+        with pytest.raises(ValueError, match=rf"fold 2: colony '{roles['E'][0]}' of group .* has role U"):
+            check_folds(_set_role(grouped, 2, roles["E"][0], "U"))
+
+
+def test_check_refuses_e_in_a_per_colony_plan(plan, colonies):
+    ids, _, multi = colonies
+    victim = next(c for c, m in zip(ids, multi) if m)
+    with pytest.raises(ValueError, match=rf"fold 3: colony '{victim}' has role E, which only a grouped plan"):
+        check_folds(_corrupt(plan, 3, victim, "E"))
+
+
+def test_too_few_groups_and_bad_groups_are_explained():
+    ids = [f"c{i:02d}" for i in range(20)]
+    labels = ["A", "B"] * 10
+    with pytest.raises(ValueError, match=r"only 3 groups hold single-labelled colonies "
+                                         r"\(split.group_by=column:well\), for 5 folds"):
+        make_folds(ids, labels, [False] * 20, k=5, groups=[f"g{i % 3}" for i in range(20)],
+                   group_by="column:well")
+    with pytest.raises(ValueError, match="groups has 2 entries for 20 colonies"):
+        make_folds(ids, labels, [False] * 20, k=5, groups=["a", "b"])
+    with pytest.raises(ValueError, match=r"colony 'c00': group 7 should be a non-empty string"):
+        make_folds(ids, labels, [False] * 20, k=5, groups=[7] * 20)
+
+
+def test_one_huge_group_warns_that_test_folds_differ(caplog):
+    ids = [f"c{i:03d}" for i in range(100)]
+    groups = ["big"] * 60 + [f"g{i}" for i in range(40)]
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.folds"):
+        plan = make_folds(ids, ["A", "B"] * 50, [False] * 100, k=5, groups=groups, group_by="column:well")
+    check_folds(plan)
+    assert any("group 'big' holds 60 of the 100 single-labelled colonies" in r.message for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- naming groups (catalog rows)
+
+def _rows(sources, annotation=None):
+    prov = [json.dumps({"annotation": a} if a else {}) for a in (annotation or [None] * len(sources))]
+    return pa.table({"colony_id": [f"c{i}" for i in range(len(sources))], "source": sources,
+                     "frame_index": list(range(len(sources))), "provenance": prov})
+
+
+def test_colony_groups_from_a_catalog_column_an_annotation_column_or_a_regex(caplog):
+    from ipb_ray.catalog import colony_groups
+
+    rows = _rows(["seqA/well3_t01.png", "seqA/well3_t02.png", "seqB/well12_t01.png"],
+                 [{"well": "3"}, {"well": "3"}, None])
+    assert colony_groups(rows, "column:source") == rows["source"].to_pylist()
+    assert colony_groups(rows, "column:frame_index") == ["0", "1", "2"]
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.catalog"):
+        assert colony_groups(rows, "column:well", catalog="cat") == ["3", "3", None]
+    assert any("1 of 3 colonies have no 'well'; each is a group of its own" in r.message for r in caplog.records)
+    assert colony_groups(rows, r"regex:(well\d+)_t") == ["well3", "well3", "well12"]
+    assert colony_groups(rows, r"regex:^(seq\w)/") == ["seqA", "seqA", "seqB"]
+
+
+def test_colony_groups_name_the_column_the_catalog_and_the_fix():
+    from ipb_ray.catalog import colony_groups
+
+    rows = _rows(["a/w1.png", "b/x.png"], [{"well": "1"}, {"well": "2"}])
+    with pytest.raises(ConfigError) as info:
+        colony_groups(rows, "column:track", catalog="/data/catalog")
+    msg = str(info.value)
+    assert info.value.key == "split.group_by" and msg.startswith("/data/catalog: split.group_by: ")
+    assert "no column 'track' in /data/catalog" in msg and "source, frame_index" in msg
+    assert "annotation columns it kept are well" in msg and "rerun `ipb preprocess`" in msg
+    with pytest.raises(ConfigError, match=r"regex '\(w\\d\+\)' finds no group name in the source path of 1 of 2 "
+                                          r"colonies, e.g. 'b/x.png'"):
+        colony_groups(rows, r"regex:(w\d+)", catalog="/data/catalog")
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("well", "is not a grouping; write column:<name>"),
+    ("colum:well", "is not a grouping"),
+    ("track:well", "is not a grouping"),
+    (r"regex:well\d+", "has 0 capture groups; it needs exactly one"),
+    (r"regex:(a)(b)", "has 2 capture groups"),
+    ("regex:(well", "is not a valid regular expression"),
+])
+def test_split_group_by_is_checked_when_the_config_loads(value, fragment):
+    from ipb_ray.config import load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[f"split.group_by={value}"])
+    assert info.value.key == "split.group_by" and fragment in str(info.value)
+    ok = load_config(overrides=[r"split.group_by=regex:(well\d+)_t"])
+    assert ok.split.group_by == r"regex:(well\d+)_t"
+    assert load_config().split.group_by is None

@@ -200,3 +200,113 @@ def test_imagefolder_shards_give_rows_with_masks(tmp_path):
     assert "unreadable image" in rejects[0]["reason"]
     mask = catalog.decode_png(by_source["Dense/c1.png"]["mask"]) > 0
     assert mask[60, 60] and not mask[0, 0]
+
+
+# --------------------------------------------------------------------------- frame paths and labels
+
+def test_bare_frame_names_resolve_against_data_frames_too(frames_dir, tmp_path):
+    (tmp_path / "tables").mkdir()
+    ann = _write_csv(tmp_path / "tables" / "ann.csv", [["a.png", 65, 65, 176, 176, "Dense"],
+                                                       ["b.png", 150, 150, 250, 250, "Spread"]])
+    for frames in (str(frames_dir), str(frames_dir / "*.png")):
+        plan = importers.plan_frames(frames, str(ann), DataConfig(class_names=("Dense", "Spread")))
+        assert plan.rejects == [], frames
+        anns = {t.items[0]["path"]: t.items[0]["annotations"] for t in plan.tasks}
+        assert len(anns) == 2  # the listed frames and the table's rows are the same two files
+        assert anns[str((frames_dir / "a.png").resolve())][0]["labels"] == ["Dense"]
+        assert anns[str((frames_dir / "b.png").resolve())][0]["labels"] == ["Spread"]
+
+
+def test_table_folder_wins_over_data_frames(frames_dir, tmp_path):
+    (tmp_path / "tables").mkdir()
+    cv2.imwrite(str(tmp_path / "tables" / "a.png"), _blob_frame(seed=2))
+    ann = _write_csv(tmp_path / "tables" / "ann.csv", [["a.png", 65, 65, 176, 176, "Dense"]])
+    plan = importers.plan_frames(str(frames_dir), str(ann), DataConfig())
+    labelled = [t.items[0]["path"] for t in plan.tasks if t.items[0]["annotations"]]
+    assert labelled == [str((tmp_path / "tables" / "a.png").resolve())]
+
+
+def test_missing_frame_reject_names_both_folders(frames_dir, tmp_path):
+    (tmp_path / "tables").mkdir()
+    ann = _write_csv(tmp_path / "tables" / "ann.csv", [["ghost.png", 0, 0, 10, 10, "Dense"]])
+    plan = importers.plan_frames(str(frames_dir / "*.png"), str(ann), DataConfig())
+    (reject,) = plan.rejects
+    reason = reject["reason"]
+    assert reason.startswith("frame file not found: looked for 'ghost.png' in ")
+    assert f"{(tmp_path / 'tables').resolve()} (the table's folder)" in reason
+    assert f"{frames_dir.resolve()} (data.frames)" in reason
+    assert "point data.frames at the folder" in reason and reject["item"].endswith("row 2")
+
+
+def test_frames_dir_of_folder_glob_and_file(frames_dir):
+    assert importers.frames_dir(str(frames_dir)) == frames_dir
+    assert importers.frames_dir(str(frames_dir / "*.png")) == frames_dir
+    assert importers.frames_dir(str(frames_dir / "**" / "x*.tif")) == frames_dir
+    assert importers.frames_dir(str(frames_dir / "a.png")) == frames_dir
+    assert importers.frames_dir(None) is None
+
+
+def _catalog_without_ray(root, plan, data):
+    """What build_catalog writes, shard by shard, minus Ray."""
+    keys = [t.key for t in plan.tasks] + ["plan"]
+    catalog.begin_build(root, keys)
+    catalog.write_shard(root, "plan", [], plan.rejects)
+    for task in plan.tasks:
+        catalog.write_shard(root, task.key, *importers.run_shard(task, data))
+    catalog.finish_build(root, keys, {"importer": plan.importer, "inputs": plan.inputs})
+
+
+def test_no_folds_message_says_the_annotation_rows_were_rejected(frames_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ipb_ray.cli import app
+    from ipb_ray.config import ExperimentConfig
+    from ipb_ray.preprocess import why_no_folds
+
+    (tmp_path / "tables").mkdir()
+    ann = _write_csv(tmp_path / "tables" / "ann.csv", [["ghost.png", 0, 0, 10, 10, "Dense"],
+                                                       ["ghost2.png", 0, 0, 10, 10, "Dense"]])
+    data = DataConfig()
+    root = tmp_path / "catalog"
+    _catalog_without_ray(root, importers.plan_frames(str(frames_dir), str(ann), data), data)
+    why = why_no_folds(root, ExperimentConfig())
+    assert why.startswith("no colony has a single label (3 colonies: 0 multi-label, 3 unlabelled): "
+                          "2 annotation rows were rejected, first reason (")
+    assert "frame file not found: looked for 'ghost" in why and f"see {root}/rejects/" in why
+    assert "To fix: fix those rows" in why
+    result = CliRunner().invoke(app, ["folds", "--catalog", str(root)])
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # the console wraps long lines
+    assert "no folds drawn: no colony has a single label" in flat
+    assert "2 annotation rows were rejected" in flat and "too few labelled colonies" not in flat
+
+
+def test_no_folds_message_without_an_annotation_table(frames_dir, tmp_path):
+    from ipb_ray.config import ExperimentConfig
+    from ipb_ray.preprocess import why_no_folds
+
+    data = DataConfig()
+    root = tmp_path / "catalog"
+    _catalog_without_ray(root, importers.plan_frames(str(frames_dir), None, data), data)
+    why = why_no_folds(root, ExperimentConfig())
+    assert "no colony has a single label" in why and "read no annotation rows" in why
+    assert "set data.annotations" in why
+
+
+def test_extra_annotation_columns_are_kept_for_grouping(frames_dir, tmp_path):
+    import json
+
+    ann = _write_csv(tmp_path / "ann.csv", [["a.png", 65, 65, 176, 176, "Dense", "B3", "7"]],
+                     header=("frame", "x0", "y0", "x1", "y1", "label", "well", "track"))
+    (task,) = [t for t in importers.plan_frames(str(frames_dir), str(ann), DataConfig()).tasks
+               if t.items[0]["annotations"]]
+    assert task.items[0]["annotations"][0]["columns"] == {"well": "B3", "track": "7"}
+    # two rows on the left colony; the right one no row names: it gets the frame's own column only
+    anns = [{"row": "r2", "labels": ["Dense"], "box": [65, 65, 176, 176], "columns": {"well": "B3", "track": "7"}},
+            {"row": "r3", "labels": ["Dense"], "point": [120, 120], "columns": {"well": "B3", "track": "8"}}]
+    rows, _ = importers.run_shard(_frame_task(frames_dir / "a.png", anns), DataConfig())
+    left, right = sorted(rows, key=lambda r: r["x0"])
+    assert json.loads(left["provenance"])[catalog.ANNOTATION_COLUMNS] == {"well": "B3", "track": "7"}
+    assert json.loads(right["provenance"])[catalog.ANNOTATION_COLUMNS] == {"well": "B3"}
+    plain, _ = importers.run_shard(_frame_task(frames_dir / "a.png", [dict(anns[0], columns={})]), DataConfig())
+    assert all(catalog.ANNOTATION_COLUMNS not in json.loads(r["provenance"]) for r in plain)

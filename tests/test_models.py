@@ -60,7 +60,41 @@ def test_feature_dim_of_full_vgg_matches_torchvision_layout():
     ref = vgg19_bn(weights=None, num_classes=10)
     convs = lambda m: [tuple(c.weight.shape) for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
     assert convs(ours) == convs(ref)
-    assert count_parameters(ours) == count_parameters(ref)
+    # one hidden FC layer instead of torchvision's two: exactly one 4096 x 4096 layer fewer
+    assert count_parameters(ref) - count_parameters(ours) == 4096 * 4096 + 4096
+
+
+def test_models_have_at_most_one_hidden_layer_and_a_small_head():
+    for name in list_models():
+        net = create_model(name, 4, width=0.25, feature_dim=16)
+        linears = [m for m in net.backbone.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) <= 1, f"{name} has {len(linears)} fully connected layers before the head"
+        assert float(net.head.weight.detach().std()) < 0.02 and float(net.head.bias.detach().abs().max()) == 0.0
+
+
+def test_normalisation_is_carried_in_the_state_dict():
+    net = create_model("cnn_small", 3, width=0.25, feature_dim=8, pixel_mean=0.4, pixel_std=0.2)
+    state = net.state_dict()
+    assert float(state["normalise.mean"]) == pytest.approx(0.4) and float(state["normalise.std"]) == pytest.approx(0.2)
+    fresh = create_model("cnn_small", 3, width=0.25, feature_dim=8)
+    fresh.load_state_dict(state)
+    x = torch.rand(2, 1, 32, 32)
+    fresh.eval(), net.eval()
+    assert torch.allclose(fresh(x)[0], net(x)[0])
+    with pytest.raises(ValueError, match="std must be > 0"):
+        create_model("cnn_small", 3, pixel_std=0.0)
+
+
+def test_config_takes_backbones_from_the_registry():
+    from ipb_ray.config import ConfigError, load_config
+
+    @register_model("test_registry_backbone")
+    def _tiny(in_chans=1, width=1.0, feature_dim=8):
+        return create_model("cnn_small", 2, width=0.25, feature_dim=feature_dim).backbone
+
+    assert load_config(overrides=["model.backbone=test_registry_backbone"]).model.backbone == "test_registry_backbone"
+    with pytest.raises(ConfigError, match="did you mean 'cnn_small'"):
+        load_config(overrides=["model.backbone=cnn_smal"])
 
 
 def test_kaiming_init_and_seeded_reproducibility():

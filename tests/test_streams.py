@@ -36,7 +36,10 @@ def test_batch_shapes_labels_and_range():
     out = patch_batch(_rows(), StreamSpec(GEO, CLASSES, seed=0, mode="train"), epoch=0)
     assert out["x64"].shape == (6, 1, 64, 64) and out["x32"].shape == (6, 1, 32, 32)
     assert out["x64"].dtype == np.float32 and 0 <= out["x64"].min() and out["x64"].max() <= 1
-    assert out["label"].tolist() == [0, 1, 0, 1, 0, -1]
+    rows = _rows()
+    label_of = dict(zip(rows["colony_id"], [0, 1, 0, 1, 0, -1]))
+    assert out["label"].tolist() == [label_of[c] for c in out["colony_id"]]  # rows come shuffled
+    assert sorted(out["colony_id"]) == sorted(rows["colony_id"])
     assert np.array_equal(out["x32"], out["x64"][:, :, 16:48, 16:48])  # the exact centre
 
 
@@ -57,16 +60,38 @@ def test_draw_does_not_depend_on_batching():
     whole = patch_batch(rows, spec, epoch=0)
     halves = [patch_batch({k: v[s] for k, v in rows.items()}, spec, epoch=0)
               for s in (slice(0, 3), slice(3, 6))]
-    assert _coords(whole) == _coords(halves[0]) + _coords(halves[1])
+    assert sorted(_coords(whole)) == sorted(_coords(halves[0]) + _coords(halves[1]))
 
 
 def test_counts_repeat_and_drop_colonies():
     rows = _rows()
     ids = rows["colony_id"]
     out = patch_batch(rows, StreamSpec(GEO, CLASSES, mode="plain"), counts={ids[0]: 3, ids[2]: 1})
-    assert list(out["colony_id"]) == [ids[0]] * 3 + [ids[2]]
-    assert out["copy"].tolist() == [0, 1, 2, 0]
-    assert len(set(_coords(out)[:3])) == 3  # independent draws
+    assert sorted(zip(out["colony_id"], out["copy"].tolist())) == sorted([(ids[0], 0), (ids[0], 1), (ids[0], 2),
+                                                                          (ids[2], 0)])
+    assert len({c for c in _coords(out) if c[0] == ids[0]}) == 3  # independent draws
+
+
+def test_training_rows_are_shuffled_reproducibly_per_epoch():
+    rows = _rows()
+    ids = rows["colony_id"]
+    spec = StreamSpec(GEO, CLASSES, seed=3, mode="train")
+    counts = {cid: 8 for cid in ids}  # 48 patches, each colony's copies drawn one after another
+    a, b = patch_batch(rows, spec, epoch=1, counts=counts), patch_batch(rows, spec, epoch=1, counts=counts)
+    assert list(a["colony_id"]) == list(b["colony_id"]) and np.array_equal(a["x64"], b["x64"])
+    c = patch_batch(rows, spec, epoch=2, counts=counts)
+    assert list(a["colony_id"]) != list(c["colony_id"])
+    # a colony's copies are spread: runs of one colony are short, not blocks of 8
+    longest, run = 1, 1
+    for prev, cur in zip(a["colony_id"][:-1], a["colony_id"][1:]):
+        run = run + 1 if prev == cur else 1
+        longest = max(longest, run)
+    assert longest <= 3
+    # every 8-row batch mixes at least 4 colonies
+    assert min(len(set(a["colony_id"][i:i + 8])) for i in range(0, 48, 8)) >= 4
+    # evaluation streams keep the catalog order
+    t = patch_batch(rows, StreamSpec(GEO, CLASSES, mode="test"), epoch=1)
+    assert list(t["colony_id"]) == list(ids)
 
 
 def test_test_mode_is_deterministic_with_tta_views():

@@ -1,0 +1,250 @@
+"""Does ipb-ray learn? Its methods against a plain PyTorch reference, on the same folds.
+
+    python benchmarks/accuracy.py CATALOG --folds 5 --methods reference,supervised,mpl,ipb \
+        [--preset demo | --config my.yaml] [--json out.json] [--budget-s S] [overrides ...]
+
+- ``reference``: a plain in-process PyTorch trainer written here, with no Ray and no
+  ipb-ray model, stream or loop: each colony's whole crop resized to one square size, a
+  three-block CNN, AdamW with a one-cycle lr, flips and 90 degree rotations, class-balanced
+  sampling of L, mean/std normalisation, best epoch on V, tested on T. The honest floor a
+  user could write in an afternoon.
+- ``supervised``, ``mpl``, ``ipb``: ipb-ray's real path (Ray Train on a local Ray
+  cluster), :func:`ipb_ray.training.train_fold` with the configuration's settings.
+  The reference takes exactly as many optimizer steps as ``supervised``
+  (``method.epochs x steps per epoch``); MPL/IPB add ``method.teacher_epochs`` of
+  pre-training and take ``method.epochs x steps per epoch`` teacher/student steps.
+
+Every method sees the same fold's L (training), V (model selection) and T (test) from
+the catalog's stored folds (or a view drawn for the configured split). Prints per method:
+macro TPR, worst-class TPR, macro F1, accuracy, wall time, and the paired t-test p of
+macro TPR and worst-class TPR against ``supervised`` (or the first method). ``--json``
+writes every fold's report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# --------------------------------------------------------------------------- the reference
+
+def _load_crops(catalog_dir: str, ids: list[str], size: int) -> np.ndarray:
+    """Whole crops of ``ids`` (in order) resized to ``size`` x ``size``, float32 in [0, 1]."""
+    import cv2
+    import pyarrow.parquet as pq
+
+    from ipb_ray.catalog import SCHEMA, decode_png
+
+    table = pq.read_table(Path(catalog_dir) / "parts", columns=["colony_id", "image"], schema=SCHEMA)
+    where = {c: i for i, c in enumerate(table.column("colony_id").to_pylist())}
+    images = table.column("image")
+    out = np.empty((len(ids), 1, size, size), np.float32)
+    for k, cid in enumerate(ids):
+        crop = decode_png(images[where[cid]].as_py())
+        out[k, 0] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+    return out
+
+
+def _reference_net(num_classes: int, width: int = 32):
+    import torch.nn as nn
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.MaxPool2d(2))
+
+    return nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 4 * width),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(4 * width, num_classes))
+
+
+def _augment(x: Any, gen: Any) -> Any:
+    """Random flips and 90 degree rotations, one draw per sample."""
+    import torch
+
+    flip_h = torch.rand(len(x), generator=gen) < 0.5
+    flip_v = torch.rand(len(x), generator=gen) < 0.5
+    turns = torch.randint(0, 4, (len(x),), generator=gen)
+    x = x.clone()
+    x[flip_h] = x[flip_h].flip(-1)
+    x[flip_v] = x[flip_v].flip(-2)
+    for k in (1, 2, 3):
+        sel = turns == k
+        x[sel] = torch.rot90(x[sel], k, (-2, -1))
+    return x
+
+
+def reference_fold(catalog_dir: str, inputs: Any, steps: int, batch_size: int, size: int, seed: int,
+                   lr: float = 3e-3, eval_every: int | None = None) -> dict[str, Any]:
+    """Train the reference on one fold's L, pick the best evaluation on V, test on T."""
+    import torch
+    import torch.nn.functional as F
+
+    from ipb_ray.metrics import classification_report
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    names = inputs.class_names
+    x_l = torch.from_numpy(_load_crops(catalog_dir, list(inputs.labelled), size))
+    y_l = torch.tensor(inputs.labelled_labels, dtype=torch.int64)
+    label_of = _labels(catalog_dir, names)
+    val_ids, test_ids = list(inputs.validation), list(inputs.test)
+    x_v = torch.from_numpy(_load_crops(catalog_dir, val_ids, size)) if val_ids else None
+    y_v = np.array([label_of[c] for c in val_ids], np.int64)
+    x_t = torch.from_numpy(_load_crops(catalog_dir, test_ids, size))
+    y_t = np.array([label_of[c] for c in test_ids], np.int64)
+    mean, std = float(x_l.mean()), float(x_l.std()) or 1.0
+    norm = (lambda x: (x - mean) / std)
+
+    net = _reference_net(len(names))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    counts = np.bincount(y_l.numpy(), minlength=len(names)).astype(np.float64)
+    weights = torch.from_numpy((1.0 / np.maximum(counts, 1))[y_l.numpy()])  # class-balanced draws
+    eval_every = eval_every or max(1, steps // 20)
+
+    def predict(x: Any) -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            out = torch.cat([net(norm(x[i:i + 256])) for i in range(0, len(x), 256)])
+        net.train()
+        return out.argmax(1).numpy()
+
+    best, best_state = -1.0, None
+    for step in range(steps):
+        idx = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+        loss = F.cross_entropy(net(norm(_augment(x_l[idx], gen))), y_l[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % eval_every == 0 or step == steps - 1:
+            score = classification_report(y_v, predict(x_v), names)["balanced_accuracy"] if x_v is not None \
+                else float(step)
+            if score >= best:
+                best, best_state = score, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(best_state)
+    return classification_report(y_t, predict(x_t), names)
+
+
+def _labels(catalog_dir: str, names: tuple[str, ...]) -> dict[str, int]:
+    from ipb_ray.catalog import read_catalog
+
+    table = read_catalog(catalog_dir, columns=["colony_id", "label"])
+    index = {n: i for i, n in enumerate(names)}
+    return {c: index.get(lab, -1) for c, lab in zip(table.column("colony_id").to_pylist(),
+                                                    table.column("label").to_pylist())}
+
+
+# --------------------------------------------------------------------------- the table
+
+def _summary(reports: list[dict[str, Any]]) -> dict[str, float]:
+    worst = [min(v for v in r["tpr"].values() if v == v) for r in reports]
+    return {"macro_tpr": float(np.mean([r["macro_tpr"] for r in reports])),
+            "macro_tpr_std": float(np.std([r["macro_tpr"] for r in reports])),
+            "worst_tpr": float(np.mean(worst)),
+            "macro_f1": float(np.mean([r["macro_f1"] for r in reports])),
+            "accuracy": float(np.mean([r["accuracy"] for r in reports]))}
+
+
+def _paired_p(a: list[float], b: list[float]) -> float:
+    from scipy import stats
+
+    if len(a) < 2:
+        return float("nan")
+    d = np.asarray(b) - np.asarray(a)
+    if np.allclose(d, 0):
+        return 1.0
+    return float(stats.ttest_rel(b, a).pvalue)
+
+
+def print_table(results: dict[str, dict[str, Any]], base: str) -> str:
+    lines = ["| method | macro TPR (mean ± std) | worst-class TPR | macro F1 | accuracy | wall s/fold | "
+             f"p macro TPR vs {base} | p worst-class vs {base} |",
+             "|---|---|---|---|---|---|---|---|"]
+    ref = results.get(base)
+    for name, res in results.items():
+        s = _summary(res["reports"])
+        p1 = p2 = float("nan")
+        if ref is not None and name != base:
+            p1 = _paired_p([r["macro_tpr"] for r in ref["reports"]], [r["macro_tpr"] for r in res["reports"]])
+            worst = lambda rs: [min(v for v in r["tpr"].values() if v == v) for r in rs]  # noqa: E731
+            p2 = _paired_p(worst(ref["reports"]), worst(res["reports"]))
+        fmt = lambda p: "-" if p != p else f"{p:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {s['macro_tpr']:.3f} ± {s['macro_tpr_std']:.3f} | {s['worst_tpr']:.3f} | "
+                     f"{s['macro_f1']:.3f} | {s['accuracy']:.3f} | {np.mean(res['seconds']):.0f} | {fmt(p1)} | "
+                     f"{fmt(p2)} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("catalog")
+    ap.add_argument("--folds", type=int, default=3, help="the first N folds")
+    ap.add_argument("--methods", default="reference,supervised,mpl,ipb")
+    ap.add_argument("--preset", default="demo")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--reference-size", type=int, default=None,
+                    help="side the reference resizes whole crops to (default data.patch_size or global_patch)")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new folds after this long")
+    ap.add_argument("--json", default=None, help="write every fold's report here")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. method.epochs=10")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    from ipb_ray.config import load_config
+    from ipb_ray.cv import fold_catalog
+    from ipb_ray.training import fold_inputs, labelled_steps, train_fold
+
+    cfg = load_config(args.config, overrides=[f"data.catalog={args.catalog}", *args.overrides],
+                      preset=None if args.config else args.preset)
+    cfg = cfg.replace(f"data.catalog={fold_catalog(cfg)}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    m = cfg.method
+    size = args.reference_size or (cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size)
+    print(f"catalog {cfg.data.catalog}; folds 0..{args.folds - 1}; methods {methods}; model {cfg.model.backbone} "
+          f"width {cfg.model.width}; epochs {m.teacher_epochs}+{m.epochs}; steps/epoch "
+          f"{m.steps_per_epoch or 'one pass'}; batch {m.batch_size}", flush=True)
+    results: dict[str, dict[str, Any]] = {k: {"reports": [], "seconds": []} for k in methods}
+    t_start = time.perf_counter()
+    for fold in range(args.folds):
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            print(f"budget of {args.budget_s:.0f} s spent: stopping before fold {fold}", flush=True)
+            break
+        inputs = fold_inputs(cfg, fold)
+        steps = labelled_steps(len(inputs.labelled), max(cfg.resources.num_workers, 1), m.batch_size,
+                               m.steps_per_epoch) * m.epochs
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "reference":
+                report = reference_fold(cfg.data.catalog, inputs, steps, m.batch_size, size, cfg.seed + fold)
+            else:
+                run = cfg.replace(f"method.name={method}", f"name=acc-{cfg.name}-{int(time.time())}")
+                report = train_fold(run, fold)["test_report"]
+            dt = time.perf_counter() - t0
+            results[method]["reports"].append(report)
+            results[method]["seconds"].append(dt)
+            print(f"fold {fold} {method:10s} macro TPR {report['macro_tpr']:.3f} worst "
+                  f"{min(v for v in report['tpr'].values() if v == v):.3f} acc {report['accuracy']:.3f} "
+                  f"({dt:.0f} s, {steps} supervised-equivalent steps)", flush=True)
+    done = {k: v for k, v in results.items() if v["reports"]}
+    base = "supervised" if "supervised" in done else methods[0]
+    print_table(done, base)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": cfg.name, "catalog": cfg.data.catalog, "results": done},
+                                              indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
