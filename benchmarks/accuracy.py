@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new folds after this long")
     ap.add_argument("--json", default=None, help="write every fold's report here")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. method.epochs=10")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ipb_ray.config import load_config

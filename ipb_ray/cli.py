@@ -113,11 +113,12 @@ def config_presets() -> None:
 # --------------------------------------------------------------------------- data
 
 def _synth_world(out: Path, frames: int, size: int, colonies: int, scale: float, seed: int,
-                 image_format: str):
+                 image_format: str, class_weights: Any = None):
     from ipb_ray import synth
 
+    extra = {"class_weights": tuple(class_weights.items())} if class_weights else {}
     cfg = synth.SynthConfig(frames=frames, frame_size=size, colonies_per_frame=colonies,
-                            colony_scale=scale, seed=seed, image_format=image_format)
+                            colony_scale=scale, seed=seed, image_format=image_format, **extra)
     with _progress() as bar:
         task = bar.add_task("synthesising frames", total=frames)
         summary = synth.write_world(cfg, out, progress=lambda done, total: bar.update(task, completed=done))
@@ -662,6 +663,11 @@ def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
     console.print(table)
 
 
+#: The demo's synthetic world: still imbalanced (Spread 3x Diff), but the rarest class has
+#: enough colonies that every fold's L holds >= 2 and its T >= 3 of each class.
+DEMO_WORLD = {"frames": 12, "colonies": 20,
+              "class_weights": {"Spread": 0.36, "Dense": 0.18, "Debris": 0.16, "Diff": 0.12, "multi": 0.18}}
+
 DEMO_METHODS = (("supervised", "supervised multi-scale HRNet baseline"),
                 ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
                 ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))
@@ -678,7 +684,8 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
     with _user_errors():
         world = out / "world"
         console.rule("[bold]1. synthetic colony world")
-        _synth_world(world, frames=8, size=1024, colonies=20, scale=0.4, seed=seed, image_format="tif")
+        _synth_world(world, frames=DEMO_WORLD["frames"], size=1024, colonies=DEMO_WORLD["colonies"], scale=0.4,
+                     seed=seed, image_format="tif", class_weights=DEMO_WORLD["class_weights"])
         cfg = cfgmod.load_config(preset="demo", overrides=_demo_overrides(seed, world, out))
         console.rule("[bold]2. colony catalog and folds on Ray Data")
         _preprocess(cfg, "auto", None)

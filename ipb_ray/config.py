@@ -339,6 +339,10 @@ class ResourcesConfig:
                            "workers' gpus_per_worker)")
     data_cpus: float = _f(1.0, lo=0.01, hi=64.0,
                           doc="CPUs per patch task and read task; fractions on small machines")
+    data_workers: int | None = _f(None, lo=1, hi=4096, doc="patch tasks running at once per stream; None = "
+                                  "the cluster's CPUs minus the Train workers' (at least 1). Each task is a "
+                                  "Python process importing torch: on a small machine more tasks only add "
+                                  "start-up time")
     checkpoints_to_keep: int = _f(2, lo=1, hi=1000, doc="Ray Train checkpoints kept per run")
     max_failures: int = _f(3, lo=0, hi=1000, doc="worker failures a run survives (restarts from checkpoint)")
     object_store_mb: int | None = _f(None, lo=64, doc="object store size of a local cluster")

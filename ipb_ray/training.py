@@ -481,7 +481,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         states.update(u_state=f"ipb-unlabelled-{tag}", label_state=f"ipb-label-{tag}")
     actors = [stream_state(name) for name in states.values()]
     r = cfg.resources
-    data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus)
+    data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus, workers=data_workers(cfg))
     datasets = {
         "train": patch_dataset(inputs.catalog, specs["spec_train"], state_name=states["state"], **data_kw),
         "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
@@ -518,6 +518,20 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     metrics["checkpoint"], metrics["local_checkpoint"] = checkpoint_locations(result.checkpoint)
     metrics["history"] = read_history(metrics["local_checkpoint"])
     return metrics
+
+
+def data_workers(cfg: ExperimentConfig) -> int:
+    """Patch tasks per stream at once: ``resources.data_workers``, or the CPUs the Train
+    workers leave free on the cluster (at least one). Bounding them keeps Ray from
+    starting a new Python worker process for every fractional-CPU task (each one imports
+    torch and OpenCV, seconds of start-up on a small machine)."""
+    import ray
+
+    r = cfg.resources
+    if r.data_workers:
+        return int(r.data_workers)
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(1, int(cpus - max(r.num_workers, 1) * r.cpus_per_worker))
 
 
 # pyarrow filesystem type -> URI scheme, where they differ

@@ -157,6 +157,46 @@ def test_teacher_gradient_follows_h(mode):
         assert (after < before).all()
 
 
+def _harmful_label_case(seed: int) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """As ``_sign_case`` (L in input dims 0-1, all class 0; U in dims 2-3, so only the MPL
+    term moves T(x_u)), but the teacher starts out labelling all of U class 1, which makes
+    the student worse on L."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.cat([torch.randn(2, 2, generator=gen),
+                                        torch.tensor([[-0.2, -0.2], [0.2, 0.2]])], 1))
+    student = nn.Linear(4, 2)
+    nn.init.zeros_(student.weight)
+    nn.init.zeros_(student.bias)
+    x_l = torch.cat([torch.randn(8, 2, generator=gen), torch.zeros(8, 2)], 1)
+    x_u = torch.cat([torch.zeros(16, 2), torch.rand(16, 2, generator=gen) + 0.5], 1)
+    return teacher, student, x_l, torch.zeros(8, dtype=torch.long), x_u
+
+
+@pytest.mark.parametrize("mode", MPL_FEEDBACK)
+def test_feedback_sign_decides_whether_the_teacher_learns_helpful_labels(mode):
+    # benchmarks/mpl_sign.py: where the MPL term is the teacher's only signal on U, the
+    # derivation's sign (old - new) turns a harmful pseudo-label into a helpful one within
+    # tens of steps; the authors' sign (new - old) entrenches the harmful one
+    for seed in (0, 1):
+        teacher, student, x_l, y_l, x_u = _harmful_label_case(seed)
+        with torch.no_grad():
+            assert teacher(x_u).argmax(-1).tolist() == [1] * 16
+            start = F.cross_entropy(student(x_l), y_l).item()
+        cfg = MethodConfig(threshold=0.0, uda_weight=0.0, mpl_feedback=mode)
+        t_opt, s_opt = _sgd(teacher, 1.0), _sgd(student, 0.1)
+        for step in range(60):
+            mpl_step(teacher, student, t_opt, s_opt, x_l, y_l, x_u, x_u, step=step, cfg=cfg)
+        with torch.no_grad():
+            labels = teacher(x_u).argmax(-1).tolist()
+            end = F.cross_entropy(student(x_l), y_l).item()
+        if mode == "old_minus_new":
+            assert labels == [0] * 16 and end < start - 0.2, (seed, labels, start, end)
+        else:
+            assert labels == [1] * 16 and end > start + 0.2, (seed, labels, start, end)
+
+
 def test_mpl_step_changes_both_models_and_reports_consistent_parts():
     teacher, student = _mlp(4), _mlp(5)
     torch.manual_seed(6)
