@@ -187,6 +187,21 @@ def print_table(results: dict[str, dict[str, Any]], base: str) -> str:
     return text
 
 
+def _print_curves(method: str, fold: int, history: list[dict[str, Any]], names: tuple[str, ...]) -> None:
+    """One line per epoch: losses, validation balanced accuracy and, for IPB, the
+    teacher's pseudo-label mix and what the student's stream received."""
+    for h in history:
+        loss = h.get("student_loss", h.get("train_loss", h.get("teacher_train_loss")))
+        val = h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy",
+                                                            h.get("teacher_val_balanced_accuracy")))
+        line = f"  {method} fold {fold} epoch {h['epoch']}: loss {loss if loss is None else round(loss, 3)} " \
+               f"val BA {val if val is None else round(val, 3)}"
+        if f"teacher_proportion/{names[0]}" in h:
+            line += " teacher mix " + " ".join(f"{n}:{h[f'teacher_proportion/{n}']:.2f}" for n in names)
+            line += " -> stream " + " ".join(f"{n}:{h.get(f'stream_share/{n}', 0):.2f}" for n in names)
+        print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("catalog")
@@ -230,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                 report = reference_fold(cfg.data.catalog, inputs, steps, m.batch_size, size, cfg.seed + fold)
             else:
                 run = cfg.replace(f"method.name={method}", f"name=acc-{cfg.name}-{int(time.time())}")
-                report = train_fold(run, fold)["test_report"]
+                out = train_fold(run, fold)
+                report = out["test_report"]
+                _print_curves(method, fold, out.get("history", []), inputs.class_names)
             dt = time.perf_counter() - t0
             results[method]["reports"].append(report)
             results[method]["seconds"].append(dt)
@@ -238,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{min(v for v in report['tpr'].values() if v == v):.3f} acc {report['accuracy']:.3f} "
                   f"({dt:.0f} s, {steps} supervised-equivalent steps)", flush=True)
     done = {k: v for k, v in results.items() if v["reports"]}
+    for name, res in done.items():  # eval-mode predictions on T: a collapsed model shows here
+        hist = np.sum([np.asarray(r["confusion_matrix"]).sum(0) for r in res["reports"]], axis=0)
+        truth = np.sum([np.asarray(r["confusion_matrix"]).sum(1) for r in res["reports"]], axis=0)
+        names = res["reports"][0]["class_names"]
+        print(f"{name:10s} predicted on T: " + ", ".join(f"{n} {int(h)}" for n, h in zip(names, hist))
+              + "  (true: " + ", ".join(f"{n} {int(t)}" for n, t in zip(names, truth)) + ")", flush=True)
     base = "supervised" if "supervised" in done else methods[0]
     print_table(done, base)
     if args.json:

@@ -438,6 +438,23 @@ def param_digest(model: Any) -> str:
 
 # --------------------------------------------------------------------------- driver side
 
+def stream_specs(cfg: ExperimentConfig, class_names: tuple[str, ...], semi: bool) -> dict[str, Any]:
+    """The patch streams a run needs: ``spec_train`` (augmented L, ``augment.*``),
+    ``spec_eval`` (V and T, ``eval.tta`` windows per colony), ``spec_plain`` (un-augmented
+    L for BatchNorm recalibration) and, for MPL/IPB, ``spec_uda`` and ``spec_label``."""
+    from ipb_ray.patches import PatchGeometry
+    from ipb_ray.streams import StreamSpec
+
+    geometry, aug = PatchGeometry.from_config(cfg.data), cfg.augment
+    specs = {"spec_train": StreamSpec(geometry, class_names, seed=cfg.seed, mode="train", augment=aug),
+             "spec_eval": StreamSpec(geometry, class_names, seed=cfg.seed, mode="test", tta=cfg.eval.tta),
+             "spec_plain": StreamSpec(geometry, class_names, seed=cfg.seed, mode="plain")}
+    if semi:
+        specs.update(spec_uda=StreamSpec(geometry, class_names, seed=cfg.seed, mode="uda", augment=aug),
+                     spec_label=StreamSpec(geometry, class_names, seed=cfg.seed, mode="label"))
+    return specs
+
+
 def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: str | None = None,
                callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Train and test one fold; returns the final metrics (with ``test_report``).
@@ -448,9 +465,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipb_ray.patches import PatchGeometry
     from ipb_ray.ray_setup import init_ray
-    from ipb_ray.streams import StreamSpec, patch_dataset, stream_state
+    from ipb_ray.streams import patch_dataset, stream_state
 
     fold = cfg.split.fold if fold is None else fold
     inputs = fold_inputs(cfg, fold)
@@ -468,16 +484,10 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
                              f"method.unlabelled_batch_size={m.unlabelled_batch_size} for each of {world} "
                              "worker(s); lower method.unlabelled_batch_size or raise method.draws_per_epoch")
     init_ray(cfg.resources)
-    geometry = PatchGeometry.from_config(cfg.data)
-    aug = cfg.augment
-    specs = {"spec_train": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="train", augment=aug),
-             "spec_eval": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="test", tta=cfg.eval.tta),
-             "spec_plain": StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="plain")}
+    specs = stream_specs(cfg, inputs.class_names, semi)
     tag = uuid.uuid4().hex[:12]
     states = {"state": f"ipb-stream-{tag}"}
     if semi:
-        specs.update(spec_uda=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="uda", augment=aug),
-                     spec_label=StreamSpec(geometry, inputs.class_names, seed=cfg.seed, mode="label"))
         states.update(u_state=f"ipb-unlabelled-{tag}", label_state=f"ipb-label-{tag}")
     actors = [stream_state(name) for name in states.values()]
     r = cfg.resources

@@ -199,3 +199,18 @@ def test_validate_all_collects_bad_overrides_and_stops_at_an_unreadable_file(tmp
     broken.write_text("method: [unclosed\n")
     (only,) = validate_all(broken, ["method.lr=-1"])
     assert "not valid YAML" in str(only) and only.source == str(broken)
+
+
+def test_settings_that_reach_the_streams_and_removed_keys():
+    from ipb_ray.training import stream_specs
+
+    cfg = load_config(preset="demo", overrides=["eval.tta=3", "augment.flip_p=0.1"])
+    specs = stream_specs(cfg, ("a", "b"), semi=True)
+    assert specs["spec_eval"].tta == 3 and specs["spec_eval"].mode == "test"
+    assert specs["spec_train"].augment.flip_p == 0.1 and specs["spec_uda"].augment is cfg.augment
+    assert specs["spec_plain"].mode == "plain" and "spec_label" in specs
+    assert "spec_uda" not in stream_specs(cfg, ("a", "b"), semi=False)
+    with pytest.raises(ConfigError, match="method.finetune_epochs: unknown key"):
+        load_config(overrides=["method.finetune_epochs=3"])
+    with pytest.raises(ConfigError, match="augment.strong_ops.*unknown ops"):
+        load_config(overrides=["augment.strong_ops=[rotate, invert]"])

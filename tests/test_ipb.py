@@ -74,7 +74,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     report = metrics["test_report"]
     assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
     state = torch.load(os.path.join(metrics["checkpoint"], CHECKPOINT_FILE), weights_only=False)
-    assert {"teacher", "student", "t_opt", "s_opt", "t_sched", "ema", "global_step", "table", "class_weights",
+    assert {"teacher", "student", "t_opt", "s_opt", "ema", "global_step", "table", "class_weights",
             "best_model", "history"} <= set(state)
     assert state["epoch"] == 5 and state["global_step"] == 30 and len(state["table"]["colony_id"]) > 0
     # the same command again finds the finished run and tests the same student

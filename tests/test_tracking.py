@@ -55,6 +55,9 @@ def _fold_metrics(cfg, fold: int, ckpt_dir: Path | None) -> dict:
         ckpt_dir.mkdir(parents=True)
         torch.manual_seed(fold)
         net = build_model(cfg, len(CLASSES))
+        with torch.no_grad():  # a data set's pixel statistics, as training leaves them
+            net.normalise.mean.fill_(0.3)
+            net.normalise.std.fill_(0.2)
         torch.save({"best_model": net.state_dict(), "epoch": 2, "history": history},
                    ckpt_dir / CHECKPOINT_FILE)
         checkpoint = str(ckpt_dir)
@@ -161,6 +164,11 @@ def test_logged_model_predicts_probabilities(logged):
     with torch.no_grad():
         logits, _ = net.eval()(torch.from_numpy(x), torch.from_numpy(x[..., 8:24, 8:24]))
     assert np.allclose(probs, torch.softmax(logits, -1).numpy(), atol=1e-5)
+    # the logged model normalises its input itself, with the statistics it was trained with
+    buffers = dict(model.named_buffers())
+    mean_key = next(k for k in buffers if k.endswith("normalise.mean"))
+    assert float(buffers[mean_key]) == pytest.approx(0.3)
+    assert float(buffers[mean_key.replace("mean", "std")]) == pytest.approx(0.2)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 1, 32, 32]
     assert np.allclose(pyfunc.predict(x), probs, atol=1e-5)
 

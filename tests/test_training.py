@@ -42,8 +42,20 @@ def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
     from ipb_ray.training import train_fold
 
     cfg = _cfg(train_catalog, "name=ddp", "method.epochs=2", "resources.num_workers=2",
-               "resources.cpus_per_worker=0.5")
+               "resources.cpus_per_worker=0.5", "method.steps_per_epoch=6")
     metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
+    history = metrics["history"]
+    # method.steps_per_epoch: exactly that many steps on every rank, whatever |L| is
+    assert [h["train_steps"] for h in history] == [6, 6]
+    assert history[1]["lr"] < history[0]["lr"] <= cfg.method.lr  # cosine decay per step
+    import torch
+
+    from ipb_ray.catalog import normalisation
+
+    state = torch.load(os.path.join(metrics["checkpoint"], "state.pt"), map_location="cpu", weights_only=False)
+    mean, std = normalisation(cfg.data.catalog)
+    assert 0 < std < 1 and float(state["best_model"]["normalise.mean"]) == pytest.approx(mean)
+    assert float(state["best_model"]["normalise.std"]) == pytest.approx(std)
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     print("parameter digests per rank:", digests)
     assert digests[0] == digests[1] == metrics["param_digest"]
