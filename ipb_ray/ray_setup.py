@@ -23,6 +23,39 @@ def worker_soft_limit(cpus: int, data_cpus: float) -> int:
     return max(cpus, math.ceil(cpus / min(max(data_cpus, 0.01), 1.0))) + cpus
 
 
+#: The raylet's warning when more Python workers start than 4 x its startup concurrency
+#: (the CPU count). On a 2-CPU node a Ray Train v2 run alone holds about seven actors
+#: (controller, worker group synchroniser, placement-group cleaner, dataset manager, split
+#: coordinator, our stream states) besides the Train worker and the planned pool of
+#: fractional-CPU data tasks (:func:`worker_soft_limit`), so it fires several times in
+#: every run, and says nothing a user can act on. The flag behind it
+#: (``--maximum_startup_concurrency``) is computed by Ray from the CPU count and is not
+#: configurable, so the driver drops that one message.
+_STARTUP_WARNING = "PYTHON worker processes have been started on node"
+
+
+def _quiet_worker_startup_warning() -> None:
+    """Drop the raylet's worker-start-up warning from the driver's output (and nothing else)."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:  # pragma: no cover - a Ray without the private module
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_ipb_filtered", False):
+        return
+
+    def filtered(data, *args, **kwargs):
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if _STARTUP_WARNING not in ln]
+            if not lines:
+                return None
+            data = {**data, "lines": lines}
+        return original(data, *args, **kwargs)
+
+    filtered._ipb_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = filtered
+
+
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
     """Start or join Ray once per process.
 
@@ -48,6 +81,7 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
         # ray.init() would join that one); join it with --address auto instead
         ray.init(address="local", **kwargs)
     log.info("Ray: %s", ray.cluster_resources())
+    _quiet_worker_startup_warning()
     import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-dataset INFO lines

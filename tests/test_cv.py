@@ -27,7 +27,7 @@ def _cfg(root, *extra):
         f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
         f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.experiment=cv-test",
-        "split.folds=2", "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1",
+        "split.folds=2", "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1", "method.steps_per_epoch=4",
         "model.backbone=patch_stats", "model.feature_dim=8", "data.global_patch=48", "data.local_patch=24",
         "method.batch_size=4", *extra])
 

@@ -72,7 +72,7 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     shared = work / "shared"  # "shared storage": both nodes run on this machine and see it
     common = ["--preset", "demo", f"data.catalog={shared / 'catalog'}", f"tracking.storage_path={shared / 'runs'}",
               f"tracking.tracking_uri={mlflow_url}", "tracking.experiment=jobs-test", "split.folds=2",
-              "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1",
+              "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1", "method.steps_per_epoch=4",
               "model.backbone=patch_stats", "model.feature_dim=8", "data.global_patch=48", "data.local_patch=24",
               "method.batch_size=4", "name=jobs"]
 

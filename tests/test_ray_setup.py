@@ -48,3 +48,21 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_only_the_worker_startup_warning_is_dropped(capsys):
+    import ray._private.worker as ray_worker
+
+    from ipb_ray.ray_setup import _quiet_worker_startup_warning
+
+    _quiet_worker_startup_warning()
+    _quiet_worker_startup_warning()  # idempotent: wraps once
+    assert ray_worker.print_to_stdstream._ipb_filtered
+    noisy = ("WARNING: 8 PYTHON worker processes have been started on node: abc with address: 1.2.3.4, "
+             "which is 4x the maximum expected startup concurrency (2).")
+    ray_worker.print_to_stdstream({"lines": [noisy], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"lines": ["a real raylet error", noisy], "pid": "raylet", "is_err": False},
+                                  ignore_prefix=False)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "a real raylet error" in text and "PYTHON worker processes" not in text

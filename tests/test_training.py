@@ -30,7 +30,7 @@ def train_catalog(tmp_path_factory, ray_local):
 def _overrides(root):
     return [f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
             f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
-            "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised",
+            "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised", "method.steps_per_epoch=4",
             "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24", "method.batch_size=4"]
 
 
