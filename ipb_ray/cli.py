@@ -714,7 +714,7 @@ def _demo_compare(results: dict, folds: int) -> None:
     from ipb_ray.stats import paired_tests
 
     table = Table("method", "macro TPR (mean ± std)", "worst-class TPR (mean)", "macro F1 (mean ± std)",
-                  title=f"test folds 0..{folds - 1}: the three methods (demo sizes: a smoke signal, not a result)")
+                  title=f"test folds 0..{folds - 1}: the three methods (compare RESULTS.md, demo-size rows)")
     for method, run in results.items():
         s = run.summary
         tprs = {c: v for c, v in s["tpr"]["mean"].items() if v == v}
