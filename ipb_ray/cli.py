@@ -668,7 +668,7 @@ def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
 DEMO_WORLD = {"frames": 12, "colonies": 20,
               "class_weights": {"Spread": 0.36, "Dense": 0.18, "Debris": 0.16, "Diff": 0.12, "multi": 0.18}}
 
-DEMO_METHODS = (("supervised", "supervised multi-scale HRNet baseline"),
+DEMO_METHODS = (("supervised", "supervised multi-scale CNN baseline"),
                 ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
                 ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))
 
