@@ -508,12 +508,8 @@ def check_folds(plan: FoldPlan) -> None:
                          f"({n - per_fold[f]} of {n} colonies missing)")
 
     # From here on every fold holds every colony exactly once.
-    first = np.full(n, -1, dtype=np.int64)
-    in0 = fold == 0
-    first[cid[in0]] = label[in0]
-    bad = np.flatnonzero(label != first[cid])
-    if bad.size:
-        i = bad[0]
+    first, i = _fold0_disagreement(label, fold, cid, n)
+    if i is not None:
         raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} has label "
                          f"{t['label'][int(i)].as_py()!r}, but {_name(plan, first[cid[i]])} "
                          "in fold 0; a colony's label is the same in every fold")
@@ -541,6 +537,17 @@ def check_folds(plan: FoldPlan) -> None:
                          "belongs to exactly one test fold")
 
 
+def _fold0_disagreement(values: np.ndarray, fold: np.ndarray, cid: np.ndarray, n: int
+                        ) -> tuple[np.ndarray, int | None]:
+    """Each colony's value in fold 0, and the first row whose value differs from it (None
+    when every fold agrees)."""
+    first = np.full(n, -1, dtype=np.int64)
+    in0 = fold == 0
+    first[cid[in0]] = values[in0]
+    bad = np.flatnonzero(values != first[cid])
+    return first, (int(bad[0]) if bad.size else None)
+
+
 def _check_groups(plan: FoldPlan, fold: np.ndarray, cid: np.ndarray, names: Sequence[str],
                   role: np.ndarray, label: np.ndarray) -> None:
     """The group invariants of :func:`check_folds` (every fold holds every colony once)."""
@@ -553,12 +560,8 @@ def _check_groups(plan: FoldPlan, fold: np.ndarray, cid: np.ndarray, names: Sequ
     def shown(code: int) -> str:
         return repr(group_names[code]) if code < g_named else "(none)"
 
-    first = np.full(n, -1, dtype=np.int64)
-    in0 = fold == 0
-    first[cid[in0]] = group[in0]
-    bad = np.flatnonzero(group != first[cid])
-    if bad.size:
-        i = bad[0]
+    first, i = _fold0_disagreement(group, fold, cid, n)
+    if i is not None:
         raise ValueError(f"fold {fold[i]}: colony {names[cid[i]]!r} is in group {shown(group[i])}, but "
                          f"in group {shown(first[cid[i]])} in fold 0; a colony's group is the same in "
                          "every fold")
