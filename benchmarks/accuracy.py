@@ -146,8 +146,13 @@ def _labels(catalog_dir: str, names: tuple[str, ...]) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- the table
 
+def _worst(report: dict[str, Any]) -> float:
+    """The lowest per-class TPR of a report (classes absent from T, NaN, left out)."""
+    return min(v for v in report["tpr"].values() if v == v)
+
+
 def _summary(reports: list[dict[str, Any]]) -> dict[str, float]:
-    worst = [min(v for v in r["tpr"].values() if v == v) for r in reports]
+    worst = [_worst(r) for r in reports]
     return {"macro_tpr": float(np.mean([r["macro_tpr"] for r in reports])),
             "macro_tpr_std": float(np.std([r["macro_tpr"] for r in reports])),
             "worst_tpr": float(np.mean(worst)),
@@ -176,8 +181,7 @@ def print_table(results: dict[str, dict[str, Any]], base: str) -> str:
         p1 = p2 = float("nan")
         if ref is not None and name != base:
             p1 = _paired_p([r["macro_tpr"] for r in ref["reports"]], [r["macro_tpr"] for r in res["reports"]])
-            worst = lambda rs: [min(v for v in r["tpr"].values() if v == v) for r in rs]  # noqa: E731
-            p2 = _paired_p(worst(ref["reports"]), worst(res["reports"]))
+            p2 = _paired_p([_worst(r) for r in ref["reports"]], [_worst(r) for r in res["reports"]])
         fmt = lambda p: "-" if p != p else f"{p:.3f}"  # noqa: E731
         lines.append(f"| {name} | {s['macro_tpr']:.3f} ± {s['macro_tpr_std']:.3f} | {s['worst_tpr']:.3f} | "
                      f"{s['macro_f1']:.3f} | {s['accuracy']:.3f} | {np.mean(res['seconds']):.0f} | {fmt(p1)} | "
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             results[method]["reports"].append(report)
             results[method]["seconds"].append(dt)
             print(f"fold {fold} {method:10s} macro TPR {report['macro_tpr']:.3f} worst "
-                  f"{min(v for v in report['tpr'].values() if v == v):.3f} acc {report['accuracy']:.3f} "
+                  f"{_worst(report):.3f} acc {report['accuracy']:.3f} "
                   f"({dt:.0f} s, {steps} supervised-equivalent steps)", flush=True)
     done = {k: v for k, v in results.items() if v["reports"]}
     for name, res in done.items():  # eval-mode predictions on T: a collapsed model shows here

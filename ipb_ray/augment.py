@@ -170,7 +170,7 @@ def _from_u8(a: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ paper policy
 
 
-def _paper_one(a: np.ndarray, rng: Rng, *, p: float, flip_p: float, brightness: float,
+def _paper_one(a: np.ndarray, rng: Rng, *, flip_p: float, brightness: float,
                contrast: float, blur_kernel: int, max_rotation: float, rot90: bool,
                rotate_p: float, jitter_p: float, blur_p: float) -> tuple[np.ndarray, dict[str, bool]]:
     # Fixed draw count, whatever fires: firing coins, then every op's parameter.
@@ -222,7 +222,7 @@ def paper_augment(x: Any, rng: Rng, p: float = 0.25, brightness: float = 0.5, co
     -> (B,) bool array for a batch.
     """
     flip_p = p if flip_p is None else flip_p
-    out, infos = _per_sample(_paper_one, x, rng, p=p, flip_p=flip_p, brightness=brightness,
+    out, infos = _per_sample(_paper_one, x, rng, flip_p=flip_p, brightness=brightness,
                              contrast=contrast, blur_kernel=blur_kernel, max_rotation=max_rotation, rot90=rot90,
                              rotate_p=p if rotate_p is None else rotate_p,
                              jitter_p=p if jitter_p is None else jitter_p, blur_p=p if blur_p is None else blur_p)

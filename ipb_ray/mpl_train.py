@@ -295,8 +295,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         metrics.update(timer.metrics(float(steps * m.unlabelled_batch_size * world)))
         s_lr, t_lr = s_opt.param_groups[0]["lr"], t_opt.param_groups[0]["lr"]
         if rank == 0:  # eval-mode statistics of un-augmented L, before labelling and validation
-            recalibrate(teacher, spec_plain, columns, device, amp, m.batch_size, **calib)
-            recalibrate(selected(), spec_plain, columns, device, amp, m.batch_size, **calib)
+            recalibrate([teacher, selected()], spec_plain, columns, device, amp, m.batch_size, **calib)
         if rank == 0 and ipb and m.relabel == "pass" and g + 1 < total:
             start_pass(e + 1)  # the teacher is final for this epoch: label the next one meanwhile
         _all_reduce(sums)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -79,30 +79,35 @@ def _bn_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Callable[[nn.Module, Any], Any],
-                   max_batches: int | None = None) -> int:
-    """Replace the running mean/var of every BatchNorm layer of ``model`` by the exact
-    average over ``batches`` (at most ``max_batches``); returns the batches used.
+def recalibrate_bn(model: nn.Module | Sequence[nn.Module], batches: Iterable[Any],
+                   forward: Callable[[nn.Module, Any], Any], max_batches: int | None = None) -> int:
+    """Replace the running mean/var of every BatchNorm layer of ``model`` (or of each of
+    several models, over one pass of the batches) by the exact average over ``batches``
+    (at most ``max_batches``); returns the batches used.
 
-    ``forward(model, batch)`` runs the model on one batch. The model is left in eval mode
-    with its parameters and momentum unchanged; with no batch (or no BN layer) the
+    ``forward(model, batch)`` runs a model on one batch. The models are left in eval mode
+    with their parameters and momentum unchanged; with no batch (or no BN layer) the
     statistics are left as they were."""
-    layers = _bn_layers(model)
+    models = [model] if isinstance(model, nn.Module) else list(model)
+    layers = [m for net in models for m in _bn_layers(net)]
     if not layers:
-        model.eval()
+        for net in models:
+            net.eval()
         return 0
     saved = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
              for m in layers]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the calibration batches
-    model.train()
+    for net in models:
+        net.train()
     used = 0
     try:
         for batch in batches:
             if max_batches is not None and used >= max_batches:
                 break
-            forward(model, batch)
+            for net in models:
+                forward(net, batch)
             used += 1
     finally:
         for m, momentum, mean, var, count in saved:
@@ -111,7 +116,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any], forward: Callable[[
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-        model.eval()
+        for net in models:
+            net.eval()
     return used
 
 

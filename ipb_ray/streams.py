@@ -72,9 +72,7 @@ class StreamSpec:
 
 def colony_rng(seed: int, epoch: int, mode: str, colony_id: str, copy: int) -> np.random.Generator:
     """The generator of one patch draw; independent of worker, batch and row order."""
-    return np.random.default_rng(np.random.SeedSequence(
-        [seed, epoch, _STREAM_TAG[mode], int(colony_id, 16) if _is_hex(colony_id) else
-         int.from_bytes(colony_id.encode()[:16].ljust(16, b"\0"), "little"), copy]))
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, _STREAM_TAG[mode], hash_id(colony_id), copy]))
 
 
 def _is_hex(text: str) -> bool:
@@ -166,7 +164,7 @@ def batch_order(colony_ids: Sequence[str], copies: Sequence[int], seed: int, epo
 
 def hash_id(colony_id: str) -> int:
     """A stable integer of a colony id (hex ids as their value, others from their bytes)."""
-    return int(colony_id[:16], 16) if _is_hex(colony_id) else \
+    return int(colony_id, 16) if _is_hex(colony_id) else \
         int.from_bytes(colony_id.encode()[:16].ljust(16, b"\0"), "little")
 
 

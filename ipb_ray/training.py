@@ -198,8 +198,9 @@ def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], dev
 
 def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, amp: bool, batch_size: int,
                 max_batches: int, enabled: bool = True) -> int:
-    """Rank 0: re-estimate ``model``'s BatchNorm statistics on the un-augmented labelled
-    stream (``calib`` shard) before it evaluates or labels; returns the batches used."""
+    """Rank 0: re-estimate the BatchNorm statistics of ``model`` (a network, or a list of
+    them sharing one pass) on the un-augmented labelled stream (``calib`` shard) before
+    it evaluates or labels; returns the batches used."""
     import ray.train
 
     from ipb_ray.optim import recalibrate_bn
@@ -215,7 +216,8 @@ def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, am
 
     batches = torch_batches(ray.train.get_dataset_shard("calib"), spec_plain, batch_size, drop_last=False,
                             device=str(device))
-    return recalibrate_bn(_unwrap(model), batches, forward, max_batches)
+    nets = [_unwrap(n) for n in model] if isinstance(model, (list, tuple)) else _unwrap(model)
+    return recalibrate_bn(nets, batches, forward, max_batches)
 
 
 def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str], device: Any, amp: bool,

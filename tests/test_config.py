@@ -76,7 +76,7 @@ def test_file_extends_a_preset_and_a_relative_file(tmp_path):
     (sub / "run.yaml").write_text("extends: ../base.yaml\nsplit: {folds: 4}\n")
     c = load_config(sub / "run.yaml")
     assert c.preset == "demo" and c.method.threshold == 0.8 and c.split.folds == 4
-    assert c.model.backbone == "hrnet_tiny"
+    assert c.model.backbone == "cnn_small"  # the demo preset's
 
 
 def test_config_is_frozen():

@@ -95,3 +95,13 @@ def test_frozen_bn_stats_keeps_running_statistics_in_train_mode():
         net(torch.rand(4, 1, 32, 32))  # outside the block the statistics move again
     assert not torch.equal(before["backbone.features.0.1.running_mean"],
                            net.state_dict()["backbone.features.0.1.running_mean"])
+
+
+def test_one_calibration_pass_serves_several_networks():
+    a, b = _bn_net(), _bn_net()
+    seen = []
+    clean = [torch.rand(8, 1, 12, 12) for _ in range(3)]
+    used = recalibrate_bn([a, b], clean, lambda m, x: (seen.append(id(m)), m(x)))
+    assert used == 3 and seen.count(id(a)) == 3 and seen.count(id(b)) == 3
+    assert not a.training and not b.training
+    assert torch.allclose(a[1].running_mean, b[1].running_mean)
