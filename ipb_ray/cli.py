@@ -676,17 +676,20 @@ DEMO_METHODS = (("supervised", "supervised multi-scale CNN baseline"),
 @app.command()
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run."),
-         folds: int = typer.Option(3, help="Cross-validation folds per method (of the preset's 5).")) -> None:
+         folds: int = typer.Option(3, help="Cross-validation folds per method (of the preset's 5)."),
+         overrides: Optional[List[str]] = typer.Argument(
+             None, help="Dotted overrides of the demo preset, e.g. method.epochs=8 (data.*, name, seed and "
+                        "tracking.* are the demo's own).", show_default=False)) -> None:
     """Run the demo: a synthetic world, its catalog and folds, a patch stream, then a small
     cross-validation of the supervised baseline, MPL and IPB, tracked in MLflow, compared,
     and rendered as a report."""
     t0 = time.perf_counter()
     with _user_errors():
         world = out / "world"
+        cfg = cfgmod.load_config(preset="demo", overrides=_demo_overrides(seed, world, out, overrides))
         console.rule("[bold]1. synthetic colony world")
         _synth_world(world, frames=DEMO_WORLD["frames"], size=1024, colonies=DEMO_WORLD["colonies"], scale=0.4,
                      seed=seed, image_format="tif", class_weights=DEMO_WORLD["class_weights"])
-        cfg = cfgmod.load_config(preset="demo", overrides=_demo_overrides(seed, world, out))
         console.rule("[bold]2. colony catalog and folds on Ray Data")
         _preprocess(cfg, "auto", None)
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
@@ -731,8 +734,17 @@ def _demo_compare(results: dict, folds: int) -> None:
             print_paired(paired_tests([base[f] for f in common], [other[f] for f in common]), "supervised", method)
 
 
-def _demo_overrides(seed: int, world: Path, out: Path) -> list[str]:
-    return [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
+DEMO_OWN_KEYS = ("data.", "tracking.", "name=", "seed=")
+
+
+def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]] = None) -> list[str]:
+    """The demo's own keys (world, catalog, stores, seed) after the user's overrides, which
+    may change training but not where the demo writes."""
+    own = [o for o in extra or () if o.startswith(DEMO_OWN_KEYS)]
+    if own:
+        raise ValueError(f"ipb demo sets {', '.join(own)} itself; use --out and --seed, or run "
+                        "`ipb synth`, `ipb preprocess` and `ipb cv` for your own data")
+    return list(extra or ()) + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
             f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
             f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
 

@@ -152,6 +152,9 @@ class DataConfig:
     local_patch: int = _f(112, lo=4, hi=2048, doc="multi-scale local (centre) patch side, px")
     multi_label: bool = _f(True, doc="put multi-label colonies into the unlabelled set U")
     min_foreground: float = _f(0.25, lo=0.0, hi=1.0, doc="minimum colony fraction of a patch")
+    window: str = _f("inside", choices=("inside", "whole"),
+                     doc="inside: windows cut inside each colony (the paper); whole: each crop stretched to the "
+                         "patch side (single cells or objects smaller than a patch)")
     segmentation: SegmentationConfig = _section(SegmentationConfig)
 
     def __post_init__(self) -> None:

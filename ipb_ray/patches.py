@@ -61,11 +61,14 @@ class PatchGeometry:
     """Patch sizes, px. ``size``: side ``S`` of the window cut from the crop (the largest
     scale); ``scales``: sides of the views fed to the network, each the window's exact
     centre (``(128,)`` single-scale, ``(224, 112)`` multi-scale); ``min_foreground``:
-    smallest colony fraction of a random window."""
+    smallest colony fraction of a random window; ``whole``: the window is the whole crop
+    stretched to ``size x size`` (objects smaller than a patch, e.g. single cells), so
+    there is one position and ``min_foreground`` does not apply."""
 
     size: int
     scales: tuple[int, ...]
     min_foreground: float = 0.25
+    whole: bool = False  # the whole crop resized to size x size is the window (single cells)
 
     def __post_init__(self) -> None:
         if int(self.size) != self.size or self.size < 1:
@@ -84,11 +87,12 @@ class PatchGeometry:
     @staticmethod
     def from_config(data: "DataConfig") -> "PatchGeometry":
         """Single-scale ``data.patch_size`` or multi-scale ``(global_patch, local_patch)``."""
+        whole = data.window == "whole"
         if data.multi_scale:
             return PatchGeometry(size=data.global_patch, scales=(data.global_patch, data.local_patch),
-                                 min_foreground=data.min_foreground)
+                                 min_foreground=data.min_foreground, whole=whole)
         return PatchGeometry(size=data.patch_size, scales=(data.patch_size,),
-                             min_foreground=data.min_foreground)
+                             min_foreground=data.min_foreground, whole=whole)
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def _resized_shape(h: int, w: int, scale: float) -> tuple[int, int]:
 
 
 def prepare_crop(image_u8: np.ndarray, mask_bool: np.ndarray, size: int, *,
-                 scale: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+                 scale: float | None = None, whole: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Resize a crop up so both sides are at least ``size`` px.
 
     ``image_u8``: (H, W) uint8; ``mask_bool``: (H, W) bool (or 0/255). Returns
@@ -127,11 +131,23 @@ def prepare_crop(image_u8: np.ndarray, mask_bool: np.ndarray, size: int, *,
     neighbour (stays bool), and the factor (1.0 and the inputs unchanged when the crop is
     big enough). The factor is ``size / min(H, W)``, so the smaller side becomes exactly
     ``size``. Pass a stored ``scale`` to reproduce an earlier preparation exactly.
+
+    ``whole=True`` stretches the crop to exactly ``size x size`` (area interpolation when
+    shrinking), whatever ``scale`` says; the returned factor is then ``size / min(H, W)``,
+    for the record only.
     """
     if image_u8.ndim != 2 or image_u8.shape != mask_bool.shape:
         raise ValueError(f"crop {image_u8.shape} and mask {mask_bool.shape} must be the same (H, W)")
     mask = _as_bool(mask_bool)
     h, w = image_u8.shape
+    if whole:
+        if (h, w) == (size, size):
+            return image_u8, mask, 1.0
+        shrink = h * w > size * size
+        image = cv2.resize(image_u8, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        mask = cv2.resize(np.ascontiguousarray(mask).view(np.uint8), (size, size),
+                          interpolation=cv2.INTER_NEAREST).view(bool)
+        return image, mask, size / min(h, w)
     if scale is None:
         scale = 1.0 if min(h, w) >= size else size / min(h, w)
     scale = float(scale)
@@ -343,7 +359,7 @@ def sample_patches(image_u8: np.ndarray, mask_bool: np.ndarray, geometry: PatchG
     Returns ``[(coord, [(1, s, s) float32 in [0, 1] per scale]), ...]``. Draws that had to
     use the fallback are logged at debug level.
     """
-    image, mask, scale = prepare_crop(image_u8, mask_bool, geometry.size)
+    image, mask, scale = prepare_crop(image_u8, mask_bool, geometry.size, whole=geometry.whole)
     sampler = _Sampler(mask, geometry)
     out = []
     for _ in range(k):
@@ -356,5 +372,5 @@ def revisit(image_u8: np.ndarray, mask_bool: np.ndarray, coord: PatchCoord,
             geometry: PatchGeometry) -> list[np.ndarray]:
     """The same pixels as when ``coord`` was drawn: prepare the stored crop with
     ``coord.scale``, cut, split into scales (``(1, s, s)`` float32 in [0, 1] each)."""
-    image, _mask, _ = prepare_crop(image_u8, mask_bool, geometry.size, scale=coord.scale)
+    image, _mask, _ = prepare_crop(image_u8, mask_bool, geometry.size, scale=coord.scale, whole=geometry.whole)
     return to_scales(cut(image, coord, geometry), geometry)

@@ -116,7 +116,8 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
             continue
         fixed = coords.get(cid) if coords is not None else None
         image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
-                                          spec.geometry.size, scale=None if fixed is None else fixed[2])
+                                          spec.geometry.size, scale=None if fixed is None else fixed[2],
+                                          whole=spec.geometry.whole)
         for copy in range(n):
             rng = colony_rng(spec.seed, epoch, spec.mode, cid, copy)
             if fixed is not None:
@@ -189,7 +190,7 @@ def _append_views(rows: dict[str, list[Any]], window: np.ndarray, spec: StreamSp
 def revisit_coords(image_png: bytes, mask_png: bytes, coord: PatchCoord, spec: StreamSpec) -> list[np.ndarray]:
     """The un-augmented scales of a stored patch coordinate (IPB revisits pseudo-labelled patches)."""
     image, _mask, _ = prepare_crop(catalog.decode_png(image_png), catalog.decode_png(mask_png) > 0,
-                                   spec.geometry.size, scale=coord.scale)
+                                   spec.geometry.size, scale=coord.scale, whole=spec.geometry.whole)
     return to_scales(cut(image, coord, spec.geometry), spec.geometry)
 
 

@@ -308,3 +308,35 @@ def test_centre_coord_stays_inside_the_crop_when_no_colony_pixel_can_be_the_cent
 def test_centre_coord_of_an_empty_mask_is_the_crop_centre():
     c = centre_coord(np.zeros((100, 140), bool), SMALL, scale=2.0)
     assert c == PatchCoord(x=70 - 32, y=50 - 32, scale=2.0)
+
+
+# ------------------------------------------------------------------ whole-crop windows
+
+WHOLE = PatchGeometry(size=64, scales=(64, 32), whole=True)
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (64, 64), (150, 90)])
+def test_whole_window_is_the_whole_crop_stretched(shape):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[0, 0] = 255  # a corner pixel survives: nothing is cut away
+    mask = np.zeros(shape, bool)  # no colony pixel at all: whole windows need none
+    prepared, pmask, _ = prepare_crop(image, mask, 64, whole=True)
+    assert prepared.shape == pmask.shape == (64, 64)
+    coord, _ = sample_coord(pmask, WHOLE, rng)
+    assert (coord.x, coord.y) == (0, 0) and centre_coord(pmask, WHOLE) == PatchCoord(0, 0, 1.0)
+    [(drawn, scales)] = sample_patches(image, mask, WHOLE, rng)
+    expected = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA if shape[0] * shape[1] > 4096
+                          else cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(scales[0][0], expected.astype(np.float32) / 255.0)
+    assert scales[1].shape == (1, 32, 32)
+    np.testing.assert_array_equal(revisit(image, mask, drawn, WHOLE)[0], scales[0])
+
+
+def test_inside_window_is_the_default_and_whole_is_a_config_choice():
+    assert not PatchGeometry.from_config(DataConfig()).whole
+    assert PatchGeometry.from_config(DataConfig(window="whole")).whole
+    from ipb_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="inside, whole"):
+        DataConfig(window="cells")
