@@ -56,6 +56,22 @@ def _quiet_worker_startup_warning() -> None:
     ray_worker.print_to_stdstream = filtered
 
 
+#: Ray Train settings for a cluster this process starts on its own machine (set unless the
+#: user set them): there is no node to drain, so no preemption watcher (one more actor
+#: process per run), and the controller polls its workers every 0.5 s instead of 2 s
+#: (a finished run otherwise waits up to two polls before ``fit()`` returns).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def local_train_env(environ: dict | None = None) -> dict[str, str]:
+    """Set :data:`LOCAL_TRAIN_ENV` in ``environ`` (``os.environ``) where not already set;
+    returns what was set. Ray Train propagates these from the driver to its controller."""
+    environ = os.environ if environ is None else environ
+    added = {k: v for k, v in LOCAL_TRAIN_ENV.items() if k not in environ}
+    environ.update(added)
+    return added
+
+
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
     """Start or join Ray once per process.
 
@@ -77,6 +93,7 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
             kwargs["object_store_memory"] = resources.object_store_mb * 1024 * 1024
         kwargs["_system_config"] = {"num_workers_soft_limit": worker_soft_limit(os.cpu_count() or 1,
                                                                                 resources.data_cpus)}
+        local_train_env()
         # "local": a cluster of our own even when `ray start` runs on this machine (plain
         # ray.init() would join that one); join it with --address auto instead
         ray.init(address="local", **kwargs)

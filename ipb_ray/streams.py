@@ -24,6 +24,9 @@ float32 ``(B, 1, s, s)`` column per scale: ``x{s}`` (modes train/plain/test) or
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -219,6 +222,13 @@ class StreamState:
             if coords is not None else None
         return self._version
 
+    def reset(self) -> int:
+        """Back to a fresh state for the next run that leases this actor. The version keeps
+        counting up, so no patch task mistakes the new state for one it has cached."""
+        self._epoch, self._counts, self._coords, self._teacher = 0, None, None, (-1, [])
+        self._version += 1
+        return self._version
+
     def version(self) -> int:
         return self._version
 
@@ -241,6 +251,37 @@ def stream_state(name: str):
     actor_cls = ray.remote(num_cpus=0)(StreamState)
     return actor_cls.options(name=name, namespace=STATE_NAMESPACE, get_if_exists=True,
                              lifetime="detached").remote()
+
+
+_POOL_LOCK = threading.Lock()
+_IDLE_STATES: list[tuple[str, Any]] = []  # (name, handle) of this process's state actors between runs
+
+
+def lease_states(n: int) -> list[tuple[str, Any]]:
+    """``n`` fresh :class:`StreamState` actors for one run, as ``(name, handle)``.
+
+    Actors released by earlier runs of this process are reset and reused, so a
+    cross-validation or a search starts no state actor after its first run (each new actor
+    is a Python process: seconds on a small machine). Call :func:`release_states` when the
+    run ends. The actors are owned by this process and end with it."""
+    import ray
+
+    with _POOL_LOCK:
+        reused = [_IDLE_STATES.pop() for _ in range(min(n, len(_IDLE_STATES)))]
+    if reused:
+        ray.get([handle.reset.remote() for _, handle in reused])
+    actor_cls = ray.remote(num_cpus=0)(StreamState)
+    fresh = []
+    for _ in range(n - len(reused)):
+        name = f"ipb-stream-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        fresh.append((name, actor_cls.options(name=name, namespace=STATE_NAMESPACE).remote()))
+    return reused + fresh
+
+
+def release_states(leased: Sequence[tuple[str, Any]]) -> None:
+    """Hand the actors of a finished (or failed) run back for the next one."""
+    with _POOL_LOCK:
+        _IDLE_STATES.extend(leased)
 
 
 _STATE_HANDLES: dict[str, Any] = {}

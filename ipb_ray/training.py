@@ -17,7 +17,6 @@ import logging
 import os
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,12 +462,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
     ``callbacks``: Ray Train callbacks for the run (a Tune trial passes
     ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler)."""
-    import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from ipb_ray.ray_setup import init_ray
-    from ipb_ray.streams import patch_dataset, stream_state
+    from ipb_ray.streams import lease_states, release_states
 
     fold = cfg.split.fold if fold is None else fold
     inputs = fold_inputs(cfg, fold)
@@ -487,11 +482,30 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
                              "worker(s); lower method.unlabelled_batch_size or raise method.draws_per_epoch")
     init_ray(cfg.resources)
     specs = stream_specs(cfg, inputs.class_names, semi)
-    tag = uuid.uuid4().hex[:12]
-    states = {"state": f"ipb-stream-{tag}"}
-    if semi:
-        states.update(u_state=f"ipb-unlabelled-{tag}", label_state=f"ipb-label-{tag}")
-    actors = [stream_state(name) for name in states.values()]
+    keys = ("state", "u_state", "label_state") if semi else ("state",)
+    leased = lease_states(len(keys))
+    states = {key: name for key, (name, _handle) in zip(keys, leased)}
+    try:
+        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks).fit()
+    finally:
+        release_states(leased)
+    metrics = dict(result.metrics or {})
+    if "test_report" not in metrics:
+        raise RuntimeError(f"run {run_name(cfg, fold)} ended without test metrics; see {result.path}")
+    metrics["checkpoint"], metrics["local_checkpoint"] = checkpoint_locations(result.checkpoint)
+    metrics["history"] = read_history(metrics["local_checkpoint"])
+    return metrics
+
+
+def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[str, Any], states: dict[str, str],
+             semi: bool, digest_dir: str | None, callbacks: list[Any] | None) -> Any:
+    """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ipb_ray.mpl_train import _mpl_loop
+    from ipb_ray.streams import patch_dataset
+
     r = cfg.resources
     data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus, workers=data_workers(cfg))
     datasets = {
@@ -506,9 +520,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         datasets["unlabelled"] = patch_dataset(inputs.catalog, specs["spec_uda"], state_name=states["u_state"],
                                                **{**data_kw, "batch_size": cfg.method.unlabelled_batch_size})
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    from ipb_ray.mpl_train import _mpl_loop
-
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _mpl_loop if semi else _train_loop,
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
@@ -518,18 +530,16 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
                              checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
                              callbacks=callbacks or None),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train", "unlabelled"] if semi else ["train"]))
-    try:
-        result = trainer.fit()
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    metrics = dict(result.metrics or {})
-    if "test_report" not in metrics:
-        raise RuntimeError(f"run {run_name(cfg, fold)} ended without test metrics; see {result.path}")
-    metrics["checkpoint"], metrics["local_checkpoint"] = checkpoint_locations(result.checkpoint)
-    metrics["history"] = read_history(metrics["local_checkpoint"])
-    return metrics
+        dataset_config=DataConfig(datasets_to_split=split_datasets(r.num_workers, semi)))
+
+
+def split_datasets(num_workers: int, semi: bool) -> list[str]:
+    """The training streams Ray Train splits between workers. One worker (or the driver)
+    takes each whole: a split would start a coordinator actor per stream and route every
+    batch through it, ~10 s of start-up per run on a small machine for no gain."""
+    if num_workers <= 1:
+        return []
+    return ["train", "unlabelled"] if semi else ["train"]
 
 
 def data_workers(cfg: ExperimentConfig) -> int:

@@ -66,3 +66,39 @@ def test_only_the_worker_startup_warning_is_dropped(capsys):
     out = capsys.readouterr()
     text = out.out + out.err
     assert "a real raylet error" in text and "PYTHON worker processes" not in text
+
+
+def test_local_train_env_fills_only_what_the_user_left_unset():
+    from ipb_ray.ray_setup import LOCAL_TRAIN_ENV, local_train_env
+
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}
+    added = local_train_env(env)
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"  # the user's value stands
+    assert added == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert set(env) == set(LOCAL_TRAIN_ENV)
+
+
+def test_one_worker_takes_its_streams_whole():
+    from ipb_ray.training import split_datasets
+
+    assert split_datasets(0, True) == split_datasets(1, True) == []
+    assert split_datasets(2, False) == ["train"] and split_datasets(4, True) == ["train", "unlabelled"]
+
+
+@pytest.mark.ray
+def test_state_actors_are_reset_and_reused_between_runs(ray_local):
+    import ray
+
+    from ipb_ray.streams import current_state, lease_states, release_states
+
+    first = lease_states(2)
+    (name, handle), _ = first
+    ray.get(handle.set.remote(3, {"c1": 2}))
+    ray.get(handle.publish.remote(7, [ray.put({"w": 1})]))
+    assert current_state(name)[:2] == (3, {"c1": 2})
+    release_states(first)
+    second = lease_states(3)
+    assert {n for n, _ in first} <= {n for n, _ in second}  # no new actor for the two released ones
+    assert current_state(name)[:2] == (0, None)  # reset, and no stale cached copy is served
+    assert ray.get(handle.teacher.remote()) == (-1, [])
+    release_states(second)
