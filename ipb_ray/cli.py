@@ -740,11 +740,12 @@ DEMO_OWN_KEYS = ("data.", "tracking.", "name=", "seed=")
 def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]] = None) -> list[str]:
     """The demo's own keys (world, catalog, stores, seed) after the user's overrides, which
     may change training but not where the demo writes."""
-    own = [o for o in extra or () if o.startswith(DEMO_OWN_KEYS)]
+    extra = list(extra or ())
+    own = [o for o in extra if o.startswith(DEMO_OWN_KEYS)]
     if own:
         raise ValueError(f"ipb demo sets {', '.join(own)} itself; use --out and --seed, or run "
                         "`ipb synth`, `ipb preprocess` and `ipb cv` for your own data")
-    return list(extra or ()) + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
+    return extra + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
             f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
             f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
 

@@ -244,17 +244,20 @@ class StreamState:
         return self._teacher
 
 
-def stream_state(name: str):
-    """Get or create the named :class:`StreamState` actor (namespace ``ipb_ray``)."""
+def stream_state(name: str, detached: bool = True):
+    """Get or create the named :class:`StreamState` actor (namespace ``ipb_ray``);
+    ``detached=False`` ties its life to this process."""
     import ray
 
     actor_cls = ray.remote(num_cpus=0)(StreamState)
     return actor_cls.options(name=name, namespace=STATE_NAMESPACE, get_if_exists=True,
-                             lifetime="detached").remote()
+                             lifetime="detached" if detached else None).remote()
 
 
 _POOL_LOCK = threading.Lock()
-_IDLE_STATES: list[tuple[str, Any]] = []  # (name, handle) of this process's state actors between runs
+# (name, handle) of this process's state actors between runs, per Ray session (a handle
+# from before a ray.shutdown() is dead)
+_IDLE_STATES: dict[str, list[tuple[str, Any]]] = {}
 
 
 def lease_states(n: int) -> list[tuple[str, Any]]:
@@ -267,21 +270,24 @@ def lease_states(n: int) -> list[tuple[str, Any]]:
     import ray
 
     with _POOL_LOCK:
-        reused = [_IDLE_STATES.pop() for _ in range(min(n, len(_IDLE_STATES)))]
+        idle = _IDLE_STATES.setdefault(_ray_session(), [])
+        reused = [idle.pop() for _ in range(min(n, len(idle)))]
     if reused:
         ray.get([handle.reset.remote() for _, handle in reused])
-    actor_cls = ray.remote(num_cpus=0)(StreamState)
-    fresh = []
-    for _ in range(n - len(reused)):
-        name = f"ipb-stream-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        fresh.append((name, actor_cls.options(name=name, namespace=STATE_NAMESPACE).remote()))
-    return reused + fresh
+    names = [f"ipb-stream-{os.getpid()}-{uuid.uuid4().hex[:12]}" for _ in range(n - len(reused))]
+    return reused + [(name, stream_state(name, detached=False)) for name in names]
 
 
 def release_states(leased: Sequence[tuple[str, Any]]) -> None:
     """Hand the actors of a finished (or failed) run back for the next one."""
     with _POOL_LOCK:
-        _IDLE_STATES.extend(leased)
+        _IDLE_STATES.setdefault(_ray_session(), []).extend(leased)
+
+
+def _ray_session() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
 
 
 _STATE_HANDLES: dict[str, Any] = {}
