@@ -319,10 +319,10 @@ class EvalConfig:
 
     tta: int = _f(1, lo=1, hi=64, doc="test windows per colony: the mask-centre window plus tta - 1 seeded "
                   "random ones, averaged in softmax space")
-    bn_recalibrate: bool = _f(True, doc="re-estimate BatchNorm statistics on un-augmented L before every "
-                              "validation, test and labelling pass, so eval mode sees the statistics of "
-                              "the inputs it is given")
-    bn_batches: int = _f(16, lo=1, hi=100_000, doc="most batches of L used to re-estimate the statistics")
+    bn_recalibrate: bool = _f(True, doc="re-estimate BatchNorm statistics on un-augmented L, shuffled and in "
+                              "the class mix of training (balanced unless method.balance_labelled=false), "
+                              "before every validation, test and labelling pass")
+    bn_batches: int = _f(16, lo=1, hi=100_000, doc="batches of L drawn to re-estimate the statistics")
 
     def __post_init__(self) -> None:
         _check_fields(self)

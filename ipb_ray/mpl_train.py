@@ -125,7 +125,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     total = m.teacher_epochs + m.epochs
     mpl_total = steps * m.epochs
     mpl_warm = warmup_steps(mpl_total, m.warmup_fraction)
-    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate)
+    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
     columns = spec_train.patch_columns()
     labels = np.asarray(inputs.labelled_labels)
     u_truth = np.asarray(inputs.unlabelled_truth or [-1] * len(inputs.unlabelled), np.int64)

@@ -88,6 +88,19 @@ def labelled_steps(n_labelled: int, world: int, batch_size: int, steps_per_epoch
     return max(1, -(-int(n_labelled) // (max(world, 1) * batch_size)))
 
 
+def calibration_counts(cfg: ExperimentConfig, inputs: FoldInputs) -> dict[str, int]:
+    """Copies of each labelled colony in the BatchNorm calibration stream: ``eval.bn_batches``
+    batches drawn from L in the class mix the networks train on (class-balanced unless
+    ``method.balance_labelled=false``), seeded. Statistics of the natural mix would shift
+    every feature toward the majority class (on BCCD, 85 % RBC) and bias eval-mode
+    predictions away from it."""
+    from ipb_ray.balance import resample_counts
+
+    n = cfg.eval.bn_batches * cfg.method.batch_size
+    counts = resample_counts(inputs.labelled_labels, n, cfg.seed, 0, balanced=cfg.method.balance_labelled)
+    return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+
+
 def run_name(cfg: ExperimentConfig, fold: int) -> str:
     return f"{cfg.name}-{cfg.method.name}-fold{fold}"
 
@@ -196,7 +209,7 @@ def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], dev
 
 
 def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, amp: bool, batch_size: int,
-                max_batches: int, enabled: bool = True) -> int:
+                max_batches: int, enabled: bool = True, seed: int = 0) -> int:
     """Rank 0: re-estimate the BatchNorm statistics of ``model`` (a network, or a list of
     them sharing one pass) on the un-augmented labelled stream (``calib`` shard) before
     it evaluates or labels; returns the batches used."""
@@ -213,8 +226,10 @@ def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, am
             with _autocast(device, amp):
                 net(*_inputs(batch, columns, device))
 
+    # shuffled: a batch of one colony's copies (or one class) has a smaller variance than the
+    # mixed batches the network trains on, and BatchNorm averages per-batch variances
     batches = torch_batches(ray.train.get_dataset_shard("calib"), spec_plain, batch_size, drop_last=False,
-                            device=str(device))
+                            device=str(device), shuffle_buffer=max(4 * batch_size, 256), shuffle_seed=seed)
     nets = [_unwrap(n) for n in model] if isinstance(model, (list, tuple)) else _unwrap(model)
     return recalibrate_bn(nets, batches, forward, max_batches)
 
@@ -343,7 +358,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
     columns = spec_train.patch_columns()
     labels = np.asarray(inputs.labelled_labels)
-    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate)
+    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
 
     def final() -> dict[str, Any]:
         """Rank 0's end-of-run figures: the selected model on T, and where the run began."""
@@ -513,8 +528,10 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
         "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
                              **data_kw),
         "test": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.test, **data_kw),
-        # un-augmented L: re-estimates BatchNorm statistics before evaluation (eval.bn_recalibrate)
-        "calib": patch_dataset(inputs.catalog, specs["spec_plain"], ids=inputs.labelled, **data_kw),
+        # un-augmented L in the training stream's class mix: re-estimates BatchNorm statistics
+        # before evaluation (eval.bn_recalibrate)
+        "calib": patch_dataset(inputs.catalog, specs["spec_plain"], counts=calibration_counts(cfg, inputs),
+                               **data_kw),
     }
     if semi:
         datasets["unlabelled"] = patch_dataset(inputs.catalog, specs["spec_uda"], state_name=states["u_state"],
