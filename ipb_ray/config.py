@@ -56,6 +56,7 @@ BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_
 METHODS = ("supervised", "mpl", "ipb")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 RELABEL = ("pass", "reuse")
+STUDENT_INITS = ("scratch", "teacher")
 LABEL_STAGES = ("auto", "tasks", "actors")
 SCHEDULES = ("cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
@@ -258,6 +259,9 @@ class MethodConfig:
     lr: float = _f(0.005, lo=0.0, hi=10.0, doc="supervised and teacher pre-training lr")
     teacher_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="teacher lr in the MPL phase")
     student_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="student lr after warm-up")
+    student_init: str = _f("scratch", choices=STUDENT_INITS, doc="the student's start in MPL/IPB: its own "
+                           "random init (the paper's) or a copy of the pre-trained teacher (short runs: "
+                           "the student then starts where supervised training ends)")
     student_warmup_epochs: int = _f(10, lo=0, doc="epochs at the low student lr")
     student_warmup_lr: float = _f(0.0005, lo=0.0, hi=10.0, doc="student lr during warm-up")
     weight_decay: float = _f(1e-4, lo=0.0, hi=1.0)
@@ -336,6 +340,9 @@ class ResourcesConfig:
     num_workers: int = _f(1, lo=0, hi=4096, doc="Ray Train workers; 0 = run in the driver")
     use_gpu: bool = _f(False)
     cpus_per_worker: float = _f(1.0, lo=0.0, hi=1024.0)
+    torch_threads: int | None = _f(None, lo=1, hi=1024, doc="intra-op threads of each Train worker's torch; "
+                                   "None = what Ray sets (its CPUs). On a small machine whose data tasks "
+                                   "are light, all cores speed a CPU step up although Ray reserves fewer")
     gpus_per_worker: float = _f(1.0, lo=0.0, hi=16.0, doc="used only with use_gpu")
     teacher_actors: int = _f(1, lo=1, hi=1024, doc="actors of the pseudo-labelling stage (label_stage=actors)")
     label_stage: str = _f("auto", choices=LABEL_STAGES, doc="IPB labelling pass on Ray tasks or an actor pool; "

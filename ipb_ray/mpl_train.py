@@ -42,7 +42,7 @@ from ipb_ray.config import ExperimentConfig, from_dict
 from ipb_ray.training import (FoldInputs, _Timer, _all_reduce, _autocast, _inputs, _test_metrics, _unwrap,
                               build_model, labelled_steps, load_checkpoint, model_kwargs, param_digest, recalibrate,
                               report_epoch, report_finished, shuffled, snapshot, supervised_epoch, validate,
-                              write_digest)
+                              worker_device, write_digest)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     ipb = m.name == "ipb"
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device(cfg)
     amp = m.mixed_precision and device.type == "cuda"
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -236,6 +236,10 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             continue
 
         e = g - m.teacher_epochs  # ---- one MPL / IPB epoch
+        if e == 0 and m.student_init == "teacher":  # every rank: the student starts as the pre-trained teacher
+            _unwrap(student).load_state_dict(_unwrap(teacher).state_dict())
+            if ema is not None:
+                ema.load_state_dict(_unwrap(student).state_dict())
         plan_metrics: dict[str, Any] = {}
         if rank == 0:
             label_s = pass_s = 0.0

@@ -107,6 +107,16 @@ def run_name(cfg: ExperimentConfig, fold: int) -> str:
 
 # --------------------------------------------------------------------------- worker side
 
+def worker_device(cfg: ExperimentConfig) -> Any:
+    """This Train worker's torch device, with ``resources.torch_threads`` applied."""
+    import ray.train.torch
+    import torch
+
+    if cfg.resources.torch_threads:
+        torch.set_num_threads(cfg.resources.torch_threads)
+    return ray.train.torch.get_device()
+
+
 def _inputs(batch: dict[str, Any], columns: list[str], device: Any) -> list[Any]:
     return [batch[c].to(device, non_blocking=True) for c in columns]
 
@@ -332,7 +342,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     m = cfg.method
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device(cfg)
     amp = m.mixed_precision and device.type == "cuda"
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = ray.train.torch.prepare_model(build_model(cfg, len(inputs.class_names), inputs))

@@ -71,6 +71,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     # DDP: both ranks end with the same student
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1] == metrics["param_digest"]
+    assert metrics["teacher_param_digest"] != metrics["param_digest"]  # student_init=scratch: its own network
     report = metrics["test_report"]
     assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
     state = torch.load(os.path.join(metrics["checkpoint"], CHECKPOINT_FILE), weights_only=False)
@@ -100,11 +101,15 @@ def test_ipb_reuse_labels_survive_a_resume(world):
     assert sum(h[2][f"stream_share/{c}"] for c in names) == pytest.approx(1)
 
 
-def test_plain_mpl_streams_the_unlabelled_set_as_it_is(world):
+def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start_as_the_teacher(world):
     from ipb_ray.training import train_fold
 
+    # lr 0 in the MPL phase: both networks end as they started it, so equal digests mean
+    # the student was copied from the pre-trained teacher (method.student_init=teacher)
     metrics = train_fold(_cfg(world, "name=mpl", "method.name=mpl", "method.teacher_epochs=1",
-                              "method.epochs=1"), 0)
+                              "method.epochs=1", "method.student_init=teacher", "method.teacher_lr=0",
+                              "method.student_lr=0", "method.student_warmup_lr=0"), 0)
+    assert metrics["param_digest"] == metrics["teacher_param_digest"]
     h = metrics["history"][-1]
     names = _classes(h)
     assert h["label_seconds"] == 0 and not any(k.startswith(("stream_share/", "teacher_proportion/")) for k in h)

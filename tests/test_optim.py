@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,23 @@ def test_one_calibration_pass_serves_several_networks():
     assert used == 3 and seen.count(id(a)) == 3 and seen.count(id(b)) == 3
     assert not a.training and not b.training
     assert torch.allclose(a[1].running_mean, b[1].running_mean)
+
+
+def test_calibration_draws_l_in_the_balanced_training_mix_seeded():
+    """BatchNorm is re-estimated on L as the networks train on it: class-balanced (BCCD's
+    L is 85 % RBC; statistics of that mix moved RBC predictions to the rare classes)."""
+    from ipb_ray.config import load_config
+    from ipb_ray.training import FoldInputs, calibration_counts
+
+    labels = (0,) * 80 + (1,) * 10 + (2,) * 10
+    ids = tuple(f"c{i}" for i in range(len(labels)))
+    inputs = FoldInputs("cat", ("a", "b", "c"), ids, labels, (), (), ())
+    cfg = load_config(preset="demo", overrides=["eval.bn_batches=30", "method.batch_size=16"])
+    counts = calibration_counts(cfg, inputs)
+    assert sum(counts.values()) == 30 * 16
+    per_class = np.bincount([labels[ids.index(c)] for c, n in counts.items() for _ in range(n)], minlength=3)
+    assert np.all(np.abs(per_class / per_class.sum() - 1 / 3) < 0.06), per_class
+    assert calibration_counts(cfg, inputs) == counts  # seeded
+    natural = calibration_counts(cfg.replace("method.balance_labelled=false"), inputs)
+    nat = np.bincount([labels[ids.index(c)] for c, n in natural.items() for _ in range(n)], minlength=3)
+    assert nat[0] / nat.sum() > 0.7  # without balancing, L's own mix
