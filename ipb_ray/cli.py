@@ -677,6 +677,9 @@ DEMO_METHODS = (("supervised", "supervised multi-scale CNN baseline"),
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run."),
          folds: int = typer.Option(3, help="Cross-validation folds per method (of the preset's 5)."),
+         parallel: Optional[int] = typer.Option(
+             None, help="Folds trained at once (default: all of them; on a small machine they share its cores, "
+                        "and Ray Train's start-up of one overlaps another's training)."),
          overrides: Optional[List[str]] = typer.Argument(
              None, help="Dotted overrides of the demo preset, e.g. method.epochs=8 (data.*, name, seed and "
                         "tracking.* are the demo's own).", show_default=False)) -> None:
@@ -697,7 +700,7 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         results = {}
         for step, (method, what) in enumerate(DEMO_METHODS, start=4):
             console.rule(f"[bold]{step}. {what}: {folds}-fold cross-validation (Ray Train, MLflow)")
-            run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), None, True)
+            run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), parallel or folds, True)
             results[method] = run
         console.rule("[bold]7. comparison")
         _demo_compare(results, folds)
