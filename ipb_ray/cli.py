@@ -677,9 +677,6 @@ DEMO_METHODS = (("supervised", "supervised multi-scale CNN baseline"),
 def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working directory of the demo."),
          seed: int = typer.Option(0, help="Seed of the synthetic world and the run."),
          folds: int = typer.Option(3, help="Cross-validation folds per method (of the preset's 5)."),
-         parallel: Optional[int] = typer.Option(
-             None, help="Folds trained at once (default: all of them; on a small machine they share its cores, "
-                        "and Ray Train's start-up of one overlaps another's training)."),
          overrides: Optional[List[str]] = typer.Argument(
              None, help="Dotted overrides of the demo preset, e.g. method.epochs=8 (data.*, name, seed and "
                         "tracking.* are the demo's own).", show_default=False)) -> None:
@@ -700,7 +697,7 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         results = {}
         for step, (method, what) in enumerate(DEMO_METHODS, start=4):
             console.rule(f"[bold]{step}. {what}: {folds}-fold cross-validation (Ray Train, MLflow)")
-            run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), parallel or folds, True)
+            run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), None, True)
             results[method] = run
         console.rule("[bold]7. comparison")
         _demo_compare(results, folds)
@@ -738,6 +735,8 @@ def _demo_compare(results: dict, folds: int) -> None:
 
 
 DEMO_OWN_KEYS = ("data.", "tracking.", "name=", "seed=")
+#: what the demo sets before the user's overrides (which may change it)
+DEMO_DEFAULTS = ["resources.num_workers=0"]
 
 
 def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]] = None) -> list[str]:
@@ -748,7 +747,9 @@ def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]
     if own:
         raise ValueError(f"ipb demo sets {', '.join(own)} itself; use --out and --seed, or run "
                         "`ipb synth`, `ipb preprocess` and `ipb cv` for your own data")
-    return extra + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
+    # Ray Train's local mode unless the user asks for workers: the loop runs in this process
+    # and a fold skips ~40 s of actor start-up on a 2-core laptop (BENCHMARKS.md)
+    return DEMO_DEFAULTS + extra + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
             f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
             f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
 

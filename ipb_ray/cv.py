@@ -180,6 +180,9 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
 
     pending = [f for f in todo if f not in reports]
     width = parallel or default_parallel(cfg, len(pending) or 1)
+    if cfg.resources.num_workers == 0 and width > 1:  # local mode: Ray Train keeps one run per process
+        log.info("resources.num_workers=0 trains in this process: folds run one after another")
+        width = 1
     if width <= 1:
         for fold in pending:
             one(fold)

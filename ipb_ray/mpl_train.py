@@ -135,7 +135,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     table: LabelTable | None = None
     class_weights: list[float] | None = None
     history: list[dict[str, Any]] = []
-    state = load_checkpoint()
+    state = load_checkpoint(config)
     if state is not None:
         _unwrap(teacher).load_state_dict(state["teacher"])
         _unwrap(student).load_state_dict(state["student"])
@@ -232,7 +232,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             metrics["epoch_seconds"] = time.perf_counter() - t_epoch
             if rank == 0:
                 history.append(dict(metrics))
-            report_epoch(metrics, checkpoint_state(g) if rank == 0 else None)
+            report_epoch(metrics, checkpoint_state(g) if rank == 0 else None, config)
             continue
 
         e = g - m.teacher_epochs  # ---- one MPL / IPB epoch
@@ -336,9 +336,9 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             state = checkpoint_state(g)
             if g == total - 1:
                 metrics.update(final())
-        report_epoch(metrics, state)
+        report_epoch(metrics, state, config)
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
     if start >= total:  # the run had already finished: test its selected student again
-        report_finished(state, final, rank, world, total - 1)
+        report_finished(state, final, rank, world, total - 1, config)
     write_digest(config, rank, student)

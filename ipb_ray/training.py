@@ -262,38 +262,80 @@ def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str],
 HISTORY_FILE = "history.json"
 
 
-def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+def _write_state(directory: str, state: dict[str, Any]) -> None:
+    """``state.pt`` (and ``history.json`` from ``state["history"]``) into ``directory``."""
+    import json
+
+    import torch
+
+    if "history" in state:
+        with open(os.path.join(directory, HISTORY_FILE), "w") as fh:
+            json.dump(state["history"], fh, default=float)
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+
+
+def local_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A local-mode run's finished checkpoint directories, oldest first."""
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def _save_local(run_dir: str, epoch: int, state: dict[str, Any], keep: int) -> str:
+    """Local mode (``resources.num_workers=0``, no Train controller to persist checkpoints):
+    write ``<run_dir>/checkpoint_<epoch>`` atomically and keep the newest ``keep``."""
+    import shutil
+
+    target = Path(run_dir) / f"checkpoint_{int(epoch):06d}"
+    partial = target.with_name(target.name + ".tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    _write_state(str(partial), state)
+    shutil.rmtree(target, ignore_errors=True)  # a finished run's rerun reports its last epoch again
+    partial.rename(target)
+    for old in local_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return str(target)
+
+
+def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: dict[str, Any] | None = None) -> None:
     """``ray.train.report`` on every rank; rank 0 passes its ``state`` to checkpoint.
 
     A ``state["history"]`` list (one metrics dict per epoch so far) is also written as
-    ``history.json`` beside the weights, so the curves survive with the checkpoint."""
-    import json
-
+    ``history.json`` beside the weights, so the curves survive with the checkpoint.
+    ``run["local_run_dir"]`` (local mode) is where the loop keeps its checkpoints itself."""
     import ray.train
-    import torch
 
     metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
+    local = (run or {}).get("local_run_dir")
+    if local:
+        checkpoint = None
+        if state is not None:
+            where = _save_local(local, metrics["epoch"], state, int(run.get("checkpoints_to_keep", 2)))
+            checkpoint = ray.train.Checkpoint.from_directory(where)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
-            if "history" in state:
-                with open(os.path.join(tmp, HISTORY_FILE), "w") as fh:
-                    json.dump(state["history"], fh, default=float)
-            torch.save(state, os.path.join(tmp, CHECKPOINT_FILE))
+            _write_state(tmp, state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def load_checkpoint() -> dict[str, Any] | None:
-    """The run's latest checkpoint state (a resumed or restarted run), else None."""
+def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The run's latest checkpoint state (a resumed or restarted run), else None. In local
+    mode (``run["local_run_dir"]``) the newest checkpoint the loop wrote there itself."""
     import ray.train
     import torch
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    local = (run or {}).get("local_run_dir")
+    found = local_checkpoints(local) if local else []
+    if not found:
         return None
-    with ckpt.as_directory() as d:
-        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    return torch.load(found[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> Any:
@@ -357,7 +399,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     start, best_metric, best_state, resumed_from = 0, -1.0, None, None
     history: list[dict[str, Any]] = []
-    state = load_checkpoint()
+    state = load_checkpoint(config)
     if state is not None:
         history = list(state.get("history", []))
         _unwrap(model).load_state_dict(state["model"])
@@ -404,19 +446,20 @@ def _train_loop(config: dict[str, Any]) -> None:
             history.append(dict(metrics))
             if epoch == m.epochs - 1:
                 metrics.update(final())
-        report_epoch(metrics, state)
+        report_epoch(metrics, state, config)
     if start >= m.epochs:  # the run had already finished: test its selected model again
-        report_finished(state, final, rank, world, m.epochs - 1)
+        report_finished(state, final, rank, world, m.epochs - 1, config)
     write_digest(config, rank, model)
 
 
-def report_finished(state: dict[str, Any] | None, final: Any, rank: int, world: int, last_epoch: int) -> None:
+def report_finished(state: dict[str, Any] | None, final: Any, rank: int, world: int, last_epoch: int,
+                    run: dict[str, Any] | None = None) -> None:
     """A rerun of a finished run: rank 0 tests its selected model again and reports the
     finished state once more (a run's result carries its latest checkpoint's metrics)."""
     metrics: dict[str, Any] = {"epoch": last_epoch, "world_size": world}
     if rank == 0:
         metrics.update(final())
-    report_epoch(metrics, state if rank == 0 else None)
+    report_epoch(metrics, state if rank == 0 else None, run)
 
 
 def write_digest(config: dict[str, Any], rank: int, model: Any) -> None:
@@ -491,6 +534,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     from ipb_ray.streams import lease_states, release_states
 
     fold = cfg.split.fold if fold is None else fold
+    local_run_storage(cfg, fold)  # local mode refuses remote storage before anything starts
     inputs = fold_inputs(cfg, fold)
     semi = cfg.method.name in ("mpl", "ipb")
     if semi and not inputs.unlabelled:
@@ -549,7 +593,9 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         _mpl_loop if semi else _train_loop,
-        train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir},
+        train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
+                           "local_run_dir": local_run_storage(cfg, fold),
+                           "checkpoints_to_keep": r.checkpoints_to_keep},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),
@@ -558,6 +604,20 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
                              callbacks=callbacks or None),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=split_datasets(r.num_workers, semi)))
+
+
+def local_run_storage(cfg: ExperimentConfig, fold: int) -> str | None:
+    """Where a local-mode run (``resources.num_workers=0``: Ray Train runs the loop in this
+    process, with no controller to persist checkpoints) keeps them itself:
+    ``<storage>/<run name>``, as Train would; None with Train workers."""
+    if cfg.resources.num_workers > 0:
+        return None
+    where = cfg.tracking.storage_path
+    if "://" in where:
+        raise ValueError(f"resources.num_workers=0 trains in this process and keeps checkpoints itself, on a "
+                         f"local path; tracking.storage_path={where!r} is remote. Use resources.num_workers>=1 "
+                         "for remote storage, or give a local (or mounted) tracking.storage_path")
+    return os.path.join(storage_uri(where), run_name(cfg, fold))
 
 
 def split_datasets(num_workers: int, semi: bool) -> list[str]:

@@ -31,7 +31,8 @@ def _overrides(root):
     return [f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
             f"data.catalog={root / 'catalog'}", f"tracking.storage_path={root / 'runs'}",
             "split.folds=3", "split.labelled_fraction=0.4", "method.name=supervised", "method.steps_per_epoch=4",
-            "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24", "method.batch_size=4"]
+            "model.backbone=vgg_tiny", "data.global_patch=48", "data.local_patch=24", "method.batch_size=4",
+            "resources.num_workers=1"]
 
 
 def _cfg(root, *extra):
@@ -100,3 +101,21 @@ def test_killed_worker_restarts_from_checkpoint(train_catalog):
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from the checkpoint of epoch" in out, out[-4000:]
     assert "confusion matrix" in out
+
+
+def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
+    """resources.num_workers=0 (Ray Train's local mode, the demo's): no controller persists
+    checkpoints, so the loop writes them under the run's storage directory itself."""
+    from ipb_ray.training import train_fold
+
+    cfg = _cfg(train_catalog, "name=local", "method.epochs=2", "resources.num_workers=0")
+    run = train_catalog / "runs" / "local-supervised-fold0"
+    first = train_fold(cfg, 0)
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000000", "checkpoint_000001"]
+    assert first["checkpoint"] == str(run / "checkpoint_000001") and first["resumed_from_epoch"] == -1
+    assert [h["epoch"] for h in first["history"]] == [0, 1] and first["test_report"]["n"] > 0
+    more = train_fold(cfg.replace("method.epochs=3"), 0)  # the same run, one epoch more: resumes
+    assert more["resumed_from_epoch"] == 1 and [h["epoch"] for h in more["history"]] == [0, 1, 2]
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    with pytest.raises(ValueError, match="num_workers=0 .* local"):
+        train_fold(cfg.replace("tracking.storage_path=s3://bucket/runs"), 0)
