@@ -359,7 +359,12 @@ def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | No
     # The V2 Parquet reader lists files in a task that always asks for a whole CPU; on a
     # small node whose CPUs Ray Train workers already hold, that task never schedules and
     # the pipeline stalls (seen on 2 CPUs). The classic reader lists files in the driver.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = False
+    # Blocks in read order, not in the order parallel tasks finish: the seeded shuffle
+    # buffer then sees the same sequence on every run, so a seed gives the same batches
+    # (and the same teacher for MPL and IPB) instead of run-to-run noise.
+    ctx.execution_options.preserve_order = True
     ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
     kwargs: dict[str, Any] = dict(batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
                                   fn_kwargs=dict(spec=spec, epoch=epoch, counts=counts, state_name=state_name,

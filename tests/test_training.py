@@ -117,5 +117,9 @@ def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
     more = train_fold(cfg.replace("method.epochs=3"), 0)  # the same run, one epoch more: resumes
     assert more["resumed_from_epoch"] == 1 and [h["epoch"] for h in more["history"]] == [0, 1, 2]
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    # the same seed under another run name: the same batches, so the same network
+    # (Ray Data keeps block order: streams.patch_dataset sets preserve_order)
+    twin = train_fold(_cfg(train_catalog, "name=local-twin", "method.epochs=2", "resources.num_workers=0"), 0)
+    assert twin["param_digest"] == first["param_digest"]
     with pytest.raises(ValueError, match="num_workers=0 .* local"):
         train_fold(cfg.replace("tracking.storage_path=s3://bucket/runs"), 0)
