@@ -45,7 +45,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     from ipb_ray.training import CHECKPOINT_FILE, train_fold
 
     cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
-               "resources.cpus_per_worker=0.5")
+               "resources.cpus_per_worker=0.5", "method.student_init=scratch")
     metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
     history = metrics["history"]
     assert [h["phase"] for h in history] == [0, 0, 0, 1, 1, 1]

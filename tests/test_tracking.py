@@ -90,7 +90,7 @@ def test_parent_run_tags_params_and_status(logged):
     assert tags["ipb.config_key"] == tracking.config_key(cfg) and len(tags["ipb.config_key"]) == 12
     assert tags["ipb.method"] == "ipb" and tags["ipb.preset"] == "demo"
     assert tags["ipb.backbone"] == "patch_stats"
-    assert tags["ipb.labelled_fraction"] == "0.2"
+    assert tags["ipb.labelled_fraction"] == str(cfg.split.labelled_fraction) == "0.1"  # the demo preset's
     assert tags["ipb.data_fingerprint"] == "unknown"  # the catalog dir does not exist
     assert tags["ipb.git_commit"] == "unknown" or len(tags["ipb.git_commit"]) == 40
     assert run.data.params == {k: str(v) for k, v in flatten(cfg).items()}
