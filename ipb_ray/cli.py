@@ -749,9 +749,10 @@ def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]
                         "`ipb synth`, `ipb preprocess` and `ipb cv` for your own data")
     # Ray Train's local mode unless the user asks for workers: the loop runs in this process
     # and a fold skips ~40 s of actor start-up on a 2-core laptop (BENCHMARKS.md)
-    return DEMO_DEFAULTS + extra + [f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
-            f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
-            f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
+    return DEMO_DEFAULTS + extra + [
+        f"seed={seed}", f"name=demo-seed{seed}", f"data.frames={world}", "data.annotations=null",
+        f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'ray_results'}",
+        f"tracking.tracking_uri=sqlite:///{(out / 'mlflow.db').resolve()}"]
 
 
 def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
