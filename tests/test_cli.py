@@ -214,3 +214,13 @@ def test_report_in_a_ray_job_refuses_an_output_inside_the_jobs_working_dir(tmp_p
     assert result.exit_code == 2 and "--out=report lies inside the Ray job's temporary working directory" \
         in result.output
     assert not (tmp_path / "report").exists()
+
+
+def test_demo_trains_in_local_mode_unless_told_otherwise(tmp_path):
+    from ipb_ray.cli import _demo_overrides
+    from ipb_ray.config import load_config
+
+    world, out = tmp_path / "world", tmp_path / "demo"
+    assert load_config(preset="demo", overrides=_demo_overrides(0, world, out)).resources.num_workers == 0
+    chosen = load_config(preset="demo", overrides=_demo_overrides(0, world, out, ["resources.num_workers=1"]))
+    assert chosen.resources.num_workers == 1 and chosen.data.catalog == str(out / "catalog")
