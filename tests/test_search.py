@@ -68,7 +68,8 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
         f"data.catalog={root / 'catalog'}", f"tracking.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=search-test",
         "split.folds=3", "split.labelled_fraction=0.6", "split.val_fraction=0.5", "method.name=supervised", "method.steps_per_epoch=4",
-        "method.epochs=4", "model.backbone=patch_stats", "model.feature_dim=16", "data.global_patch=48",
+        "method.epochs=4", "method.optimizer=sgd", "model.backbone=patch_stats", "model.feature_dim=16",
+        "data.global_patch=48",
         "data.local_patch=24", "method.batch_size=8", "name=s"])
     build_catalog(cfg)
     # a value that learns, then one that blows the weights up (NaN, one class for all): a
