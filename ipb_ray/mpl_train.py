@@ -40,9 +40,9 @@ import numpy as np
 
 from ipb_ray.config import ExperimentConfig, from_dict
 from ipb_ray.training import (FoldInputs, _Timer, _all_reduce, _autocast, _inputs, _test_metrics, _unwrap,
-                              build_model, labelled_steps, load_checkpoint, model_kwargs, param_digest, recalibrate,
-                              report_epoch, report_finished, shuffled, snapshot, supervised_epoch, validate,
-                              worker_device, write_digest)
+                              build_model, labelled_draws, labelled_steps, load_checkpoint, model_kwargs, param_digest,
+                              recalibrate, report_epoch, report_finished, shuffled, snapshot, supervised_epoch,
+                              validate, worker_device, write_digest)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,6 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from ipb_ray.balance import resample_counts
     from ipb_ray.mpl import ema_update, mpl_step, student_lr_at
     from ipb_ray.optim import lr_factor, make_optimizer, set_lr, warmup_steps
     from ipb_ray.rebalance import (LabelTable, class_histogram, epoch_plan, labelling_dataset, pseudo_label_tpr,
@@ -127,7 +126,6 @@ def _mpl_loop(config: dict[str, Any]) -> None:
     mpl_warm = warmup_steps(mpl_total, m.warmup_fraction)
     calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
     columns = spec_train.patch_columns()
-    labels = np.asarray(inputs.labelled_labels)
     u_truth = np.asarray(inputs.unlabelled_truth or [-1] * len(inputs.unlabelled), np.int64)
     truth_of = dict(zip(inputs.unlabelled, u_truth.tolist()))
 
@@ -204,9 +202,8 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                                "unlabelled colonies")
         return labelled, took, time.perf_counter() - t0
 
-    def labelled_counts(epoch: int, n: int | None) -> dict[str, int]:
-        counts = resample_counts(labels, n, cfg.seed, epoch, balanced=m.balance_labelled)
-        return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+    def labelled_counts(epoch: int, n: int) -> dict[str, int]:
+        return labelled_draws(inputs, n, cfg.seed, epoch, m.balance_labelled)
 
     for g in range(start, total):
         t_epoch = time.perf_counter()

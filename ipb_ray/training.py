@@ -88,17 +88,24 @@ def labelled_steps(n_labelled: int, world: int, batch_size: int, steps_per_epoch
     return max(1, -(-int(n_labelled) // (max(world, 1) * batch_size)))
 
 
+def labelled_draws(inputs: FoldInputs, n: int, seed: int, epoch: int, balanced: bool = True) -> dict[str, int]:
+    """Copies of each labelled colony in an epoch's draw of ``n`` from L (class-balanced
+    unless ``balanced`` is False; :func:`ipb_ray.balance.resample_counts`); colonies not
+    drawn are left out."""
+    from ipb_ray.balance import resample_counts
+
+    counts = resample_counts(inputs.labelled_labels, n, seed, epoch, balanced=balanced)
+    return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+
+
 def calibration_counts(cfg: ExperimentConfig, inputs: FoldInputs) -> dict[str, int]:
     """Copies of each labelled colony in the BatchNorm calibration stream: ``eval.bn_batches``
     batches drawn from L in the class mix the networks train on (class-balanced unless
     ``method.balance_labelled=false``), seeded. Statistics of the natural mix would shift
     every feature toward the majority class (on BCCD, 85 % RBC) and bias eval-mode
     predictions away from it."""
-    from ipb_ray.balance import resample_counts
-
-    n = cfg.eval.bn_batches * cfg.method.batch_size
-    counts = resample_counts(inputs.labelled_labels, n, cfg.seed, 0, balanced=cfg.method.balance_labelled)
-    return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+    return labelled_draws(inputs, cfg.eval.bn_batches * cfg.method.batch_size, cfg.seed, 0,
+                          cfg.method.balance_labelled)
 
 
 def run_name(cfg: ExperimentConfig, fold: int) -> str:
@@ -306,18 +313,15 @@ def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: dic
 
     metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
     local = (run or {}).get("local_run_dir")
-    if local:
-        checkpoint = None
-        if state is not None:
-            where = _save_local(local, metrics["epoch"], state, int(run.get("checkpoints_to_keep", 2)))
-            checkpoint = ray.train.Checkpoint.from_directory(where)
-        ray.train.report(metrics, checkpoint=checkpoint)
-        return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
-            _write_state(tmp, state)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if local:  # kept by the loop itself: Train copies nothing in local mode
+                where = _save_local(local, metrics["epoch"], state, int(run.get("checkpoints_to_keep", 2)))
+            else:
+                _write_state(tmp, state)
+                where = tmp
+            checkpoint = ray.train.Checkpoint.from_directory(where)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -374,7 +378,6 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from ipb_ray.balance import resample_counts
     from ipb_ray.optim import lr_factor, make_optimizer, warmup_steps
     from ipb_ray.streams import STATE_NAMESPACE
 
@@ -409,7 +412,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         resumed_from = state["epoch"]
     actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
     columns = spec_train.patch_columns()
-    labels = np.asarray(inputs.labelled_labels)
     calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
 
     def final() -> dict[str, Any]:
@@ -420,9 +422,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     for epoch in range(start, m.epochs):
         if rank == 0:
-            counts = resample_counts(labels, steps * world * m.batch_size, cfg.seed, epoch,
-                                     balanced=m.balance_labelled)
-            ray.get(actor.set.remote(epoch, {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}))
+            ray.get(actor.set.remote(epoch, labelled_draws(inputs, steps * world * m.batch_size, cfg.seed, epoch,
+                                                           m.balance_labelled)))
         ray.train.collective.barrier()
         metrics: dict[str, Any] = {
             "epoch": epoch, **supervised_epoch(model, opt, shuffled(ray.train.get_dataset_shard("train"), spec_train,
