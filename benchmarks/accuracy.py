@@ -12,7 +12,9 @@
   cluster), :func:`ipb_ray.training.train_fold` with the configuration's settings.
   The reference takes exactly as many optimizer steps as ``supervised``
   (``method.epochs x steps per epoch``); MPL/IPB add ``method.teacher_epochs`` of
-  pre-training and take ``method.epochs x steps per epoch`` teacher/student steps.
+  pre-training and take ``method.epochs x steps per epoch`` teacher/student steps (and,
+  with ``method.finetune_epochs``, that many epochs of fine-tuning on L, reported as
+  ``ipb`` with a second row ``ipb before fine-tuning``).
 
 Every method sees the same fold's L (training), V (model selection) and T (test) from
 the catalog's stored folds (or a view drawn for the configured split). Prints per method:
@@ -183,8 +185,9 @@ def print_table(results: dict[str, dict[str, Any]], base: str) -> str:
             p1 = _paired_p([r["macro_tpr"] for r in ref["reports"]], [r["macro_tpr"] for r in res["reports"]])
             p2 = _paired_p([_worst(r) for r in ref["reports"]], [_worst(r) for r in res["reports"]])
         fmt = lambda p: "-" if p != p else f"{p:.3f}"  # noqa: E731
+        wall = lambda s: "-" if np.all(np.isnan(s)) else f"{np.nanmean(s):.0f}"  # noqa: E731
         lines.append(f"| {name} | {s['macro_tpr']:.3f} ± {s['macro_tpr_std']:.3f} | {s['worst_tpr']:.3f} | "
-                     f"{s['macro_f1']:.3f} | {s['accuracy']:.3f} | {np.mean(res['seconds']):.0f} | {fmt(p1)} | "
+                     f"{s['macro_f1']:.3f} | {s['accuracy']:.3f} | {wall(res['seconds'])} | {fmt(p1)} | "
                      f"{fmt(p2)} |")
     text = "\n".join(lines)
     print(text, flush=True)
@@ -195,7 +198,7 @@ def _print_curves(method: str, fold: int, history: list[dict[str, Any]], names: 
     """One line per epoch: losses, validation balanced accuracy and, for IPB, the
     teacher's pseudo-label mix and what the student's stream received."""
     for h in history:
-        loss = h.get("student_loss", h.get("train_loss", h.get("teacher_train_loss")))
+        loss = h.get("student_loss", h.get("finetune_train_loss", h.get("train_loss", h.get("teacher_train_loss"))))
         val = h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy",
                                                             h.get("teacher_val_balanced_accuracy")))
         line = f"  {method} fold {fold} epoch {h['epoch']}: loss {loss if loss is None else round(loss, 3)} " \
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     m = cfg.method
     size = args.reference_size or (cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size)
     print(f"catalog {cfg.data.catalog}; folds 0..{args.folds - 1}; methods {methods}; model {cfg.model.backbone} "
-          f"width {cfg.model.width}; epochs {m.teacher_epochs}+{m.epochs}; steps/epoch "
+          f"width {cfg.model.width}; epochs {m.teacher_epochs}+{m.epochs}+{m.finetune_epochs} fine-tuning; steps/epoch "
           f"{m.steps_per_epoch or 'one pass'}; batch {m.batch_size}", flush=True)
     results: dict[str, dict[str, Any]] = {k: {"reports": [], "seconds": []} for k in methods}
     t_start = time.perf_counter()
@@ -252,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = train_fold(run, fold)
                 report = out["test_report"]
                 _print_curves(method, fold, out.get("history", []), inputs.class_names)
+                if out.get("pre_finetune_test_report"):  # method.finetune_epochs: the MPL stage's own choice too
+                    before = results.setdefault(f"{method} before fine-tuning", {"reports": [], "seconds": []})
+                    before["reports"].append(out["pre_finetune_test_report"])
+                    before["seconds"].append(float("nan"))
             dt = time.perf_counter() - t0
             results[method]["reports"].append(report)
             results[method]["seconds"].append(dt)

@@ -252,9 +252,9 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
     table = Table("epoch", "phase", "teacher loss", "student loss", "val BA teacher", "val BA student", "s",
                   title="per epoch")
     for h in history:
-        table.add_row(str(h["epoch"]), {0: "teacher", 1: "mpl"}.get(h.get("phase"), "supervised"),
+        table.add_row(str(h["epoch"]), {0: "teacher", 1: "mpl", 2: "fine-tune"}.get(h.get("phase"), "supervised"),
                       _fmt(h.get("teacher_loss", h.get("teacher_train_loss"))),
-                      _fmt(h.get("student_loss", h.get("train_loss"))), _fmt(h.get("teacher_val_balanced_accuracy")),
+                      _fmt(h.get("student_loss", h.get("finetune_train_loss", h.get("train_loss")))), _fmt(h.get("teacher_val_balanced_accuracy")),
                       _fmt(h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy"))),
                       _fmt(h.get("epoch_seconds"), ".1f"))
     console.print(table)
@@ -281,6 +281,8 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     m = cfg.method
     phases = f"{m.teacher_epochs} teacher + {m.epochs} {m.name.upper()} epochs" if m.name != "supervised" \
         else f"{m.epochs} epochs"
+    if m.name != "supervised" and m.finetune_epochs:
+        phases += f" + {m.finetune_epochs} fine-tuning"
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
                   f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
                   f"{cfg.resources.num_workers} worker(s)", highlight=False)

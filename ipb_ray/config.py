@@ -275,6 +275,10 @@ class MethodConfig:
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
     mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
                            doc="sign of the MPL feedback h (derivation: old - new)")
+    finetune_epochs: int = _f(0, lo=0, doc="MPL/IPB: epochs of fine-tuning the selected student on (balanced) L "
+                              "after the MPL phase, its own stage selected on V (the authors' last step; "
+                              "0 = off). Both test results are kept: before and after fine-tuning")
+    finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0, doc="fine-tuning lr (the authors': 3e-5 with SGD)")
     balance_labelled: bool = _f(True, doc="class-balance L by resampling")
     draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per MPL/IPB epoch (IPB: multinomial "
                                      "draws); None = |U|")

@@ -18,6 +18,11 @@ same number of :func:`ipb_ray.mpl.mpl_step` s on its equal share of both streams
 labelled stream is resampled to exactly as many batches). The student with the best
 balanced accuracy on V is kept and tested on T.
 
+With ``method.finetune_epochs`` > 0 a third stage follows (the authors' last step): that
+student is fine-tuned on class-balanced L (cross-entropy, ``method.finetune_lr`` with its
+own warm-up and schedule), the best fine-tuning epoch on V is kept and tested on T, and
+the MPL stage's choice is tested too (``pre_finetune_test_*``), so both numbers exist.
+
 Learning rates follow :func:`ipb_ray.optim.lr_factor` per optimizer step (warm-up, then
 cosine by default), over the pre-training steps for the teacher and over the MPL steps
 for both networks (the student's warm-up epochs scale it further). Before every
@@ -47,6 +52,9 @@ from ipb_ray.training import (FoldInputs, _Timer, _all_reduce, _autocast, _input
 log = logging.getLogger(__name__)
 
 #: per-step figures of :func:`ipb_ray.mpl.mpl_step` averaged into the epoch's metrics
+#: Key prefix of the MPL stage's own test figures when fine-tuning follows it.
+PRE_FINETUNE = "pre_finetune_"
+
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
                 "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
 
@@ -59,6 +67,17 @@ def _gather(obj: Any) -> list[Any]:
         torch.distributed.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def _from_rank_zero(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (itself without a process group)."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
 
 def _shares(prefix: str, counts: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
@@ -121,7 +140,15 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                          f"{m.unlabelled_batch_size} on each of {world} worker(s); lower the batch size or raise "
                          "method.draws_per_epoch")
     n_draws, n_labelled = steps * world * m.unlabelled_batch_size, steps * world * m.batch_size
-    total = m.teacher_epochs + m.epochs
+    ft_start = m.teacher_epochs + m.epochs  # the first fine-tuning epoch (when there are any)
+    total = ft_start + m.finetune_epochs
+    ft_total = max(t_steps * m.finetune_epochs, 1)
+    ft_warm = warmup_steps(ft_total, m.warmup_fraction)
+    ft_opt = make_optimizer(student.parameters(), m.optimizer, m.finetune_lr, **opt_kw) \
+        if m.finetune_epochs else None
+
+    def finetune_lr(step: int) -> float:
+        return m.finetune_lr * lr_factor(step, ft_total, ft_warm, m.schedule)
     mpl_total = steps * m.epochs
     mpl_warm = warmup_steps(mpl_total, m.warmup_fraction)
     calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
@@ -131,6 +158,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
 
     start, global_step, best_metric, best_state, resumed_from = 0, 0, -1.0, None, None
     table: LabelTable | None = None
+    mpl_best: dict[str, Any] | None = None  # the MPL stage's selected student, once fine-tuning began
     class_weights: list[float] | None = None
     history: list[dict[str, Any]] = []
     state = load_checkpoint(config)
@@ -147,13 +175,18 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         table = LabelTable.from_rows(state["table"]) if state.get("table") else None
         class_weights = state.get("class_weights")
         history = list(state.get("history", []))
+        mpl_best = state.get("mpl_best_model")
+        if ft_opt is not None and state.get("ft_opt") is not None:
+            ft_opt.load_state_dict(state["ft_opt"])
     l_state, u_state, p_state = (state_handle(config[k]) for k in ("state", "u_state", "label_state"))
 
     def selected() -> Any:
-        return ema if ema is not None else student
+        return ema if ema is not None and mpl_best is None else student  # fine-tuning trains the student itself
 
     def checkpoint_state(g: int) -> dict[str, Any]:
-        return {"phase": "teacher" if g < m.teacher_epochs else "mpl", "epoch": g,
+        phase = "teacher" if g < m.teacher_epochs else "mpl" if g < ft_start else "finetune"
+        return {"phase": phase, "epoch": g, "mpl_best_model": mpl_best,
+                "ft_opt": ft_opt.state_dict() if ft_opt is not None else None,
                 "teacher": _unwrap(teacher).state_dict(), "student": _unwrap(student).state_dict(),
                 "t_opt": t_opt.state_dict(), "s_opt": s_opt.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None, "global_step": global_step,
@@ -163,9 +196,13 @@ def _mpl_loop(config: dict[str, Any]) -> None:
                 "history": history}
 
     def final() -> dict[str, Any]:
-        """Rank 0: the selected student on T, and where the run began."""
-        return {**_test_metrics(selected(), best_state, inputs, spec_eval, columns, device, amp, m.batch_size),
-                "resumed_from_epoch": -1 if resumed_from is None else resumed_from,
+        """Rank 0: the selected student on T (after fine-tuning, when there was any, and the
+        MPL stage's choice as well), and where the run began."""
+        out = _test_metrics(selected(), best_state, inputs, spec_eval, columns, device, amp, m.batch_size)
+        if mpl_best is not None:
+            before = _test_metrics(selected(), mpl_best, inputs, spec_eval, columns, device, amp, m.batch_size)
+            out.update({f"{PRE_FINETUNE}{k}": v for k, v in before.items()})
+        return {**out, "resumed_from_epoch": -1 if resumed_from is None else resumed_from,
                 "param_digest": param_digest(_unwrap(student)),
                 "teacher_param_digest": param_digest(_unwrap(teacher))}
 
@@ -230,6 +267,36 @@ def _mpl_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 history.append(dict(metrics))
             report_epoch(metrics, checkpoint_state(g) if rank == 0 else None, config)
+            continue
+
+        if g >= ft_start:  # ---- fine-tuning the MPL stage's selected student on (balanced) L
+            if mpl_best is None:  # its first epoch: start from that student (rank 0 chose it); select anew on V
+                mpl_best, best_metric, best_state = _from_rank_zero(best_state), -1.0, None
+                _unwrap(student).load_state_dict(mpl_best)
+            if rank == 0:
+                ray.get(l_state.set.remote(g, labelled_counts(g, t_steps * world * m.batch_size)))
+            ray.train.collective.barrier()
+            sup = supervised_epoch(student, ft_opt, shuffled(ray.train.get_dataset_shard("train"), spec_train,
+                                                             m.batch_size, cfg, g, rank, device),
+                                   columns, device, amp, m, finetune_lr, (g - ft_start) * t_steps)
+            metrics.update({"phase": 2, "finetune_lr": ft_opt.param_groups[0]["lr"],
+                            **{f"finetune_{k}": v for k, v in sup.items()}})
+            state = None
+            if rank == 0:
+                recalibrate(student, spec_plain, columns, device, amp, m.batch_size, **calib)
+                val = validate(student, inputs, spec_eval, columns, device, amp, m.batch_size)
+                if val is not None:
+                    metrics["student_val_balanced_accuracy"] = metrics["objective"] = val["balanced_accuracy"]
+                score = val["balanced_accuracy"] if val is not None else float(g)  # no V: the latest
+                if score >= best_metric:
+                    best_metric, best_state = score, snapshot(student)
+                    metrics["best_epoch"] = g
+                metrics["epoch_seconds"] = time.perf_counter() - t_epoch
+                history.append(dict(metrics))
+                state = checkpoint_state(g)
+                if g == total - 1:
+                    metrics.update(final())
+            report_epoch(metrics, state, config)
             continue
 
         e = g - m.teacher_epochs  # ---- one MPL / IPB epoch
@@ -297,7 +364,7 @@ def _mpl_loop(config: dict[str, Any]) -> None:
         s_lr, t_lr = s_opt.param_groups[0]["lr"], t_opt.param_groups[0]["lr"]
         if rank == 0:  # eval-mode statistics of un-augmented L, before labelling and validation
             recalibrate([teacher, selected()], spec_plain, columns, device, amp, m.batch_size, **calib)
-        if rank == 0 and ipb and m.relabel == "pass" and g + 1 < total:
+        if rank == 0 and ipb and m.relabel == "pass" and g + 1 < ft_start:
             start_pass(e + 1)  # the teacher is final for this epoch: label the next one meanwhile
         _all_reduce(sums)
         gathered = _gather((seen, seen_labels, step_counts))

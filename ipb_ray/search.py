@@ -182,7 +182,7 @@ class SearchResult:
 def epochs_of(cfg: ExperimentConfig) -> int:
     """Reports a one-fold trial makes (ASHA's time axis)."""
     m = cfg.method
-    return m.epochs + (m.teacher_epochs if m.name in ("mpl", "ipb") else 0)
+    return m.epochs + (m.teacher_epochs + m.finetune_epochs if m.name in ("mpl", "ipb") else 0)
 
 
 def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, out: str | Path,
@@ -210,6 +210,9 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if cfg.resources.num_workers == 0:  # Ray Train refuses its API inside a Tune function
+        raise ValueError("resources.num_workers=0 (Ray Train's local mode) cannot run inside a Tune trial; "
+                         "search with resources.num_workers=1 or more (each trial trains on Train workers)")
     space = load_space(space_path, cfg)
     out = Path(out).resolve()
     db = out / "study.db"

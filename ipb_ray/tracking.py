@@ -15,7 +15,9 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.repo
   ``mlflow.parentRunId``, ``ipb.kind = "fold"``, ``ipb.fold``, ``ipb.config_key``; metrics:
   every numeric key of the per-epoch history (step = epoch, names sanitised to MLflow's
   characters), and the final ``test_{macro_tpr,macro_f1,balanced_accuracy,accuracy}``,
-  ``test_{tpr,f1,precision}/<class>``; artifacts ``test_report.json``,
+  ``test_{tpr,f1,precision}/<class>`` (an MPL/IPB run with ``method.finetune_epochs`` also
+  logs the MPL stage's own result as ``pre_finetune_test_*`` and
+  ``pre_finetune_test_report.json``); artifacts ``test_report.json``,
   ``confusion_matrix.json`` (``{"class_names": [...], "matrix": [[...]]}``, rows = true
   class), ``confusion_matrix.png``, ``history.json``; and optionally the selected network
   as an MLflow model named ``model`` (load it with ``mlflow.pytorch.load_model(
@@ -79,6 +81,7 @@ FOLD_KIND = "fold"
 FOLD_REPORTS = "fold_reports.json"
 CV_SUMMARY = "cv_summary.json"
 TEST_REPORT = "test_report.json"
+PRE_FINETUNE_REPORT = "pre_finetune_test_report.json"  # MPL/IPB with method.finetune_epochs: before fine-tuning
 MODEL_NAME = "model"
 PARENT_TAG = "mlflow.parentRunId"
 _MAX_PARAM_VALUE = 6000          # MLflow's limit on a param value (characters)
@@ -382,11 +385,11 @@ def _history_metrics(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, An
     return items
 
 
-def _final_metrics(report: Mapping[str, Any]) -> list[tuple[str, Any, int]]:
-    items: list[tuple[str, Any, int]] = [(f"test_{k}", report.get(k), 0) for k in
+def _final_metrics(report: Mapping[str, Any], prefix: str = "test_") -> list[tuple[str, Any, int]]:
+    items: list[tuple[str, Any, int]] = [(f"{prefix}{k}", report.get(k), 0) for k in
                                          ("macro_tpr", "macro_f1", "balanced_accuracy", "accuracy")]
     for metric in ("tpr", "f1", "precision"):
-        items.extend((f"test_{metric}/{c}", v, 0) for c, v in (report.get(metric) or {}).items())
+        items.extend((f"{prefix}{metric}/{c}", v, 0) for c, v in (report.get(metric) or {}).items())
     return items
 
 
@@ -557,7 +560,10 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
             client.set_terminated(old.info.run_id, "KILLED")
     try:
         history = list(fold_metrics.get("history") or [])
-        _log_metrics(client, child, _history_metrics(history) + _final_metrics(report))
+        # a fine-tuned MPL/IPB student: the MPL stage's own choice is kept beside it
+        before = fold_metrics.get(PRE_FINETUNE_REPORT.removesuffix(".json"))
+        _log_metrics(client, child, _history_metrics(history) + _final_metrics(report) +
+                     (_final_metrics(before, "pre_finetune_test_") if isinstance(before, Mapping) else []))
         class_names = list(report["class_names"])
         with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as d:
             tmp = Path(d)
@@ -568,6 +574,8 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
                 client.log_artifact(child, str(_plot_confusion(
                     report["confusion_matrix"], class_names, tmp / "confusion_matrix.png",
                     title=f"{name}: test fold {fold}")))
+            if isinstance(before, Mapping):
+                _log_json(client, child, dict(before), PRE_FINETUNE_REPORT, tmp)
             _log_json(client, child, dict(report), TEST_REPORT, tmp)  # last: marks the fold complete
         local = fold_metrics.get("local_checkpoint") or fold_metrics.get("checkpoint")
         net, why = _load_best_model(local, cfg, len(class_names)) if log_model else (None, "log_model=False")

@@ -63,7 +63,8 @@ def save_training_curves(history: Sequence[dict[str, Any]], class_names: Sequenc
     import matplotlib.pyplot as plt
 
     panels = [("losses", [("teacher_train_loss", "teacher (pre-training)"), ("teacher_loss", "teacher (MPL)"),
-                          ("student_loss", "student"), ("train_loss", "supervised")]),
+                          ("student_loss", "student"),
+                          ("finetune_train_loss", "student (fine-tuning)"), ("train_loss", "supervised")]),
               ("validation balanced accuracy", [("teacher_val_balanced_accuracy", "teacher"),
                                                 ("student_val_balanced_accuracy", "student"),
                                                 ("val_balanced_accuracy", "model")]),

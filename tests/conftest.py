@@ -27,6 +27,10 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Tests that start their own multi-node cluster go first: `ray start --head` waits only
+    # 30 s for its raylet to register, which a 2-core machine already running the shared
+    # cluster (and what earlier tests left starting or stopping) can miss.
+    items.sort(key=lambda item: 0 if "cluster" in item.keywords else 1)
     skip_data = pytest.mark.skip(reason=f"real data not found at {SHARED_DATA}")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
     has_data = SHARED_DATA.is_dir()

@@ -192,6 +192,8 @@ def test_tune_bad_input_messages(tmp_path):
     assert result.exit_code == 2 and "no study in" in result.output
     result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "--objective", "best"])
     assert result.exit_code == 2 and "objective 'best'" in result.output
+    result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "resources.num_workers=0"])
+    assert result.exit_code == 2 and "cannot run inside a Tune trial" in result.output
 
 
 def test_submit_and_jobs_bad_input_messages():

@@ -210,7 +210,7 @@ def test_settings_that_reach_the_streams_and_removed_keys():
     assert specs["spec_train"].augment.flip_p == 0.1 and specs["spec_uda"].augment is cfg.augment
     assert specs["spec_plain"].mode == "plain" and "spec_label" in specs
     assert "spec_uda" not in stream_specs(cfg, ("a", "b"), semi=False)
-    with pytest.raises(ConfigError, match="method.finetune_epochs: unknown key"):
-        load_config(overrides=["method.finetune_epochs=3"])
+    with pytest.raises(ConfigError, match="method.finetune_epochs: -1 is out of range; allowed"):
+        load_config(overrides=["method.finetune_epochs=-1"])
     with pytest.raises(ConfigError, match="augment.strong_ops.*unknown ops"):
         load_config(overrides=["augment.strong_ops=[rotate, invert]"])

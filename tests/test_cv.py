@@ -38,7 +38,7 @@ def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_
     from ipb_ray.cv import run_cv
     from ipb_ray.stats import aggregate_folds
 
-    cfg = _cfg(cv_catalog, "name=cvtest")
+    cfg = _cfg(cv_catalog, "name=cvtest", "resources.num_workers=0")  # local mode: what is tested is the driver
     events = []
     first = run_cv(cfg, [0], log_model=False, on_event=lambda kind, fold, info: events.append((kind, fold)))
     assert sorted(first.reports) == [0] and first.skipped == []

@@ -78,21 +78,17 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     assert {"teacher", "student", "t_opt", "s_opt", "ema", "global_step", "table", "class_weights",
             "best_model", "history"} <= set(state)
     assert state["epoch"] == 5 and state["global_step"] == 30 and len(state["table"]["colony_id"]) > 0
-    # the same command again finds the finished run and tests the same student
-    again = train_fold(cfg, 0)
-    assert again["resumed_from_epoch"] == 5 and again["param_digest"] == metrics["param_digest"]
-    assert again["test_report"]["confusion_matrix"] == report["confusion_matrix"]
 
 
 def test_ipb_reuse_labels_survive_a_resume(world):
     from ipb_ray.training import train_fold
 
     first = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
-                            "method.epochs=1"), 0)
+                            "method.epochs=1", "resources.num_workers=0"), 0)
     assert first["history"][-1]["label_seconds"] > 0  # the first MPL epoch runs the labelling pass
     # one more epoch on the same run: it resumes from the checkpoint and reuses the stored labels
     more = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
-                           "method.epochs=2"), 0)
+                           "method.epochs=2", "resources.num_workers=0"), 0)
     assert more["resumed_from_epoch"] == 1
     h = more["history"]
     assert [x["epoch"] for x in h] == [0, 1, 2]
@@ -108,7 +104,7 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
     # the student was copied from the pre-trained teacher (method.student_init=teacher)
     metrics = train_fold(_cfg(world, "name=mpl", "method.name=mpl", "method.teacher_epochs=1",
                               "method.epochs=1", "method.student_init=teacher", "method.teacher_lr=0",
-                              "method.student_lr=0", "method.student_warmup_lr=0"), 0)
+                              "method.student_lr=0", "method.student_warmup_lr=0", "resources.num_workers=0"), 0)
     assert metrics["param_digest"] == metrics["teacher_param_digest"]
     h = metrics["history"][-1]
     names = _classes(h)
@@ -117,6 +113,41 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
         assert abs(h[f"stream_true_share/{c}"] - h[f"unlabelled_true_share/{c}"]) < 0.1
     assert sum(h[f"step_pseudo_share/{c}"] for c in names) == pytest.approx(1)
     assert metrics["test_report"]["n"] > 0
+
+
+def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_and_resumes(world):
+    import torch
+
+    from ipb_ray.training import CHECKPOINT_FILE, train_fold
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base = ("name=ft", "method.name=ipb", "method.teacher_epochs=1", "method.epochs=1", "method.finetune_lr=0.01",
+            "method.steps_per_epoch=3", "resources.num_workers=0")
+    first = train_fold(_cfg(world, *base, "method.finetune_epochs=2"), 0)
+    assert [h["phase"] for h in first["history"]] == [0, 1, 2, 2]
+    for h in first["history"][2:]:
+        assert h["finetune_train_steps"] == 3 and np.isfinite(h["finetune_train_loss"])
+        assert 0 < h["finetune_lr"] <= 0.01 and 0 <= h["student_val_balanced_accuracy"] <= 1
+        assert "teacher_proportion/" not in " ".join(h)  # no labelling pass while fine-tuning
+    for key in ("test_report", "pre_finetune_test_report"):
+        assert first[key]["n"] == first["test_report"]["n"] > 0
+    state = torch.load(os.path.join(first["checkpoint"], CHECKPOINT_FILE), weights_only=False)
+    assert state["phase"] == "finetune" and state["ft_opt"] is not None
+    # the fine-tuned choice is not the MPL stage's student any more
+    assert not same(state["best_model"], state["mpl_best_model"])
+    # one fine-tuning epoch more: the run resumes inside the stage, from the same MPL student
+    more = train_fold(_cfg(world, *base, "method.finetune_epochs=3"), 0)
+    assert more["resumed_from_epoch"] == 3 and [h["phase"] for h in more["history"]] == [0, 1, 2, 2, 2]
+    again = torch.load(os.path.join(more["checkpoint"], CHECKPOINT_FILE), weights_only=False)
+    assert same(again["mpl_best_model"], state["mpl_best_model"])
+    assert more["pre_finetune_test_report"]["confusion_matrix"] == first["pre_finetune_test_report"]["confusion_matrix"]
+    # the same command again finds the finished run and tests the same students
+    again = train_fold(_cfg(world, *base, "method.finetune_epochs=3"), 0)
+    assert again["resumed_from_epoch"] == 4 and again["param_digest"] == more["param_digest"]
+    for key in ("test_report", "pre_finetune_test_report"):
+        assert again[key]["confusion_matrix"] == more[key]["confusion_matrix"]
 
 
 def test_too_few_unlabelled_colonies_for_a_batch_is_refused_with_the_fix(world):

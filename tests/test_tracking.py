@@ -61,9 +61,12 @@ def _fold_metrics(cfg, fold: int, ckpt_dir: Path | None) -> dict:
         torch.save({"best_model": net.state_dict(), "epoch": 2, "history": history},
                    ckpt_dir / CHECKPOINT_FILE)
         checkpoint = str(ckpt_dir)
-    return {"test_report": report, "history": history, "checkpoint": checkpoint,
-            "test_balanced_accuracy": report["balanced_accuracy"], "test_macro_f1": report["macro_f1"],
-            "param_digest": f"digest{fold}", "resumed_from_epoch": -1}
+    out = {"test_report": report, "history": history, "checkpoint": checkpoint,
+           "test_balanced_accuracy": report["balanced_accuracy"], "test_macro_f1": report["macro_f1"],
+           "param_digest": f"digest{fold}", "resumed_from_epoch": -1}
+    if fold == 1:  # a fine-tuned student: the MPL stage's own result rides along
+        out["pre_finetune_test_report"] = classification_report(y.tolist(), y[::-1].tolist(), CLASSES)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +138,14 @@ def test_child_runs_metrics_and_artifacts(logged):
         hist_art = json.loads(Path(client.download_artifacts(rid, "history.json", str(d))).read_text())
         assert [h["epoch"] for h in hist_art] == [0, 1, 2]
     assert "test_tpr/Spread" not in client.get_run(logged["children"][1]).data.metrics  # NaN skipped
+    # fold 1 was fine-tuned: the result before fine-tuning is kept as its own metrics and report
+    before = logged["folds"][1]["pre_finetune_test_report"]
+    assert before["macro_tpr"] != logged["folds"][1]["test_report"]["macro_tpr"]
+    child1 = client.get_run(logged["children"][1]).data.metrics
+    assert child1["pre_finetune_test_macro_tpr"] == pytest.approx(before["macro_tpr"])
+    assert child1["test_macro_tpr"] == pytest.approx(logged["folds"][1]["test_report"]["macro_tpr"])
+    assert "pre_finetune_test_report.json" in {a.path for a in client.list_artifacts(logged["children"][1])}
+    assert not any(k.startswith("pre_finetune") for k in client.get_run(logged["children"][0]).data.metrics)
     assert client.get_run(logged["children"][1]).data.tags["ipb.model_uri"] == ""
 
 
