@@ -104,7 +104,8 @@ def test_synth_refuses_a_foreign_folder(tmp_path):
     assert (tmp_path / "thesis.docx").read_text() == "precious"
 
 
-TINY_TRAINING = ("method.epochs=2", "method.teacher_epochs=1", "method.steps_per_epoch=3", "eval.bn_batches=2")
+TINY_TRAINING = ("method.epochs=2", "method.teacher_epochs=1", "method.steps_per_epoch=3", "eval.bn_batches=2",
+                 "method.finetune_epochs=1")
 
 
 def test_demo_refuses_overrides_of_its_own_paths(tmp_path):

@@ -32,7 +32,7 @@ def _cfg(root, *extra):
         f"tracking.storage_path={root / 'runs'}", "split.folds=3", "split.labelled_fraction=0.3",
         "data.global_patch=48", "data.local_patch=24", "model.backbone=patch_stats", "model.feature_dim=16",
         "method.batch_size=8", "method.unlabelled_batch_size=8", "method.teacher_epochs=3", "method.epochs=3",
-        "method.steps_per_epoch=null", *extra])
+        "method.steps_per_epoch=null", "method.finetune_epochs=0", *extra])
 
 
 def _classes(h):

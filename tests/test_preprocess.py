@@ -114,7 +114,7 @@ def test_bccd_voc_import(ray_local, shared_data, tmp_path):
     assert catalog.decode_png(first["image"]).shape == (first["height"], first["width"])
 
 
-def test_killed_preprocess_resumes_without_redoing_frames(tmp_path):
+def test_killed_preprocess_resumes_without_redoing_frames(tmp_path, ray_local):
     """A real crash: kill `ipb preprocess` mid-run, rerun, compare with a clean build."""
     root = make_frames(tmp_path, n_frames=16, seed=3)
     args = [sys.executable, "-m", "ipb_ray.cli", "preprocess", "--preset", "demo",
@@ -134,11 +134,13 @@ def test_killed_preprocess_resumes_without_redoing_frames(tmp_path):
     assert 3 <= done_before < 17, "the kill came too late to test a resume"
     with pytest.raises(catalog.IncompleteCatalogError):
         catalog.read_catalog(root / "catalog")
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    # the rerun and the clean build join the session's cluster (no Ray start-up of their own)
+    joined = [*args, "--address", ray_local.get_runtime_context().gcs_address]
+    out = subprocess.run(joined, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "already done" in out.stdout
     resumed = catalog.read_catalog(root / "catalog").sort_by("colony_id")
-    fresh_args = [a if a != str(root / "catalog") else str(root / "fresh") for a in args]
+    fresh_args = [a if a != str(root / "catalog") else str(root / "fresh") for a in joined]
     assert subprocess.run(fresh_args, env=env, capture_output=True, timeout=300).returncode == 0
     fresh = catalog.read_catalog(root / "fresh").sort_by("colony_id")
     assert resumed.num_rows == fresh.num_rows == 64

