@@ -198,11 +198,9 @@ def _print_curves(method: str, fold: int, history: list[dict[str, Any]], names: 
     """One line per epoch: losses, validation balanced accuracy and, for IPB, the
     teacher's pseudo-label mix and what the student's stream received."""
     for h in history:
-        loss = h.get("student_loss", h.get("finetune_train_loss", h.get("train_loss", h.get("teacher_train_loss"))))
-        val = h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy",
-                                                            h.get("teacher_val_balanced_accuracy")))
-        line = f"  {method} fold {fold} epoch {h['epoch']}: loss {loss if loss is None else round(loss, 3)} " \
-               f"val BA {val if val is None else round(val, 3)}"
+        loss, val = h.get("train_loss"), h.get("val_balanced_accuracy")
+        line = f"  {method} fold {fold} epoch {h['epoch']} ({h.get('stage')}): loss " \
+               f"{loss if loss is None else round(loss, 3)} val BA {val if val is None else round(val, 3)}"
         if f"teacher_proportion/{names[0]}" in h:
             line += " teacher mix " + " ".join(f"{n}:{h[f'teacher_proportion/{n}']:.2f}" for n in names)
             line += " -> stream " + " ".join(f"{n}:{h.get(f'stream_share/{n}', 0):.2f}" for n in names)

@@ -50,11 +50,11 @@ def run(out: Path, method: str, relabel: str, workers: int, epochs: int, tag: st
     t0 = time.perf_counter()
     metrics = train_fold(cfg, 0)
     wall = time.perf_counter() - t0
-    mpl = [h for h in metrics["history"] if h.get("phase") == 1]
+    mpl = [h for h in metrics["history"] if h.get("stage") == "mpl"]
     steady = mpl[1:] or mpl
     return {"method": method, "relabel": relabel if method == "ipb" else "-", "workers": workers,
             "epoch_s": statistics.median(h["epoch_seconds"] for h in steady),
-            "label_s": statistics.median(h["label_seconds"] for h in steady),
+            "label_s": statistics.median(h.get("label_seconds", 0.0) for h in steady),
             "label_pass_s": statistics.median(h.get("label_pass_seconds", 0.0) for h in steady),
             "train_s": statistics.median(h["train_seconds"] for h in steady),
             "first_mpl_epoch_s": mpl[0]["epoch_seconds"], "steps": mpl[0]["train_steps"],

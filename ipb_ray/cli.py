@@ -247,16 +247,16 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def print_history(history: list, class_names: Sequence[str]) -> None:
-    """One row per epoch: phase, losses and validation balanced accuracy; for IPB a second
-    table of the teacher's class proportion -> the student stream's share, per class."""
-    table = Table("epoch", "phase", "teacher loss", "student loss", "val BA teacher", "val BA student", "s",
+    """One row per epoch: the stage, the trained network's loss and validation balanced
+    accuracy (and the teacher's, during MPL steps); with a pseudo-balancer a second table of
+    the labeller's class proportion -> the unlabelled stream's share, per class."""
+    teacher = any("teacher_loss" in h for h in history)
+    table = Table("epoch", "stage", "loss", "val BA", *(("teacher loss", "teacher val BA") if teacher else ()), "s",
                   title="per epoch")
     for h in history:
-        table.add_row(str(h["epoch"]), {0: "teacher", 1: "mpl", 2: "fine-tune"}.get(h.get("phase"), "supervised"),
-                      _fmt(h.get("teacher_loss", h.get("teacher_train_loss"))),
-                      _fmt(h.get("student_loss", h.get("finetune_train_loss", h.get("train_loss")))), _fmt(h.get("teacher_val_balanced_accuracy")),
-                      _fmt(h.get("student_val_balanced_accuracy", h.get("val_balanced_accuracy"))),
-                      _fmt(h.get("epoch_seconds"), ".1f"))
+        extra = (_fmt(h.get("teacher_loss")), _fmt(h.get("teacher_val_balanced_accuracy"))) if teacher else ()
+        table.add_row(str(h["epoch"]), str(h.get("stage", "")), _fmt(h.get("train_loss")),
+                      _fmt(h.get("val_balanced_accuracy")), *extra, _fmt(h.get("epoch_seconds"), ".1f"))
     console.print(table)
     balanced = [h for h in history if f"teacher_proportion/{class_names[0]}" in h]
     if balanced:
@@ -278,11 +278,10 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
         console.print(f"split.* differs from the folds stored in {escape(str(before))}: using the catalog "
                       f"view {escape(str(cfg.data.catalog))}", highlight=False)
 
+    from ipb_ray.methods import get_method
+
     m = cfg.method
-    phases = f"{m.teacher_epochs} teacher + {m.epochs} {m.name.upper()} epochs" if m.name != "supervised" \
-        else f"{m.epochs} epochs"
-    if m.name != "supervised" and m.finetune_epochs:
-        phases += f" + {m.finetune_epochs} fine-tuning"
+    phases = " + ".join(f"{s.epochs} {s.title or s.name}" for s in get_method(m.name).stages(cfg)) + " epochs"
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
                   f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
                   f"{cfg.resources.num_workers} worker(s)", highlight=False)
@@ -670,9 +669,8 @@ def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
 DEMO_WORLD = {"frames": 12, "colonies": 20,
               "class_weights": {"Spread": 0.36, "Dense": 0.18, "Debris": 0.16, "Diff": 0.12, "multi": 0.18}}
 
-DEMO_METHODS = (("supervised", "supervised multi-scale CNN baseline"),
-                ("mpl", "MPL, imbalanced (no pseudo-balancing)"),
-                ("ipb", "IPB: MPL with per-epoch pseudo-balancing"))
+#: The methods the demo compares (the paper's Table 5 core), the baseline first.
+DEMO_METHODS = ("supervised", "mpl", "ipb")
 
 
 @app.command()
@@ -697,8 +695,11 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
         _demo_stream(cfg, out)
         results = {}
-        for step, (method, what) in enumerate(DEMO_METHODS, start=4):
-            console.rule(f"[bold]{step}. {what}: {folds}-fold cross-validation (Ray Train, MLflow)")
+        from ipb_ray.methods import get_method
+
+        for step, method in enumerate(DEMO_METHODS, start=4):
+            console.rule(f"[bold]{step}. {method}: {get_method(method).title}: {folds}-fold cross-validation "
+                         "(Ray Train, MLflow)")
             run = _cv_one(cfg.replace(f"method.name={method}"), list(range(folds)), None, True)
             results[method] = run
         console.rule("[bold]7. comparison")
@@ -728,12 +729,13 @@ def _demo_compare(results: dict, folds: int) -> None:
                       f"{tprs.get(worst, float('nan')):.4f} ({worst})",
                       f"{s['macro_f1']['mean']:.4f} ± {s['macro_f1']['std']:.4f}")
     console.print(table)
-    base = results["supervised"].reports
-    for method in ("mpl", "ipb"):
+    baseline, *others = results
+    base = results[baseline].reports
+    for method in others:
         other = results[method].reports
         common = sorted(set(base) & set(other))
         if len(common) >= 2:
-            print_paired(paired_tests([base[f] for f in common], [other[f] for f in common]), "supervised", method)
+            print_paired(paired_tests([base[f] for f in common], [other[f] for f in common]), baseline, method)
 
 
 DEMO_OWN_KEYS = ("data.", "tracking.", "name=", "seed=")

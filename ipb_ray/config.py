@@ -52,8 +52,12 @@ __all__ = [
 #: tests). ``model.backbone`` is checked against the registry itself
 #: (:func:`ipb_ray.models.list_models`), so a ``@register_model`` backbone is valid too.
 BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
-#: Training methods: plain supervised on L, Meta Pseudo Labels, Iterative Pseudo Balancing.
-METHODS = ("supervised", "mpl", "ipb")
+#: Training methods shipped with the method registry (:mod:`ipb_ray.methods`): supervised on
+#: L, Meta Pseudo Labels, Iterative Pseudo Balancing, Pseudo-Label. ``method.name`` is
+#: checked against the registry itself, so a ``@register_method`` method is valid too.
+METHODS = ("supervised", "mpl", "ipb", "pseudo_label")
+#: Balancers of an unlabelled stream shipped with :mod:`ipb_ray.methods.balancers`.
+BALANCERS = ("none", "pseudo_balance")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 RELABEL = ("pass", "reuse")
 STUDENT_INITS = ("scratch", "teacher")
@@ -242,9 +246,13 @@ class ModelConfig:
 class MethodConfig:
     """Training method and its optimisation (paper: SGD lr 0.005, wd 1e-4, momentum 0.9)."""
 
-    name: str = _f("ipb", choices=METHODS, doc="supervised | mpl | ipb")
+    name: str = _f("ipb", doc="registered method (ipb_ray.methods.list_methods()): supervised | mpl | ipb | "
+                   "pseudo_label")
+    balancer: str | None = _f(None, doc="balancer of a semi-supervised method's unlabelled stream: none | "
+                              "pseudo_balance (IPB's); None = the method's own (ipb: pseudo_balance, others: none)")
     epochs: int = _f(200, lo=1, doc="MPL/IPB epochs (or supervised epochs)")
-    teacher_epochs: int = _f(200, lo=0, doc="teacher pre-training epochs on balanced L")
+    teacher_epochs: int = _f(200, lo=0, doc="epochs of supervised pre-training on balanced L before the "
+                             "unlabelled stage (MPL/IPB: the teacher's; pseudo_label: the model's)")
     batch_size: int = _f(32, lo=1, hi=65536, doc="labelled batch size per worker")
     unlabelled_batch_size: int = _f(32, lo=1, hi=65536, doc="unlabelled batch size per worker")
     steps_per_epoch: int | None = _f(None, lo=1, doc="optimizer steps per epoch (supervised, teacher "
@@ -270,8 +278,9 @@ class MethodConfig:
     threshold: float = _f(0.65, lo=0.0, hi=1.0, doc="pseudo-label confidence threshold")
     threshold_student: bool = _f(True, doc="apply the threshold to the student loss too")
     temperature: float = _f(1.0, lo=1e-3, hi=100.0, doc="UDA soft-target temperature")
-    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u of the UDA loss")
-    uda_steps: int = _f(5000, lo=1, doc="steps of the linear UDA weight ramp")
+    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u: weight of the unlabelled loss (MPL/IPB: the "
+                           "teacher's UDA loss; pseudo_label: cross-entropy on confident pseudo-labels)")
+    uda_steps: int = _f(5000, lo=1, doc="steps of the linear ramp of lambda_u from 0")
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
     mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
                            doc="sign of the MPL feedback h (derivation: old - new)")
@@ -290,6 +299,18 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _check_fields(self)
+        from ipb_ray.methods import get_method, list_balancers  # the registries decide (no torch, no Ray)
+
+        try:
+            method = get_method(self.name)
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="name") from None
+        if self.balancer is not None and not method.semi_supervised:
+            raise ConfigError(f"method {self.name!r} streams no unlabelled data, so it has nothing to balance; "
+                              "remove method.balancer or choose a semi-supervised method", key="balancer")
+        if self.balancer is not None and self.balancer not in list_balancers():
+            raise ConfigError(f"{self.balancer!r} is not a registered balancer; choose one of "
+                              f"{', '.join(list_balancers())}", key="balancer")
 
 
 @dataclass(frozen=True)

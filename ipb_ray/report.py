@@ -41,10 +41,27 @@ from ipb_ray.stats import aggregate_folds, format_comparison, paired_tests
 from ipb_ray.tracking import quiet_downloads
 
 FOLD_REPORTS = "fold_reports.json"
-_METHOD_ORDER = {"supervised": 0, "mpl": 1, "ipb": 2}
-# (metric key, legend label) of the loss curves of Figure 2
-LOSS_SERIES = (("teacher_train_loss", "teacher (pre-training)"), ("teacher_loss", "teacher (MPL)"),
-               ("student_loss", "student"), ("train_loss", "supervised"))
+# (metric key, legend label) of the loss curves of Figure 2: every stage's trained network
+# (MPL/IPB: the teacher in pre-training, the student in the MPL and fine-tuning stages),
+# and the teacher during the MPL steps
+LOSS_SERIES = (("train_loss", "trained network"), ("teacher_loss", "teacher (MPL steps)"))
+
+
+def _method_rank(name: str) -> int:
+    """Tables list methods in registration order; unknown names (another version's) last."""
+    from ipb_ray.methods import list_methods
+
+    known = list_methods()
+    return known.index(name) if name in known else len(known)
+
+
+def _is_baseline(name: str) -> bool:
+    from ipb_ray.methods import get_method
+
+    try:
+        return get_method(name).baseline
+    except ValueError:
+        return False
 _PREFIXES = ("teacher_proportion/", "sampling_weight/", "unlabelled_true_share/")
 FIGURE_FILES = {"figure2": "fig2_losses.png", "figures6_7": "fig6_7_class_balance.png",
                 "figure8": "fig8_labelled_fraction.png"}
@@ -209,7 +226,7 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
                              f"{c.run_id} of the same configuration (ipb.config_key {c.config_key})")
             newest[key] = c
     configs = [c for c in configs if not c.config_key or newest[(c.config_key, c.fraction_tag)] is c]
-    configs.sort(key=lambda c: (_METHOD_ORDER.get(c.method, len(_METHOD_ORDER)),
+    configs.sort(key=lambda c: (_method_rank(c.method),
                                 math.isnan(c.fraction), 0.0 if math.isnan(c.fraction) else c.fraction,
                                 c.start_time, c.name))
     seen: dict[str, int] = {}
@@ -371,7 +388,7 @@ def _confusion_table(c: _Config) -> _Table:
 
 def _resolve_baseline(configs: Sequence[_Config], baseline: str | None) -> _Config:
     if baseline is None:
-        return next((c for c in configs if c.method == "supervised"), configs[0])
+        return next((c for c in configs if _is_baseline(c.method)), configs[0])
     for c in configs:
         if baseline in (c.name, c.run_id, c.config_key):
             return c

@@ -158,11 +158,9 @@ def _finite(v: Any) -> bool:
 
 
 def _best_val(history: list[dict[str, Any]]) -> float:
-    keys = ("student_val_balanced_accuracy", "val_balanced_accuracy", "teacher_val_balanced_accuracy")
     for h in reversed(history):
-        for k in keys:
-            if _finite(h.get(k)):
-                return float(h[k])
+        if _finite(h.get("val_balanced_accuracy")):
+            return float(h["val_balanced_accuracy"])
     return float("nan")
 
 
@@ -181,8 +179,9 @@ class SearchResult:
 
 def epochs_of(cfg: ExperimentConfig) -> int:
     """Reports a one-fold trial makes (ASHA's time axis)."""
-    m = cfg.method
-    return m.epochs + (m.teacher_epochs + m.finetune_epochs if m.name in ("mpl", "ipb") else 0)
+    from ipb_ray.methods import total_epochs
+
+    return total_epochs(cfg)
 
 
 def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, out: str | Path,

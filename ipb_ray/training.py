@@ -19,11 +19,14 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from ipb_ray.config import ExperimentConfig, from_dict, to_dict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ipb_ray.methods import Stage
 
 log = logging.getLogger(__name__)
 
@@ -371,86 +374,387 @@ def snapshot(model: Any) -> dict[str, Any]:
     return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
 
 
-def _train_loop(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-    import ray.train.collective
-    import ray.train.torch
+class LoopContext:
+    """What a method (:mod:`ipb_ray.methods`) and its balancer may use on a Train worker:
+    the configuration, the fold, the stream specs, this worker's device, and helpers to
+    build networks and optimisers and to move batches."""
+
+    def __init__(self, cfg: ExperimentConfig, inputs: FoldInputs, config: dict[str, Any], rank: int, world: int,
+                 device: Any, amp: bool, prepare: Callable[[Any], Any] | None = None):
+        self.cfg, self.inputs, self.config = cfg, inputs, config
+        self.rank, self.world, self.device, self.amp = rank, world, device, amp
+        self._prepare = prepare  # None: Ray Train's prepare_model (DDP on a Train worker)
+        self.specs = {k: v for k, v in config.items() if k.startswith("spec_")}
+        self.columns = config["spec_train"].patch_columns()
+        uda = self.specs.get("spec_uda")
+        scales = uda.geometry.scales if uda is not None else ()
+        self.weak_columns = [f"weak{s}" for s in scales]
+        self.strong_columns = [f"strong{s}" for s in scales]
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return model_kwargs(self.cfg, len(self.inputs.class_names), self.inputs)
+
+    def network(self, seed: int) -> Any:
+        """A fresh network of the experiment, initialised from ``seed`` (the same on every
+        rank), prepared for DDP."""
+        import torch
+
+        torch.manual_seed(seed)
+        net = build_model(self.cfg, len(self.inputs.class_names), self.inputs)
+        if self._prepare is not None:
+            return self._prepare(net)
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(net)
+
+    def optimizer(self, net: Any, lr: float) -> Any:
+        from ipb_ray.optim import make_optimizer
+
+        m = self.cfg.method
+        return make_optimizer(net.parameters(), m.optimizer, lr, momentum=m.momentum, weight_decay=m.weight_decay,
+                              nesterov=m.nesterov)
+
+    def tensors(self, batch: dict[str, Any], columns: list[str]) -> list[Any]:
+        return [batch[c].to(self.device, non_blocking=True) for c in columns]
+
+    def labels(self, batch: dict[str, Any]) -> Any:
+        return batch["label"].to(self.device)
+
+    def autocast(self) -> Any:
+        return _autocast(self.device, self.amp)
+
+    unwrap = staticmethod(lambda model: _unwrap(model))
+    snapshot = staticmethod(lambda model: snapshot(model))
+
+
+@dataclass
+class _Selection:
+    """Best-on-V bookkeeping of a run: the score and weights of the chosen network, and the
+    choices of earlier stages that a restarting stage (fine-tuning) set aside."""
+
+    metric: float = -1.0
+    state: dict[str, Any] | None = None
+    earlier: dict[str, dict[str, Any]] | None = None
+
+    def offer(self, score: float, net: Any) -> bool:
+        if score >= self.metric:
+            self.metric, self.state = score, snapshot(net)
+            return True
+        return False
+
+
+#: Key prefix of an earlier stage's own test figures, e.g. ``pre_finetune_test_*``: the
+#: choice of the stage before fine-tuning, tested as well.
+def pre_stage_prefix(stage: str) -> str:
+    return f"pre_{stage}_"
+
+
+PRE_FINETUNE = pre_stage_prefix("finetune")
+
+
+class _Loop:
+    """The one training loop of every method (worker side; see :func:`_train_loop`)."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        from ipb_ray.methods import get_balancer, get_method
+        from ipb_ray.streams import state_handle
+
+        cfg: ExperimentConfig = from_dict(config["cfg"])
+        self.cfg, self.m, self.config, self.inputs = cfg, cfg.method, config, config["inputs"]
+        tctx = ray.train.get_context()
+        self.rank, self.world = tctx.get_world_rank(), tctx.get_world_size()
+        device = worker_device(cfg)
+        self.ctx = LoopContext(cfg, self.inputs, config, self.rank, self.world, device,
+                               self.m.mixed_precision and device.type == "cuda")
+        self.method = get_method(self.m.name)(cfg, self.ctx)
+        self.method.build()
+        self.stages = self.method.stages(cfg)
+        self.first = np.cumsum([0] + [s.epochs for s in self.stages]).tolist()  # each stage's first epoch
+        self.total = self.first[-1]
+        self.semi = self.method.semi_supervised
+        self.l_steps = labelled_steps(len(self.inputs.labelled), self.world, self.m.batch_size, self.m.steps_per_epoch)
+        self.u_steps = self._unlabelled_steps() if self.semi else 0
+        self.balancer = (get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx)
+                         if self.semi and self.rank == 0 else None)
+        self.l_state = state_handle(config["state"])
+        self.u_state = state_handle(config["u_state"]) if self.semi else None
+        self.start, self.global_step, self.resumed_from = 0, 0, None
+        self.best, self.history = _Selection(earlier={}), []
+        self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
+        self.truth_of = dict(zip(self.inputs.unlabelled, self.u_truth.tolist()))
+        self.state = self._restore()
+
+    def _unlabelled_steps(self) -> int:
+        from ipb_ray.rebalance import steps_per_epoch
+
+        m = self.m
+        n_u = m.draws_per_epoch or len(self.inputs.unlabelled)
+        steps = m.steps_per_epoch or steps_per_epoch(n_u, self.world, m.unlabelled_batch_size)
+        if steps == 0:
+            raise ValueError(f"{n_u} unlabelled patches per epoch make no full batch of method.unlabelled_batch_size="
+                             f"{m.unlabelled_batch_size} on each of {self.world} worker(s); lower the batch size or "
+                             "raise method.draws_per_epoch")
+        return steps
+
+    def stage_at(self, g: int) -> tuple[int, int]:
+        """(stage index, epoch within the stage) of run epoch ``g``."""
+        i = int(np.searchsorted(self.first, g, side="right")) - 1
+        return i, g - self.first[i]
+
+    def _unlabelled_epoch(self, g: int) -> int:
+        """How many unlabelled epochs came before run epoch ``g`` (the balancer's epoch)."""
+        return sum(min(max(g - self.first[i], 0), s.epochs) for i, s in enumerate(self.stages) if s.unlabelled)
+
+    # ---- checkpoints
+    def _restore(self) -> dict[str, Any] | None:
+        import torch
+
+        state = load_checkpoint(self.config)
+        if state is None:
+            return None
+        for name, weights in state["networks"].items():
+            _unwrap(self.method.nets[name]).load_state_dict(weights)
+        for name, opt_state in state["optimizers"].items():
+            self.method.opts[name].load_state_dict(opt_state)
+        self.method.load_state_dict(state.get("method") or {})
+        if self.balancer is not None:
+            self.balancer.load_state_dict(state.get("balancer") or {})
+        torch.set_rng_state(state["torch_rng"])
+        self.start, self.global_step, self.resumed_from = state["epoch"] + 1, state["global_step"], state["epoch"]
+        self.best = _Selection(state["best_metric"], state["best_model"], dict(state.get("earlier_best") or {}))
+        self.history = list(state.get("history", []))
+        return state
+
+    def checkpoint_state(self, g: int) -> dict[str, Any]:
+        import torch
+
+        return {"stage": self.stages[self.stage_at(g)[0]].name, "epoch": g, "global_step": self.global_step,
+                "networks": {k: _unwrap(n).state_dict() for k, n in self.method.nets.items()},
+                "optimizers": {k: o.state_dict() for k, o in self.method.opts.items()},
+                "method": self.method.state_dict(),
+                "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+                "best_metric": self.best.metric, "best_model": self.best.state, "earlier_best": self.best.earlier,
+                "torch_rng": torch.get_rng_state(), "class_names": list(self.inputs.class_names),
+                "config": self.config["cfg"], "history": self.history}
+
+    # ---- epochs
+    def run(self) -> None:
+        state = self.state
+        for g in range(self.start, self.total):
+            i, e = self.stage_at(g)
+            stage = self.stages[i]
+            if e == 0:
+                self._begin(i)
+            t0 = time.perf_counter()
+            metrics: dict[str, Any] = {"epoch": g, "stage": stage.name, "stage_index": i, "stage_epoch": e,
+                                       "world_size": self.world}
+            if stage.unlabelled:
+                metrics.update(self._unlabelled(stage, g, e))
+            else:
+                metrics.update(self._labelled(stage, g, e))
+            metrics.update(self.method.epoch_metrics(stage))
+            state = self._close_epoch(stage, g, metrics, t0)
+            report_epoch(metrics, state, self.config)
+        if self.balancer is not None:
+            self.balancer.close()
+        if self.start >= self.total:  # the run had already finished: test its selected network again
+            report_finished(state, self.final, self.rank, self.world, self.total - 1, self.config)
+        write_digest(self.config, self.rank, self.method.nets[self._last_net()])
+
+    def _begin(self, i: int) -> None:
+        """Stage ``i`` starts: a restarting stage takes the choice so far (rank 0's) into its
+        network and selects anew; then the method's own hook."""
+        stage = self.stages[i]
+        if stage.restart and i > 0:
+            chosen = _from_rank_zero(self.best.state)
+            self.best = _Selection(earlier={**(self.best.earlier or {}), stage.name: chosen})
+            _unwrap(self.method.nets[stage.net]).load_state_dict(chosen)
+        self.method.begin_stage(stage)
+
+    def _lr_factor(self, stage: Stage, e: int, i: int, steps: int) -> float:
+        from ipb_ray.optim import lr_factor, warmup_steps
+
+        total = max(steps * stage.epochs, 1)
+        return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
+
+    def _labelled(self, stage: Stage, g: int, e: int) -> dict[str, Any]:
+        """An epoch of cross-entropy on class-balanced L for ``stage.net``."""
+        import ray.train
+        import ray.train.collective
+
+        ctx, m = self.ctx, self.m
+        if self.rank == 0:
+            import ray
+
+            ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, self.l_steps * self.world * m.batch_size,
+                                                              self.cfg.seed, g, m.balance_labelled)))
+        ray.train.collective.barrier()
+        opt = self.method.opts[stage.optimizer]
+        out = supervised_epoch(self.method.nets[stage.net], opt,
+                               shuffled(ray.train.get_dataset_shard("train"), ctx.specs["spec_train"], m.batch_size,
+                                        self.cfg, g, self.rank, ctx.device),
+                               ctx.columns, ctx.device, ctx.amp, m,
+                               lambda step: stage.lr * self._lr_factor(stage, 0, step, self.l_steps), e * self.l_steps)
+        self.global_step += out["train_steps"]
+        return {**out, "lr": opt.param_groups[0]["lr"]}
+
+    def _unlabelled(self, stage: Stage, g: int, e: int) -> dict[str, Any]:
+        """An epoch of the method's steps on paired labelled and unlabelled batches."""
+        import ray
+        import ray.train
+        import ray.train.collective
+        import torch
+
+        ctx, m, steps = self.ctx, self.m, self.u_steps
+        figures: dict[str, Any] = {}
+        if self.rank == 0:  # the epoch's streams: the balancer's plan of U, a class-balanced draw of L
+            t0 = time.perf_counter()
+            n_draws = steps * self.world * m.unlabelled_batch_size
+            plan, figures = self.balancer.plan(self._unlabelled_epoch(g), n_draws,
+                                               self.method.nets[self.method.labeller])
+            ray.get(self.u_state.set.remote(self._unlabelled_epoch(g), plan.counts, plan.coords))
+            ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, steps * self.world * m.batch_size,
+                                                              self.cfg.seed, g, m.balance_labelled)))
+            figures.update(plan_seconds=time.perf_counter() - t0, unlabelled_draws=n_draws)
+        ray.train.collective.barrier()
+        for net in self.method.nets.values():
+            net.train()
+        l_iter = iter(shuffled(ray.train.get_dataset_shard("train"), ctx.specs["spec_train"], m.batch_size, self.cfg,
+                               g, self.rank, ctx.device))
+        u_iter = iter(shuffled(ray.train.get_dataset_shard("unlabelled"), ctx.specs["spec_uda"],
+                               m.unlabelled_batch_size, self.cfg, g, self.rank, ctx.device))
+        names = self.method.step_metrics
+        timer, sums = _Timer(), torch.zeros(len(names), dtype=torch.float64)
+        seen: list[str] = []
+        labels: list[int] = []
+        for i in range(steps):
+            bl, bu = next(l_iter), next(u_iter)
+            timer.got()
+            out = self.method.train_step(stage, bl, bu, step=self.global_step,
+                                         lr_factor=self._lr_factor(stage, e, i, steps), stage_epoch=e)
+            self.global_step += 1
+            sums += torch.tensor([out[k] for k in names], dtype=torch.float64)
+            seen.extend(bu["colony_id"])
+            labels.extend(out.get("pseudo_labels", []))
+            timer.resume()
+        for _ in l_iter:  # the shares hold exactly `steps` batches; finish both executions cleanly
+            pass
+        for _ in u_iter:
+            pass
+        metrics = timer.metrics(float(steps * m.unlabelled_batch_size * self.world))
+        _all_reduce(sums)
+        metrics.update({k: float(v) / (steps * self.world) for k, v in zip(names, sums)})
+        metrics.update(train_steps=steps, global_step=self.global_step,
+                       train_loss=metrics[self.method.loss_metric] if self.method.loss_metric else float("nan"))
+        gathered = _gather((seen, labels))
+        if self.rank == 0:
+            metrics.update(figures)
+            metrics.update(self._stream_figures([c for part in gathered for c in part[0]],
+                                                [p for part in gathered for p in part[1]]))
+        return metrics
+
+    def _stream_figures(self, ids: list[str], pseudo: list[int]) -> dict[str, Any]:
+        """Rank 0: what the unlabelled stream held this epoch, by hidden truth and by the
+        method's pseudo-labels; the balancer sees both."""
+        from ipb_ray.methods.balancers import shares
+        from ipb_ray.rebalance import class_histogram
+
+        names, n = self.inputs.class_names, len(self.inputs.class_names)
+        out = {**shares("unlabelled_true_share", class_histogram(self.u_truth, n), names),
+               **shares("stream_true_share", class_histogram([self.truth_of[c] for c in ids], n), names)}
+        if pseudo:
+            out.update(shares("step_pseudo_share", class_histogram(pseudo, n), names))
+        out.update(self.balancer.observe(ids, pseudo))
+        return out
+
+    def _close_epoch(self, stage: Stage, g: int, metrics: dict[str, Any], t0: float) -> dict[str, Any] | None:
+        """Rank 0: recalibrate, start the next labelling pass, validate, select, record;
+        returns the checkpoint state (None on other ranks)."""
+        if self.rank != 0:
+            return None
+        ctx, m, nets = self.ctx, self.m, self.method.nets
+        nxt = self.stage_at(g + 1)[0] if g + 1 < self.total else None
+        labels_next = nxt is not None and self.stages[nxt].unlabelled and self.balancer is not None
+        evaluated = [stage.net, *stage.also_validate] + ([self.method.labeller] if labels_next else [])
+        recalibrate([nets[k] for k in dict.fromkeys(evaluated)], ctx.specs["spec_plain"], ctx.columns, ctx.device,
+                    ctx.amp, m.batch_size, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate,
+                    seed=self.cfg.seed)
+        if labels_next:  # the labeller is final for the next epoch: label U meanwhile
+            self.balancer.prefetch(self._unlabelled_epoch(g + 1), nets[self.method.labeller])
+        for name in stage.also_validate:
+            val = validate(nets[name], self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device, ctx.amp,
+                           m.batch_size)
+            if val is not None:
+                metrics[f"{name}_val_balanced_accuracy"] = val["balanced_accuracy"]
+        val = validate(nets[stage.net], self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device, ctx.amp,
+                       m.batch_size)
+        if val is not None:
+            metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"],
+                           objective=val["balanced_accuracy"])
+        if stage.select and self.best.offer(val["balanced_accuracy"] if val is not None else float(g),
+                                            nets[stage.net]):  # no V: the latest network
+            metrics["best_epoch"] = g
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        self.history.append(dict(metrics))
+        if g == self.total - 1:
+            metrics.update(self.final())
+        return self.checkpoint_state(g)
+
+    def _last_net(self) -> str:
+        return self.stages[-1].net
+
+    def final(self) -> dict[str, Any]:
+        """Rank 0's end-of-run figures: the selected network on T (and the choices earlier
+        stages set aside, ``pre_<stage>_test_*``), where the run began, parameter digests."""
+        ctx, nets = self.ctx, self.method.nets
+        last = self._last_net()
+
+        def test(weights: dict[str, Any] | None) -> dict[str, Any]:
+            return _test_metrics(nets[last], weights, self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device,
+                                 ctx.amp, self.m.batch_size)
+
+        out = test(self.best.state)
+        for stage_name, weights in (self.best.earlier or {}).items():
+            out.update({f"{pre_stage_prefix(stage_name)}{k}": v for k, v in test(weights).items()})
+        out.update(resumed_from_epoch=-1 if self.resumed_from is None else self.resumed_from,
+                   param_digest=param_digest(_unwrap(nets[last])))
+        out.update({f"{k}_param_digest": param_digest(_unwrap(n)) for k, n in nets.items() if k != last})
+        return out
+
+
+def _gather(obj: Any) -> list[Any]:
     import torch
 
-    from ipb_ray.optim import lr_factor, make_optimizer, warmup_steps
-    from ipb_ray.streams import STATE_NAMESPACE
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
 
-    cfg: ExperimentConfig = from_dict(config["cfg"])
-    inputs: FoldInputs = config["inputs"]
-    spec_train, spec_eval, spec_plain = config["spec_train"], config["spec_eval"], config["spec_plain"]
-    m = cfg.method
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(cfg)
-    amp = m.mixed_precision and device.type == "cuda"
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
-    model = ray.train.torch.prepare_model(build_model(cfg, len(inputs.class_names), inputs))
-    opt = make_optimizer(model.parameters(), m.optimizer, m.lr, momentum=m.momentum,
-                         weight_decay=m.weight_decay, nesterov=m.nesterov)
-    steps = labelled_steps(len(inputs.labelled), world, m.batch_size, m.steps_per_epoch)
-    total = steps * m.epochs
-    warm = warmup_steps(total, m.warmup_fraction)
 
-    def lr_at(step: int) -> float:
-        return m.lr * lr_factor(step, total, warm, m.schedule)
+def _from_rank_zero(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (itself without a process group)."""
+    import torch
 
-    start, best_metric, best_state, resumed_from = 0, -1.0, None, None
-    history: list[dict[str, Any]] = []
-    state = load_checkpoint(config)
-    if state is not None:
-        history = list(state.get("history", []))
-        _unwrap(model).load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start, best_metric, best_state = state["epoch"] + 1, state["best_metric"], state["best_model"]
-        resumed_from = state["epoch"]
-    actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)
-    columns = spec_train.patch_columns()
-    calib = dict(max_batches=cfg.eval.bn_batches, enabled=cfg.eval.bn_recalibrate, seed=cfg.seed)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
 
-    def final() -> dict[str, Any]:
-        """Rank 0's end-of-run figures: the selected model on T, and where the run began."""
-        return {**_test_metrics(model, best_state, inputs, spec_eval, columns, device, amp, m.batch_size),
-                "resumed_from_epoch": -1 if resumed_from is None else resumed_from,
-                "param_digest": param_digest(_unwrap(model))}
 
-    for epoch in range(start, m.epochs):
-        if rank == 0:
-            ray.get(actor.set.remote(epoch, labelled_draws(inputs, steps * world * m.batch_size, cfg.seed, epoch,
-                                                           m.balance_labelled)))
-        ray.train.collective.barrier()
-        metrics: dict[str, Any] = {
-            "epoch": epoch, **supervised_epoch(model, opt, shuffled(ray.train.get_dataset_shard("train"), spec_train,
-                                                                    m.batch_size, cfg, epoch, rank, device),
-                                               columns, device, amp, m, lr_at, epoch * steps)}
-        metrics.update(lr=opt.param_groups[0]["lr"], world_size=world)
-        state = None
-        if rank == 0:
-            recalibrate(model, spec_plain, columns, device, amp, m.batch_size, **calib)
-            val = validate(model, inputs, spec_eval, columns, device, amp, m.batch_size)
-            if val is not None:
-                metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"],
-                               objective=val["balanced_accuracy"])
-            score = val["balanced_accuracy"] if val is not None else float(epoch)  # no V: the latest model
-            if score >= best_metric:
-                best_metric, best_state = score, snapshot(model)
-                metrics["best_epoch"] = epoch
-            state = {"model": _unwrap(model).state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                     "torch_rng": torch.get_rng_state(), "best_metric": best_metric, "best_model": best_state,
-                     "class_names": list(inputs.class_names), "config": config["cfg"], "history": history}
-            history.append(dict(metrics))
-            if epoch == m.epochs - 1:
-                metrics.update(final())
-        report_epoch(metrics, state, config)
-    if start >= m.epochs:  # the run had already finished: test its selected model again
-        report_finished(state, final, rank, world, m.epochs - 1, config)
-    write_digest(config, rank, model)
+def _train_loop(config: dict[str, Any]) -> None:
+    """Worker side of every run, whatever the method (:mod:`ipb_ray.methods`): for each
+    stage's epochs, the streams of the epoch, the training (cross-entropy on balanced L, or
+    the method's steps on L and U), then on rank 0 BatchNorm recalibration, the next
+    labelling pass, validation on V, best-on-V selection and the checkpoint; at the end the
+    selected network on T."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _Loop(config).run()
 
 
 def report_finished(state: dict[str, Any] | None, final: Any, rank: int, world: int, last_epoch: int,
@@ -534,13 +838,15 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     from ipb_ray.ray_setup import init_ray
     from ipb_ray.streams import lease_states, release_states
 
+    from ipb_ray.methods import get_method
+
     fold = cfg.split.fold if fold is None else fold
     local_run_storage(cfg, fold)  # local mode refuses remote storage before anything starts
     inputs = fold_inputs(cfg, fold)
-    semi = cfg.method.name in ("mpl", "ipb")
+    semi = get_method(cfg.method.name).semi_supervised
     if semi and not inputs.unlabelled:
         raise ValueError(f"fold {fold} of {inputs.catalog} has no unlabelled colonies; method.name="
-                         f"{cfg.method.name} needs some (lower split.labelled_fraction, or use method.name=supervised)")
+                         f"{cfg.method.name} needs some (lower split.labelled_fraction, or use a supervised method)")
     if semi:
         from ipb_ray.rebalance import steps_per_epoch
 
@@ -573,7 +879,6 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipb_ray.mpl_train import _mpl_loop
     from ipb_ray.streams import patch_dataset
 
     r = cfg.resources
@@ -593,7 +898,7 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
                                                **{**data_kw, "batch_size": cfg.method.unlabelled_batch_size})
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
-        _mpl_loop if semi else _train_loop,
+        _train_loop,
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
                            "local_run_dir": local_run_storage(cfg, fold),
                            "checkpoints_to_keep": r.checkpoints_to_keep},

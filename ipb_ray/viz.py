@@ -44,8 +44,12 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of ``key``; ``key@stage`` keeps the epochs of that stage only."""
+    key, _, stage = key.partition("@")
     xs, ys = [], []
     for h in history:
+        if stage and h.get("stage") != stage:
+            continue
         if key in h and h[key] is not None:
             xs.append(int(h["epoch"]))
             ys.append(float(h[key]))
@@ -62,12 +66,11 @@ def save_training_curves(history: Sequence[dict[str, Any]], class_names: Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("losses", [("teacher_train_loss", "teacher (pre-training)"), ("teacher_loss", "teacher (MPL)"),
-                          ("student_loss", "student"),
-                          ("finetune_train_loss", "student (fine-tuning)"), ("train_loss", "supervised")]),
-              ("validation balanced accuracy", [("teacher_val_balanced_accuracy", "teacher"),
-                                                ("student_val_balanced_accuracy", "student"),
-                                                ("val_balanced_accuracy", "model")]),
+    stages = list(dict.fromkeys(h["stage"] for h in history if h.get("stage")))
+    by_stage = [(f"train_loss@{s}", s) for s in stages]
+    panels = [("losses (trained network, by stage)", by_stage + [("teacher_loss", "teacher (MPL steps)")]),
+              ("validation balanced accuracy", [(f"val_balanced_accuracy@{s}", s) for s in stages]
+               + [("teacher_val_balanced_accuracy", "teacher (MPL steps)")]),
               ("teacher's class proportions (dashed: hidden truth of U)",
                [(f"teacher_proportion/{c}", c) for c in class_names]),
               ("sampling weight per class", [(f"sampling_weight/{c}", c) for c in class_names])]

@@ -158,15 +158,17 @@ def test_history_table_curves_and_comparison_render(tmp_path, capsys):
     from ipb_ray.viz import save_training_curves
 
     names = ["A", "B"]
-    history = [{"epoch": 0, "phase": 0, "teacher_train_loss": 1.2, "teacher_val_balanced_accuracy": 0.5,
+    history = [{"epoch": 0, "stage": "teacher", "train_loss": 1.2, "val_balanced_accuracy": 0.5,
                 "epoch_seconds": 2.0},
-               {"epoch": 1, "phase": 1, "teacher_loss": 1.0, "student_loss": 0.9, "student_val_balanced_accuracy": 0.6,
+               {"epoch": 1, "stage": "mpl", "teacher_loss": 1.0, "train_loss": 0.9, "val_balanced_accuracy": 0.6,
+                "teacher_val_balanced_accuracy": 0.55,
                 "teacher_proportion/A": 0.8, "teacher_proportion/B": 0.2, "sampling_weight/A": 0.2,
                 "sampling_weight/B": 0.8, "stream_share/A": 0.52, "stream_share/B": 0.48,
                 "unlabelled_true_share/A": 0.7, "unlabelled_true_share/B": 0.3, "epoch_seconds": 3.0}]
     print_history(history, names)
     out = capsys.readouterr().out
     assert "0.80->0.52" in out and "0.20->0.48" in out and "teacher" in out and "mpl" in out
+    assert "0.900" in out and "0.550" in out  # the student's loss, the teacher's validation
     png = save_training_curves(history, names, tmp_path / "c.png", title="t")
     assert png.stat().st_size > 5000
 

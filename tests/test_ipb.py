@@ -48,7 +48,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
                "resources.cpus_per_worker=0.5", "method.student_init=scratch")
     metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
     history = metrics["history"]
-    assert [h["phase"] for h in history] == [0, 0, 0, 1, 1, 1]
+    assert [h["stage"] for h in history] == ["teacher"] * 3 + ["mpl"] * 3
     names = _classes(history[-1])
     raw = np.array([history[-1][f"unlabelled_true_share/{c}"] for c in names])
     print("raw unlabelled shares by hidden class:", dict(zip(names, raw.round(3))))
@@ -65,7 +65,8 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
         assert np.all(np.abs(stream[present] - 1 / present.sum()) < 0.15), (stream, teacher)
         balanced_epochs += present.sum() >= 2
         assert h["label_seconds"] > 0 and h["unlabelled_draws"] == 160 and h["train_steps"] == 10
-        assert 0 <= h["student_val_balanced_accuracy"] <= 1 and np.isfinite(h["teacher_loss"])
+        assert 0 <= h["val_balanced_accuracy"] <= 1 and 0 <= h["teacher_val_balanced_accuracy"] <= 1
+        assert np.isfinite(h["teacher_loss"]) and h["train_loss"] == h["student_loss"]
         assert {f"pseudo_tpr/{c}" for c in names} <= set(h) and 0 <= h["pseudo_accuracy"] <= 1
     assert balanced_epochs >= 1, "the teacher labelled every patch with one class in every epoch"
     # DDP: both ranks end with the same student
@@ -75,9 +76,11 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     report = metrics["test_report"]
     assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
     state = torch.load(os.path.join(metrics["checkpoint"], CHECKPOINT_FILE), weights_only=False)
-    assert {"teacher", "student", "t_opt", "s_opt", "ema", "global_step", "table", "class_weights",
-            "best_model", "history"} <= set(state)
-    assert state["epoch"] == 5 and state["global_step"] == 30 and len(state["table"]["colony_id"]) > 0
+    assert {"networks", "optimizers", "balancer", "global_step", "best_model", "history"} <= set(state)
+    assert set(state["networks"]) == set(state["optimizers"]) == {"teacher", "student"}  # method.ema=0
+    assert state["epoch"] == 5 and len(state["balancer"]["table"]["colony_id"]) > 0
+    # one global step count over every stage: the pre-training steps of each worker, then 3 x 10 MPL steps
+    assert state["global_step"] == sum(h["train_steps"] for h in history) == 3 * history[0]["train_steps"] + 30
 
 
 def test_ipb_reuse_labels_survive_a_resume(world):
@@ -92,7 +95,7 @@ def test_ipb_reuse_labels_survive_a_resume(world):
     assert more["resumed_from_epoch"] == 1
     h = more["history"]
     assert [x["epoch"] for x in h] == [0, 1, 2]
-    assert h[2]["label_seconds"] == 0 and h[2]["mpl_epoch"] == 1
+    assert h[2]["label_seconds"] == 0 and h[2]["stage"] == "mpl" and h[2]["stage_epoch"] == 1
     names = _classes(h[2])
     assert sum(h[2][f"stream_share/{c}"] for c in names) == pytest.approx(1)
 
@@ -108,7 +111,7 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
     assert metrics["param_digest"] == metrics["teacher_param_digest"]
     h = metrics["history"][-1]
     names = _classes(h)
-    assert h["label_seconds"] == 0 and not any(k.startswith(("stream_share/", "teacher_proportion/")) for k in h)
+    assert "label_seconds" not in h and not any(k.startswith(("stream_share/", "teacher_proportion/")) for k in h)
     for c in names:  # every colony once (up to the last partial batch): the raw class mix
         assert abs(h[f"stream_true_share/{c}"] - h[f"unlabelled_true_share/{c}"]) < 0.1
     assert sum(h[f"step_pseudo_share/{c}"] for c in names) == pytest.approx(1)
@@ -126,22 +129,23 @@ def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_an
     base = ("name=ft", "method.name=ipb", "method.teacher_epochs=1", "method.epochs=1", "method.finetune_lr=0.01",
             "method.steps_per_epoch=3", "resources.num_workers=0")
     first = train_fold(_cfg(world, *base, "method.finetune_epochs=2"), 0)
-    assert [h["phase"] for h in first["history"]] == [0, 1, 2, 2]
+    assert [h["stage"] for h in first["history"]] == ["teacher", "mpl", "finetune", "finetune"]
     for h in first["history"][2:]:
-        assert h["finetune_train_steps"] == 3 and np.isfinite(h["finetune_train_loss"])
-        assert 0 < h["finetune_lr"] <= 0.01 and 0 <= h["student_val_balanced_accuracy"] <= 1
+        assert h["train_steps"] == 3 and np.isfinite(h["train_loss"])
+        assert 0 < h["lr"] <= 0.01 and 0 <= h["val_balanced_accuracy"] <= 1
         assert "teacher_proportion/" not in " ".join(h)  # no labelling pass while fine-tuning
     for key in ("test_report", "pre_finetune_test_report"):
         assert first[key]["n"] == first["test_report"]["n"] > 0
     state = torch.load(os.path.join(first["checkpoint"], CHECKPOINT_FILE), weights_only=False)
-    assert state["phase"] == "finetune" and state["ft_opt"] is not None
+    assert state["stage"] == "finetune" and "finetune" in state["optimizers"]
     # the fine-tuned choice is not the MPL stage's student any more
-    assert not same(state["best_model"], state["mpl_best_model"])
+    assert not same(state["best_model"], state["earlier_best"]["finetune"])
     # one fine-tuning epoch more: the run resumes inside the stage, from the same MPL student
     more = train_fold(_cfg(world, *base, "method.finetune_epochs=3"), 0)
-    assert more["resumed_from_epoch"] == 3 and [h["phase"] for h in more["history"]] == [0, 1, 2, 2, 2]
+    assert more["resumed_from_epoch"] == 3
+    assert [h["stage"] for h in more["history"]] == ["teacher", "mpl", "finetune", "finetune", "finetune"]
     again = torch.load(os.path.join(more["checkpoint"], CHECKPOINT_FILE), weights_only=False)
-    assert same(again["mpl_best_model"], state["mpl_best_model"])
+    assert same(again["earlier_best"]["finetune"], state["earlier_best"]["finetune"])
     assert more["pre_finetune_test_report"]["confusion_matrix"] == first["pre_finetune_test_report"]["confusion_matrix"]
     # the same command again finds the finished run and tests the same students
     again = train_fold(_cfg(world, *base, "method.finetune_epochs=3"), 0)

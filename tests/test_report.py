@@ -55,10 +55,10 @@ def _histories(method: str, fold: int) -> dict[str, list[float]]:
         h["train_loss"] = list(1.4 * np.exp(-e / 3) + 0.05 * fold)
         h["val_balanced_accuracy"] = list(0.5 + 0.05 * e)
         return h
-    h["teacher_train_loss"] = list(1.5 * np.exp(-e / 2) + 0.03 * fold)
+    h["train_loss"] = list(1.3 * np.exp(-e / 5) + 0.04 * fold)
     h["teacher_loss"] = list(1.1 * np.exp(-e / 4) + 0.02 * fold)
     h["student_loss"] = list(1.3 * np.exp(-e / 5) + 0.04 * fold)
-    h["student_val_balanced_accuracy"] = list(0.55 + 0.05 * e)
+    h["val_balanced_accuracy"] = list(0.55 + 0.05 * e)
     h["teacher_val_balanced_accuracy"] = list(0.6 + 0.04 * e)
     h["pseudo_accuracy"] = list(0.6 + 0.05 * e)
     if method == "ipb":

@@ -1,0 +1,171 @@
+"""What a training method is, and the registry of them.
+
+A method says *what* to train, never *how a run is kept*: the one Ray Train loop
+(:func:`ipb_ray.training._train_loop`) owns resume, checkpoints, BatchNorm
+recalibration, validation, best-on-V selection, the test, reporting and the history
+schema, and calls the method's hooks:
+
+- :meth:`Method.stages` (pure, also used on the driver): the run as a list of
+  :class:`Stage` s, each a number of epochs that either trains one network with
+  cross-entropy on class-balanced L (the loop runs those itself) or runs the method's
+  :meth:`Method.train_step` on paired labelled and unlabelled batches;
+- :meth:`Method.build`: the networks and optimisers (worker side);
+- :meth:`Method.begin_stage`: what changes when a stage starts (e.g. the student starts as
+  the teacher);
+- :meth:`Method.train_step`: one step of an unlabelled stage, returning its figures;
+- :meth:`Method.state_dict` / :meth:`Method.load_state_dict`: anything beyond the
+  networks and optimisers that a resumed run needs.
+
+Semi-supervised methods draw their unlabelled stream through a balancer
+(:mod:`ipb_ray.methods.balancers`): ``method.balancer`` picks one, or the method's own
+default (``ipb`` is MPL with the pseudo-balancer).
+
+Adding a method is one file: subclass :class:`Method`, decorate it with
+``@register_method("name")`` and import it from :mod:`ipb_ray.methods` (or from your own
+code before the configuration is loaded). Nothing here imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ipb_ray.config import ExperimentConfig
+
+__all__ = ["Method", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
+           "total_epochs"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A run's stretch of epochs with one job.
+
+    ``net`` is the network the stage trains (labelled stages) or selects (unlabelled
+    stages): it is recalibrated, validated on V (``val_*`` in the history) and, when
+    ``select``, competes for the run's best on V. ``also_validate``: more networks
+    validated each epoch (``<name>_val_balanced_accuracy``). ``restart``: selection
+    starts anew, from the previous stage's choice loaded into ``net``; that choice is
+    kept and tested too (``pre_<stage>_test_*``). Labelled stages step ``optimizer`` at
+    ``lr`` (times the schedule); unlabelled ones leave the learning rates to the method."""
+
+    name: str
+    epochs: int
+    net: str
+    title: str = ""
+    unlabelled: bool = False
+    optimizer: str = ""
+    lr: float = 0.0
+    select: bool = True
+    restart: bool = False
+    also_validate: tuple[str, ...] = ()
+
+
+class Method:
+    """Base of every training method (see the module docstring).
+
+    Class attributes: ``name`` (set by :func:`register_method`), ``title`` (one line for
+    tables), ``semi_supervised`` (the run streams U), ``default_balancer`` (balancer of the
+    unlabelled stream when ``method.balancer`` is not set), ``labeller`` (the network whose
+    pseudo-labels a balancer draws on), ``step_metrics`` (per-step figures averaged into the
+    epoch), ``loss_metric`` (the one of them that is the epoch's ``train_loss``),
+    ``baseline`` (the method others are compared with)."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    semi_supervised: ClassVar[bool] = False
+    default_balancer: ClassVar[str] = "none"
+    labeller: ClassVar[str] = ""
+    step_metrics: ClassVar[tuple[str, ...]] = ()
+    loss_metric: ClassVar[str] = ""
+    baseline: ClassVar[bool] = False
+
+    def __init__(self, cfg: "ExperimentConfig", ctx: Any):
+        self.cfg, self.m, self.ctx = cfg, cfg.method, ctx
+        self.nets: dict[str, Any] = {}
+        self.opts: dict[str, Any] = {}
+
+    # ---- driver and worker: the plan of the run
+    @classmethod
+    def stages(cls, cfg: "ExperimentConfig") -> list[Stage]:
+        raise NotImplementedError
+
+    @classmethod
+    def balancer_name(cls, cfg: "ExperimentConfig") -> str:
+        return cfg.method.balancer or cls.default_balancer
+
+    # ---- worker side
+    def build(self) -> None:
+        """Fill ``self.nets`` (``ctx.network(seed)`` builds one, DDP-prepared) and ``self.opts``."""
+        raise NotImplementedError
+
+    def begin_stage(self, stage: Stage) -> None:
+        """Called on every rank when ``stage`` starts (not again when a run resumes inside it)."""
+
+    def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
+                   step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:
+        """One step of an unlabelled stage: the figures of :attr:`step_metrics` (floats) and,
+        optionally, ``pseudo_labels`` (one class index per unlabelled patch of the batch)."""
+        raise NotImplementedError(f"method {self.name!r} has no unlabelled stage")
+
+    def epoch_metrics(self, stage: Stage) -> dict[str, Any]:
+        """Extra figures of an epoch of ``stage`` (e.g. learning rates), every rank."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a :class:`Method` available as ``method.name=<name>``."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise TypeError(f"@register_method({name!r}) decorates a subclass of ipb_ray.methods.Method, "
+                            f"got {cls!r}")
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"a method named {name!r} is already registered ({_METHODS[name].__module__}."
+                             f"{_METHODS[name].__qualname__}); choose another name")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Registered method names, in registration order."""
+    return list(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"{name!r} is not a registered method{hint}; registered: {', '.join(_METHODS)} "
+                         "(add your own with @ipb_ray.methods.register_method)") from None
+
+
+def total_epochs(cfg: "ExperimentConfig") -> int:
+    """Epochs (reports) of a whole run of ``cfg``'s method."""
+    return sum(s.epochs for s in get_method(cfg.method.name).stages(cfg))
+
+
+def finetune_stage(cfg: "ExperimentConfig", net: str = "student") -> list[Stage]:
+    """The optional last stage of a semi-supervised method (the IPB authors' last step):
+    ``method.finetune_epochs`` epochs of ``net`` on class-balanced L at
+    ``method.finetune_lr``, starting from the previous stage's choice, selected anew on V."""
+    m = cfg.method
+    if not m.finetune_epochs:
+        return []
+    return [Stage("finetune", m.finetune_epochs, net, title="fine-tuning", optimizer="finetune", lr=m.finetune_lr,
+                  restart=True)]

@@ -1,0 +1,100 @@
+"""Meta Pseudo Labels, and IPB = MPL with the pseudo-balancer (shared/IPB.md, Algorithm 1).
+
+Stages: ``teacher`` (``method.teacher_epochs`` of the teacher alone on class-balanced L),
+``mpl`` (``method.epochs`` of teacher/student steps, :func:`ipb_ray.mpl.mpl_step`, on
+paired labelled and unlabelled batches; the student, or its EMA with ``method.ema``, is
+selected on V) and, with ``method.finetune_epochs``, ``finetune`` (that student on
+class-balanced L at ``method.finetune_lr``, selected anew; the MPL stage's choice is
+tested too). Learning rates of the MPL stage follow the run's schedule over its steps:
+``method.teacher_lr`` for the teacher, ``method.student_lr`` for the student after
+``method.student_warmup_epochs`` at ``method.student_warmup_lr``.
+
+``mpl`` streams U as it is (balancer ``none``); ``ipb`` is the same method whose default
+balancer is ``pseudo_balance``: the teacher labels U before every MPL epoch and the
+student's stream is drawn pseudo-balanced.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ipb_ray.methods.base import Method, Stage, finetune_stage, register_method
+
+#: per-step figures of :func:`ipb_ray.mpl.mpl_step` averaged into the epoch's metrics
+STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
+                "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
+
+
+@register_method("mpl")
+class MetaPseudoLabels(Method):
+    """Meta Pseudo Labels (Pham et al. 2021) with the teacher's UDA loss; U unbalanced."""
+
+    title = "MPL, imbalanced (no pseudo-balancing)"
+    semi_supervised = True
+    labeller = "teacher"
+    step_metrics = STEP_METRICS
+    loss_metric = "student_loss"
+
+    @classmethod
+    def stages(cls, cfg) -> list[Stage]:
+        m = cfg.method
+        out = [Stage("teacher", m.teacher_epochs, "teacher", title="teacher pre-training", optimizer="teacher",
+                     lr=m.lr, select=False)] if m.teacher_epochs else []
+        out.append(Stage("mpl", m.epochs, "ema" if m.ema > 0 else "student", title="teacher/student",
+                         unlabelled=True, also_validate=("teacher",)))
+        return out + finetune_stage(cfg, "student")
+
+    def build(self) -> None:
+        from ipb_ray.mpl import student_lr_at
+
+        m, ctx = self.m, self.ctx
+        self.nets["teacher"] = ctx.network(self.cfg.seed)  # teacher and student differ at init
+        self.nets["student"] = ctx.network(self.cfg.seed + 1)
+        if m.ema > 0:
+            self.nets["ema"] = copy.deepcopy(ctx.unwrap(self.nets["student"]))
+        self.opts["teacher"] = ctx.optimizer(self.nets["teacher"], m.lr)
+        self.opts["student"] = ctx.optimizer(self.nets["student"], student_lr_at(0, m))
+        if m.finetune_epochs:
+            self.opts["finetune"] = ctx.optimizer(self.nets["student"], m.finetune_lr)
+        self._last: dict[str, Any] = {}
+
+    def begin_stage(self, stage: Stage) -> None:
+        if stage.name == "mpl" and self.m.student_init == "teacher":  # the student starts as the teacher
+            unwrap = self.ctx.unwrap
+            unwrap(self.nets["student"]).load_state_dict(unwrap(self.nets["teacher"]).state_dict())
+            if "ema" in self.nets:
+                self.nets["ema"].load_state_dict(unwrap(self.nets["student"]).state_dict())
+
+    def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
+                   step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:
+        from ipb_ray.mpl import ema_update, mpl_step, student_lr_at
+        from ipb_ray.optim import set_lr
+
+        m, ctx = self.m, self.ctx
+        s_opt, t_opt = self.opts["student"], self.opts["teacher"]
+        set_lr(s_opt, student_lr_at(stage_epoch, m) * lr_factor)
+        set_lr(t_opt, m.teacher_lr * lr_factor)
+        out = mpl_step(self.nets["teacher"], self.nets["student"], t_opt, s_opt,
+                       ctx.tensors(labelled, ctx.columns), ctx.labels(labelled),
+                       ctx.tensors(unlabelled, ctx.weak_columns), ctx.tensors(unlabelled, ctx.strong_columns),
+                       step=step, cfg=m, autocast=ctx.autocast)
+        if "ema" in self.nets:
+            ema_update(self.nets["ema"], ctx.unwrap(self.nets["student"]), m.ema)
+        self._last = out
+        return out
+
+    def epoch_metrics(self, stage: Stage) -> dict[str, Any]:
+        if not stage.unlabelled:
+            return {}
+        return {"lr": self.opts["student"].param_groups[0]["lr"], "teacher_lr": self.opts["teacher"].param_groups[0]["lr"],
+                "uda_weight": float(self._last.get("uda_weight", 0.0))}
+
+
+@register_method("ipb")
+class IterativePseudoBalancing(MetaPseudoLabels):
+    """Iterative Pseudo Balancing (Witmer & Bhanu): MPL whose unlabelled stream is drawn,
+    every epoch, pseudo-balanced on the teacher's labels of U."""
+
+    title = "IPB: MPL with per-epoch pseudo-balancing"
+    default_balancer = "pseudo_balance"

@@ -1,0 +1,79 @@
+"""Pseudo-Label (Lee, "Pseudo-Label: the simple and efficient semi-supervised learning
+method for deep neural networks", ICML 2013 workshop), with a confidence threshold.
+
+One network. After ``method.teacher_epochs`` epochs of supervised pre-training on
+class-balanced L, every step of the ``pseudo_label`` stage takes a labelled batch and a
+batch of unlabelled patches (the weak view), labels the unlabelled ones with the network
+itself (its most likely class, no gradient, BatchNorm statistics left alone), keeps those
+at confidence >= ``method.threshold``, and minimises cross-entropy on L plus
+``lambda_u(t)`` times cross-entropy on the kept pseudo-labels; ``lambda_u`` ramps
+linearly from 0 to ``method.uda_weight`` over ``method.uda_steps`` steps, as the paper's
+alpha(t) does. With ``method.balancer=pseudo_balance`` the same network labels U before
+each epoch and the unlabelled stream is drawn pseudo-balanced (IPB's balancer on a
+different method). ``method.finetune_epochs`` adds the fine-tuning stage on L.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ipb_ray.methods.base import Method, Stage, finetune_stage, register_method
+
+
+@register_method("pseudo_label")
+class PseudoLabel(Method):
+    title = "Pseudo-Label (Lee 2013), confidence threshold"
+    semi_supervised = True
+    labeller = "model"
+    step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
+    loss_metric = "loss"
+
+    @classmethod
+    def stages(cls, cfg) -> list[Stage]:
+        m = cfg.method
+        out = [Stage("warmup", m.teacher_epochs, "model", title="supervised pre-training", optimizer="model",
+                     lr=m.lr, select=False)] if m.teacher_epochs else []
+        out.append(Stage("pseudo_label", m.epochs, "model", title="pseudo-labelling", unlabelled=True))
+        return out + finetune_stage(cfg, "model")
+
+    def build(self) -> None:
+        m = self.m
+        self.nets["model"] = self.ctx.network(self.cfg.seed)
+        self.opts["model"] = self.ctx.optimizer(self.nets["model"], m.lr)
+        if m.finetune_epochs:
+            self.opts["finetune"] = self.ctx.optimizer(self.nets["model"], m.finetune_lr)
+        self._weight = 0.0
+
+    def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
+                   step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:
+        import torch
+        import torch.nn.functional as F
+
+        from ipb_ray.mpl import pseudo_labels, student_loss, uda_weight
+        from ipb_ray.optim import frozen_bn_stats, set_lr
+
+        m, ctx, net, opt = self.m, self.ctx, self.nets["model"], self.opts["model"]
+        set_lr(opt, m.lr * lr_factor)
+        x_l, y_l = ctx.tensors(labelled, ctx.columns), ctx.labels(labelled)
+        x_u = ctx.tensors(unlabelled, ctx.weak_columns)
+        with torch.no_grad(), frozen_bn_stats(ctx.unwrap(net)), ctx.autocast():
+            out_u = net(*x_u)
+        hard, _, mask = pseudo_labels(out_u[0] if isinstance(out_u, (tuple, list)) else out_u, m.threshold)
+        n_l = y_l.shape[0]
+        with ctx.autocast():  # labelled and unlabelled as one batch: shared BatchNorm statistics
+            out = net(*[torch.cat(pair) for pair in zip(x_l, x_u)])
+        logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
+        loss_l = F.cross_entropy(logits[:n_l], y_l, label_smoothing=m.label_smoothing)
+        loss_u = student_loss(logits[n_l:], hard, mask)
+        self._weight = uda_weight(step, m.uda_weight, m.uda_steps)
+        loss = loss_l + self._weight * loss_u
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if m.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), m.grad_clip)
+        opt.step()
+        values = torch.stack([loss, loss_l, loss_u, mask.mean()]).detach().tolist()
+        return {**dict(zip(self.step_metrics, values)), "pseudo_labels": hard.tolist()}
+
+    def epoch_metrics(self, stage: Stage) -> dict[str, Any]:
+        return {"unlabelled_weight": self._weight} if stage.unlabelled else {}

@@ -1,0 +1,182 @@
+"""The method and balancer registries (ipb_ray.methods): every registered method, one real
+torch step on a tiny batch, no Ray. A method added with @register_method is covered here
+without a new test of its own."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ipb_ray.config import ConfigError, load_config
+from ipb_ray.methods import (
+    Method,
+    Stage,
+    get_balancer,
+    get_method,
+    list_balancers,
+    list_methods,
+    register_method,
+    total_epochs,
+)
+
+NAMES = ("Debris", "Dense", "Diff", "Spread")
+
+
+def _cfg(method: str, *extra: str):
+    return load_config(preset="demo", overrides=[
+        f"method.name={method}", "data.global_patch=32", "data.local_patch=16", "model.backbone=patch_stats",
+        "model.feature_dim=8", "method.batch_size=6", "method.unlabelled_batch_size=8", "method.teacher_epochs=1",
+        "method.epochs=2", "method.uda_steps=1", "method.threshold=0.0", *extra])
+
+
+def _ctx(cfg):
+    """The loop's context on this process: rank 0 of 1, CPU, networks not DDP-wrapped."""
+    import torch
+
+    from ipb_ray.patches import PatchGeometry
+    from ipb_ray.streams import StreamSpec
+    from ipb_ray.training import FoldInputs, LoopContext
+
+    inputs = FoldInputs(catalog="unused", class_names=NAMES, labelled=("a",), labelled_labels=(0,), validation=(),
+                        test=(), unlabelled=("u",), pixel_mean=0.4, pixel_std=0.2)
+    geometry = PatchGeometry(cfg.data.global_patch, (cfg.data.global_patch, cfg.data.local_patch))
+    config = {"spec_train": StreamSpec(geometry, NAMES, mode="train"),
+              "spec_uda": StreamSpec(geometry, NAMES, mode="uda")}
+    return LoopContext(cfg, inputs, config, 0, 1, torch.device("cpu"), False, prepare=lambda net: net)
+
+
+def _batch(columns, n, seed, labels=True):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = {c: torch.rand(n, 1, int(c.lstrip("xweakstrong")), int(c.lstrip("xweakstrong")), generator=g)
+           for c in columns}
+    if labels:
+        out["label"] = torch.arange(n) % len(NAMES)
+    out["colony_id"] = [f"c{seed}-{i}" for i in range(n)]
+    return out
+
+
+def _weights(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+
+def test_the_shipped_methods_and_balancers_are_registered_in_order():
+    assert list_methods()[:4] == ["supervised", "mpl", "ipb", "pseudo_label"]
+    assert list_balancers()[:2] == ["none", "pseudo_balance"]
+    assert get_method("ipb").default_balancer == "pseudo_balance" and get_method("mpl").default_balancer == "none"
+    assert [get_method(n).baseline for n in list_methods()].count(True) == 1
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_plans_its_stages_builds_and_one_step_of_each_stage_learns(name):
+    import torch
+
+    cls = get_method(name)
+    cfg = _cfg(name, "method.finetune_epochs=1" if cls.semi_supervised else "method.finetune_epochs=0")
+    stages = cls.stages(cfg)
+    assert stages and len({s.name for s in stages}) == len(stages)
+    assert sum(s.epochs for s in stages) == total_epochs(cfg)
+    assert any(s.unlabelled for s in stages) == cls.semi_supervised
+    assert all(isinstance(s, Stage) and s.epochs > 0 for s in stages)
+    ctx = _ctx(cfg)
+    method = cls(cfg, ctx)
+    method.build()
+    for s in stages:
+        assert s.net in method.nets, (name, s)
+        assert s.unlabelled or s.optimizer in method.opts, (name, s)
+        assert all(v in method.nets for v in s.also_validate)
+    if cls.semi_supervised:
+        assert cls.labeller in method.nets and cls.loss_metric in cls.step_metrics
+    for s in stages:
+        method.begin_stage(s)
+        net = method.nets[s.net]
+        before = _weights(net)
+        if s.unlabelled:
+            torch.manual_seed(0)
+            out = method.train_step(s, _batch(ctx.columns, 6, 1), _batch(ctx.weak_columns + ctx.strong_columns, 8, 2,
+                                                                        labels=False),
+                                    step=5, lr_factor=1.0, stage_epoch=1)
+            assert set(cls.step_metrics) <= set(out), (name, sorted(out))
+            assert all(math.isfinite(out[k]) for k in cls.step_metrics), out
+            labels = out.get("pseudo_labels", [])
+            assert len(labels) in (0, 8) and all(0 <= p < len(NAMES) for p in labels)
+            assert all(math.isfinite(v) for v in method.epoch_metrics(s).values() if isinstance(v, float))
+        else:  # a labelled stage: the loop's supervised epoch steps s.optimizer; here one step of it
+            batch = _batch(ctx.columns, 6, 3)
+            opt = method.opts[s.optimizer]
+            for group in opt.param_groups:
+                group["lr"] = s.lr
+            logits = net(*ctx.tensors(batch, ctx.columns))
+            loss = torch.nn.functional.cross_entropy(logits[0] if isinstance(logits, tuple) else logits,
+                                                     ctx.labels(batch))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        after = _weights(net)
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert changed, f"{name}: stage {s.name!r} left {s.net} unchanged"
+        assert all(torch.isfinite(v).all() for v in after.values()), f"{name}: NaN in {s.net} after {s.name!r}"
+    method.load_state_dict(method.state_dict())
+
+
+def test_register_method_refuses_a_taken_name_and_a_non_method():
+    with pytest.raises(ValueError, match="already registered"):
+        @register_method("ipb")
+        class Again(Method):
+            pass
+    with pytest.raises(TypeError, match="subclass of ipb_ray.methods.Method"):
+        register_method("thing")(object)
+    assert "thing" not in list_methods()
+
+
+def test_unknown_method_and_balancer_names_say_what_exists():
+    with pytest.raises(ValueError, match=r"did you mean 'pseudo_label'.*registered: supervised, mpl, ipb"):
+        get_method("pseudolabel")
+    with pytest.raises(ValueError, match="registered: none, pseudo_balance"):
+        get_balancer("crest")
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["method.name=fixmatch"], ["method.name", "registered", "supervised"]),
+    (["method.name=ipbb"], ["did you mean 'ipb'"]),
+    (["method.name=supervised", "method.balancer=pseudo_balance"], ["method.balancer", "semi-supervised"]),
+    (["method.name=mpl", "method.balancer=darp"], ["method.balancer", "pseudo_balance"]),
+])
+def test_config_refuses_bad_method_and_balancer_names_with_the_choices(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="demo", overrides=overrides)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
+def test_any_pseudo_labelling_method_composes_with_the_pseudo_balancer():
+    cfg = load_config(preset="demo", overrides=["method.name=pseudo_label", "method.balancer=pseudo_balance"])
+    assert get_method("pseudo_label").balancer_name(cfg) == "pseudo_balance"
+    assert get_method("mpl").balancer_name(load_config(preset="demo", overrides=["method.name=mpl"])) == "none"
+
+
+def test_the_methods_package_imports_without_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, ipb_ray.methods, ipb_ray.config; "
+            "bad = [m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_uniform_draw_plans_every_unlabelled_colony_once_per_epoch():
+    from types import SimpleNamespace
+
+    cfg = load_config(preset="demo", overrides=["method.name=mpl"])
+    ids = tuple(f"u{i}" for i in range(50))
+    ctx = SimpleNamespace(cfg=cfg, inputs=SimpleNamespace(unlabelled=ids, class_names=NAMES), rank=0, world=1)
+    draw = get_balancer("none")(cfg, ctx)
+    plan, figures = draw.plan(0, 40, None)
+    again, _ = draw.plan(0, 40, None)
+    assert sum(plan.counts.values()) >= 40 and set(plan.counts) <= set(ids)
+    assert plan.counts == again.counts  # seeded by (seed, epoch)
+    assert np.isfinite(list(figures.values())).all() if figures else True
