@@ -8,8 +8,10 @@
   three-block CNN, AdamW with a one-cycle lr, flips and 90 degree rotations, class-balanced
   sampling of L, mean/std normalisation, best epoch on V, tested on T. The honest floor a
   user could write in an afternoon.
-- ``supervised``, ``mpl``, ``ipb``: ipb-ray's real path (Ray Train on a local Ray
-  cluster), :func:`ipb_ray.training.train_fold` with the configuration's settings.
+- ``supervised``, ``mpl``, ``ipb``, ``pseudo_label`` (any registered method; ``name+balancer``,
+  e.g. ``pseudo_label+pseudo_balance``, sets ``method.balancer`` too): ipb-ray's real path
+  (Ray Train on a local Ray cluster), :func:`ipb_ray.training.train_fold` with the
+  configuration's settings.
   The reference takes exactly as many optimizer steps as ``supervised``
   (``method.epochs x steps per epoch``); MPL/IPB add ``method.teacher_epochs`` of
   pre-training and take ``method.epochs x steps per epoch`` teacher/student steps (and,
@@ -249,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             if method == "reference":
                 report = reference_fold(cfg.data.catalog, inputs, steps, m.batch_size, size, cfg.seed + fold)
             else:
-                run = cfg.replace(f"method.name={method}", f"name=acc-{cfg.name}-{int(time.time())}")
+                name, _, balancer = method.partition("+")  # e.g. pseudo_label+pseudo_balance
+                run = cfg.replace(f"method.name={name}", f"name=acc-{cfg.name}-{int(time.time())}",
+                                  *([f"method.balancer={balancer}"] if balancer else []))
                 out = train_fold(run, fold)
                 report = out["test_report"]
                 _print_curves(method, fold, out.get("history", []), inputs.class_names)

@@ -6,6 +6,7 @@ function; progress bars and tables live here, never in the library.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -108,6 +109,28 @@ def config_presets() -> None:
         table.add_row(name, c.method.name, c.model.backbone, yes[c.data.multi_scale],
                       yes[c.data.multi_label], yes[c.method.balance_labelled])
     console.print(table)
+
+
+@config_app.command("methods")
+def config_methods(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+                   overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """List the registered methods (their stages under the given config) and balancers."""
+    from ipb_ray.methods import get_balancer, get_method, list_balancers, list_methods
+
+    with _user_errors():
+        cfg = _resolve(config, preset or ("demo" if config is None else None), overrides)
+    table = Table(*(Column(h) for h in ("method.name", "what it is", "stages (epochs)", "default balancer")),
+                  caption="stages under the given config (default: the demo preset); method.balancer picks "
+                          "another balancer for a semi-supervised method")
+    for name in list_methods():
+        cls = get_method(name)
+        run = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name, balancer=None))
+        stages = ", ".join(f"{s.name} ({s.epochs})" for s in cls.stages(run))
+        table.add_row(name, cls.title, stages, cls.default_balancer if cls.semi_supervised else "-")
+    console.print(table)
+    for name in list_balancers():
+        doc = " ".join((get_balancer(name).__doc__ or "").strip().split("\n\n")[0].split())
+        console.print(f"balancer [bold]{name}[/]: {escape(doc)}", highlight=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -235,7 +258,7 @@ def train(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           fold: Optional[int] = typer.Option(None, help="Fold to run (split.fold)."),
           address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
                                                 "local cluster.")) -> None:
-    """Train one fold on Ray Train (method.name: supervised, mpl or ipb) and print test metrics."""
+    """Train one fold on Ray Train (method.name: see `ipb config methods`) and print test metrics."""
     extra = [f"resources.address={address}"] if address else []
     with _user_errors():
         cfg = _resolve(config, preset, list(overrides or []) + extra)

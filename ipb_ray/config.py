@@ -27,7 +27,6 @@ __all__ = [
     "AugmentConfig",
     "BACKBONES",
     "EvalConfig",
-    "METHODS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -52,12 +51,6 @@ __all__ = [
 #: tests). ``model.backbone`` is checked against the registry itself
 #: (:func:`ipb_ray.models.list_models`), so a ``@register_model`` backbone is valid too.
 BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
-#: Training methods shipped with the method registry (:mod:`ipb_ray.methods`): supervised on
-#: L, Meta Pseudo Labels, Iterative Pseudo Balancing, Pseudo-Label. ``method.name`` is
-#: checked against the registry itself, so a ``@register_method`` method is valid too.
-METHODS = ("supervised", "mpl", "ipb", "pseudo_label")
-#: Balancers of an unlabelled stream shipped with :mod:`ipb_ray.methods.balancers`.
-BALANCERS = ("none", "pseudo_balance")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 RELABEL = ("pass", "reuse")
 STUDENT_INITS = ("scratch", "teacher")

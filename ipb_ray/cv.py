@@ -168,13 +168,15 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
 
     def one(fold: int) -> None:
         event("started", fold, {})
-        metrics = train_fold(cfg, fold)
+        with lock:
+            child = tracking.open_fold(uri, parent, fold, cfg)  # the epochs reach MLflow as they end
+        metrics = train_fold(cfg, fold, mlflow_run=(tracking.absolute_uri(uri), child))
         run_dir = local_run_dir(metrics)
         if metrics.get("history") and run_dir:
             save_training_curves(metrics["history"], metrics["test_report"]["class_names"], run_dir / "curves.png",
                                  title=f"{cfg.name} {cfg.method.name} fold {fold}")
         with lock:  # one MLflow writer at a time
-            tracking.log_fold(uri, parent, fold, metrics, cfg, log_model=log_model)
+            tracking.log_fold(uri, parent, fold, metrics, cfg, log_model=log_model, child_id=child)
             reports[fold] = metrics["test_report"]
         event("finished", fold, metrics)
 

@@ -11,10 +11,12 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.repo
   ``cv_folds``; artifacts ``cv_summary.json`` (:func:`ipb_ray.stats.aggregate_folds`),
   ``fold_reports.json`` (``[{"fold": k, "report": classification_report}, ...]`` in fold
   order) and ``cv_confusion_matrix.png`` (summed over folds).
-- **child run** per fold (:func:`log_fold`), named ``"{parent name}-fold{k}"``; tags
-  ``mlflow.parentRunId``, ``ipb.kind = "fold"``, ``ipb.fold``, ``ipb.config_key``; metrics:
-  every numeric key of the per-epoch history (step = epoch, names sanitised to MLflow's
-  characters), and the final ``test_{macro_tpr,macro_f1,balanced_accuracy,accuracy}``,
+- **child run** per fold (:func:`open_fold` when the fold starts, :func:`log_fold` when it
+  ends), named ``"{parent name}-fold{k}"``; tags ``mlflow.parentRunId``, ``ipb.kind =
+  "fold"``, ``ipb.fold``, ``ipb.config_key``; metrics: every numeric key of the per-epoch
+  history (step = epoch, names sanitised to MLflow's characters), logged by the training
+  loop's rank 0 as each epoch ends (:func:`log_epoch`: ``mlflow ui`` draws a running
+  fold's curves; a resumed fold keeps its run), and the final ``test_{macro_tpr,macro_f1,balanced_accuracy,accuracy}``,
   ``test_{tpr,f1,precision}/<class>`` (an MPL/IPB run with ``method.finetune_epochs`` also
   logs the MPL stage's own result as ``pre_finetune_test_*`` and
   ``pre_finetune_test_report.json``); artifacts ``test_report.json``,
@@ -68,8 +70,11 @@ __all__ = [
     "finished_folds",
     "git_commit",
     "load_cv",
+    "absolute_uri",
+    "log_epoch",
     "log_fold",
     "log_summary",
+    "open_fold",
     "open_parent",
     "sanitize_metric_name",
 ]
@@ -522,20 +527,83 @@ def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
     return info.model_uri
 
 
+def _cv_parent(client: Any, tracking_uri: str, parent_id: str) -> Any:
+    parent = _get_run(client, tracking_uri, parent_id, "parent run")
+    kind = parent.data.tags.get("ipb.kind")
+    if kind != CV_KIND:
+        raise ValueError(f"run {parent_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
+                         f"(tag ipb.kind={kind!r}); pass the id returned by open_parent")
+    return parent
+
+
+def _fold_tags(parent: Any, fold: int, cfg: ExperimentConfig) -> dict[str, str]:
+    ptags = parent.data.tags
+    return {PARENT_TAG: parent.info.run_id, "ipb.kind": FOLD_KIND, "ipb.fold": str(int(fold)),
+            "ipb.config_key": ptags.get("ipb.config_key", config_key(cfg)),
+            "ipb.method": ptags.get("ipb.method", cfg.method.name)}
+
+
+def open_fold(tracking_uri: str, parent_id: str, fold: int, cfg: ExperimentConfig) -> str:
+    """The child run a fold's training logs into while it trains (:func:`log_epoch`): the
+    newest unfinished child of that fold (a resumed fold keeps its run and its curves), or
+    a new one. It is RUNNING until :func:`log_fold` finishes it."""
+    client = _client(tracking_uri)
+    parent = _cv_parent(client, tracking_uri, parent_id)
+    for run in _fold_children(client, parent.info.experiment_id, parent_id, int(fold)):  # newest first
+        if run.info.status == "FINISHED" or "ipb.superseded_by" in run.data.tags:
+            continue
+        if _has_artifact(client, run.info.run_id, TEST_REPORT):
+            continue
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+        return run.info.run_id
+    return client.create_run(parent.info.experiment_id, run_name=f"{parent.info.run_name}-fold{int(fold)}",
+                             tags=_fold_tags(parent, fold, cfg)).info.run_id
+
+
+_LIVE_WARNED: set[str] = set()
+
+
+def absolute_uri(tracking_uri: str) -> str:
+    """``sqlite:///relative.db`` made absolute (as seen from this process), so a Train
+    worker with another working directory writes to the same store; other URIs as given."""
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        path, _, query = tracking_uri[len("sqlite:///"):].partition("?")
+        return "sqlite:///" + os.path.abspath(path) + (f"?{query}" if query else "")
+    return tracking_uri
+
+
+def log_epoch(tracking_uri: str, run_id: str, row: Mapping[str, Any]) -> int:
+    """Log one epoch's history row to a fold's child run (step = epoch), from the training
+    loop while it runs. A store that cannot be reached is reported once per run and
+    otherwise ignored: training goes on and :func:`log_fold` backfills the epochs."""
+    try:
+        return _log_metrics(_client(tracking_uri), run_id, _history_metrics([row]))
+    except Exception as exc:  # noqa: BLE001 - logging must never stop training
+        if run_id not in _LIVE_WARNED:
+            _LIVE_WARNED.add(run_id)
+            log.warning("live MLflow logging to %s (run %s) failed: %s; the fold's curves are logged when it "
+                        "finishes", tracking_uri, run_id, exc)
+        return 0
+
+
+def _logged_steps(client: Any, run_id: str, key: str = "epoch_seconds") -> set[int]:
+    """Epochs a run already holds (every history row has ``epoch_seconds``)."""
+    return {int(m.step) for m in client.get_metric_history(run_id, key)}
+
+
 def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping[str, Any],
-             cfg: ExperimentConfig, log_model: bool = True) -> str:
+             cfg: ExperimentConfig, log_model: bool = True, child_id: str | None = None) -> str:
     """Log one finished fold as a child run of ``parent_id``; returns the child run id.
 
     ``fold_metrics``: what :func:`ipb_ray.training.train_fold` returns (``test_report``,
-    ``history``, ``checkpoint``, ...). Older child runs of the same fold are superseded. The
-    child run ends FINISHED once everything is logged (FAILED if logging fails).
+    ``history``, ``checkpoint``, ...). ``child_id``: the run :func:`open_fold` gave the fold
+    (its epochs logged live are not logged again); else a new child run. Older child runs
+    of the same fold are superseded. The child run ends FINISHED once everything is logged
+    (FAILED if logging fails).
     """
     client = _client(tracking_uri)
-    parent = _get_run(client, tracking_uri, parent_id, "parent run")
-    ptags = parent.data.tags
-    if ptags.get("ipb.kind") != CV_KIND:
-        raise ValueError(f"run {parent_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
-                         f"(tag ipb.kind={ptags.get('ipb.kind')!r}); pass the id returned by open_parent")
+    parent = _cv_parent(client, tracking_uri, parent_id)
     report = fold_metrics.get("test_report")
     if not isinstance(report, Mapping) or "class_names" not in report:
         raise ValueError(f"fold {fold} of parent run {parent.info.run_name!r} ({parent_id}): fold_metrics has "
@@ -544,14 +612,17 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
     eid = parent.info.experiment_id
     old_runs = _fold_children(client, eid, parent_id, fold)
     name = f"{parent.info.run_name}-fold{fold}"
-    tags = {PARENT_TAG: parent_id, "ipb.kind": FOLD_KIND, "ipb.fold": str(fold),
-            "ipb.config_key": ptags.get("ipb.config_key", config_key(cfg)),
-            "ipb.method": ptags.get("ipb.method", cfg.method.name)}
+    tags = _fold_tags(parent, fold, cfg)
     if fold_metrics.get("param_digest"):
         tags["ipb.param_digest"] = str(fold_metrics["param_digest"])
     if fold_metrics.get("checkpoint"):
         tags["ipb.checkpoint"] = str(fold_metrics["checkpoint"])[:5000]
-    child = client.create_run(eid, run_name=name, tags=tags).info.run_id
+    if child_id is None:
+        child = client.create_run(eid, run_name=name, tags=tags).info.run_id
+    else:
+        child = child_id
+        for key, value in tags.items():
+            client.set_tag(child, key, value)
     for old in old_runs:
         if old.info.run_id == child:
             continue
@@ -560,9 +631,11 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
             client.set_terminated(old.info.run_id, "KILLED")
     try:
         history = list(fold_metrics.get("history") or [])
+        live = _logged_steps(client, child) if child_id is not None else set()
         # a fine-tuned MPL/IPB student: the MPL stage's own choice is kept beside it
         before = fold_metrics.get(PRE_FINETUNE_REPORT.removesuffix(".json"))
-        _log_metrics(client, child, _history_metrics(history) + _final_metrics(report) +
+        missing = [row for row in history if not (isinstance(row, Mapping) and row.get("epoch") in live)]
+        _log_metrics(client, child, _history_metrics(missing) + _final_metrics(report) +
                      (_final_metrics(before, "pre_finetune_test_") if isinstance(before, Mapping) else []))
         class_names = list(report["class_names"])
         with tempfile.TemporaryDirectory(prefix="ipb-mlflow-") as d:

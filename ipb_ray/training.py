@@ -1,14 +1,17 @@
-"""Supervised training of one fold on Ray Train (the paper's baselines; IPB's teacher
-pre-training uses the same loop).
+"""Training one fold on Ray Train: the one loop of every method (:mod:`ipb_ray.methods`).
 
-Driver side (:func:`train_fold`): read the fold's roles, build three Ray Data patch
-streams (train: labelled L, resampled per epoch; val: V; test: T) and run a
-``TorchTrainer``. Worker side (:func:`_train_loop`): DDP model, SGD, per-epoch
-``ray.train.report`` with a checkpoint written by rank 0 that holds everything needed to
-resume (model, optimiser, scheduler, epoch, RNG state, best-so-far weights). A killed
-worker restarts the group from the latest checkpoint (``FailureConfig``); rerunning the
-same run name resumes it. The best model is chosen on V (never on T) and tested on T at
-the end by rank 0.
+Driver side (:func:`train_fold`): read the fold's roles, build the Ray Data patch streams
+(train: labelled L, resampled per epoch; val: V; test: T; calib: un-augmented L for
+BatchNorm recalibration; and, for a semi-supervised method, the unlabelled stream whose
+per-epoch content a balancer plans) and run a ``TorchTrainer``. Worker side
+(:class:`_Loop`, via :func:`_train_loop`): the method's networks and optimisers, its
+stages epoch by epoch (labelled stages run here; unlabelled ones call the method's
+``train_step``), per-epoch ``ray.train.report`` with a checkpoint written by rank 0 that
+holds everything needed to resume (networks, optimisers, method and balancer state, epoch,
+step, RNG state, best-so-far weights, history). A killed worker restarts the group from the
+latest checkpoint (``FailureConfig``); rerunning the same run name resumes it. The network
+is chosen on V (never on T) and tested on T at the end by rank 0. ``docs/methods.md``
+lists the history and checkpoint keys.
 """
 
 from __future__ import annotations
@@ -311,10 +314,16 @@ def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: dic
 
     A ``state["history"]`` list (one metrics dict per epoch so far) is also written as
     ``history.json`` beside the weights, so the curves survive with the checkpoint.
-    ``run["local_run_dir"]`` (local mode) is where the loop keeps its checkpoints itself."""
+    ``run["local_run_dir"]`` (local mode) is where the loop keeps its checkpoints itself;
+    ``run["mlflow_run"]`` (``(uri, run id)``): rank 0 logs the epoch's history row there."""
     import ray.train
 
     metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
+    live = (run or {}).get("mlflow_run")
+    if state is not None and live and state.get("history") and "epoch_seconds" in metrics:  # an epoch just ran
+        from ipb_ray.tracking import log_epoch
+
+        log_epoch(live[0], live[1], state["history"][-1])
     local = (run or {}).get("local_run_dir")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
@@ -632,7 +641,7 @@ class _Loop:
         for i in range(steps):
             bl, bu = next(l_iter), next(u_iter)
             timer.got()
-            out = self.method.train_step(stage, bl, bu, step=self.global_step,
+            out = self.method.train_step(stage, bl, bu, step=self._unlabelled_epoch(g) * steps + i,
                                          lr_factor=self._lr_factor(stage, e, i, steps), stage_epoch=e)
             self.global_step += 1
             sums += torch.tensor([out[k] for k in names], dtype=torch.float64)
@@ -830,11 +839,13 @@ def stream_specs(cfg: ExperimentConfig, class_names: tuple[str, ...], semi: bool
 
 
 def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: str | None = None,
-               callbacks: list[Any] | None = None) -> dict[str, Any]:
+               callbacks: list[Any] | None = None, mlflow_run: tuple[str, str] | None = None) -> dict[str, Any]:
     """Train and test one fold; returns the final metrics (with ``test_report``).
 
     ``callbacks``: Ray Train callbacks for the run (a Tune trial passes
-    ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler)."""
+    ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler).
+    ``mlflow_run``: ``(tracking URI, run id)`` that rank 0 logs every epoch's history row
+    to as the epoch ends (:func:`ipb_ray.tracking.log_epoch`)."""
     from ipb_ray.ray_setup import init_ray
     from ipb_ray.streams import lease_states, release_states
 
@@ -862,7 +873,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     leased = lease_states(len(keys))
     states = {key: name for key, (name, _handle) in zip(keys, leased)}
     try:
-        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks).fit()
+        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks, mlflow_run).fit()
     finally:
         release_states(leased)
     metrics = dict(result.metrics or {})
@@ -874,7 +885,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
 
 def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[str, Any], states: dict[str, str],
-             semi: bool, digest_dir: str | None, callbacks: list[Any] | None) -> Any:
+             semi: bool, digest_dir: str | None, callbacks: list[Any] | None,
+             mlflow_run: tuple[str, str] | None = None) -> Any:
     """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -901,7 +913,7 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
         _train_loop,
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
                            "local_run_dir": local_run_storage(cfg, fold),
-                           "checkpoints_to_keep": r.checkpoints_to_keep},
+                           "checkpoints_to_keep": r.checkpoints_to_keep, "mlflow_run": mlflow_run},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),

@@ -100,3 +100,67 @@ def test_two_folds_in_parallel_share_a_two_cpu_cluster(cv_catalog):
     assert sorted(result.reports) == [0, 1] and result.summary["folds"] == 2
     starts = [i for i, e in enumerate(events) if e[0] == "started"]
     assert starts[:2] == [0, 1]  # both folds started before either finished: they ran side by side
+
+
+def test_pseudo_label_with_the_pseudo_balancer_runs_through_cv_and_mlflow(cv_catalog):
+    """A method added on the registry runs through `ipb cv` unchanged, with IPB's balancer."""
+    from mlflow import MlflowClient
+
+    from ipb_ray.cv import run_cv
+
+    cfg = _cfg(cv_catalog, "name=plcv", "resources.num_workers=0", "method.name=pseudo_label",
+               "method.balancer=pseudo_balance", "method.teacher_epochs=1", "method.epochs=1",
+               "method.unlabelled_batch_size=4", "method.threshold=0.0", "method.uda_steps=1",
+               "method.finetune_epochs=0")
+    result = run_cv(cfg, [0], log_model=False)
+    report = result.reports[0]
+    assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    child = client.search_runs([client.get_experiment_by_name("cv-test").experiment_id],
+                               f"tags.mlflow.parentRunId = '{result.parent_run_id}'")[0]
+    assert client.get_run(result.parent_run_id).data.tags["ipb.method"] == "pseudo_label"
+    metrics = child.data.metrics
+    names = [k.split("/", 1)[1] for k in metrics if k.startswith("teacher_proportion/")]
+    assert names, sorted(metrics)  # the balancer's labelling pass ran and was logged
+    assert sum(metrics[f"teacher_proportion/{c}"] for c in names) == pytest.approx(1)
+    assert sum(metrics[f"stream_share/{c}"] for c in names) == pytest.approx(1)
+    assert 0 <= metrics["mask_rate"] <= 1 and metrics["label_seconds"] > 0
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_balanced_accuracy")]
+    assert steps == [0, 1]  # warm-up epoch, then the pseudo-labelling epoch
+
+
+def test_epochs_reach_the_fold_run_while_it_trains_and_a_resumed_fold_keeps_its_run(cv_catalog):
+    from mlflow import MlflowClient
+
+    from ipb_ray import tracking
+    from ipb_ray.training import train_fold
+
+    cfg = _cfg(cv_catalog, "name=live", "resources.num_workers=0", "method.epochs=2")
+    uri = cfg.tracking.tracking_uri
+    parent = tracking.open_parent(uri, "cv-test", cfg)
+    child = tracking.open_fold(uri, parent, 0, cfg)
+    client = MlflowClient(uri)
+    first = train_fold(cfg, 0, mlflow_run=(tracking.absolute_uri(uri), child))
+    # before the driver logs the fold, the run already holds every epoch, and is still running
+    run = client.get_run(child)
+    assert run.info.status == "RUNNING" and "test_macro_tpr" not in run.data.metrics
+    assert [m.step for m in client.get_metric_history(child, "val_balanced_accuracy")] == [0, 1]
+    assert tracking.open_fold(uri, parent, 0, cfg) == child  # a resumed fold logs into the same run
+    # two more epochs on the same run: it resumes at epoch 2 and logs epochs 2 and 3 only
+    more = train_fold(cfg.replace("method.epochs=4"), 0, mlflow_run=(tracking.absolute_uri(uri), child))
+    assert more["resumed_from_epoch"] == 1 and len(more["history"]) == 4
+    tracking.log_fold(uri, parent, 0, more, cfg, log_model=False, child_id=child)
+    assert [m.step for m in client.get_metric_history(child, "train_loss")] == [0, 1, 2, 3]  # none twice
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and "test_macro_tpr" in run.data.metrics
+    assert tracking.open_fold(uri, parent, 0, cfg) != child  # a finished fold is never reopened
+    assert first["history"] == more["history"][:2]
+
+
+def test_absolute_uri_pins_a_relative_sqlite_store_to_this_directory(tmp_path, monkeypatch):
+    from ipb_ray.tracking import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

@@ -5,6 +5,7 @@ without a new test of its own."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +73,27 @@ def test_the_shipped_methods_and_balancers_are_registered_in_order():
 
 @pytest.mark.parametrize("name", list_methods())
 def test_every_method_plans_its_stages_builds_and_one_step_of_each_stage_learns(name):
+    _one_step_of_each_stage(name)
+
+
+def test_the_method_added_in_docs_methods_md_registers_and_learns():
+    import re
+
+    from ipb_ray.methods import base
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
+    try:
+        exec(compile(code, "docs/methods.md", "exec"), {})
+        assert "entropy_min" in list_methods()
+        assert load_config(preset="demo", overrides=["method.name=entropy_min",
+                                                     "method.balancer=pseudo_balance"]).method.name == "entropy_min"
+        _one_step_of_each_stage("entropy_min")
+    finally:
+        base._METHODS.pop("entropy_min", None)
+
+
+def _one_step_of_each_stage(name):
     import torch
 
     cls = get_method(name)
@@ -180,3 +202,19 @@ def test_uniform_draw_plans_every_unlabelled_colony_once_per_epoch():
     assert sum(plan.counts.values()) >= 40 and set(plan.counts) <= set(ids)
     assert plan.counts == again.counts  # seeded by (seed, epoch)
     assert np.isfinite(list(figures.values())).all() if figures else True
+
+
+def test_ipb_config_methods_lists_every_method_with_its_stages_under_the_config():
+    from typer.testing import CliRunner
+
+    from ipb_ray.cli import app
+
+    out = CliRunner().invoke(app, ["config", "methods", "method.teacher_epochs=0", "method.finetune_epochs=2"],
+                             env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    for name in list_methods():
+        assert name in out.output
+    assert "teacher (" not in out.output  # teacher_epochs=0: no pre-training stage
+    assert "finetune (2)" in out.output and "balancer pseudo_balance" in out.output
+    bad = CliRunner().invoke(app, ["config", "methods", "method.name=nope"])
+    assert bad.exit_code == 2 and "not a registered method" in bad.output

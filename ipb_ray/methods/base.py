@@ -106,7 +106,10 @@ class Method:
     def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
                    step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:
         """One step of an unlabelled stage: the figures of :attr:`step_metrics` (floats) and,
-        optionally, ``pseudo_labels`` (one class index per unlabelled patch of the batch)."""
+        optionally, ``pseudo_labels`` (one class index per unlabelled patch of the batch).
+        ``step`` counts this worker's steps of the run's unlabelled stages from 0 (e.g. the
+        clock of a ramp of lambda_u); ``lr_factor`` is the run's schedule at this step of the
+        stage; ``stage_epoch`` is the epoch within the stage."""
         raise NotImplementedError(f"method {self.name!r} has no unlabelled stage")
 
     def epoch_metrics(self, stage: Stage) -> dict[str, Any]:
