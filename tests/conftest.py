@@ -26,6 +26,7 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Tests that start their own multi-node cluster go first: `ray start --head` waits only
     # 30 s for its raylet to register, which a 2-core machine already running the shared
@@ -36,6 +37,8 @@ def pytest_collection_modifyitems(config, items):
     has_data = SHARED_DATA.is_dir()
     has_gpu = None
     for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()) or "cluster" in item.keywords:
+            item.add_marker(pytest.mark.ray)  # uses a Ray cluster, whether its file says so or not
         if "realdata" in item.keywords and not has_data:
             item.add_marker(skip_data)
         if "gpu" in item.keywords:

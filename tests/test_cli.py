@@ -122,6 +122,7 @@ def test_demo_rejects_an_unknown_override_before_writing(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_demo_runs_end_to_end(ray_local, tmp_path):
     from mlflow import MlflowClient
 

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cv_catalog(tmp_path_factory, ray_local):
-    from test_preprocess import make_frames
+    from worlds import make_frames
 
     from ipb_ray.preprocess import build_catalog
 

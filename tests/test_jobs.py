@@ -57,7 +57,7 @@ def _submission_id(out: str) -> str:
 
 def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_stopped_job(cluster):
     from mlflow import MlflowClient
-    from test_preprocess import make_frames
+    from worlds import make_frames
 
     from ipb_ray.submit import requires_token
 

@@ -32,8 +32,8 @@ def _cfg(method: str, *extra: str):
         "method.epochs=2", "method.uda_steps=1", "method.threshold=0.0", *extra])
 
 
-def _ctx(cfg):
-    """The loop's context on this process: rank 0 of 1, CPU, networks not DDP-wrapped."""
+def _ctx(cfg, device="cpu", amp=False):
+    """The loop's context on this process: rank 0 of 1, networks not DDP-wrapped."""
     import torch
 
     from ipb_ray.patches import PatchGeometry
@@ -45,7 +45,8 @@ def _ctx(cfg):
     geometry = PatchGeometry(cfg.data.global_patch, (cfg.data.global_patch, cfg.data.local_patch))
     config = {"spec_train": StreamSpec(geometry, NAMES, mode="train"),
               "spec_uda": StreamSpec(geometry, NAMES, mode="uda")}
-    return LoopContext(cfg, inputs, config, 0, 1, torch.device("cpu"), False, prepare=lambda net: net)
+    dev = torch.device(device)
+    return LoopContext(cfg, inputs, config, 0, 1, dev, amp, prepare=lambda net: net.to(dev))
 
 
 def _batch(columns, n, seed, labels=True):
@@ -79,7 +80,7 @@ def test_every_method_plans_its_stages_builds_and_one_step_of_each_stage_learns(
 def test_the_method_added_in_docs_methods_md_registers_and_learns():
     import re
 
-    from ipb_ray.methods import base
+    from ipb_ray.methods import METHODS
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
     code = re.search(r"## Adding a method.*?```python\n(.*?)```", text, re.S).group(1)
@@ -90,10 +91,16 @@ def test_the_method_added_in_docs_methods_md_registers_and_learns():
                                                      "method.balancer=pseudo_balance"]).method.name == "entropy_min"
         _one_step_of_each_stage("entropy_min")
     finally:
-        base._METHODS.pop("entropy_min", None)
+        METHODS.remove("entropy_min")
 
 
-def _one_step_of_each_stage(name):
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_steps_on_a_gpu_under_bf16_autocast(name):
+    _one_step_of_each_stage(name, device="cuda", amp=True)
+
+
+def _one_step_of_each_stage(name, device="cpu", amp=False):
     import torch
 
     cls = get_method(name)
@@ -103,7 +110,7 @@ def _one_step_of_each_stage(name):
     assert sum(s.epochs for s in stages) == total_epochs(cfg)
     assert any(s.unlabelled for s in stages) == cls.semi_supervised
     assert all(isinstance(s, Stage) and s.epochs > 0 for s in stages)
-    ctx = _ctx(cfg)
+    ctx = _ctx(cfg, device, amp)
     method = cls(cfg, ctx)
     method.build()
     for s in stages:
@@ -131,8 +138,9 @@ def _one_step_of_each_stage(name):
             opt = method.opts[s.optimizer]
             for group in opt.param_groups:
                 group["lr"] = s.lr
-            logits = net(*ctx.tensors(batch, ctx.columns))
-            loss = torch.nn.functional.cross_entropy(logits[0] if isinstance(logits, tuple) else logits,
+            with ctx.autocast():
+                logits = net(*ctx.tensors(batch, ctx.columns))
+            loss = torch.nn.functional.cross_entropy((logits[0] if isinstance(logits, tuple) else logits).float(),
                                                      ctx.labels(batch))
             opt.zero_grad()
             loss.backward()
@@ -149,7 +157,7 @@ def test_register_method_refuses_a_taken_name_and_a_non_method():
         @register_method("ipb")
         class Again(Method):
             pass
-    with pytest.raises(TypeError, match="subclass of ipb_ray.methods.Method"):
+    with pytest.raises(TypeError, match="subclass of ipb_ray.methods.base.Method"):
         register_method("thing")(object)
     assert "thing" not in list_methods()
 
@@ -159,6 +167,8 @@ def test_unknown_method_and_balancer_names_say_what_exists():
         get_method("pseudolabel")
     with pytest.raises(ValueError, match="registered: none, pseudo_balance"):
         get_balancer("crest")
+    with pytest.raises(ValueError, match="did you mean 'pseudo_balance'"):
+        get_balancer("pseudo_balanced")
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -9,8 +9,6 @@ import subprocess
 import sys
 import time
 
-import cv2
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,49 +16,9 @@ from ipb_ray import catalog
 from ipb_ray.config import load_config
 from ipb_ray.folds import check_folds, read_folds
 from ipb_ray.preprocess import build_catalog
+from worlds import CLASSES, make_frames  # tests/worlds.py: the tiny frame world
 
 pytestmark = pytest.mark.ray
-
-CLASSES = ("Debris", "Dense", "Spread")
-
-
-def _frame(rng, centres, size=360, radius=45):
-    img = cv2.GaussianBlur(rng.normal(128, 2, (size, size)).clip(0, 255).astype(np.uint8), (5, 5), 0)
-    yy, xx = np.ogrid[:size, :size]
-    for cx, cy in centres:
-        disc = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius ** 2
-        img[disc] = rng.integers(30, 230, int(disc.sum()), dtype=np.uint8)
-    return img
-
-
-def make_frames(root, n_frames=6, seed=0):
-    """n frames with four colonies each, every colony labelled (one multi-label per frame)."""
-    rng = np.random.default_rng(seed)
-    (root / "frames").mkdir(parents=True)
-    centres = ((80, 80), (260, 90), (90, 260), (270, 270))
-    rows = []
-    for f in range(n_frames):
-        name = f"frames/f{f:02d}.png"
-        cv2.imwrite(str(root / name), _frame(rng, centres))
-        for i, (cx, cy) in enumerate(centres):
-            label = "Dense;Spread" if i == 3 else CLASSES[(f + i) % 3]
-            rows.append([name, cx - 46, cy - 46, cx + 47, cy + 47, label, f])
-    with (root / "ann.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["frame", "x0", "y0", "x1", "y1", "labels", "frame_index"])
-        w.writerows(rows)
-    return root
-
-
-def small_catalog_at(root, n_frames, seed):
-    """make_frames + build_catalog with 2 folds and 30 % labelled; returns the catalog path."""
-    from ipb_ray.preprocess import build_catalog
-
-    make_frames(root, n_frames=n_frames, seed=seed)
-    build_catalog(load_config(preset="demo", overrides=[
-        f"data.frames={root / 'frames'}", f"data.annotations={root / 'ann.csv'}",
-        f"data.catalog={root / 'catalog'}", "split.folds=2", "split.labelled_fraction=0.3"]))
-    return str(root / "catalog")
 
 
 def _cfg(root, *extra):

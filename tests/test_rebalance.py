@@ -97,7 +97,7 @@ def test_reused_labels_replace_the_pass_labels_last_one_winning():
 
 @pytest.fixture(scope="module")
 def label_catalog(tmp_path_factory, ray_local):
-    from test_preprocess import small_catalog_at
+    from worlds import small_catalog_at
 
     return small_catalog_at(tmp_path_factory.mktemp("rebalance"), n_frames=8, seed=5)
 

@@ -124,7 +124,7 @@ def test_bad_mode_message():
 
 @pytest.fixture(scope="module")
 def small_catalog(tmp_path_factory, ray_local):
-    from test_preprocess import small_catalog_at
+    from worlds import small_catalog_at
 
     return small_catalog_at(tmp_path_factory.mktemp("streams"), n_frames=5, seed=11)
 

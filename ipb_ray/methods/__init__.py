@@ -6,13 +6,13 @@ method's default). Built in: ``supervised``, ``mpl``, ``ipb`` (MPL + ``pseudo_ba
 and ``pseudo_label``. See :mod:`ipb_ray.methods.base` for how to add one.
 """
 
-from ipb_ray.methods.balancers import Balancer, get_balancer, list_balancers, register_balancer
-from ipb_ray.methods.base import (Method, Stage, finetune_stage, get_method, list_methods, register_method,
-                                  total_epochs)
+from ipb_ray.methods.balancers import BALANCERS, Balancer, get_balancer, list_balancers, register_balancer
+from ipb_ray.methods.base import (METHODS, Method, Stage, finetune_stage, get_method, list_methods,
+                                  register_method, total_epochs)
 # the built-ins register themselves on import, in the order tables list them
 from ipb_ray.methods import supervised as _supervised  # noqa: E402,F401,I001
 from ipb_ray.methods import mpl as _mpl  # noqa: E402,F401,I001
 from ipb_ray.methods import pseudo_label as _pseudo_label  # noqa: E402,F401,I001
 
-__all__ = ["Balancer", "Method", "Stage", "finetune_stage", "get_balancer", "get_method", "list_balancers",
+__all__ = ["BALANCERS", "METHODS", "Balancer", "Method", "Stage", "finetune_stage", "get_balancer", "get_method", "list_balancers",
            "list_methods", "register_balancer", "register_method", "total_epochs"]

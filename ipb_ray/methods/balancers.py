@@ -23,33 +23,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-__all__ = ["Balancer", "PseudoBalancer", "UniformDraw", "get_balancer", "list_balancers", "register_balancer"]
+from ipb_ray.methods.base import Registry
 
-_BALANCERS: dict[str, type["Balancer"]] = {}
-
-
-def register_balancer(name: str) -> Callable[[type["Balancer"]], type["Balancer"]]:
-    """Class decorator: make a :class:`Balancer` available as ``method.balancer=<name>``."""
-
-    def wrap(cls: type[Balancer]) -> type[Balancer]:
-        if name in _BALANCERS and _BALANCERS[name] is not cls:
-            raise ValueError(f"a balancer named {name!r} is already registered")
-        cls.name = name
-        _BALANCERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def list_balancers() -> list[str]:
-    return list(_BALANCERS)
-
-
-def get_balancer(name: str) -> type["Balancer"]:
-    try:
-        return _BALANCERS[name]
-    except KeyError:
-        raise ValueError(f"{name!r} is not a registered balancer; registered: {', '.join(_BALANCERS)}") from None
+__all__ = ["BALANCERS", "Balancer", "PseudoBalancer", "UniformDraw", "get_balancer", "list_balancers",
+           "register_balancer"]
 
 
 def _per_class(prefix: str, values: Any, names: tuple[str, ...]) -> dict[str, float]:
@@ -93,6 +70,22 @@ class Balancer:
 
     def close(self) -> None:
         pass
+
+
+BALANCERS = Registry("balancer", Balancer, "register_balancer")
+
+
+def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
+    """Class decorator: make a :class:`Balancer` available as ``method.balancer=<name>``."""
+    return BALANCERS.register(name)
+
+
+def list_balancers() -> list[str]:
+    return BALANCERS.names()
+
+
+def get_balancer(name: str) -> type[Balancer]:
+    return BALANCERS.get(name)
 
 
 @register_balancer("none")

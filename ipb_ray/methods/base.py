@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.config import ExperimentConfig
 
-__all__ = ["Method", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
-           "total_epochs"]
+__all__ = ["METHODS", "Method", "Registry", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
+           "pretraining_stage", "total_epochs"]
 
 
 @dataclass(frozen=True)
@@ -123,39 +123,62 @@ class Method:
         pass
 
 
-_METHODS: dict[str, type[Method]] = {}
+class Registry:
+    """Named classes of one kind (methods, balancers): registration by decorator, lookup
+    with a did-you-mean message, registration order kept."""
+
+    def __init__(self, kind: str, base: type, decorator: str):
+        self.kind, self.base, self.decorator = kind, base, decorator
+        self._classes: dict[str, type] = {}
+
+    def register(self, name: str) -> Callable[[type], type]:
+        def wrap(cls: type) -> type:
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                raise TypeError(f"@{self.decorator}({name!r}) decorates a subclass of {self.base.__module__}."
+                                f"{self.base.__qualname__}, got {cls!r}")
+            taken = self._classes.get(name)
+            if taken is not None and taken is not cls:
+                raise ValueError(f"a {self.kind} named {name!r} is already registered ({taken.__module__}."
+                                 f"{taken.__qualname__}); choose another name")
+            cls.name = name
+            self._classes[name] = cls
+            return cls
+
+        return wrap
+
+    def names(self) -> list[str]:
+        return list(self._classes)
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            close = difflib.get_close_matches(str(name), list(self._classes), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{name!r} is not a registered {self.kind}{hint}; registered: "
+                             f"{', '.join(self._classes)} (add your own with @ipb_ray.methods.{self.decorator})"
+                             ) from None
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a notebook redefining a class, a test's temporary entry)."""
+        self._classes.pop(name, None)
+
+
+METHODS = Registry("method", Method, "register_method")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make a :class:`Method` available as ``method.name=<name>``."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise TypeError(f"@register_method({name!r}) decorates a subclass of ipb_ray.methods.Method, "
-                            f"got {cls!r}")
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"a method named {name!r} is already registered ({_METHODS[name].__module__}."
-                             f"{_METHODS[name].__qualname__}); choose another name")
-        cls.name = name
-        _METHODS[name] = cls
-        return cls
-
-    return wrap
+    return METHODS.register(name)
 
 
 def list_methods() -> list[str]:
     """Registered method names, in registration order."""
-    return list(_METHODS)
+    return METHODS.names()
 
 
 def get_method(name: str) -> type[Method]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"{name!r} is not a registered method{hint}; registered: {', '.join(_METHODS)} "
-                         "(add your own with @ipb_ray.methods.register_method)") from None
+    return METHODS.get(name)
 
 
 def total_epochs(cfg: "ExperimentConfig") -> int:
@@ -172,3 +195,13 @@ def finetune_stage(cfg: "ExperimentConfig", net: str = "student") -> list[Stage]
         return []
     return [Stage("finetune", m.finetune_epochs, net, title="fine-tuning", optimizer="finetune", lr=m.finetune_lr,
                   restart=True)]
+
+
+def pretraining_stage(cfg: "ExperimentConfig", name: str, net: str, title: str) -> list[Stage]:
+    """The optional first stage of a semi-supervised method: ``method.teacher_epochs``
+    epochs of ``net`` (and its optimiser of the same name) on class-balanced L at
+    ``method.lr``, not offered for selection."""
+    m = cfg.method
+    if not m.teacher_epochs:
+        return []
+    return [Stage(name, m.teacher_epochs, net, title=title, optimizer=net, lr=m.lr, select=False)]

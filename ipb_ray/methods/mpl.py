@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from ipb_ray.methods.base import Method, Stage, finetune_stage, register_method
+from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
 
 #: per-step figures of :func:`ipb_ray.mpl.mpl_step` averaged into the epoch's metrics
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
@@ -39,11 +39,10 @@ class MetaPseudoLabels(Method):
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
         m = cfg.method
-        out = [Stage("teacher", m.teacher_epochs, "teacher", title="teacher pre-training", optimizer="teacher",
-                     lr=m.lr, select=False)] if m.teacher_epochs else []
-        out.append(Stage("mpl", m.epochs, "ema" if m.ema > 0 else "student", title="teacher/student",
-                         unlabelled=True, also_validate=("teacher",)))
-        return out + finetune_stage(cfg, "student")
+        return [*pretraining_stage(cfg, "teacher", "teacher", "teacher pre-training"),
+                Stage("mpl", m.epochs, "ema" if m.ema > 0 else "student", title="teacher/student",
+                      unlabelled=True, also_validate=("teacher",)),
+                *finetune_stage(cfg, "student")]
 
     def build(self) -> None:
         from ipb_ray.mpl import student_lr_at

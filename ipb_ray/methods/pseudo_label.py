@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipb_ray.methods.base import Method, Stage, finetune_stage, register_method
+from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
 
 
 @register_method("pseudo_label")
@@ -30,11 +30,9 @@ class PseudoLabel(Method):
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
-        m = cfg.method
-        out = [Stage("warmup", m.teacher_epochs, "model", title="supervised pre-training", optimizer="model",
-                     lr=m.lr, select=False)] if m.teacher_epochs else []
-        out.append(Stage("pseudo_label", m.epochs, "model", title="pseudo-labelling", unlabelled=True))
-        return out + finetune_stage(cfg, "model")
+        return [*pretraining_stage(cfg, "warmup", "model", "supervised pre-training"),
+                Stage("pseudo_label", cfg.method.epochs, "model", title="pseudo-labelling", unlabelled=True),
+                *finetune_stage(cfg, "model")]
 
     def build(self) -> None:
         m = self.m
