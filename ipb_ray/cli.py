@@ -116,21 +116,28 @@ def config_methods(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = 
                    overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """List the registered methods (their stages under the given config) and balancers."""
     from ipb_ray.methods import get_balancer, get_method, list_balancers, list_methods
+    from ipb_ray.methods.base import LOOP_KEYS, SEMI_KEYS
 
     with _user_errors():
         cfg = _resolve(config, preset or ("demo" if config is None else None), overrides)
-    table = Table(*(Column(h) for h in ("method.name", "what it is", "stages (epochs)", "default balancer")),
+    table = Table(*(Column(h) for h in ("method.name", "what it is", "stages (epochs)", "default balancer",
+                                        "own method.* keys")),
                   caption="stages under the given config (default: the demo preset); method.balancer picks "
                           "another balancer for a semi-supervised method")
     for name in list_methods():
         cls = get_method(name)
         run = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name, balancer=None))
         stages = ", ".join(f"{s.name} ({s.epochs})" for s in cls.stages(run))
-        table.add_row(name, cls.title, stages, cls.default_balancer if cls.semi_supervised else "-")
+        table.add_row(name, cls.title, stages, cls.default_balancer if cls.semi_supervised else "-",
+                      ", ".join(cls.hyperparameters) or "-")
     console.print(table)
+    console.print(f"every method also reads method.{{{', '.join(LOOP_KEYS)}}}; semi-supervised ones "
+                  f"method.{{{', '.join(SEMI_KEYS)}}}", highlight=False)
     for name in list_balancers():
-        doc = " ".join((get_balancer(name).__doc__ or "").strip().split("\n\n")[0].split())
-        console.print(f"balancer [bold]{name}[/]: {escape(doc)}", highlight=False)
+        cls = get_balancer(name)
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        keys = f" (reads method.{', method.'.join(cls.keys)})" if cls.keys else ""
+        console.print(f"balancer [bold]{name}[/]: {escape(doc)}{keys}", highlight=False)
 
 
 # --------------------------------------------------------------------------- data

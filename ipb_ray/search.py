@@ -46,7 +46,9 @@ METRIC = "objective"
 # --------------------------------------------------------------------------- spaces (pure)
 
 def load_space(path: str | Path, cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
-    """Read and check a search-space YAML against ``cfg``'s schema; returns ``{key: spec}``."""
+    """Read and check a search-space YAML against ``cfg``'s schema (a ``method.*`` key must
+    be one the configured method reads: :meth:`ipb_ray.methods.Method.keys`); returns
+    ``{key: spec}``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"search space {path} not found (see tune/spaces/ipb.yaml for an example)")
@@ -57,7 +59,10 @@ def load_space(path: str | Path, cfg: ExperimentConfig) -> dict[str, dict[str, A
     if not isinstance(raw, dict) or not raw:
         raise ConfigError("a search space is a mapping of dotted config keys to {type, low, high} or "
                           "{type: choice, values: [...]}", source=str(path))
+    from ipb_ray.methods import get_method
+
     known = flatten(cfg)
+    method_keys = set(get_method(cfg.method.name).keys(cfg))
     space: dict[str, dict[str, Any]] = {}
     for key, spec in raw.items():
         if key not in known:
@@ -66,6 +71,12 @@ def load_space(path: str | Path, cfg: ExperimentConfig) -> dict[str, dict[str, A
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"not a config key{hint}", key=str(key), source=str(path))
+        if key.startswith("method.") and key.split(".", 1)[1] not in method_keys:
+            own = get_method(cfg.method.name).hyperparameters
+            raise ConfigError(f"method {cfg.method.name!r} does not read this key, so searching it would change "
+                              f"nothing; its own keys: {', '.join(own) or 'none'} (plus the shared ones: "
+                              "`ipb config methods`); remove it from the space or search another method",
+                              key=str(key), source=str(path))
         if not isinstance(spec, dict) or spec.get("type") not in SPACE_TYPES:
             raise ConfigError(f"give a mapping with type one of {', '.join(SPACE_TYPES)}", key=key, source=str(path))
         kind = spec["type"]

@@ -40,6 +40,39 @@ def test_bad_spaces_name_the_file_key_and_fix(tmp_path, text, message):
     assert "space.yaml" in str(err.value)
 
 
+@pytest.mark.parametrize("method, key, ok", [
+    ("supervised", "method.threshold", False),    # supervised has no pseudo-labels
+    ("supervised", "method.lr", True),
+    ("pseudo_label", "method.threshold", True),
+    ("pseudo_label", "method.teacher_lr", False),  # MPL's, not Pseudo-Label's
+    ("mpl", "method.relabel", False),              # the pseudo-balancer's key; mpl streams U as it is
+    ("ipb", "method.relabel", True),
+])
+def test_a_space_may_only_search_keys_the_method_reads(tmp_path, method, key, ok):
+    text = f"{key}: {{type: choice, values: [{'pass' if key.endswith('relabel') else 0.7}]}}"
+    cfg = load_config(preset="demo", overrides=[f"method.name={method}"])
+    if ok:
+        assert list(load_space(_space(tmp_path, text), cfg)) == [key]
+        return
+    with pytest.raises(ConfigError, match=f"method '{method}' does not read this key") as err:
+        load_space(_space(tmp_path, text), cfg)
+    assert key in str(err.value) and "space.yaml" in str(err.value)
+
+
+def test_every_method_key_is_read_by_the_loop_or_some_method():
+    import dataclasses
+
+    from ipb_ray.config import MethodConfig
+    from ipb_ray.methods import get_method, list_methods
+
+    read = set()
+    for name in list_methods():
+        for balancer in (None, "pseudo_balance") if get_method(name).semi_supervised else (None,):
+            overrides = [f"method.name={name}"] + ([f"method.balancer={balancer}"] if balancer else [])
+            read |= set(get_method(name).keys(load_config(preset="demo", overrides=overrides)))
+    assert read == {f.name for f in dataclasses.fields(MethodConfig)}
+
+
 def test_trial_config_applies_numpy_samples_and_names_the_trial():
     import numpy as np
 

@@ -45,6 +45,7 @@ class Balancer:
     loop's context (configuration, fold inputs, stream specs, Ray state names)."""
 
     name: ClassVar[str] = ""
+    keys: ClassVar[tuple[str, ...]] = ()  # the method.* keys of its own
 
     def __init__(self, cfg: Any, ctx: Any):
         self.cfg, self.ctx = cfg, ctx
@@ -104,6 +105,8 @@ class PseudoBalancer(Balancer):
     """IPB's pseudo-balanced draw over the labeller's pseudo-labels of U; with
     ``method.relabel=reuse`` only the first epoch of a run has a labelling pass, later ones
     draw on the pseudo-labels of the previous epoch's steps."""
+
+    keys = ("relabel",)
 
     def __init__(self, cfg: Any, ctx: Any):
         super().__init__(cfg, ctx)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.config import ExperimentConfig
 
-__all__ = ["METHODS", "Method", "Registry", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
+__all__ = ["LOOP_KEYS", "METHODS", "SEMI_KEYS", "Method", "Registry", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
            "pretraining_stage", "total_epochs"]
 
 
@@ -62,6 +62,16 @@ class Stage:
     also_validate: tuple[str, ...] = ()
 
 
+#: ``method.*`` keys the loop reads for every method: the run's length, batches, optimiser,
+#: schedule and labelled stream.
+LOOP_KEYS = ("name", "epochs", "lr", "batch_size", "steps_per_epoch", "optimizer", "schedule", "warmup_fraction",
+             "shuffle_buffer", "weight_decay", "momentum", "nesterov", "label_smoothing", "grad_clip",
+             "balance_labelled", "mixed_precision")
+#: ... and for every semi-supervised one: the unlabelled stream, pre-training and fine-tuning.
+SEMI_KEYS = ("balancer", "teacher_epochs", "unlabelled_batch_size", "draws_per_epoch", "finetune_epochs",
+             "finetune_lr")
+
+
 class Method:
     """Base of every training method (see the module docstring).
 
@@ -70,7 +80,9 @@ class Method:
     unlabelled stream when ``method.balancer`` is not set), ``labeller`` (the network whose
     pseudo-labels a balancer draws on), ``step_metrics`` (per-step figures averaged into the
     epoch), ``loss_metric`` (the one of them that is the epoch's ``train_loss``),
-    ``baseline`` (the method others are compared with)."""
+    ``baseline`` (the method others are compared with), ``hyperparameters`` (the
+    ``method.*`` keys of its own, beyond :data:`LOOP_KEYS` and :data:`SEMI_KEYS`: what a
+    search over this method may vary)."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
@@ -80,6 +92,7 @@ class Method:
     step_metrics: ClassVar[tuple[str, ...]] = ()
     loss_metric: ClassVar[str] = ""
     baseline: ClassVar[bool] = False
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: "ExperimentConfig", ctx: Any):
         self.cfg, self.m, self.ctx = cfg, cfg.method, ctx
@@ -94,6 +107,15 @@ class Method:
     @classmethod
     def balancer_name(cls, cfg: "ExperimentConfig") -> str:
         return cfg.method.balancer or cls.default_balancer
+
+    @classmethod
+    def keys(cls, cfg: "ExperimentConfig") -> tuple[str, ...]:
+        """The ``method.*`` keys a run of this method under ``cfg`` reads (its balancer's too)."""
+        if not cls.semi_supervised:
+            return LOOP_KEYS + cls.hyperparameters
+        from ipb_ray.methods.balancers import get_balancer
+
+        return LOOP_KEYS + SEMI_KEYS + cls.hyperparameters + get_balancer(cls.balancer_name(cfg)).keys
 
     # ---- worker side
     def build(self) -> None:

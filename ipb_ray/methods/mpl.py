@@ -35,6 +35,9 @@ class MetaPseudoLabels(Method):
     labeller = "teacher"
     step_metrics = STEP_METRICS
     loss_metric = "student_loss"
+    hyperparameters = ("teacher_lr", "student_lr", "student_init", "student_warmup_epochs", "student_warmup_lr",
+                       "threshold", "threshold_student", "temperature", "uda_weight", "uda_steps", "mpl_feedback",
+                       "ema")
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:

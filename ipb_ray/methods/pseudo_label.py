@@ -27,6 +27,7 @@ class PseudoLabel(Method):
     labeller = "model"
     step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
     loss_metric = "loss"
+    hyperparameters = ("threshold", "uda_weight", "uda_steps")
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
