@@ -38,9 +38,8 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from ipb_ray.stats import aggregate_folds, format_comparison, paired_tests
-from ipb_ray.tracking import quiet_downloads
+from ipb_ray.tracking import CV_KIND, FOLD_KIND, FOLD_REPORTS, Tag, quiet_downloads
 
-FOLD_REPORTS = "fold_reports.json"
 # (metric key, legend label) of the loss curves of Figure 2: every stage's trained network
 # (MPL/IPB: the teacher in pre-training, the student in the MPL and fine-tuning stages),
 # and the teacher during the MPL steps
@@ -188,7 +187,7 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
         raise ValueError(f"MLflow experiment {experiment!r} {state} at tracking URI {tracking_uri!r}; "
                          "run `ipb cv` first (or check the experiment name and --tracking-uri)")
     runs = _all_runs(client, exp.experiment_id)
-    parents = [r for r in runs if r.data.tags.get("ipb.kind") == "cv"]
+    parents = [r for r in runs if r.data.tags.get(Tag.KIND) == CV_KIND]
     notes: list[str] = []
     configs: list[_Config] = []
     with tempfile.TemporaryDirectory(prefix="ipb-report-") as tmp, quiet_downloads():
@@ -202,11 +201,11 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
                 notes.append(f"run {name!r} ({r.info.run_id}, status {r.info.status}) left out: "
                              f"no usable {FOLD_REPORTS} ({type(exc).__name__}: {str(exc)[:200]})")
                 continue
-            frac_tag = tags.get("ipb.labelled_fraction", "")
+            frac_tag = tags.get(Tag.LABELLED_FRACTION, "")
             configs.append(_Config(
-                run_id=r.info.run_id, name=str(name), method=tags.get("ipb.method", ""),
-                backbone=tags.get("ipb.backbone", ""), preset=tags.get("ipb.preset", ""),
-                fraction_tag=frac_tag, fraction=_nan(frac_tag), config_key=tags.get("ipb.config_key", ""),
+                run_id=r.info.run_id, name=str(name), method=tags.get(Tag.METHOD, ""),
+                backbone=tags.get(Tag.BACKBONE, ""), preset=tags.get(Tag.PRESET, ""),
+                fraction_tag=frac_tag, fraction=_nan(frac_tag), config_key=tags.get(Tag.CONFIG_KEY, ""),
                 status=r.info.status, start_time=int(r.info.start_time or 0), reports=reports,
                 summary=summary))
     if not configs:
@@ -239,7 +238,7 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
     by_parent = {c.run_id: c for c in configs}
     for r in runs:
         c = by_parent.get(r.data.tags.get("mlflow.parentRunId", ""))
-        if c is None or r.data.tags.get("ipb.kind", "fold") != "fold" or r.data.tags.get("ipb.superseded_by"):
+        if c is None or r.data.tags.get(Tag.KIND, FOLD_KIND) != FOLD_KIND or r.data.tags.get(Tag.SUPERSEDED_BY):
             continue  # not a fold run of a reported configuration, or replaced by a later run of its fold
         c.child_ids.append(r.info.run_id)
         for key in sorted(k for k in r.data.metrics if _wanted_metric(k)):

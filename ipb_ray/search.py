@@ -271,7 +271,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
         run_config=tune.RunConfig(name=f"search-{previous}", storage_path=str(out / "tune"),
                                   callbacks=[MLflowLoggerCallback(
                                       tracking_uri=uri, experiment_name=experiment, save_artifact=False,
-                                      tags={"mlflow.parentRunId": parent, "ipb.kind": "trial"})]))
+                                      tags={tracking.PARENT_TAG: parent, tracking.Tag.KIND: "trial"})]))
     grid = tuner.fit()
     rows = []
     for res in grid:

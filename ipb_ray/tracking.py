@@ -62,6 +62,7 @@ from ipb_ray.config import ExperimentConfig, flatten, to_dict
 
 __all__ = [
     "CV_KIND",
+    "Tag",
     "FOLD_KIND",
     "FOLD_REPORTS",
     "config_key",
@@ -80,6 +81,26 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class Tag:
+    """The ``ipb.*`` tag names of the tracking layout (the module docstring), in one place."""
+
+    BACKBONE = "ipb.backbone"
+    CHECKPOINT = "ipb.checkpoint"
+    CONFIG_KEY = "ipb.config_key"
+    DATA_FINGERPRINT = "ipb.data_fingerprint"
+    FOLD = "ipb.fold"
+    GIT_COMMIT = "ipb.git_commit"
+    KIND = "ipb.kind"
+    LABELLED_FRACTION = "ipb.labelled_fraction"
+    METHOD = "ipb.method"
+    MODEL_URI = "ipb.model_uri"
+    PARAM_DIGEST = "ipb.param_digest"
+    PRESET = "ipb.preset"
+    SEARCH_DIR = "ipb.search_dir"
+    SUPERSEDED_BY = "ipb.superseded_by"
+
 
 CV_KIND = "cv"
 FOLD_KIND = "fold"
@@ -348,14 +369,14 @@ def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_n
         return found
     eid = _experiment_id(client, tracking_uri, experiment, create=True)
     tags = {
-        "ipb.kind": CV_KIND,
-        "ipb.config_key": config_key(cfg),
-        "ipb.method": cfg.method.name,
-        "ipb.preset": cfg.preset or "",
-        "ipb.git_commit": git_commit(),
-        "ipb.data_fingerprint": data_fingerprint(cfg.data.catalog),
-        "ipb.labelled_fraction": str(cfg.split.labelled_fraction),
-        "ipb.backbone": cfg.model.backbone,
+        Tag.KIND: CV_KIND,
+        Tag.CONFIG_KEY: config_key(cfg),
+        Tag.METHOD: cfg.method.name,
+        Tag.PRESET: cfg.preset or "",
+        Tag.GIT_COMMIT: git_commit(),
+        Tag.DATA_FINGERPRINT: data_fingerprint(cfg.data.catalog),
+        Tag.LABELLED_FRACTION: str(cfg.split.labelled_fraction),
+        Tag.BACKBONE: cfg.model.backbone,
     }
     run = client.create_run(eid, run_name=name, tags=tags)
     rid = run.info.run_id
@@ -529,7 +550,7 @@ def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
 
 def _cv_parent(client: Any, tracking_uri: str, parent_id: str) -> Any:
     parent = _get_run(client, tracking_uri, parent_id, "parent run")
-    kind = parent.data.tags.get("ipb.kind")
+    kind = parent.data.tags.get(Tag.KIND)
     if kind != CV_KIND:
         raise ValueError(f"run {parent_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
                          f"(tag ipb.kind={kind!r}); pass the id returned by open_parent")
@@ -538,9 +559,9 @@ def _cv_parent(client: Any, tracking_uri: str, parent_id: str) -> Any:
 
 def _fold_tags(parent: Any, fold: int, cfg: ExperimentConfig) -> dict[str, str]:
     ptags = parent.data.tags
-    return {PARENT_TAG: parent.info.run_id, "ipb.kind": FOLD_KIND, "ipb.fold": str(int(fold)),
-            "ipb.config_key": ptags.get("ipb.config_key", config_key(cfg)),
-            "ipb.method": ptags.get("ipb.method", cfg.method.name)}
+    return {PARENT_TAG: parent.info.run_id, Tag.KIND: FOLD_KIND, Tag.FOLD: str(int(fold)),
+            Tag.CONFIG_KEY: ptags.get(Tag.CONFIG_KEY, config_key(cfg)),
+            Tag.METHOD: ptags.get(Tag.METHOD, cfg.method.name)}
 
 
 def open_fold(tracking_uri: str, parent_id: str, fold: int, cfg: ExperimentConfig) -> str:
@@ -550,7 +571,7 @@ def open_fold(tracking_uri: str, parent_id: str, fold: int, cfg: ExperimentConfi
     client = _client(tracking_uri)
     parent = _cv_parent(client, tracking_uri, parent_id)
     for run in _fold_children(client, parent.info.experiment_id, parent_id, int(fold)):  # newest first
-        if run.info.status == "FINISHED" or "ipb.superseded_by" in run.data.tags:
+        if run.info.status == "FINISHED" or Tag.SUPERSEDED_BY in run.data.tags:
             continue
         if _has_artifact(client, run.info.run_id, TEST_REPORT):
             continue
@@ -614,9 +635,9 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
     name = f"{parent.info.run_name}-fold{fold}"
     tags = _fold_tags(parent, fold, cfg)
     if fold_metrics.get("param_digest"):
-        tags["ipb.param_digest"] = str(fold_metrics["param_digest"])
+        tags[Tag.PARAM_DIGEST] = str(fold_metrics["param_digest"])
     if fold_metrics.get("checkpoint"):
-        tags["ipb.checkpoint"] = str(fold_metrics["checkpoint"])[:5000]
+        tags[Tag.CHECKPOINT] = str(fold_metrics["checkpoint"])[:5000]
     if child_id is None:
         child = client.create_run(eid, run_name=name, tags=tags).info.run_id
     else:
@@ -626,7 +647,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
     for old in old_runs:
         if old.info.run_id == child:
             continue
-        client.set_tag(old.info.run_id, "ipb.superseded_by", child)
+        client.set_tag(old.info.run_id, Tag.SUPERSEDED_BY, child)
         if old.info.status in ("RUNNING", "SCHEDULED"):
             client.set_terminated(old.info.run_id, "KILLED")
     try:
@@ -654,11 +675,11 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
         net, why = _load_best_model(local, cfg, len(class_names)) if log_model else (None, "log_model=False")
         if net is not None:
             uri = _log_model(tracking_uri, child, net, cfg, class_names)  # ends the run FINISHED
-            client.set_tag(child, "ipb.model_uri", uri)
+            client.set_tag(child, Tag.MODEL_URI, uri)
         else:
             if log_model:
                 log.warning("fold %d of %s: no model logged (%s)", fold, parent.info.run_name, why)
-            client.set_tag(child, "ipb.model_uri", "")
+            client.set_tag(child, Tag.MODEL_URI, "")
         client.set_terminated(child, "FINISHED")
     except BaseException:
         with contextlib.suppress(Exception):
@@ -675,10 +696,10 @@ def finished_folds(tracking_uri: str, parent_id: str) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for r in _fold_children(client, parent.info.experiment_id, parent_id):  # newest first
         tags = r.data.tags
-        if r.info.status != "FINISHED" or "ipb.superseded_by" in tags:
+        if r.info.status != "FINISHED" or Tag.SUPERSEDED_BY in tags:
             continue
         try:
-            fold = int(tags.get("ipb.fold", ""))
+            fold = int(tags.get(Tag.FOLD, ""))
         except ValueError:
             continue
         if fold in out or not _has_artifact(client, r.info.run_id, TEST_REPORT):
@@ -756,7 +777,7 @@ def load_cv(tracking_uri: str, experiment: str, name_or_id: str) -> tuple[str, d
             raise ValueError(f"no cross-validation parent run named or with id {name_or_id!r} in MLflow "
                              f"experiment {experiment!r} at {tracking_uri!r}; available parent runs "
                              f"(newest first): {listing or 'none'}")
-    if parent.data.tags.get("ipb.kind") != CV_KIND:
+    if parent.data.tags.get(Tag.KIND) != CV_KIND:
         hint = parent.data.tags.get(PARENT_TAG)
         more = f"; its parent run is {hint}" if hint else ""
         raise ValueError(f"run {name_or_id!r} ({parent.info.run_name}) is not a cross-validation parent run "
@@ -786,9 +807,9 @@ def open_search_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig
         if r.info.status != "RUNNING":
             client.update_run(r.info.run_id, status="RUNNING")
         return r.info.run_id
-    tags = {"ipb.kind": SEARCH_KIND, "ipb.search_dir": where, "ipb.method": cfg.method.name,
-            "ipb.preset": cfg.preset or "", "ipb.git_commit": git_commit(),
-            "ipb.data_fingerprint": data_fingerprint(cfg.data.catalog)}
+    tags = {Tag.KIND: SEARCH_KIND, Tag.SEARCH_DIR: where, Tag.METHOD: cfg.method.name,
+            Tag.PRESET: cfg.preset or "", Tag.GIT_COMMIT: git_commit(),
+            Tag.DATA_FINGERPRINT: data_fingerprint(cfg.data.catalog)}
     rid = client.create_run(eid, run_name=f"{cfg.name}-{cfg.method.name}-search", tags=tags).info.run_id
     params = [Param(sanitize_metric_name(k), str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), _PARAMS_PER_BATCH):
