@@ -10,7 +10,7 @@
   user could write in an afternoon.
 - ``supervised``, ``mpl``, ``ipb``, ``pseudo_label`` (any registered method; ``name+balancer``,
   e.g. ``pseudo_label+pseudo_balance``, sets ``method.balancer`` too): ipb-ray's real path
-  (Ray Train on a local Ray cluster), :func:`ipb_ray.training.train_fold` with the
+  (Ray Train on a local Ray cluster), :func:`ipb_ray.distributed.training.train_fold` with the
   configuration's settings.
   The reference takes exactly as many optimizer steps as ``supervised``
   (``method.epochs x steps per epoch``); MPL/IPB add ``method.teacher_epochs`` of
@@ -47,7 +47,7 @@ def _load_crops(catalog_dir: str, ids: list[str], size: int) -> np.ndarray:
     import cv2
     import pyarrow.parquet as pq
 
-    from ipb_ray.catalog import SCHEMA, decode_png
+    from ipb_ray.data.catalog import SCHEMA, decode_png
 
     table = pq.read_table(Path(catalog_dir) / "parts", columns=["colony_id", "image"], schema=SCHEMA)
     where = {c: i for i, c in enumerate(table.column("colony_id").to_pylist())}
@@ -92,7 +92,7 @@ def reference_fold(catalog_dir: str, inputs: Any, steps: int, batch_size: int, s
     import torch
     import torch.nn.functional as F
 
-    from ipb_ray.metrics import classification_report
+    from ipb_ray.evaluation.metrics import classification_report
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -140,7 +140,7 @@ def reference_fold(catalog_dir: str, inputs: Any, steps: int, batch_size: int, s
 
 
 def _labels(catalog_dir: str, names: tuple[str, ...]) -> dict[str, int]:
-    from ipb_ray.catalog import read_catalog
+    from ipb_ray.data.catalog import read_catalog
 
     table = read_catalog(catalog_dir, columns=["colony_id", "label"])
     index = {n: i for i, n in enumerate(names)}
@@ -225,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ipb_ray.config import load_config
-    from ipb_ray.cv import fold_catalog
-    from ipb_ray.training import fold_inputs, labelled_steps, train_fold
+    from ipb_ray.distributed.cv import fold_catalog
+    from ipb_ray.distributed.training import fold_inputs, labelled_steps, train_fold
 
     cfg = load_config(args.config, overrides=[f"data.catalog={args.catalog}", *args.overrides],
                       preset=None if args.config else args.preset)

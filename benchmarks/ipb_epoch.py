@@ -25,9 +25,9 @@ from _common import cpu_model
 
 
 def world(out: Path, frames: int, seed: int) -> None:
-    from ipb_ray import synth
+    from ipb_ray.data import synth
     from ipb_ray.config import load_config
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.distributed.preprocess import build_catalog
 
     if (out / "catalog" / "folds.parquet").exists() or (out / "catalog" / "_SUCCESS").exists():
         return
@@ -39,7 +39,7 @@ def world(out: Path, frames: int, seed: int) -> None:
 
 def run(out: Path, method: str, relabel: str, workers: int, epochs: int, tag: str) -> dict:
     from ipb_ray.config import load_config
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     cpus = 1.0 if workers == 1 else 0.5
     cfg = load_config(preset="demo", overrides=[
@@ -71,11 +71,11 @@ def main() -> None:
     args = p.parse_args()
 
     from ipb_ray.config import ResourcesConfig
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.distributed.ray_setup import init_ray
 
     init_ray(ResourcesConfig(object_store_mb=300, data_cpus=0.25))
     world(args.out, args.frames, args.seed)
-    from ipb_ray.training import fold_inputs
+    from ipb_ray.distributed.training import fold_inputs
     from ipb_ray.config import load_config
 
     inputs = fold_inputs(load_config(preset="demo", overrides=[f"data.catalog={args.out / 'catalog'}"]), 0)

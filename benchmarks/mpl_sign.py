@@ -1,4 +1,4 @@
-"""Which sign of the MPL feedback h helps? A toy study of :func:`ipb_ray.mpl.mpl_step`.
+"""Which sign of the MPL feedback h helps? A toy study of :func:`ipb_ray.nn.mpl.mpl_step`.
 
     python benchmarks/mpl_sign.py [--seeds 5] [--steps 800] [--per-class 6] [--json out.json]
 
@@ -48,7 +48,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from ipb_ray.config import MethodConfig  # noqa: E402
-from ipb_ray.mpl import mpl_step, pseudo_labels, student_loss, uda_loss, uda_weight  # noqa: E402
+from ipb_ray.nn.mpl import mpl_step, pseudo_labels, student_loss, uda_loss, uda_weight  # noqa: E402
 
 ARMS = ("old_minus_new", "new_minus_old", "no_feedback")
 

@@ -4,12 +4,12 @@
                                       [--batch-size 32] [--with-model | --no-model]
 
 Both producers turn the same catalog rows into the same patches with the same pure
-function, :func:`ipb_ray.streams.patch_batch` (train mode, multi-scale 224/112 geometry of
+function, :func:`ipb_ray.distributed.streams.patch_batch` (train mode, multi-scale 224/112 geometry of
 ``DataConfig()``, paper augmentation), in sequential catalog order:
 
-- ``ray``: :func:`ipb_ray.streams.patch_dataset` with one patch task at a time (``workers=1``, 1 CPU)
-  read by :func:`ipb_ray.streams.torch_batches` in the driver, on a local Ray cluster that
-  :func:`ipb_ray.ray_setup.init_ray` starts (2 CPUs here). A fresh dataset per epoch, as
+- ``ray``: :func:`ipb_ray.distributed.streams.patch_dataset` with one patch task at a time (``workers=1``, 1 CPU)
+  read by :func:`ipb_ray.distributed.streams.torch_batches` in the driver, on a local Ray cluster that
+  :func:`ipb_ray.distributed.ray_setup.init_ray` starts (2 CPUs here). A fresh dataset per epoch, as
   a training loop with a fixed ``epoch`` argument builds it.
 - ``dl1`` / ``dl0``: ``torch.utils.data.DataLoader`` over a map-style dataset whose items
   are whole batches (a batch sampler hands it 32 catalog indices; it reads those rows
@@ -50,7 +50,7 @@ code as it is; ``--tag`` names the variant in the table): ``--prefetch-batches``
 ``--map-batch-size`` (rows per ``map_batches`` call, default the loader's batch size),
 ``--stage-cpus``, ``--preserve-order``, ``--lean-collate`` (replaces the collate of
 ``torch_batches`` by one that skips the defensive copy), ``--reuse-dataset`` (one dataset
-for every epoch, epoch read from the :class:`ipb_ray.streams.StreamState` actor),
+for every epoch, epoch read from the :class:`ipb_ray.distributed.streams.StreamState` actor),
 ``--read-rows N`` (``read_parquet`` patched to ``override_num_blocks = ceil(colonies / N)``:
 read tasks of about N colonies rather than one per part file).
 """
@@ -260,8 +260,7 @@ def scaled_catalog(catalog: Path, scale: int, work_dir: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ipb_ray import catalog as cat
-
+    from ipb_ray.data import catalog as cat
     out = work_dir / f"{catalog.name}_x{scale}"
     if (out / cat.MANIFEST).exists():
         return out
@@ -388,8 +387,7 @@ class CatalogBatches:
         self._groups: dict[tuple[int, int], dict[str, list]] = {}
         self._columns: dict[str, list] | None = None
         if source == "memory":
-            from ipb_ray import catalog
-
+            from ipb_ray.data import catalog
             table = catalog.read_catalog(catalog_dir, columns=self.COLUMNS)
             self._columns = {k: table.column(k).to_pylist() for k in self.COLUMNS}
 
@@ -423,7 +421,7 @@ class CatalogBatches:
         return out
 
     def __getitem__(self, item: tuple[int, list[int]]) -> dict[str, Any]:
-        from ipb_ray.streams import patch_batch
+        from ipb_ray.distributed.streams import patch_batch
 
         epoch, indices = item
         return _as_tensors(patch_batch(self.rows(indices), self.spec, epoch), self.spec.patch_columns())
@@ -490,8 +488,7 @@ def _read_in_blocks_of(rows: int, catalog_dir: Path) -> None:
 
     import ray.data
 
-    from ipb_ray import catalog
-
+    from ipb_ray.data import catalog
     blocks = max(1, math.ceil(catalog.read_manifest(catalog_dir)["colonies"] / rows))
     ray.data.read_parquet = functools.partial(ray.data.read_parquet, override_num_blocks=blocks)
 
@@ -499,9 +496,9 @@ def _read_in_blocks_of(rows: int, catalog_dir: Path) -> None:
 def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampler) -> tuple[list[EpochTime], str]:
     import ray
 
-    from ipb_ray import streams
+    from ipb_ray.distributed import streams
     from ipb_ray.config import ResourcesConfig
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.distributed.ray_setup import init_ray
 
     init_ray(ResourcesConfig(object_store_mb=run.object_store_mb))
     if run.read_rows:
@@ -557,10 +554,10 @@ def child(run: RunSpec) -> dict[str, Any]:
     import cv2
     import torch
 
-    from ipb_ray import catalog
+    from ipb_ray.data import catalog
     from ipb_ray.config import DataConfig
-    from ipb_ray.patches import PatchGeometry
-    from ipb_ray.streams import StreamSpec
+    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.distributed.streams import StreamSpec
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

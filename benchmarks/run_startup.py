@@ -14,8 +14,8 @@ import tempfile
 import time
 
 from ipb_ray import config as C
-from ipb_ray.ray_setup import init_ray
-from ipb_ray.training import train_fold
+from ipb_ray.distributed.ray_setup import init_ray
+from ipb_ray.distributed.training import train_fold
 
 
 def main(argv: list[str]) -> int:

@@ -3,7 +3,7 @@
     python benchmarks/segmentation.py [--frames DIR] [--synthetic N --size 2908] [--repeat R]
 
 Frames: the real hiPSC tiles (../shared/data/hipsc_brightfield, or --frames DIR), one of
-them upscaled to --size, and N synthetic --size frames (ipb_ray.synth where it exists,
+them upscaled to --size, and N synthetic --size frames (ipb_ray.data.synth where it exists,
 else textured blobs generated here). Both implementations run on the same frames,
 single-threaded (the thread variables are set before numpy/OpenCV load). Prints, per
 frame, the median seconds of each, the speed-up, the foreground-mask IoU and the share
@@ -27,7 +27,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ipb_ray.config import SegmentationConfig  # noqa: E402
-from ipb_ray.segmentation import (  # noqa: E402
+from ipb_ray.data.segmentation import (  # noqa: E402
     load_frame,
     mask_iou,
     match_colonies,
@@ -45,7 +45,7 @@ MATCH_IOU = 0.9
 
 def blob_frame(size: int, seed: int) -> np.ndarray:
     """A stand-in frame: rough-textured colonies of 80-400 px radius on a smooth, slightly
-    noisy, unevenly lit background (used only when ipb_ray.synth is absent)."""
+    noisy, unevenly lit background (used only when ipb_ray.data.synth is absent)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     image = 105 + 35 * (xx + yy) / (2 * size) + rng.normal(0, 0.8, (size, size)).astype(np.float32)
@@ -67,7 +67,7 @@ def frames(args: argparse.Namespace) -> Iterator[tuple[str, np.ndarray]]:
         yield f"{short(tiles[0].stem)} up", cv2.resize(
             tile, (args.size, args.size), interpolation=cv2.INTER_LINEAR)
     try:
-        from ipb_ray import synth
+        from ipb_ray.data import synth
     except ImportError:
         synth = None
     for i in range(args.synthetic):

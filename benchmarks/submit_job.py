@@ -1,7 +1,7 @@
 """What running as a Ray job costs: `ipb submit` against running the same command directly.
 
 Starts a two-node Ray cluster and an MLflow server on this machine
-(:class:`ipb_ray.localcluster.LocalCluster`), synthesises a small world, then measures:
+(:class:`ipb_ray.cluster.local.LocalCluster`), synthesises a small world, then measures:
 
 - the cluster's start-up (head, worker node, MLflow server);
 - per job: submit -> RUNNING (upload of the project and the runtime environment on the
@@ -30,7 +30,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def wait_for(client, job_id: str, status: str | tuple[str, ...], timeout: float = 900.0) -> float:
     """Seconds until the job's status is one of ``status`` (polled every 0.1 s)."""
-    from ipb_ray.submit import status_name
+    from ipb_ray.cluster.submit import status_name
 
     wanted = (status,) if isinstance(status, str) else status
     t0 = time.monotonic()
@@ -45,7 +45,7 @@ def wait_for(client, job_id: str, status: str | tuple[str, ...], timeout: float 
 
 
 def timed_job(cluster, argv: list[str]) -> dict:
-    from ipb_ray.submit import client, submit
+    from ipb_ray.cluster.submit import client, submit
 
     c = client(cluster.address)
     t0 = time.monotonic()
@@ -66,8 +66,8 @@ def main() -> None:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from ipb_ray import synth
-    from ipb_ray.localcluster import LocalCluster
+    from ipb_ray.data import synth
+    from ipb_ray.cluster.local import LocalCluster
 
     world = out / "world"
     if not (world / "world.json").exists():
@@ -93,7 +93,7 @@ def main() -> None:
 
         import ray
 
-        from ipb_ray.cluster import check_cluster_paths
+        from ipb_ray.cluster.paths import check_cluster_paths
         from ipb_ray.config import load_config
 
         ray.init(address=cluster.gcs_address, log_to_driver=False)

@@ -20,7 +20,7 @@ def bench_step(name: str, multi_scale: bool, batch: int, steps: int, device: str
     import torch
     import torch.nn.functional as F
 
-    from ipb_ray.models import create_model
+    from ipb_ray.nn.models import create_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -55,7 +55,7 @@ def bench_step(name: str, multi_scale: bool, batch: int, steps: int, device: str
 
 def bench_ray(catalog: str, epochs: int, backbone: str) -> list[dict]:
     from ipb_ray.config import load_config
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     rows = []
     for workers, cpus in ((1, 1.0), (2, 0.5)):

@@ -144,8 +144,7 @@ def config_methods(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = 
 
 def _synth_world(out: Path, frames: int, size: int, colonies: int, scale: float, seed: int,
                  image_format: str, class_weights: Any = None):
-    from ipb_ray import synth
-
+    from ipb_ray.data import synth
     extra = {"class_weights": tuple(class_weights.items())} if class_weights else {}
     cfg = synth.SynthConfig(frames=frames, frame_size=size, colonies_per_frame=colonies,
                             colony_scale=scale, seed=seed, image_format=image_format, **extra)
@@ -174,7 +173,7 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Output directory of
 
 
 def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str]):
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.distributed.preprocess import build_catalog
 
     with _progress() as bar:
         task = bar.add_task("segmenting shards", total=None)
@@ -213,7 +212,7 @@ def folds(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           catalog_dir: Optional[str] = typer.Option(None, "--catalog", help="Catalog directory "
                                                     "(data.catalog).")) -> None:
     """(Re)draw the cross-validation folds of a catalog, e.g. for another labelled fraction."""
-    from ipb_ray.preprocess import make_catalog_folds, why_no_folds
+    from ipb_ray.distributed.preprocess import make_catalog_folds, why_no_folds
 
     with _user_errors():
         cfg = _resolve(config, preset, overrides)
@@ -298,9 +297,9 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
 
 
 def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
-    from ipb_ray.cv import resolve_fold_catalog
-    from ipb_ray.training import local_run_dir, train_fold
-    from ipb_ray.viz import save_training_curves
+    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.distributed.training import local_run_dir, train_fold
+    from ipb_ray.tracking.viz import save_training_curves
 
     before = cfg.data.catalog
     cfg = resolve_fold_catalog(cfg)  # the folds split.* asks for, not whatever the catalog holds
@@ -315,8 +314,8 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
                   f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
                   f"{cfg.resources.num_workers} worker(s)", highlight=False)
-    from ipb_ray.cluster import check_cluster_paths
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.distributed.ray_setup import init_ray
 
     init_ray(cfg.resources)
     check_cluster_paths(cfg)
@@ -367,7 +366,7 @@ def print_paired(rows: list, name_a: str, name_b: str) -> None:
 
 def _cv_one(cfg: cfgmod.ExperimentConfig, folds: Optional[List[int]], parallel: Optional[int],
             log_model: bool, run_name: Optional[str] = None):
-    from ipb_ray.cv import run_cv
+    from ipb_ray.distributed.cv import run_cv
 
     with _progress() as bar:
         task = bar.add_task(f"{run_name or cfg.name + '-' + cfg.method.name}: folds", total=None)
@@ -438,8 +437,8 @@ def compare(run_a: str = typer.Argument(..., help="Parent run (name or id) of co
             markdown: bool = typer.Option(False, "--markdown", help="Print a Markdown table instead.")) -> None:
     """Paired comparison of two cross-validated configurations, per class and macro, over
     their common folds: Student's t-test (as in the paper) and Wilcoxon signed-rank."""
-    from ipb_ray.stats import format_comparison, paired_tests
-    from ipb_ray.tracking import load_cv
+    from ipb_ray.evaluation.stats import format_comparison, paired_tests
+    from ipb_ray.tracking.runs import load_cv
 
     with _user_errors():
         _, a = load_cv(tracking_uri, experiment, run_a)
@@ -463,8 +462,8 @@ def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment t
            baseline: Optional[str] = typer.Option(None, help="Configuration the others are compared with "
                                                   "(default: the supervised one).")) -> None:
     """Render the paper's tables and figures for an experiment's CV runs (HTML and Markdown)."""
-    from ipb_ray.cluster import check_cluster_paths
-    from ipb_ray.report import render_report
+    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.tracking.report import render_report
 
     with _user_errors():
         check_cluster_paths(cfgmod.load_config(overrides=[f"tracking.tracking_uri={tracking_uri}"]),
@@ -491,7 +490,7 @@ def tune(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT
          ) -> None:
     """Search hyperparameters with Ray Tune (Optuna TPE + ASHA), tracked in MLflow; writes the
     best configuration as a YAML that `ipb cv --config` takes."""
-    from ipb_ray.search import run_search
+    from ipb_ray.distributed.search import run_search
 
     extra = [f"resources.address={address}"] if address else []
     with _user_errors():
@@ -528,7 +527,7 @@ ADDRESS_OPT = typer.Option(None, "--address", "-a", help="The cluster's job API,
 
 
 def _job_address(address: Optional[str], check_token: bool = False) -> str:
-    from ipb_ray.submit import TOKEN_OFF, address_warning, dashboard_address, requires_token
+    from ipb_ray.cluster.submit import TOKEN_OFF, address_warning, dashboard_address, requires_token
 
     url = dashboard_address(address)
     warning = address_warning(url)
@@ -542,7 +541,7 @@ def _job_address(address: Optional[str], check_token: bool = False) -> str:
 def _print_job_end(info: Any, job_id: str, full: bool = True) -> int:
     """Print the job's final status (and Ray's message unless it succeeded); the exit code.
     ``full=False``: the message's first line only (its log tail was just streamed)."""
-    from ipb_ray.submit import status_name
+    from ipb_ray.cluster.submit import status_name
 
     status = status_name(info)
     colour = {"SUCCEEDED": "green", "FAILED": "red", "STOPPED": "yellow"}.get(status, "white")
@@ -568,7 +567,7 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
     """Run an ipb command on a Ray cluster as a Ray job, e.g.
     `ipb submit --address http://127.0.0.1:8265 -- cv --config my.yaml`.
     Prints the submission id, streams the job's log and exits non-zero unless it SUCCEEDED."""
-    from ipb_ray.submit import auth_errors, follow, submit as submit_job
+    from ipb_ray.cluster.submit import auth_errors, follow, submit as submit_job
 
     with _user_errors():
         url = _job_address(address, check_token=True)
@@ -599,7 +598,7 @@ def local_cluster(workers: int = typer.Option(1, help="Worker nodes besides the 
                   ) -> None:
     """Rehearse a cluster run on this machine: a Ray head and worker nodes (each its own
     `ray start`, all on 127.0.0.1) and an MLflow server; Ctrl-C stops them all."""
-    from ipb_ray.localcluster import LocalCluster
+    from ipb_ray.cluster.local import LocalCluster
 
     work = work_dir.resolve()
     with _user_errors(), LocalCluster(work, workers=workers, cpus=cpus, mlflow=mlflow) as c:
@@ -623,7 +622,7 @@ def local_cluster(workers: int = typer.Option(1, help="Worker nodes besides the 
 def jobs_status(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT
                 ) -> None:
     """A job's status, entrypoint, times and (when it ended badly) Ray's message; exit 1 if it FAILED or STOPPED."""
-    from ipb_ray.submit import job_info, status_name
+    from ipb_ray.cluster.submit import job_info, status_name
 
     with _user_errors():
         info = job_info(_job_address(address), job_id)
@@ -643,7 +642,7 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
               follow_log: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends.")
               ) -> None:
     """Print a job's log (the driver's output)."""
-    from ipb_ray.submit import auth_errors, client, follow, job_info
+    from ipb_ray.cluster.submit import auth_errors, client, follow, job_info
 
     with _user_errors():
         url = _job_address(address)
@@ -660,7 +659,7 @@ def jobs_logs(job_id: str = typer.Argument(..., help="Submission id."), address:
 def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address: Optional[str] = ADDRESS_OPT,
               wait_s: float = typer.Option(30.0, "--wait", help="Seconds to wait for STOPPED.")) -> None:
     """Stop a running job and wait until Ray reports it stopped."""
-    from ipb_ray.submit import TERMINAL, auth_errors, client, job_info, status_name
+    from ipb_ray.cluster.submit import TERMINAL, auth_errors, client, job_info, status_name
 
     with _user_errors():
         url = _job_address(address)
@@ -679,7 +678,7 @@ def jobs_stop(job_id: str = typer.Argument(..., help="Submission id."), address:
 @jobs_app.command("list")
 def jobs_list(address: Optional[str] = ADDRESS_OPT) -> None:
     """Submitted jobs, newest first."""
-    from ipb_ray.submit import auth_errors, client, status_name
+    from ipb_ray.cluster.submit import auth_errors, client, status_name
 
     with _user_errors():
         url = _job_address(address)
@@ -735,7 +734,7 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
         console.rule("[bold]7. comparison")
         _demo_compare(results, folds)
         console.rule("[bold]8. report")
-        from ipb_ray.report import render_report
+        from ipb_ray.tracking.report import render_report
 
         paths = render_report(cfg.tracking.tracking_uri, cfg.tracking.experiment, out / "report")
     minutes = (time.perf_counter() - t0) / 60
@@ -747,7 +746,7 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
 
 
 def _demo_compare(results: dict, folds: int) -> None:
-    from ipb_ray.stats import paired_tests
+    from ipb_ray.evaluation.stats import paired_tests
 
     table = Table("method", "macro TPR (mean ± std)", "worst-class TPR (mean)", "macro F1 (mean ± std)",
                   title=f"test folds 0..{folds - 1}: the three methods (compare RESULTS.md, demo-size rows)")
@@ -790,11 +789,11 @@ def _demo_overrides(seed: int, world: Path, out: Path, extra: Optional[List[str]
 
 
 def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
-    from ipb_ray import catalog as catmod
-    from ipb_ray.folds import read_folds
-    from ipb_ray.patches import PatchGeometry
-    from ipb_ray.streams import StreamSpec, patch_dataset, torch_batches
-    from ipb_ray.viz import save_patch_grid
+    from ipb_ray.data import catalog as catmod
+    from ipb_ray.data.folds import read_folds
+    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.distributed.streams import StreamSpec, patch_dataset, torch_batches
+    from ipb_ray.tracking.viz import save_patch_grid
 
     root = cfg.data.catalog
     names = tuple(catmod.read_manifest(root)["class_names"])

@@ -49,7 +49,7 @@ __all__ = [
 #: Backbones shipped with the model registry (the *_tiny ones and cnn_small are CPU-sized
 #: for tests and the demo; patch_stats is a linear model of patch statistics for smoke
 #: tests). ``model.backbone`` is checked against the registry itself
-#: (:func:`ipb_ray.models.list_models`), so a ``@register_model`` backbone is valid too.
+#: (:func:`ipb_ray.nn.models.list_models`), so a ``@register_model`` backbone is valid too.
 BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 RELABEL = ("pass", "reuse")
@@ -57,7 +57,7 @@ STUDENT_INITS = ("scratch", "teacher")
 LABEL_STAGES = ("auto", "tasks", "actors")
 SCHEDULES = ("cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
-#: Ops of the strong (UDA/FixMatch) view; see ipb_ray.augment.STRONG_OPS.
+#: Ops of the strong (UDA/FixMatch) view; see ipb_ray.patches.augment.STRONG_OPS.
 STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "posterize", "contrast",
               "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 #: Default strong ops: the ones that keep a phase-contrast image's polarity and grey-level
@@ -215,7 +215,7 @@ def _check_group_by(text: str) -> None:
 class ModelConfig:
     """Backbone shared by teacher and student."""
 
-    backbone: str = _f("hrnet", doc="registered backbone name (ipb_ray.models.list_models())")
+    backbone: str = _f("hrnet", doc="registered backbone name (ipb_ray.nn.models.list_models())")
     width: float = _f(1.0, lo=0.01, hi=8.0, doc="channel width multiplier")
     feature_dim: int = _f(512, lo=2, hi=8192, doc="per-stream feature length before the head")
     dropout: float = _f(0.0, lo=0.0, hi=0.99, doc="dropout before the classifier")
@@ -224,14 +224,14 @@ class ModelConfig:
         _check_fields(self)
         if self.backbone in BACKBONES:  # shipped with the registry (tests keep the two in step)
             return
-        from ipb_ray.models import list_models  # the registry decides, so @register_model works
+        from ipb_ray.nn.models import list_models  # the registry decides, so @register_model works
 
         known = list_models()
         if self.backbone not in known:
             close = difflib.get_close_matches(self.backbone, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{self.backbone!r} is not a registered backbone{hint}; registered: "
-                              f"{', '.join(known)} (add your own with @ipb_ray.models.register_model)",
+                              f"{', '.join(known)} (add your own with @ipb_ray.nn.models.register_model)",
                               key="backbone")
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 def run(command: str, argv: Sequence[str] | None = None) -> int:
     """Run ``ipb <command> <argv>`` and return its exit status (printing a header and a footer)."""
     from ipb_ray.cli import main
-    from ipb_ray.cluster import job_submission_id
+    from ipb_ray.cluster.paths import job_submission_id
 
     args = list(sys.argv[1:] if argv is None else argv)
     job = job_submission_id() or "(not a submitted job)"

@@ -59,7 +59,7 @@ def ray_local():
     """One local Ray cluster shared by every Ray test of the session (small object store)."""
     ray = pytest.importorskip("ray")
     from ipb_ray.config import ResourcesConfig
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.distributed.ray_setup import init_ray
 
     init_ray(ResourcesConfig(object_store_mb=300, data_cpus=0.25))  # as the demo preset
     yield ray

@@ -12,9 +12,9 @@ import torch
 
 import torchvision.transforms.v2.functional as TF
 
-from ipb_ray.augment import (PAPER_OPS, STRONG_OPS, _brightness, _contrast, _sharpness, _strong_op, as_tensor,
+from ipb_ray.patches.augment import (PAPER_OPS, STRONG_OPS, _brightness, _contrast, _sharpness, _strong_op, as_tensor,
                              paper_augment, strong_view, weak_strong, weak_view)
-from ipb_ray.patches import PatchGeometry, centre_crop, cut, prepare_crop, sample_coord, to_scales
+from ipb_ray.patches.geometry import PatchGeometry, centre_crop, cut, prepare_crop, sample_coord, to_scales
 
 
 def _image(seed=0, size=32, lo=0.0, hi=1.0):

@@ -8,9 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ipb_ray import catalog
-
-
+from ipb_ray.data import catalog
 def _row(source="f.tif", bbox=(0, 0, 4, 3), labels=("A",), **kw):
     rng = np.random.default_rng(0)
     h, w = bbox[3] - bbox[1], bbox[2] - bbox[0]

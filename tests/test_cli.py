@@ -156,7 +156,7 @@ def test_demo_runs_end_to_end(ray_local, tmp_path):
 
 def test_history_table_curves_and_comparison_render(tmp_path, capsys):
     from ipb_ray.cli import print_history
-    from ipb_ray.viz import save_training_curves
+    from ipb_ray.tracking.viz import save_training_curves
 
     names = ["A", "B"]
     history = [{"epoch": 0, "stage": "teacher", "train_loss": 1.2, "val_balanced_accuracy": 0.5,

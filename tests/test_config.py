@@ -202,7 +202,7 @@ def test_validate_all_collects_bad_overrides_and_stops_at_an_unreadable_file(tmp
 
 
 def test_settings_that_reach_the_streams_and_removed_keys():
-    from ipb_ray.training import stream_specs
+    from ipb_ray.distributed.training import stream_specs
 
     cfg = load_config(preset="demo", overrides=["eval.tta=3", "augment.flip_p=0.1"])
     specs = stream_specs(cfg, ("a", "b"), semi=True)

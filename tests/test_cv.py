@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def cv_catalog(tmp_path_factory, ray_local):
     from worlds import make_frames
 
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.distributed.preprocess import build_catalog
 
     root = make_frames(tmp_path_factory.mktemp("cv"), n_frames=8, seed=7)
     build_catalog(_cfg(root))
@@ -35,8 +35,8 @@ def _cfg(root, *extra):
 def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_catalog):
     from mlflow import MlflowClient
 
-    from ipb_ray.cv import run_cv
-    from ipb_ray.stats import aggregate_folds
+    from ipb_ray.distributed.cv import run_cv
+    from ipb_ray.evaluation.stats import aggregate_folds
 
     cfg = _cfg(cv_catalog, "name=cvtest", "resources.num_workers=0")  # local mode: what is tested is the driver
     events = []
@@ -72,8 +72,8 @@ def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_
 
 
 def test_another_labelled_fraction_draws_folds_in_a_catalog_view(cv_catalog):
-    from ipb_ray.cv import fold_catalog
-    from ipb_ray.folds import read_folds
+    from ipb_ray.distributed.cv import fold_catalog
+    from ipb_ray.data.folds import read_folds
 
     same = fold_catalog(_cfg(cv_catalog))
     assert same == str(cv_catalog / "catalog")
@@ -84,14 +84,14 @@ def test_another_labelled_fraction_draws_folds_in_a_catalog_view(cv_catalog):
 
 
 def test_unknown_fold_is_refused(cv_catalog):
-    from ipb_ray.cv import run_cv
+    from ipb_ray.distributed.cv import run_cv
 
     with pytest.raises(ValueError, match=r"folds \[5\] do not exist"):
         run_cv(_cfg(cv_catalog, "name=bad"), [5])
 
 
 def test_two_folds_in_parallel_share_a_two_cpu_cluster(cv_catalog):
-    from ipb_ray.cv import default_parallel, run_cv
+    from ipb_ray.distributed.cv import default_parallel, run_cv
 
     cfg = _cfg(cv_catalog, "name=par", "resources.cpus_per_worker=0.5")
     assert default_parallel(cfg, 2) == 1  # 0.5 + 1 CPU per fold on 2 CPUs: the safe default is one at a time
@@ -106,7 +106,7 @@ def test_pseudo_label_with_the_pseudo_balancer_runs_through_cv_and_mlflow(cv_cat
     """A method added on the registry runs through `ipb cv` unchanged, with IPB's balancer."""
     from mlflow import MlflowClient
 
-    from ipb_ray.cv import run_cv
+    from ipb_ray.distributed.cv import run_cv
 
     cfg = _cfg(cv_catalog, "name=plcv", "resources.num_workers=0", "method.name=pseudo_label",
                "method.balancer=pseudo_balance", "method.teacher_epochs=1", "method.epochs=1",
@@ -132,8 +132,8 @@ def test_pseudo_label_with_the_pseudo_balancer_runs_through_cv_and_mlflow(cv_cat
 def test_epochs_reach_the_fold_run_while_it_trains_and_a_resumed_fold_keeps_its_run(cv_catalog):
     from mlflow import MlflowClient
 
-    from ipb_ray import tracking
-    from ipb_ray.training import train_fold
+    from ipb_ray.tracking import runs as tracking
+    from ipb_ray.distributed.training import train_fold
 
     cfg = _cfg(cv_catalog, "name=live", "resources.num_workers=0", "method.epochs=2")
     uri = cfg.tracking.tracking_uri
@@ -158,7 +158,7 @@ def test_epochs_reach_the_fold_run_while_it_trains_and_a_resumed_fold_keeps_its_
 
 
 def test_absolute_uri_pins_a_relative_sqlite_store_to_this_directory(tmp_path, monkeypatch):
-    from ipb_ray.tracking import absolute_uri
+    from ipb_ray.tracking.runs import absolute_uri
 
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ipb_ray import catalog
+from ipb_ray.data import catalog
 from ipb_ray.config import ConfigError, load_config
-from ipb_ray.folds import FOLDS_PARQUET, read_folds
+from ipb_ray.data.folds import FOLDS_PARQUET, read_folds
 
 WELLS, HOURS = 12, 3
 
@@ -43,7 +43,7 @@ def _well(cid, table):
 
 
 def test_catalog_folds_keep_every_well_in_one_test_fold(lapse_catalog):
-    from ipb_ray.preprocess import make_catalog_folds
+    from ipb_ray.distributed.preprocess import make_catalog_folds
 
     plan = make_catalog_folds(lapse_catalog, _cfg(lapse_catalog, "split.group_by=column:well"))
     assert plan.group_by == "column:well" and read_folds(lapse_catalog).group_by == "column:well"
@@ -63,7 +63,7 @@ def test_catalog_folds_keep_every_well_in_one_test_fold(lapse_catalog):
 
 
 def test_a_grouping_the_catalog_cannot_give_is_an_error_not_a_warning(lapse_catalog):
-    from ipb_ray.preprocess import make_catalog_folds
+    from ipb_ray.distributed.preprocess import make_catalog_folds
 
     with pytest.raises(ConfigError, match=rf"{lapse_catalog}: split.group_by: no column 'track' in "
                                           rf"{lapse_catalog}: its catalog columns are colony_id, source"):
@@ -77,8 +77,8 @@ def test_a_grouping_the_catalog_cannot_give_is_an_error_not_a_warning(lapse_cata
 
 
 def test_resolve_fold_catalog_uses_the_stored_plan_or_draws_a_view(lapse_catalog):
-    from ipb_ray.cv import resolve_fold_catalog
-    from ipb_ray.preprocess import make_catalog_folds
+    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.distributed.preprocess import make_catalog_folds
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))
     stored = read_folds(lapse_catalog).table
@@ -103,9 +103,9 @@ class _Stop(Exception):
 
 def _capture(monkeypatch):
     """Stub the Ray side of a run; train_fold records the config it was given and stops."""
-    import ipb_ray.cluster
-    import ipb_ray.ray_setup
-    import ipb_ray.training
+    import ipb_ray.cluster.paths
+    import ipb_ray.distributed.ray_setup
+    import ipb_ray.distributed.training
 
     seen = {}
 
@@ -113,15 +113,15 @@ def _capture(monkeypatch):
         seen["catalog"], seen["fold"] = cfg.data.catalog, fold
         raise _Stop
 
-    monkeypatch.setattr(ipb_ray.training, "train_fold", train_fold)
-    monkeypatch.setattr(ipb_ray.ray_setup, "init_ray", lambda *a, **k: None)
-    monkeypatch.setattr(ipb_ray.cluster, "check_cluster_paths", lambda *a, **k: None)
+    monkeypatch.setattr(ipb_ray.distributed.training, "train_fold", train_fold)
+    monkeypatch.setattr(ipb_ray.distributed.ray_setup, "init_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ipb_ray.cluster.paths, "check_cluster_paths", lambda *a, **k: None)
     return seen
 
 
 def test_ipb_train_trains_on_the_folds_split_asks_for(lapse_catalog, monkeypatch):
     from ipb_ray.cli import _train_and_report
-    from ipb_ray.preprocess import make_catalog_folds
+    from ipb_ray.distributed.preprocess import make_catalog_folds
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))  # stored: per colony, 30 % labelled
     seen = _capture(monkeypatch)
@@ -138,8 +138,8 @@ def test_a_tune_trial_trains_on_the_folds_of_its_own_split(lapse_catalog, monkey
     import ray.tune
 
     from ipb_ray.config import to_dict
-    from ipb_ray.preprocess import make_catalog_folds
-    from ipb_ray.search import _trial
+    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.distributed.search import _trial
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))
     seen = _capture(monkeypatch)

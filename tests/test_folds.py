@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 
 from ipb_ray.config import ConfigError
-from ipb_ray.folds import (FOLDS_JSON, FOLDS_PARQUET, ROLES, FoldPlan, check_folds, make_folds,
+from ipb_ray.data.folds import (FOLDS_JSON, FOLDS_PARQUET, ROLES, FoldPlan, check_folds, make_folds,
                            read_folds, write_folds)
 
 # Imbalanced like the paper's Table 1: four classes at 49/18/17/3 % of all colonies,
@@ -244,7 +244,7 @@ def test_tiny_class_warns_and_keeps_invariants(caplog):
     ids = [f"c{i:03d}" for i in range(120)]
     labels = ["Big"] * 80 + ["Mid"] * 30 + ["Tiny"] * 4 + [None] * 6
     multi = [False] * 114 + [True] * 6
-    with caplog.at_level(logging.WARNING, logger="ipb_ray.folds"):
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.data.folds"):
         plan = make_folds(ids, labels, multi, k=10, labelled_fraction=0.1)
     check_folds(plan)
     assert any("'Tiny' has 4 single-labelled colonies, fewer than the 10 folds" in r.message
@@ -258,7 +258,7 @@ def test_tiny_class_warns_and_keeps_invariants(caplog):
 def test_class_missing_from_l_warns(caplog):
     ids = [f"c{i:02d}" for i in range(41)]
     labels = ["A"] * 20 + ["B"] * 20 + ["Solo"]
-    with caplog.at_level(logging.WARNING, logger="ipb_ray.folds"):
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.data.folds"):
         plan = make_folds(ids, labels, [False] * 41, k=5, labelled_fraction=0.2)
     check_folds(plan)
     solo_fold = next(f for f in range(5) if "c40" in plan.roles(f)["T"])
@@ -435,7 +435,7 @@ def test_too_few_groups_and_bad_groups_are_explained():
 def test_one_huge_group_warns_that_test_folds_differ(caplog):
     ids = [f"c{i:03d}" for i in range(100)]
     groups = ["big"] * 60 + [f"g{i}" for i in range(40)]
-    with caplog.at_level(logging.WARNING, logger="ipb_ray.folds"):
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.data.folds"):
         plan = make_folds(ids, ["A", "B"] * 50, [False] * 100, k=5, groups=groups, group_by="column:well")
     check_folds(plan)
     assert any("group 'big' holds 60 of the 100 single-labelled colonies" in r.message for r in caplog.records)
@@ -450,13 +450,13 @@ def _rows(sources, annotation=None):
 
 
 def test_colony_groups_from_a_catalog_column_an_annotation_column_or_a_regex(caplog):
-    from ipb_ray.catalog import colony_groups
+    from ipb_ray.data.catalog import colony_groups
 
     rows = _rows(["seqA/well3_t01.png", "seqA/well3_t02.png", "seqB/well12_t01.png"],
                  [{"well": "3"}, {"well": "3"}, None])
     assert colony_groups(rows, "column:source") == rows["source"].to_pylist()
     assert colony_groups(rows, "column:frame_index") == ["0", "1", "2"]
-    with caplog.at_level(logging.WARNING, logger="ipb_ray.catalog"):
+    with caplog.at_level(logging.WARNING, logger="ipb_ray.data.catalog"):
         assert colony_groups(rows, "column:well", catalog="cat") == ["3", "3", None]
     assert any("1 of 3 colonies have no 'well'; each is a group of its own" in r.message for r in caplog.records)
     assert colony_groups(rows, r"regex:(well\d+)_t") == ["well3", "well3", "well12"]
@@ -464,7 +464,7 @@ def test_colony_groups_from_a_catalog_column_an_annotation_column_or_a_regex(cap
 
 
 def test_colony_groups_name_the_column_the_catalog_and_the_fix():
-    from ipb_ray.catalog import colony_groups
+    from ipb_ray.data.catalog import colony_groups
 
     rows = _rows(["a/w1.png", "b/x.png"], [{"well": "1"}, {"well": "2"}])
     with pytest.raises(ConfigError) as info:

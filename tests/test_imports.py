@@ -13,7 +13,7 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(ipb_ray.__path__, "ipb_ra
 
 
 def test_every_module_imports_without_ray_mlflow_or_optuna():
-    assert {"ipb_ray.training", "ipb_ray.methods.base", "ipb_ray.methods.balancers", "ipb_ray.tracking"} <= set(MODULES)
+    assert {"ipb_ray.distributed.training", "ipb_ray.methods.base", "ipb_ray.methods.balancers", "ipb_ray.tracking.runs"} <= set(MODULES)
     code = ("import importlib, sys\n"
             f"for name in {MODULES!r}:\n"
             "    importlib.import_module(name)\n"
@@ -21,3 +21,67 @@ def test_every_module_imports_without_ray_mlflow_or_optuna():
             "    assert not heavy, f'importing {name} imported {heavy}'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def _imports(path):
+    """(module-level?, imported module, names) of every ``from ipb_ray... import`` in a file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ipb_ray"):
+            out.append((id(node) in top, node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out.extend((id(node) in top, a.name, []) for a in node.names if a.name.startswith("ipb_ray"))
+    return out
+
+
+def _files():
+    from pathlib import Path
+
+    root = Path(ipb_ray.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        name = ".".join(rel.parts).removesuffix(".__init__")
+        yield name, path
+
+
+def test_no_module_imports_a_private_name_of_another():
+    bad = [(name, mod, n) for name, path in _files() for _, mod, names in _imports(path)
+           for n in names if n.startswith("_") and mod != name]
+    assert not bad, bad
+
+
+def test_pure_packages_do_not_import_the_ray_mlflow_or_cli_rooms_at_module_level():
+    pure = ("ipb_ray.data", "ipb_ray.patches", "ipb_ray.nn", "ipb_ray.evaluation", "ipb_ray.methods")
+    wiring = ("ipb_ray.distributed", "ipb_ray.tracking", "ipb_ray.cluster", "ipb_ray.cli")
+    bad = [(name, mod) for name, path in _files() if name.startswith(pure)
+           for top, mod, _ in _imports(path) if top and mod.startswith(wiring)]
+    assert not bad, bad
+
+
+def test_module_level_imports_have_no_cycle():
+    graph = {name: set() for name, _ in _files()}
+    for name, path in _files():
+        for top, mod, names in _imports(path):
+            if not top:
+                continue
+            for target in [mod] + [f"{mod}.{n}" for n in names]:
+                if target in graph and target != name:
+                    graph[name].add(target)
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        if state.get(node) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(trail + [node]))
+        if state.get(node) == 2:
+            return
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            visit(nxt, trail + [node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        visit(node, [])

@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, ray_local):
     """A small synthetic world (the paper's imbalanced class mix) and its catalog."""
-    from ipb_ray import synth
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.data import synth
+    from ipb_ray.distributed.preprocess import build_catalog
 
     root = tmp_path_factory.mktemp("ipb")
     synth.write_world(synth.SynthConfig(frames=6, frame_size=768, colonies_per_frame=20, colony_scale=0.35,
@@ -42,7 +42,7 @@ def _classes(h):
 def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     import torch
 
-    from ipb_ray.training import CHECKPOINT_FILE, train_fold
+    from ipb_ray.distributed.training import CHECKPOINT_FILE, train_fold
 
     cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
                "resources.cpus_per_worker=0.5", "method.student_init=scratch")
@@ -84,7 +84,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
 
 
 def test_ipb_reuse_labels_survive_a_resume(world):
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     first = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
                             "method.epochs=1", "resources.num_workers=0"), 0)
@@ -101,7 +101,7 @@ def test_ipb_reuse_labels_survive_a_resume(world):
 
 
 def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start_as_the_teacher(world):
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     # lr 0 in the MPL phase: both networks end as they started it, so equal digests mean
     # the student was copied from the pre-trained teacher (method.student_init=teacher)
@@ -121,7 +121,7 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
 def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_and_resumes(world):
     import torch
 
-    from ipb_ray.training import CHECKPOINT_FILE, train_fold
+    from ipb_ray.distributed.training import CHECKPOINT_FILE, train_fold
 
     def same(a, b):
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -155,15 +155,15 @@ def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_an
 
 
 def test_too_few_unlabelled_colonies_for_a_batch_is_refused_with_the_fix(world):
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     with pytest.raises(ValueError, match="lower method.unlabelled_batch_size or raise method.draws_per_epoch"):
         train_fold(_cfg(world, "name=small", "method.unlabelled_batch_size=4096"), 0)
 
 
 def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
-    from ipb_ray import catalog
-    from ipb_ray.training import fold_inputs
+    from ipb_ray.data import catalog
+    from ipb_ray.distributed.training import fold_inputs
 
     with_ml = fold_inputs(_cfg(world), 0)
     without = fold_inputs(_cfg(world, "data.multi_label=false"), 0)
@@ -176,7 +176,7 @@ def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
 
 
 def test_fold_inputs_hand_workers_an_absolute_catalog_path(world, monkeypatch):
-    from ipb_ray.training import fold_inputs
+    from ipb_ray.distributed.training import fold_inputs
 
     monkeypatch.chdir(world)
     inputs = fold_inputs(_cfg(world, "data.catalog=catalog"), 0)  # relative, as in the demo

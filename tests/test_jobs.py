@@ -2,7 +2,7 @@
 
 The test starts its own head (`ray start --head --dashboard-host 127.0.0.1`) and a second
 worker node process, plus an MLflow tracking server with a SQLite database behind it
-(:class:`ipb_ray.localcluster.LocalCluster`, what `ipb local-cluster` runs).
+(:class:`ipb_ray.cluster.local.LocalCluster`, what `ipb local-cluster` runs).
 Through the real CLI it submits `preprocess` and `cv` jobs, follows them to SUCCEEDED and
 reads the MLflow runs back from the server; then a job with bad input, which must end
 FAILED with our message; then a job it stops. Only the processes it started are stopped
@@ -28,7 +28,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(job API URL, MLflow URL, work dir) of a 2-node Ray cluster and an MLflow server."""
-    from ipb_ray.localcluster import LocalCluster
+    from ipb_ray.cluster.local import LocalCluster
 
     c = LocalCluster(tmp_path_factory.mktemp("jobs"), workers=1, cpus=2)
     try:
@@ -59,7 +59,7 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     from mlflow import MlflowClient
     from worlds import make_frames
 
-    from ipb_ray.submit import requires_token
+    from ipb_ray.cluster.submit import requires_token
 
     url, mlflow_url, work = cluster
     # token authentication is on: a request without the token is refused, a wrong token

@@ -383,7 +383,7 @@ def test_the_shared_claim_is_read_write_many_in_the_clusters_namespace():
 
 @pytest.mark.parametrize("where,spec", _cluster_specs(), ids=["raycluster", "rayjob"])
 def test_warm_worker_limit_follows_each_pods_cpus(where, spec):
-    from ipb_ray.ray_setup import worker_soft_limit
+    from ipb_ray.distributed.ray_setup import worker_soft_limit
 
     for group, pod in _groups(spec):
         container = _ray_container(pod)

@@ -36,9 +36,9 @@ def _ctx(cfg, device="cpu", amp=False):
     """The loop's context on this process: rank 0 of 1, networks not DDP-wrapped."""
     import torch
 
-    from ipb_ray.patches import PatchGeometry
-    from ipb_ray.streams import StreamSpec
-    from ipb_ray.training import FoldInputs, LoopContext
+    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.distributed.streams import StreamSpec
+    from ipb_ray.distributed.training import FoldInputs, LoopContext
 
     inputs = FoldInputs(catalog="unused", class_names=NAMES, labelled=("a",), labelled_labels=(0,), validation=(),
                         test=(), unlabelled=("u",), pixel_mean=0.4, pixel_std=0.2)

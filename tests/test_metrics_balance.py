@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ipb_ray.balance import inverse_frequency_weights, resample_counts
-from ipb_ray.metrics import classification_report, confusion_matrix, per_class
+from ipb_ray.patches.balance import inverse_frequency_weights, resample_counts
+from ipb_ray.evaluation.metrics import classification_report, confusion_matrix, per_class
 
 
 def test_confusion_matrix_rows_are_truth():
@@ -60,7 +60,7 @@ def _imbalanced(seed=0, n=400):
 
 
 def test_pseudo_balance_weights_are_inverse_class_counts():
-    from ipb_ray.balance import pseudo_balance
+    from ipb_ray.patches.balance import pseudo_balance
 
     lab = _imbalanced()
     pb = pseudo_balance(lab, 4, seed=1, epoch=0)
@@ -72,7 +72,7 @@ def test_pseudo_balance_weights_are_inverse_class_counts():
 
 
 def test_pseudo_balance_draw_is_reproducible_per_seed_and_epoch():
-    from ipb_ray.balance import pseudo_balance
+    from ipb_ray.patches.balance import pseudo_balance
 
     lab = _imbalanced()
     a, b = pseudo_balance(lab, 4, 7, 3), pseudo_balance(lab, 4, 7, 3)
@@ -86,7 +86,7 @@ def test_pseudo_balance_class_frequencies_pass_a_chi_square_test_for_uniform():
     """Over many epochs the drawn classes are uniform although the pseudo-labels are 60/25/10/5 %."""
     from scipy.stats import chisquare
 
-    from ipb_ray.balance import pseudo_balance
+    from ipb_ray.patches.balance import pseudo_balance
 
     lab = _imbalanced()
     drawn = np.zeros(4, dtype=np.int64)
@@ -99,7 +99,7 @@ def test_pseudo_balance_class_frequencies_pass_a_chi_square_test_for_uniform():
 
 
 def test_pseudo_balance_class_without_pseudo_labels_warns_and_gets_no_draws():
-    from ipb_ray.balance import pseudo_balance
+    from ipb_ray.patches.balance import pseudo_balance
 
     lab = np.array([0] * 30 + [1] * 5 + [3] * 2)
     with pytest.warns(RuntimeWarning, match=r"epoch 5: the teacher gave no patch the class\(es\) Diff"):
@@ -110,7 +110,7 @@ def test_pseudo_balance_class_without_pseudo_labels_warns_and_gets_no_draws():
 
 
 def test_pseudo_balance_rejects_out_of_range_labels():
-    from ipb_ray.balance import pseudo_balance
+    from ipb_ray.patches.balance import pseudo_balance
 
     with pytest.raises(ValueError, match=r"pseudo-labels must lie in 0..3, got 0..4"):
         pseudo_balance([0, 4], 4, 0, 0)

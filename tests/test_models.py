@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ipb_ray.config import BACKBONES
-from ipb_ray.models import count_parameters, create_model, list_models, register_model
+from ipb_ray.nn.models import count_parameters, create_model, list_models, register_model
 
 # (name, width): the full-size backbones at reduced width keep the test in milliseconds;
 # their full-width parameter counts are checked separately without a forward pass

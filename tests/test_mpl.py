@@ -1,4 +1,4 @@
-"""Meta Pseudo Labels losses and step (ipb_ray.mpl): pure torch, tiny models, no Ray."""
+"""Meta Pseudo Labels losses and step (ipb_ray.nn.mpl): pure torch, tiny models, no Ray."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ipb_ray.config import MPL_FEEDBACK, MethodConfig
-from ipb_ray.models import create_model
-from ipb_ray.mpl import (
+from ipb_ray.nn.models import create_model
+from ipb_ray.nn.mpl import (
     ema_update,
     mpl_feedback,
     mpl_step,

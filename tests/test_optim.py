@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ipb_ray.models import create_model
-from ipb_ray.optim import frozen_bn_stats, lr_factor, make_optimizer, recalibrate_bn, warmup_steps
+from ipb_ray.nn.models import create_model
+from ipb_ray.nn.optim import frozen_bn_stats, lr_factor, make_optimizer, recalibrate_bn, warmup_steps
 
 
 def test_cosine_warms_up_then_decays_to_near_zero():
@@ -112,7 +112,7 @@ def test_calibration_draws_l_in_the_balanced_training_mix_seeded():
     """BatchNorm is re-estimated on L as the networks train on it: class-balanced (BCCD's
     L is 85 % RBC; statistics of that mix moved RBC predictions to the rare classes)."""
     from ipb_ray.config import load_config
-    from ipb_ray.training import FoldInputs, calibration_counts
+    from ipb_ray.distributed.training import FoldInputs, calibration_counts
 
     labels = (0,) * 80 + (1,) * 10 + (2,) * 10
     ids = tuple(f"c{i}" for i in range(len(labels)))

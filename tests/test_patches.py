@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from ipb_ray import patches as P
+from ipb_ray.patches import geometry as P
 from ipb_ray.config import DataConfig
-from ipb_ray.patches import (PatchCoord, PatchGeometry, centre_coord, centre_crop, cut, foreground_fraction,
+from ipb_ray.patches.geometry import (PatchCoord, PatchGeometry, centre_coord, centre_crop, cut, foreground_fraction,
                              prepare_crop, revisit, sample_coord, sample_patches, to_scales)
 
 try:

@@ -12,10 +12,10 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from ipb_ray import catalog
+from ipb_ray.data import catalog
 from ipb_ray.config import load_config
-from ipb_ray.folds import check_folds, read_folds
-from ipb_ray.preprocess import build_catalog
+from ipb_ray.data.folds import check_folds, read_folds
+from ipb_ray.distributed.preprocess import build_catalog
 from worlds import CLASSES, make_frames  # tests/worlds.py: the tiny frame world
 
 pytestmark = pytest.mark.ray

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ipb_ray.ray_setup import worker_soft_limit
+from ipb_ray.distributed.ray_setup import worker_soft_limit
 
 
 def test_worker_soft_limit_covers_every_concurrent_data_task():
@@ -53,7 +53,7 @@ def _alive(pid: int) -> bool:
 def test_only_the_worker_startup_warning_is_dropped(capsys):
     import ray._private.worker as ray_worker
 
-    from ipb_ray.ray_setup import _quiet_worker_startup_warning
+    from ipb_ray.distributed.ray_setup import _quiet_worker_startup_warning
 
     _quiet_worker_startup_warning()
     _quiet_worker_startup_warning()  # idempotent: wraps once
@@ -69,7 +69,7 @@ def test_only_the_worker_startup_warning_is_dropped(capsys):
 
 
 def test_local_train_env_fills_only_what_the_user_left_unset():
-    from ipb_ray.ray_setup import LOCAL_TRAIN_ENV, local_train_env
+    from ipb_ray.distributed.ray_setup import LOCAL_TRAIN_ENV, local_train_env
 
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "5"}
     added = local_train_env(env)
@@ -79,7 +79,7 @@ def test_local_train_env_fills_only_what_the_user_left_unset():
 
 
 def test_one_worker_takes_its_streams_whole():
-    from ipb_ray.training import split_datasets
+    from ipb_ray.distributed.training import split_datasets
 
     assert split_datasets(0, True) == split_datasets(1, True) == []
     assert split_datasets(2, False) == ["train"] and split_datasets(4, True) == ["train", "unlabelled"]
@@ -89,7 +89,7 @@ def test_one_worker_takes_its_streams_whole():
 def test_state_actors_are_reset_and_reused_between_runs(ray_local):
     import ray
 
-    from ipb_ray.streams import current_state, lease_states, release_states
+    from ipb_ray.distributed.streams import current_state, lease_states, release_states
 
     first = lease_states(2)
     (name, handle), _ = first

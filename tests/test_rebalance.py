@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ipb_ray.rebalance import LabelTable, class_histogram, epoch_plan, pseudo_label_tpr, steps_per_epoch
+from ipb_ray.distributed.rebalance import LabelTable, class_histogram, epoch_plan, pseudo_label_tpr, steps_per_epoch
 
 
 def _table(pseudo, truth=None, seed=0):
@@ -108,11 +108,11 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(label_c
     import torch
     from scipy.stats import chisquare
 
-    from ipb_ray import catalog
-    from ipb_ray.models import create_model
-    from ipb_ray.patches import PatchGeometry
-    from ipb_ray.rebalance import TeacherLabeller, labelling_dataset, run_labelling
-    from ipb_ray.streams import StreamSpec, patch_batch, patch_dataset, stream_state
+    from ipb_ray.data import catalog
+    from ipb_ray.nn.models import create_model
+    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.distributed.rebalance import TeacherLabeller, labelling_dataset, run_labelling
+    from ipb_ray.distributed.streams import StreamSpec, patch_batch, patch_dataset, stream_state
 
     names = tuple(catalog.read_manifest(label_catalog)["class_names"])
     spec_label = StreamSpec(PatchGeometry(size=48, scales=(48,)), names, seed=2, mode="label")

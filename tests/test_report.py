@@ -1,4 +1,4 @@
-"""The CV report (ipb_ray.report) rendered from a real SQLite MLflow store written here by
+"""The CV report (ipb_ray.tracking.report) rendered from a real SQLite MLflow store written here by
 hand in the layout ``ipb cv`` logs (no Ray, no training)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ipb_ray.metrics import classification_report
-from ipb_ray.report import render_report
+from ipb_ray.evaluation.metrics import classification_report
+from ipb_ray.tracking.report import render_report
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from ipb_ray.config import ConfigError, load_config
-from ipb_ray.search import load_space, trial_config
+from ipb_ray.distributed.search import load_space, trial_config
 
 
 def _space(tmp_path, text):
@@ -89,9 +89,9 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
     import optuna
     from mlflow import MlflowClient
 
-    from ipb_ray import synth
-    from ipb_ray.preprocess import build_catalog
-    from ipb_ray.search import run_search
+    from ipb_ray.data import synth
+    from ipb_ray.distributed.preprocess import build_catalog
+    from ipb_ray.distributed.search import run_search
 
     root = tmp_path / "w"
     synth.write_world(synth.SynthConfig(frames=6, frame_size=768, colonies_per_frame=20, colony_scale=0.35,

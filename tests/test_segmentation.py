@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ipb_ray.config import SegmentationConfig
-from ipb_ray.segmentation import (
+from ipb_ray.data.segmentation import (
     Colony,
     FrameError,
     _disk,
@@ -338,7 +338,7 @@ def test_bccd_jpeg_loads():
 # --------------------------------------------------------------------------- synthetic world
 
 def test_segments_synthetic_frame():
-    synth = pytest.importorskip("ipb_ray.synth", reason="ipb_ray.synth (synthetic frames) not available")
+    synth = pytest.importorskip("ipb_ray.data.synth", reason="ipb_ray.data.synth (synthetic frames) not available")
     image, _instances, colonies = synth.generate_frame(
         synth.SynthConfig(frame_size=1024, seed=0), 0)
     truth = np.array([c.bbox if hasattr(c, "bbox") else c["bbox"] for c in colonies])

@@ -9,8 +9,8 @@ import warnings
 import pytest
 from scipy import stats as sps
 
-from ipb_ray.metrics import classification_report
-from ipb_ray.stats import aggregate_folds, format_comparison, paired_tests
+from ipb_ray.evaluation.metrics import classification_report
+from ipb_ray.evaluation.stats import aggregate_folds, format_comparison, paired_tests
 
 NAMES = ["a", "b", "c"]
 

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from ipb_ray import catalog
-from ipb_ray.patches import PatchGeometry
-from ipb_ray.streams import StreamSpec, patch_batch
+from ipb_ray.data import catalog
+from ipb_ray.patches.geometry import PatchGeometry
+from ipb_ray.distributed.streams import StreamSpec, patch_batch
 
 GEO = PatchGeometry(size=64, scales=(64, 32))
 CLASSES = ("A", "B")
@@ -131,7 +131,7 @@ def small_catalog(tmp_path_factory, ray_local):
 
 @pytest.mark.ray
 def test_ray_stream_equals_the_pure_function(small_catalog):
-    from ipb_ray.streams import patch_dataset, torch_batches
+    from ipb_ray.distributed.streams import patch_dataset, torch_batches
 
     names = tuple(catalog.read_manifest(small_catalog)["class_names"])
     spec = StreamSpec(GEO, names, seed=3, mode="train")
@@ -152,7 +152,7 @@ def test_two_ddp_workers_get_equal_batches_and_fresh_epochs(small_catalog, tmp_p
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipb_ray.streams import patch_dataset, stream_state
+    from ipb_ray.distributed.streams import patch_dataset, stream_state
 
     names = tuple(catalog.read_manifest(small_catalog)["class_names"])
     spec = StreamSpec(GEO, names, seed=5, mode="train")
@@ -164,7 +164,7 @@ def test_two_ddp_workers_get_equal_batches_and_fresh_epochs(small_catalog, tmp_p
         import ray.train
         import ray.train.collective
 
-        from ipb_ray.streams import STATE_NAMESPACE, torch_batches
+        from ipb_ray.distributed.streams import STATE_NAMESPACE, torch_batches
 
         ctx = ray.train.get_context()
         actor = ray.get_actor(config["state"], namespace=STATE_NAMESPACE)

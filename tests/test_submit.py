@@ -11,10 +11,10 @@ import shlex
 
 import pytest
 
-from ipb_ray.cluster import Placement, invisible_paths, job_submission_id, job_workdir, path_problems, \
+from ipb_ray.cluster.paths import Placement, invisible_paths, job_submission_id, job_workdir, path_problems, \
     tracking_is_local
 from ipb_ray.config import load_config
-from ipb_ray.submit import COMMANDS, address_warning, dashboard_address, entrypoint, project_root, \
+from ipb_ray.cluster.submit import COMMANDS, address_warning, dashboard_address, entrypoint, project_root, \
     requires_token, runtime_env
 
 TWO_NODES = {"n1": "10.0.0.1", "n2": "10.0.0.2"}
@@ -208,7 +208,7 @@ def test_job_entrypoints_are_installed_with_the_project(tmp_path):
 
 
 def test_token_sources_follow_rays_order(tmp_path):
-    from ipb_ray.submit import token_available
+    from ipb_ray.cluster.submit import token_available
 
     assert not token_available({}, home=tmp_path)
     assert token_available({"RAY_AUTH_TOKEN": "x"}, home=tmp_path)
@@ -222,7 +222,7 @@ def test_local_cluster_ports_avoid_the_ephemeral_and_ray_worker_ranges():
     import random
     import socket
 
-    from ipb_ray.localcluster import PORT_RANGE, free_ports
+    from ipb_ray.cluster.local import PORT_RANGE, free_ports
 
     ports = free_ports(12, random.Random(0))
     assert len(set(ports)) == 12 and all(PORT_RANGE[0] <= p < PORT_RANGE[1] for p in ports)

@@ -1,4 +1,4 @@
-"""The synthetic colony world (ipb_ray.synth): determinism, geometry, class mix,
+"""The synthetic colony world (ipb_ray.data.synth): determinism, geometry, class mix,
 texture vs brightness, the files of a world, config checks and speed."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from ipb_ray import synth
+from ipb_ray.data import synth
 from ipb_ray.config import ConfigError
-from ipb_ray.segmentation import load_frame, match_colonies, segment_frame
+from ipb_ray.data.segmentation import load_frame, match_colonies, segment_frame
 
 SMALL = synth.SynthConfig(frames=3, frame_size=768, colonies_per_frame=16, colony_scale=0.35, seed=7)
 

@@ -21,11 +21,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 mlflow = pytest.importorskip("mlflow")
 torch = pytest.importorskip("torch")
 
-from ipb_ray import tracking  # noqa: E402
+from ipb_ray.tracking import runs as tracking  # noqa: E402
 from ipb_ray.config import flatten, load_config  # noqa: E402
-from ipb_ray.metrics import classification_report  # noqa: E402
-from ipb_ray.stats import aggregate_folds  # noqa: E402
-from ipb_ray.training import CHECKPOINT_FILE, build_model  # noqa: E402
+from ipb_ray.evaluation.metrics import classification_report  # noqa: E402
+from ipb_ray.evaluation.stats import aggregate_folds  # noqa: E402
+from ipb_ray.distributed.training import CHECKPOINT_FILE, build_model  # noqa: E402
 
 # MLflow's SQLAlchemy store trips a SQLAlchemy deprecation (not ours to fix)
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def train_catalog(tmp_path_factory, ray_local):
     from worlds import make_frames
 
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.distributed.preprocess import build_catalog
 
     root = make_frames(tmp_path_factory.mktemp("train"), n_frames=8, seed=21)
     cfg = _cfg(root)
@@ -40,7 +40,7 @@ def _cfg(root, *extra):
 
 
 def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     cfg = _cfg(train_catalog, "name=ddp", "method.epochs=2", "resources.num_workers=2",
                "resources.cpus_per_worker=0.5", "method.steps_per_epoch=6")
@@ -51,7 +51,7 @@ def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
     assert history[1]["lr"] < history[0]["lr"] <= cfg.method.lr  # cosine decay per step
     import torch
 
-    from ipb_ray.catalog import normalisation
+    from ipb_ray.data.catalog import normalisation
 
     state = torch.load(os.path.join(metrics["checkpoint"], "state.pt"), map_location="cpu", weights_only=False)
     mean, std = normalisation(cfg.data.catalog)
@@ -102,7 +102,7 @@ def test_killed_worker_restarts_from_checkpoint(train_catalog):
 def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
     """resources.num_workers=0 (Ray Train's local mode, the demo's): no controller persists
     checkpoints, so the loop writes them under the run's storage directory itself."""
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.training import train_fold
 
     cfg = _cfg(train_catalog, "name=local", "method.epochs=2", "resources.num_workers=0")
     run = train_catalog / "runs" / "local-supervised-fold0"

@@ -48,7 +48,7 @@ def make_frames(root, n_frames=6, seed=0):
 
 def small_catalog_at(root, n_frames, seed):
     """make_frames + build_catalog with 2 folds and 30 % labelled; returns the catalog path."""
-    from ipb_ray.preprocess import build_catalog
+    from ipb_ray.distributed.preprocess import build_catalog
 
     make_frames(root, n_frames=n_frames, seed=seed)
     build_catalog(load_config(preset="demo", overrides=[

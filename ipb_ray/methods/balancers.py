@@ -9,7 +9,7 @@ U composes with any balancer (``method.balancer``):
 - ``none``: every unlabelled colony once per epoch at a fresh random window (plain MPL);
 - ``pseudo_balance``: IPB's per-epoch pseudo-balancing (shared/IPB.md, step 2a): the
   method's labeller network labels one random window of every unlabelled colony in a
-  Ray Data pass (:mod:`ipb_ray.rebalance`), and the epoch's windows are drawn from the
+  Ray Data pass (:mod:`ipb_ray.distributed.rebalance`), and the epoch's windows are drawn from the
   multinomial with weight 1/n_c per pseudo-label class. The pass for the next epoch runs
   in a background thread as soon as the labeller is final for it (:meth:`Balancer.prefetch`),
   overlapping validation and checkpointing.
@@ -55,7 +55,7 @@ class Balancer:
         """``labeller`` is final for unlabelled epoch ``epoch``: start what the plan needs."""
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        """The :class:`ipb_ray.rebalance.EpochPlan` of unlabelled epoch ``epoch`` (``n_draws``
+        """The :class:`ipb_ray.distributed.rebalance.EpochPlan` of unlabelled epoch ``epoch`` (``n_draws``
         patches) and its figures; ``labeller`` is the method's labelling network as it is now."""
         raise NotImplementedError
 
@@ -94,7 +94,7 @@ class UniformDraw(Balancer):
     """Every unlabelled colony once per epoch at a fresh random window (plain MPL)."""
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        from ipb_ray.rebalance import epoch_plan
+        from ipb_ray.distributed.rebalance import epoch_plan
 
         inputs = self.ctx.inputs
         return epoch_plan(inputs.unlabelled, None, len(self.names), self.cfg.seed, epoch, n_draws, self.names), {}
@@ -126,8 +126,8 @@ class PseudoBalancer(Balancer):
     def _start(self, epoch: int, labeller: Any) -> None:
         import ray
 
-        from ipb_ray.rebalance import labelling_dataset, run_labelling
-        from ipb_ray.streams import state_handle
+        from ipb_ray.distributed.rebalance import labelling_dataset, run_labelling
+        from ipb_ray.distributed.streams import state_handle
 
         ctx, m, r = self.ctx, self.cfg.method, self.cfg.resources
         weights = ray.put(ctx.snapshot(labeller))
@@ -148,7 +148,7 @@ class PseudoBalancer(Balancer):
         self.pending[epoch] = self.pool.submit(work)
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        from ipb_ray.rebalance import epoch_plan, pseudo_label_tpr
+        from ipb_ray.distributed.rebalance import epoch_plan, pseudo_label_tpr
 
         label_s = pass_s = 0.0
         if self._needs_pass():
@@ -173,7 +173,7 @@ class PseudoBalancer(Balancer):
         return plan, figures
 
     def observe(self, colony_ids: list[str], pseudo: list[int]) -> dict[str, Any]:
-        from ipb_ray.rebalance import class_histogram
+        from ipb_ray.distributed.rebalance import class_histogram
 
         if self.table is None:
             return {}
@@ -189,7 +189,7 @@ class PseudoBalancer(Balancer):
                 "class_weights": self.class_weights}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from ipb_ray.rebalance import LabelTable
+        from ipb_ray.distributed.rebalance import LabelTable
 
         self.table = LabelTable.from_rows(state["table"]) if state.get("table") else None
         self.class_weights = state.get("class_weights")

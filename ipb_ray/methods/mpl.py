@@ -1,7 +1,7 @@
 """Meta Pseudo Labels, and IPB = MPL with the pseudo-balancer (shared/IPB.md, Algorithm 1).
 
 Stages: ``teacher`` (``method.teacher_epochs`` of the teacher alone on class-balanced L),
-``mpl`` (``method.epochs`` of teacher/student steps, :func:`ipb_ray.mpl.mpl_step`, on
+``mpl`` (``method.epochs`` of teacher/student steps, :func:`ipb_ray.nn.mpl.mpl_step`, on
 paired labelled and unlabelled batches; the student, or its EMA with ``method.ema``, is
 selected on V) and, with ``method.finetune_epochs``, ``finetune`` (that student on
 class-balanced L at ``method.finetune_lr``, selected anew; the MPL stage's choice is
@@ -21,7 +21,7 @@ from typing import Any
 
 from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
 
-#: per-step figures of :func:`ipb_ray.mpl.mpl_step` averaged into the epoch's metrics
+#: per-step figures of :func:`ipb_ray.nn.mpl.mpl_step` averaged into the epoch's metrics
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
                 "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
 
@@ -48,7 +48,7 @@ class MetaPseudoLabels(Method):
                 *finetune_stage(cfg, "student")]
 
     def build(self) -> None:
-        from ipb_ray.mpl import student_lr_at
+        from ipb_ray.nn.mpl import student_lr_at
 
         m, ctx = self.m, self.ctx
         self.nets["teacher"] = ctx.network(self.cfg.seed)  # teacher and student differ at init
@@ -70,8 +70,8 @@ class MetaPseudoLabels(Method):
 
     def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
                    step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:
-        from ipb_ray.mpl import ema_update, mpl_step, student_lr_at
-        from ipb_ray.optim import set_lr
+        from ipb_ray.nn.mpl import ema_update, mpl_step, student_lr_at
+        from ipb_ray.nn.optim import set_lr
 
         m, ctx = self.m, self.ctx
         s_opt, t_opt = self.opts["student"], self.opts["teacher"]

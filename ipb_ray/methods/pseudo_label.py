@@ -48,8 +48,8 @@ class PseudoLabel(Method):
         import torch
         import torch.nn.functional as F
 
-        from ipb_ray.mpl import pseudo_labels, student_loss, uda_weight
-        from ipb_ray.optim import frozen_bn_stats, set_lr
+        from ipb_ray.nn.mpl import pseudo_labels, student_loss, uda_weight
+        from ipb_ray.nn.optim import frozen_bn_stats, set_lr
 
         m, ctx, net, opt = self.m, self.ctx, self.nets["model"], self.opts["model"]
         set_lr(opt, m.lr * lr_factor)

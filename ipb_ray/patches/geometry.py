@@ -1,6 +1,6 @@
 """Mask-constrained, multi-scale patches of a colony crop (paper, "Patches and scales").
 
-A colony is stored as its bounding-box crop plus a bool mask (:mod:`ipb_ray.catalog`).
+A colony is stored as its bounding-box crop plus a bool mask (:mod:`ipb_ray.data.catalog`).
 A *patch* is a square window of side ``S`` (:attr:`PatchGeometry.size`) cut from the
 crop; multi-scale training also uses the window's exact centre of side ``s`` (the
 paper's 224 global patch and its 112 local centre). Rules:

@@ -38,7 +38,7 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 def project_root() -> Path:
     """The project directory (the one holding jobs/ and ipb_ray/)."""
-    return Path(__file__).resolve().parents[1]
+    return Path(__file__).resolve().parents[2]
 
 
 def entrypoint(argv: Sequence[str], python: str = "python") -> str:

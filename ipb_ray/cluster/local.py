@@ -149,7 +149,7 @@ class LocalCluster:
         self.work = Path(self.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._ensure_token()
-        from ipb_ray.submit import send_token_if_available
+        from ipb_ray.cluster.submit import send_token_if_available
 
         send_token_if_available()  # this process's own checks below go through token auth too
         gcs, dash, client, mlflow_port = free_ports(4)

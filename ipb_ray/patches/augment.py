@@ -9,9 +9,9 @@
   single-channel images followed by cutout.
 
 Inputs are ``(1, S, S)`` or ``(B, 1, S, S)`` float32 torch tensors in [0, 1] on the CPU
-(``(S, S)`` uint8 windows from :func:`ipb_ray.patches.cut` go through :func:`as_tensor`).
+(``(S, S)`` uint8 windows from :func:`ipb_ray.patches.geometry.cut` go through :func:`as_tensor`).
 Augment the whole ``S`` window, then cut the centre scale
-(:func:`ipb_ray.patches.to_scales` takes tensors), so both scales see the same
+(:func:`ipb_ray.patches.geometry.to_scales` takes tensors), so both scales see the same
 transform. Geometric ops reflect the border (OpenCV ``BORDER_REFLECT_101``): a rotated
 patch never gets invented black corners. All randomness comes from the
 ``numpy.random.Generator`` passed in, and every call consumes the same number of draws

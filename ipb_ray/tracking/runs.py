@@ -1,6 +1,6 @@
 """MLflow tracking of a cross-validation experiment (one configuration, all its folds).
 
-Layout in the tracking store (the names are the contract with :mod:`ipb_ray.report`):
+Layout in the tracking store (the names are the contract with :mod:`ipb_ray.tracking.report`):
 
 - **parent run**, one per configuration, named ``"{cfg.name}-{cfg.method.name}"`` unless
   given; tags ``ipb.kind = "cv"``, ``ipb.config_key`` (:func:`config_key`), ``ipb.method``,
@@ -8,7 +8,7 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.repo
   ``ipb.backbone``; params :func:`ipb_ray.config.flatten` of the config (values ``str()``-ed);
   after the last fold (:func:`log_summary`) metrics ``cv_{macro_tpr,macro_f1,
   balanced_accuracy,accuracy}_{mean,std}``, ``cv_{tpr,f1}_{mean,std}/<class>`` and
-  ``cv_folds``; artifacts ``cv_summary.json`` (:func:`ipb_ray.stats.aggregate_folds`),
+  ``cv_folds``; artifacts ``cv_summary.json`` (:func:`ipb_ray.evaluation.stats.aggregate_folds`),
   ``fold_reports.json`` (``[{"fold": k, "report": classification_report}, ...]`` in fold
   order) and ``cv_confusion_matrix.png`` (summed over folds).
 - **child run** per fold (:func:`open_fold` when the fold starts, :func:`log_fold` when it
@@ -114,7 +114,7 @@ _MAX_PARAM_VALUE = 6000          # MLflow's limit on a param value (characters)
 _MAX_KEY = 250                   # MLflow's limit on a metric/param key
 _PARAMS_PER_BATCH = 100          # MlflowClient.log_batch limits
 _METRICS_PER_BATCH = 1000
-_PROJECT_DIR = Path(__file__).resolve().parents[1]
+_PROJECT_DIR = Path(__file__).resolve().parents[2]
 # The fluent API (used to log the model) reads a process-wide tracking URI: one at a time.
 _FLUENT_LOCK = threading.Lock()
 
@@ -456,7 +456,7 @@ def _load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes:
     """(network with the selected weights, "") or (None, why not)."""
     import torch
 
-    from ipb_ray.training import CHECKPOINT_FILE, build_model
+    from ipb_ray.distributed.training import CHECKPOINT_FILE, build_model
 
     if not checkpoint:
         return None, "the fold has no checkpoint"
@@ -617,7 +617,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
              cfg: ExperimentConfig, log_model: bool = True, child_id: str | None = None) -> str:
     """Log one finished fold as a child run of ``parent_id``; returns the child run id.
 
-    ``fold_metrics``: what :func:`ipb_ray.training.train_fold` returns (``test_report``,
+    ``fold_metrics``: what :func:`ipb_ray.distributed.training.train_fold` returns (``test_report``,
     ``history``, ``checkpoint``, ...). ``child_id``: the run :func:`open_fold` gave the fold
     (its epochs logged live are not logged again); else a new child run. Older child runs
     of the same fold are superseded. The child run ends FINISHED once everything is logged
@@ -711,9 +711,9 @@ def finished_folds(tracking_uri: str, parent_id: str) -> dict[int, dict]:
 # --------------------------------------------------------------------------- summary
 
 def log_summary(tracking_uri: str, parent_id: str, fold_reports: Mapping[int, Mapping[str, Any]]) -> dict:
-    """Aggregate the folds' test reports (:func:`ipb_ray.stats.aggregate_folds`), log the
+    """Aggregate the folds' test reports (:func:`ipb_ray.evaluation.stats.aggregate_folds`), log the
     ``cv_*`` metrics and summary artifacts on the parent run and end it FINISHED."""
-    from ipb_ray.stats import aggregate_folds
+    from ipb_ray.evaluation.stats import aggregate_folds
 
     client = _client(tracking_uri)
     parent = _get_run(client, tracking_uri, parent_id, "parent run")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ipb_ray.config import MPL_FEEDBACK, MethodConfig
-from ipb_ray.optim import frozen_bn_stats
+from ipb_ray.nn.optim import frozen_bn_stats
 
 __all__ = [
     "ema_update",

@@ -24,7 +24,7 @@ row order of the catalog does not change the plan):
 
 Grouped plans (``split.group_by``): on time-lapse data one colony is imaged hourly, so
 per-colony folds put the same colony in L/U and in T. Given a group per colony (a well,
-a sequence, a track; see :func:`ipb_ray.catalog.colony_groups`), step 1 deals whole groups instead:
+a sequence, a track; see :func:`ipb_ray.data.catalog.colony_groups`), step 1 deals whole groups instead:
 groups in a seeded order, largest first, each onto the test fold that has fewest
 colonies of the group's majority class so far (then fewest colonies, then the lowest
 index). Every labelled colony of a group is then in the same T_f, and L_f/V_f are drawn
@@ -87,7 +87,7 @@ _U, _L, _V, _T, _E = range(len(ROLES))
 FOLDS_PARQUET = "folds.parquet"
 FOLDS_JSON = "folds.json"
 FOLDS_VERSION = 1
-_META_KEY = b"ipb_ray.folds"
+_META_KEY = b"ipb_ray.data.folds"
 
 #: One row per (fold, colony). ``label`` is the true label, kept for every role (U's
 #: labels are hidden from training but score the pseudo-labels); null for multi-label
@@ -204,7 +204,7 @@ def make_folds(colony_ids: Iterable[str], labels: Iterable[str | None],
     only on the set of (id, label, flag) rows and the parameters, not on row order.
 
     ``groups``: one group name per colony (None = a group of its own), e.g. from
-    :func:`ipb_ray.catalog.colony_groups`; whole groups are then dealt onto the test folds. ``group_by``
+    :func:`ipb_ray.data.catalog.colony_groups`; whole groups are then dealt onto the test folds. ``group_by``
     says how the names were made and is stored with the plan (default ``"groups"``).
     """
     _check_params(k, labelled_fraction, val_fraction, seed)
@@ -652,7 +652,7 @@ def read_folds(catalog_dir: str | Path) -> FoldPlan:
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ValueError(f"{path} has no fold-plan metadata; it was not written by "
-                         "ipb_ray.folds. Rerun `ipb folds` to replace it")
+                         "ipb_ray.data.folds. Rerun `ipb folds` to replace it")
     meta = json.loads(raw)
     if meta.get("version") != FOLDS_VERSION:
         raise ValueError(f"{path} has fold-plan version {meta.get('version')}, this ipb_ray "

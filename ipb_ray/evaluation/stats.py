@@ -1,6 +1,6 @@
 """Cross-validation summaries and paired comparison of two configurations (numpy/scipy).
 
-Inputs are per-fold dicts from :func:`ipb_ray.metrics.classification_report`. A metric that
+Inputs are per-fold dicts from :func:`ipb_ray.evaluation.metrics.classification_report`. A metric that
 is NaN in a fold (e.g. the TPR of a class absent from that fold's truth) is left out of
 that metric's summary rather than poisoning it; every summary says how many folds it used.
 Outputs are plain floats, ints, lists and dicts (NaN stays a float NaN, as in the reports).

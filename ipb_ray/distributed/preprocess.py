@@ -1,9 +1,9 @@
 """``ipb preprocess``: inputs -> colony catalog, on Ray Data.
 
-The driver plans shards (:mod:`ipb_ray.importers`), drops the ones a previous run
+The driver plans shards (:mod:`ipb_ray.data.importers`), drops the ones a previous run
 finished, and streams the rest through ``ray.data`` so frames are read and segmented in
 parallel across the cluster. Each task writes its shard atomically (so a crash loses at
-most the shards in flight); the manifest is written last (:mod:`ipb_ray.catalog`).
+most the shards in flight); the manifest is written last (:mod:`ipb_ray.data.catalog`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ipb_ray import catalog, importers
+from ipb_ray.data import catalog, importers
 from ipb_ray.config import ConfigError, DataConfig, ExperimentConfig, from_dict, to_dict
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     """Build (or finish) the catalog of ``cfg.data`` at ``out`` (default ``cfg.data.catalog``)."""
     import ray
 
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.distributed.ray_setup import init_ray
 
     t0 = time.perf_counter()
     root = Path(out or cfg.data.catalog)
@@ -79,7 +79,7 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     log.info("%s: %d shards, %d already done", root, total, done)
     if todo:
         init_ray(cfg.resources)
-        from ipb_ray.cluster import check_cluster_paths
+        from ipb_ray.cluster.paths import check_cluster_paths
 
         check_cluster_paths(cfg.replace(f"data.catalog={root}"), storage=False)
         ds = ray.data.from_items([{"task": t.to_json()} for t in todo], override_num_blocks=len(todo))
@@ -106,12 +106,12 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
 def make_catalog_folds(root: str | Path, cfg: ExperimentConfig):
     """Draw the CV folds of a finished catalog with ``cfg.split`` and store them beside it.
 
-    Returns the :class:`~ipb_ray.folds.FoldPlan`, or None (with a warning) when the
+    Returns the :class:`~ipb_ray.data.folds.FoldPlan`, or None (with a warning) when the
     catalog has too few single-labelled colonies for ``split.folds`` folds. With
-    ``split.group_by`` whole groups go to the test folds (:mod:`ipb_ray.folds`); a
+    ``split.group_by`` whole groups go to the test folds (:mod:`ipb_ray.data.folds`); a
     grouping the catalog cannot give, or too few groups, raises ConfigError.
     """
-    from ipb_ray.folds import make_folds, write_folds
+    from ipb_ray.data.folds import make_folds, write_folds
 
     group_by = cfg.split.group_by
     wanted = ["colony_id", "label", "multi_label"]

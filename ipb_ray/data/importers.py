@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ipb_ray import catalog
+from ipb_ray.data import catalog
 from ipb_ray.config import DataConfig, SegmentationConfig
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ def plan_synth(world: str, data: DataConfig) -> Plan:
 
 def _match(colonies: Sequence[Any], ann: dict[str, Any]) -> int | None:
     """Index of the segmented colony an annotation refers to, or None."""
-    from ipb_ray.segmentation import box_iou_matrix
+    from ipb_ray.data.segmentation import box_iou_matrix
 
     if not colonies:
         return None
@@ -316,7 +316,7 @@ def _match(colonies: Sequence[Any], ann: dict[str, Any]) -> int | None:
 
 def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
                ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    from ipb_ray.segmentation import load_frame, segment_frame
+    from ipb_ray.data.segmentation import load_frame, segment_frame
 
     src = item["source"]
     rows: list[dict[str, Any]] = []
@@ -376,7 +376,7 @@ def crop_mask(crop: np.ndarray, seg: SegmentationConfig) -> np.ndarray:
     The size filter scales to the crop (a crop is mostly colony); if nothing is found
     the whole crop counts as colony rather than the colony being dropped.
     """
-    from ipb_ray.segmentation import segment_frame
+    from ipb_ray.data.segmentation import segment_frame
 
     small = dataclasses.replace(seg, min_object_px=min(seg.min_object_px, max(1, crop.size // 20)))
     _, colonies = segment_frame(crop, small)
@@ -425,7 +425,7 @@ def plan_imagefolder(root: str, data: DataConfig) -> Plan:
 
 def _run_crops(items: Iterable[dict[str, Any]], data: DataConfig, importer: str
                ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    from ipb_ray.segmentation import load_frame
+    from ipb_ray.data.segmentation import load_frame
 
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []

@@ -54,8 +54,8 @@ class FoldInputs:
 
 def fold_inputs(cfg: ExperimentConfig, fold: int) -> FoldInputs:
     """Read the catalog manifest and the stored folds; check the fold can be trained."""
-    from ipb_ray import catalog
-    from ipb_ray.folds import read_folds
+    from ipb_ray.data import catalog
+    from ipb_ray.data.folds import read_folds
 
     root = cfg.data.catalog
     names = tuple(cfg.data.class_names or catalog.read_manifest(root)["class_names"])
@@ -96,9 +96,9 @@ def labelled_steps(n_labelled: int, world: int, batch_size: int, steps_per_epoch
 
 def labelled_draws(inputs: FoldInputs, n: int, seed: int, epoch: int, balanced: bool = True) -> dict[str, int]:
     """Copies of each labelled colony in an epoch's draw of ``n`` from L (class-balanced
-    unless ``balanced`` is False; :func:`ipb_ray.balance.resample_counts`); colonies not
+    unless ``balanced`` is False; :func:`ipb_ray.patches.balance.resample_counts`); colonies not
     drawn are left out."""
-    from ipb_ray.balance import resample_counts
+    from ipb_ray.patches.balance import resample_counts
 
     counts = resample_counts(inputs.labelled_labels, n, seed, epoch, balanced=balanced)
     return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
@@ -205,7 +205,7 @@ def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], dev
     import torch
     import torch.nn.functional as F
 
-    from ipb_ray.optim import set_lr
+    from ipb_ray.nn.optim import set_lr
 
     model.train()
     timer, loss_sum, seen = _Timer(), torch.zeros(2, device=device), 0
@@ -238,8 +238,8 @@ def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, am
     it evaluates or labels; returns the batches used."""
     import ray.train
 
-    from ipb_ray.optim import recalibrate_bn
-    from ipb_ray.streams import torch_batches
+    from ipb_ray.nn.optim import recalibrate_bn
+    from ipb_ray.distributed.streams import torch_batches
 
     if not enabled:
         return 0
@@ -262,8 +262,8 @@ def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str],
     """Rank 0: ``model`` on the validation split V (None when the fold has no V)."""
     import ray.train
 
-    from ipb_ray.metrics import classification_report
-    from ipb_ray.streams import torch_batches
+    from ipb_ray.evaluation.metrics import classification_report
+    from ipb_ray.distributed.streams import torch_batches
 
     if not inputs.validation:
         return None
@@ -321,7 +321,7 @@ def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: dic
     metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
     live = (run or {}).get("mlflow_run")
     if state is not None and live and state.get("history") and "epoch_seconds" in metrics:  # an epoch just ran
-        from ipb_ray.tracking import log_epoch
+        from ipb_ray.tracking.runs import log_epoch
 
         log_epoch(live[0], live[1], state["history"][-1])
     local = (run or {}).get("local_run_dir")
@@ -355,13 +355,13 @@ def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> Any:
-    from ipb_ray.models import create_model
+    from ipb_ray.nn.models import create_model
 
     return create_model(**model_kwargs(cfg, num_classes, inputs))
 
 
 def model_kwargs(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> dict[str, Any]:
-    """:func:`ipb_ray.models.create_model` arguments of the experiment's network (with
+    """:func:`ipb_ray.nn.models.create_model` arguments of the experiment's network (with
     the fold's pixel statistics when ``inputs`` is given; a loaded state dict brings its own)."""
     stats = dict(pixel_mean=inputs.pixel_mean, pixel_std=inputs.pixel_std) if inputs is not None else {}
     return dict(name=cfg.model.backbone, num_classes=num_classes, in_chans=1, width=cfg.model.width,
@@ -372,7 +372,7 @@ def model_kwargs(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | N
 def shuffled(shard: Any, spec: Any, batch_size: int, cfg: ExperimentConfig, epoch: int, rank: int,
              device: Any) -> Any:
     """A training shard's batches through the seeded shuffle buffer of ``(seed, epoch, rank)``."""
-    from ipb_ray.streams import shuffle_seed, torch_batches
+    from ipb_ray.distributed.streams import shuffle_seed, torch_batches
 
     return torch_batches(shard, spec, batch_size, device=str(device), shuffle_buffer=cfg.method.shuffle_buffer,
                          shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
@@ -417,7 +417,7 @@ class LoopContext:
         return ray.train.torch.prepare_model(net)
 
     def optimizer(self, net: Any, lr: float) -> Any:
-        from ipb_ray.optim import make_optimizer
+        from ipb_ray.nn.optim import make_optimizer
 
         m = self.cfg.method
         return make_optimizer(net.parameters(), m.optimizer, lr, momentum=m.momentum, weight_decay=m.weight_decay,
@@ -468,7 +468,7 @@ class _Loop:
         import ray.train
 
         from ipb_ray.methods import get_balancer, get_method
-        from ipb_ray.streams import state_handle
+        from ipb_ray.distributed.streams import state_handle
 
         cfg: ExperimentConfig = from_dict(config["cfg"])
         self.cfg, self.m, self.config, self.inputs = cfg, cfg.method, config, config["inputs"]
@@ -496,7 +496,7 @@ class _Loop:
         self.state = self._restore()
 
     def _unlabelled_steps(self) -> int:
-        from ipb_ray.rebalance import steps_per_epoch
+        from ipb_ray.distributed.rebalance import steps_per_epoch
 
         m = self.m
         n_u = m.draws_per_epoch or len(self.inputs.unlabelled)
@@ -583,7 +583,7 @@ class _Loop:
         self.method.begin_stage(stage)
 
     def _lr_factor(self, stage: Stage, e: int, i: int, steps: int) -> float:
-        from ipb_ray.optim import lr_factor, warmup_steps
+        from ipb_ray.nn.optim import lr_factor, warmup_steps
 
         total = max(steps * stage.epochs, 1)
         return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
@@ -668,7 +668,7 @@ class _Loop:
         """Rank 0: what the unlabelled stream held this epoch, by hidden truth and by the
         method's pseudo-labels; the balancer sees both."""
         from ipb_ray.methods.balancers import shares
-        from ipb_ray.rebalance import class_histogram
+        from ipb_ray.distributed.rebalance import class_histogram
 
         names, n = self.inputs.class_names, len(self.inputs.class_names)
         out = {**shares("unlabelled_true_share", class_histogram(self.u_truth, n), names),
@@ -785,8 +785,8 @@ def write_digest(config: dict[str, Any], rank: int, model: Any) -> None:
 def _test_metrics(model, best_state, inputs: FoldInputs, spec_eval, columns, device, amp, batch_size):
     import ray.train
 
-    from ipb_ray.metrics import classification_report
-    from ipb_ray.streams import torch_batches
+    from ipb_ray.evaluation.metrics import classification_report
+    from ipb_ray.distributed.streams import torch_batches
 
     net = _unwrap(model)
     current = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -825,8 +825,8 @@ def stream_specs(cfg: ExperimentConfig, class_names: tuple[str, ...], semi: bool
     """The patch streams a run needs: ``spec_train`` (augmented L, ``augment.*``),
     ``spec_eval`` (V and T, ``eval.tta`` windows per colony), ``spec_plain`` (un-augmented
     L for BatchNorm recalibration) and, for MPL/IPB, ``spec_uda`` and ``spec_label``."""
-    from ipb_ray.patches import PatchGeometry
-    from ipb_ray.streams import StreamSpec
+    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.distributed.streams import StreamSpec
 
     geometry, aug = PatchGeometry.from_config(cfg.data), cfg.augment
     specs = {"spec_train": StreamSpec(geometry, class_names, seed=cfg.seed, mode="train", augment=aug),
@@ -845,9 +845,9 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     ``callbacks``: Ray Train callbacks for the run (a Tune trial passes
     ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler).
     ``mlflow_run``: ``(tracking URI, run id)`` that rank 0 logs every epoch's history row
-    to as the epoch ends (:func:`ipb_ray.tracking.log_epoch`)."""
-    from ipb_ray.ray_setup import init_ray
-    from ipb_ray.streams import lease_states, release_states
+    to as the epoch ends (:func:`ipb_ray.tracking.runs.log_epoch`)."""
+    from ipb_ray.distributed.ray_setup import init_ray
+    from ipb_ray.distributed.streams import lease_states, release_states
 
     from ipb_ray.methods import get_method
 
@@ -859,7 +859,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         raise ValueError(f"fold {fold} of {inputs.catalog} has no unlabelled colonies; method.name="
                          f"{cfg.method.name} needs some (lower split.labelled_fraction, or use a supervised method)")
     if semi:
-        from ipb_ray.rebalance import steps_per_epoch
+        from ipb_ray.distributed.rebalance import steps_per_epoch
 
         m, world = cfg.method, max(cfg.resources.num_workers, 1)
         n_u = m.draws_per_epoch or len(inputs.unlabelled)
@@ -891,7 +891,7 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipb_ray.streams import patch_dataset
+    from ipb_ray.distributed.streams import patch_dataset
 
     r = cfg.resources
     data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus, workers=data_workers(cfg))

@@ -1,8 +1,8 @@
 """Cross-validation of one configuration: every fold on Ray Train, tracked in MLflow.
 
 :func:`run_cv` runs the folds of ``cfg`` (all of them by default), each as its own
-``TorchTrainer`` (:func:`ipb_ray.training.train_fold`), logs each finished fold as a
-child run of the configuration's parent run (:mod:`ipb_ray.tracking`), and finally the
+``TorchTrainer`` (:func:`ipb_ray.distributed.training.train_fold`), logs each finished fold as a
+child run of the configuration's parent run (:mod:`ipb_ray.tracking.runs`), and finally the
 mean ± std over folds. Rerunning the same command skips folds whose child run finished
 and resumes unfinished ones from their Ray Train checkpoints.
 
@@ -42,7 +42,7 @@ VIEWS = "views"
 class CVResult:
     parent_run_id: str
     reports: dict[int, dict[str, Any]]  # fold -> test report
-    summary: dict[str, Any]  # ipb_ray.stats.aggregate_folds of the reports
+    summary: dict[str, Any]  # ipb_ray.evaluation.stats.aggregate_folds of the reports
     skipped: list[int]  # folds found finished in MLflow
     catalog: str  # the catalog (or view) whose folds ran
 
@@ -79,9 +79,9 @@ def resolve_fold_catalog(cfg: ExperimentConfig) -> ExperimentConfig:
 def fold_catalog(cfg: ExperimentConfig) -> str:
     """The catalog directory whose stored folds match ``cfg.split`` (drawing them into a
     view of the catalog when the catalog's own plan differs)."""
-    from ipb_ray import catalog
-    from ipb_ray.folds import read_folds
-    from ipb_ray.preprocess import make_catalog_folds, why_no_folds
+    from ipb_ray.data import catalog
+    from ipb_ray.data.folds import read_folds
+    from ipb_ray.distributed.preprocess import make_catalog_folds, why_no_folds
 
     root = Path(cfg.data.catalog)
     catalog.read_manifest(root)
@@ -140,12 +140,12 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     is called with ``"skipped"``, ``"started"`` and ``"finished"`` (info: the fold's
     metrics) for progress displays; calls may come from worker threads.
     """
-    from ipb_ray import tracking
-    from ipb_ray.cluster import check_cluster_paths
-    from ipb_ray.folds import read_folds
-    from ipb_ray.ray_setup import init_ray
-    from ipb_ray.training import local_run_dir, train_fold
-    from ipb_ray.viz import save_training_curves
+    from ipb_ray.tracking import runs as tracking
+    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.data.folds import read_folds
+    from ipb_ray.distributed.ray_setup import init_ray
+    from ipb_ray.distributed.training import local_run_dir, train_fold
+    from ipb_ray.tracking.viz import save_training_curves
 
     init_ray(cfg.resources)
     check_cluster_paths(cfg)

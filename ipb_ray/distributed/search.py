@@ -10,7 +10,7 @@ A search space is a YAML file of dotted config keys::
 :func:`load_space` checks every key against the config schema and every bound (or
 choice) by building the config with it, so a typo fails before any trial starts.
 
-Each trial (:func:`_trial`) is a Tune function that runs :func:`ipb_ray.training.train_fold`
+Each trial (:func:`_trial`) is a Tune function that runs :func:`ipb_ray.distributed.training.train_fold`
 with the trial's overrides; the Train run forwards every epoch's ``objective`` (the
 validation balanced accuracy of the student, or of the teacher while it pre-trains) to
 Tune through ``TuneReportCallback``, and ASHA stops trials that fall behind. With
@@ -143,8 +143,8 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ipb_ray.cv import resolve_fold_catalog
-    from ipb_ray.training import train_fold
+    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.distributed.training import train_fold
 
     base: ExperimentConfig = from_dict(config["__base__"])
     meta = config["__meta__"]
@@ -211,10 +211,10 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from ipb_ray import tracking
-    from ipb_ray.cluster import check_cluster_paths
-    from ipb_ray.cv import resolve_fold_catalog
-    from ipb_ray.ray_setup import init_ray
+    from ipb_ray.tracking import runs as tracking
+    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.distributed.ray_setup import init_ray
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")

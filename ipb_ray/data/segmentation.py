@@ -435,7 +435,7 @@ def _check_input(image: np.ndarray) -> np.ndarray:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 2:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"segmentation needs a (H, W) uint8 frame, got {desc}; "
-                         "convert with ipb_ray.segmentation.to_uint8 or read with load_frame")
+                         "convert with ipb_ray.data.segmentation.to_uint8 or read with load_frame")
     if image.size == 0:
         raise ValueError("segmentation got an empty frame (zero pixels)")
     return np.ascontiguousarray(image)

@@ -692,7 +692,7 @@ def generate_frame(cfg: SynthConfig, index: int) -> tuple[np.ndarray, np.ndarray
     Returns ``(image, instances, colonies)``: image ``(H, W)`` uint8; instances ``(H, W)``
     uint16 with 0 = background and ``k`` = colony ``k``; colonies sorted by instance,
     instance ids numbered 1..n in ``(y0, x0)`` order of their boxes (the order in which
-    :func:`ipb_ray.segmentation.segment_frame` lists colonies).
+    :func:`ipb_ray.data.segmentation.segment_frame` lists colonies).
     """
     rng = _frame_rng(cfg.seed, index)
     shape = cfg.shape
@@ -774,7 +774,7 @@ def _prepare_out(out: Path) -> None:
         raise FileExistsError(f"{out} is not empty and is not a synthetic world (no {WORLD_MANIFEST}); "
                               "refusing to write into it: choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / WORLD_MARKER).write_text("a synthetic colony world written by ipb_ray.synth\n")
+    (out / WORLD_MARKER).write_text("a synthetic colony world written by ipb_ray.data.synth\n")
     # Incomplete from here on: the manifest goes first, stale frames of an older world next.
     (out / WORLD_MANIFEST).unlink(missing_ok=True)
     (out / ANNOTATIONS).unlink(missing_ok=True)
@@ -829,7 +829,7 @@ def write_world(cfg: SynthConfig, out: str | Path,
     manifest = {
         "format": WORLD_FORMAT,
         "version": WORLD_VERSION,
-        "generator": "ipb_ray.synth",
+        "generator": "ipb_ray.data.synth",
         "config": cfg.to_dict(),
         "frames": cfg.frames,
         "colonies": len(rows),

@@ -6,7 +6,7 @@ Layout of a catalog directory::
       parts/<shard>.parquet     colony rows of one shard (a frame, or a batch of crops)
       rejects/<shard>.parquet   what that shard skipped, with the reason
       catalog.json              manifest, written last: present = the catalog is complete
-      folds.parquet, folds.json cross-validation folds (ipb_ray.folds)
+      folds.parquet, folds.json cross-validation folds (ipb_ray.data.folds)
 
 A shard's part is written atomically (temporary file, then rename) and its rejects file
 first, so an existing part means the shard is finished: a rerun skips it. The manifest

@@ -5,13 +5,13 @@ At the start of every IPB epoch (shared/IPB.md, step 2a):
 1. **Labelling pass** (Ray Data): one fresh random window of every unlabelled colony is
    cut (stream mode ``label``, seeded by ``(seed, epoch, colony)``) and the current
    teacher predicts its class. The stage is :class:`TeacherLabeller`; it reads the
-   epoch and the teacher weights that rank 0 published on a :class:`~ipb_ray.streams.StreamState`
+   epoch and the teacher weights that rank 0 published on a :class:`~ipb_ray.distributed.streams.StreamState`
    actor, and loads a new teacher only when the published version changes. On CPU it
    runs as Ray tasks (their processes outlive an epoch, so the teacher's module is built
    once per process); with GPUs as an actor pool holding a GPU each.
 2. **Draw** (pure, :func:`epoch_plan`): every colony weighs 1/n_c of its pseudo-label's
    class and ``n`` windows are drawn from that multinomial with replacement
-   (:func:`ipb_ray.balance.pseudo_balance`), reproducible from ``(seed, epoch)``. The
+   (:func:`ipb_ray.patches.balance.pseudo_balance`), reproducible from ``(seed, epoch)``. The
    drawn colonies, their copy counts and the labelled windows go to the student's stream,
    so the student trains on the very patches the teacher labelled, freshly augmented.
 
@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ipb_ray.balance import PseudoBalance, pseudo_balance
-from ipb_ray.streams import StreamSpec, current_state, patch_batch, state_handle
+from ipb_ray.patches.balance import PseudoBalance, pseudo_balance
+from ipb_ray.distributed.streams import StreamSpec, current_state, patch_batch, state_handle
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +173,14 @@ class TeacherLabeller:
     """``map_batches`` stage: catalog rows -> one pseudo-labelled window per colony.
 
     Reads the epoch, the colonies to label (as counts) and the teacher from the named
-    :class:`~ipb_ray.streams.StreamState`; rebuilds nothing but the weights when rank 0
+    :class:`~ipb_ray.distributed.streams.StreamState`; rebuilds nothing but the weights when rank 0
     publishes a new teacher version. ``model_kwargs`` are
-    :func:`ipb_ray.models.create_model`'s arguments."""
+    :func:`ipb_ray.nn.models.create_model`'s arguments."""
 
     def __init__(self, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], device: str = "cpu"):
         import torch
 
-        from ipb_ray.models import create_model
+        from ipb_ray.nn.models import create_model
 
         if spec.mode != "label":
             raise ValueError(f"the labelling stage needs a stream of mode 'label', got {spec.mode!r}")
@@ -245,8 +245,8 @@ def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model
     as many as the free CPUs allow)."""
     import ray
 
-    from ipb_ray import catalog
-    from ipb_ray.streams import CATALOG_COLUMNS
+    from ipb_ray.data import catalog
+    from ipb_ray.distributed.streams import CATALOG_COLUMNS
 
     catalog.read_manifest(catalog_dir)
     ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset

@@ -17,7 +17,7 @@ curves (Figure 2), the teacher's class proportions and the sampling weights (Fig
 and macro TPR against the labelled fraction (Figure 8). The HTML file is self-contained
 (figures embedded); the Markdown file links the PNGs written next to it.
 
-Summaries are recomputed from the fold reports with :func:`ipb_ray.stats.aggregate_folds`
+Summaries are recomputed from the fold reports with :func:`ipb_ray.evaluation.stats.aggregate_folds`
 (the logged ``cv_summary.json`` and ``cv_*`` metrics are not needed). NaN prints "n/a".
 """
 
@@ -37,8 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ipb_ray.stats import aggregate_folds, format_comparison, paired_tests
-from ipb_ray.tracking import CV_KIND, FOLD_KIND, FOLD_REPORTS, Tag, quiet_downloads
+from ipb_ray.evaluation.stats import aggregate_folds, format_comparison, paired_tests
+from ipb_ray.tracking.runs import CV_KIND, FOLD_KIND, FOLD_REPORTS, Tag, quiet_downloads
 
 # (metric key, legend label) of the loss curves of Figure 2: every stage's trained network
 # (MPL/IPB: the teacher in pre-training, the student in the MPL and fine-tuning stages),

@@ -32,8 +32,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ipb_ray import augment, catalog
-from ipb_ray.patches import PatchCoord, PatchGeometry, centre_coord, cut, prepare_crop, sample_coord, \
+from ipb_ray.data import catalog
+from ipb_ray.patches import augment
+from ipb_ray.patches.geometry import PatchCoord, PatchGeometry, centre_coord, cut, prepare_crop, sample_coord, \
     to_scales
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,3 @@
+"""Evaluation: classification metrics named as in the paper and cross-validation
+statistics (paired tests). Pure numpy/scipy.
+"""

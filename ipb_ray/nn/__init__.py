@@ -1,0 +1,3 @@
+"""Pure torch: the backbone registry and models, the Meta Pseudo Labels losses and step, and
+the optimisation pieces (optimisers, schedules, BatchNorm handling). No Ray.
+"""
