@@ -157,7 +157,8 @@ def test_a_checkpoint_on_remote_storage_is_copied_here_and_named_by_its_uri(tmp_
     pytest.importorskip("ray")
     from ray.train import Checkpoint
 
-    from ipb_ray.distributed.training import HISTORY_FILE, checkpoint_locations, read_history
+    from ipb_ray.distributed.training import checkpoint_locations, read_history
+    from ipb_ray.nn.checkpoint import HISTORY_FILE
 
     (tmp_path / "bucket" / "run" / "ckpt").mkdir(parents=True)
     (tmp_path / "bucket" / "run" / "ckpt" / HISTORY_FILE).write_text('[{"epoch": 0, "train_loss": 1.5}]')

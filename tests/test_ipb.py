@@ -42,7 +42,8 @@ def _classes(h):
 def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     import torch
 
-    from ipb_ray.distributed.training import CHECKPOINT_FILE, train_fold
+    from ipb_ray.distributed.training import train_fold
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 
     cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
                "resources.cpus_per_worker=0.5", "method.student_init=scratch")
@@ -121,7 +122,8 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
 def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_and_resumes(world):
     import torch
 
-    from ipb_ray.distributed.training import CHECKPOINT_FILE, train_fold
+    from ipb_ray.distributed.training import train_fold
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 
     def same(a, b):
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -25,7 +25,8 @@ from ipb_ray.tracking import runs as tracking  # noqa: E402
 from ipb_ray.config import flatten, load_config  # noqa: E402
 from ipb_ray.evaluation.metrics import classification_report  # noqa: E402
 from ipb_ray.evaluation.stats import aggregate_folds  # noqa: E402
-from ipb_ray.distributed.training import CHECKPOINT_FILE, build_model  # noqa: E402
+from ipb_ray.nn.checkpoint import CHECKPOINT_FILE  # noqa: E402
+from ipb_ray.nn.models import build_model  # noqa: E402
 
 # MLflow's SQLAlchemy store trips a SQLAlchemy deprecation (not ours to fix)
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")

@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, HISTORY_FILE
+from ipb_ray.nn.models import build_model, model_kwargs
+
 from ipb_ray.config import ExperimentConfig, from_dict, to_dict
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +36,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "state.pt"
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,6 @@ def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str],
     return classification_report(y, p, inputs.class_names)
 
 
-HISTORY_FILE = "history.json"
 
 
 def _write_state(directory: str, state: dict[str, Any]) -> None:
@@ -352,21 +353,6 @@ def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
     if not found:
         return None
     return torch.load(found[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-
-
-def build_model(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> Any:
-    from ipb_ray.nn.models import create_model
-
-    return create_model(**model_kwargs(cfg, num_classes, inputs))
-
-
-def model_kwargs(cfg: ExperimentConfig, num_classes: int, inputs: FoldInputs | None = None) -> dict[str, Any]:
-    """:func:`ipb_ray.nn.models.create_model` arguments of the experiment's network (with
-    the fold's pixel statistics when ``inputs`` is given; a loaded state dict brings its own)."""
-    stats = dict(pixel_mean=inputs.pixel_mean, pixel_std=inputs.pixel_std) if inputs is not None else {}
-    return dict(name=cfg.model.backbone, num_classes=num_classes, in_chans=1, width=cfg.model.width,
-                feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout, multi_scale=cfg.data.multi_scale,
-                **stats)
 
 
 def shuffled(shard: Any, spec: Any, batch_size: int, cfg: ExperimentConfig, epoch: int, rank: int,

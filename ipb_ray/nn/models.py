@@ -15,12 +15,17 @@ A backbone is a module ``image -> (N, feature_dim)``; register new ones with
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Classifier", "MultiScale", "count_parameters", "create_model", "list_models", "register_model"]
+if TYPE_CHECKING:  # pragma: no cover
+    from ipb_ray.config import ExperimentConfig
+
+__all__ = ["Classifier", "MultiScale", "build_model", "count_parameters", "create_model", "list_models",
+           "model_kwargs", "register_model"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -398,3 +403,20 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, *, width: float
                            num_classes, in_chans, dropout, pixel_mean, pixel_std)
     _init_weights(model)
     return model
+
+
+# --------------------------------------------------------------------------- the experiment's network
+
+def build_model(cfg: "ExperimentConfig", num_classes: int, inputs: Any = None) -> nn.Module:
+    """The experiment's network (``model.*``, ``data.multi_scale``), freshly initialised."""
+    return create_model(**model_kwargs(cfg, num_classes, inputs))
+
+
+def model_kwargs(cfg: "ExperimentConfig", num_classes: int, inputs: Any = None) -> dict[str, Any]:
+    """:func:`create_model` arguments of the experiment's network (with the fold's pixel
+    statistics when ``inputs``, a :class:`ipb_ray.distributed.training.FoldInputs`, is
+    given; a loaded state dict brings its own)."""
+    stats = dict(pixel_mean=inputs.pixel_mean, pixel_std=inputs.pixel_std) if inputs is not None else {}
+    return dict(name=cfg.model.backbone, num_classes=num_classes, in_chans=1, width=cfg.model.width,
+                feature_dim=cfg.model.feature_dim, dropout=cfg.model.dropout, multi_scale=cfg.data.multi_scale,
+                **stats)

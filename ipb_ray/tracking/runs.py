@@ -456,7 +456,8 @@ def _load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes:
     """(network with the selected weights, "") or (None, why not)."""
     import torch
 
-    from ipb_ray.distributed.training import CHECKPOINT_FILE, build_model
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
+    from ipb_ray.nn.models import build_model
 
     if not checkpoint:
         return None, "the fold has no checkpoint"
