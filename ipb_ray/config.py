@@ -271,9 +271,11 @@ class MethodConfig:
     threshold: float = _f(0.65, lo=0.0, hi=1.0, doc="pseudo-label confidence threshold")
     threshold_student: bool = _f(True, doc="apply the threshold to the student loss too")
     temperature: float = _f(1.0, lo=1e-3, hi=100.0, doc="UDA soft-target temperature")
-    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u: weight of the unlabelled loss (MPL/IPB: the "
-                           "teacher's UDA loss; pseudo_label: cross-entropy on confident pseudo-labels)")
-    uda_steps: int = _f(5000, lo=1, doc="steps of the linear ramp of lambda_u from 0")
+    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u: weight of the teacher's UDA loss (MPL/IPB)")
+    uda_steps: int = _f(5000, lo=1, doc="steps of the linear ramp of lambda_u from 0 (MPL/IPB's UDA weight, "
+                        "pseudo_label's weight)")
+    pseudo_label_weight: float = _f(1.0, lo=0.0, hi=100.0, doc="pseudo_label: the final weight of the loss on "
+                                    "confident pseudo-labels (Lee's alpha_f; FixMatch's lambda_u is 1)")
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
     mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
                            doc="sign of the MPL feedback h (derivation: old - new)")

@@ -7,8 +7,8 @@ batch of unlabelled patches (the weak view), labels the unlabelled ones with the
 itself (its most likely class, no gradient, BatchNorm statistics left alone), keeps those
 at confidence >= ``method.threshold``, and minimises cross-entropy on L plus
 ``lambda_u(t)`` times cross-entropy on the kept pseudo-labels; ``lambda_u`` ramps
-linearly from 0 to ``method.uda_weight`` over ``method.uda_steps`` steps, as the paper's
-alpha(t) does. With ``method.balancer=pseudo_balance`` the same network labels U before
+linearly from 0 to ``method.pseudo_label_weight`` (default 1) over ``method.uda_steps``
+steps of the stage, as the paper's alpha(t) does. With ``method.balancer=pseudo_balance`` the same network labels U before
 each epoch and the unlabelled stream is drawn pseudo-balanced (IPB's balancer on a
 different method). ``method.finetune_epochs`` adds the fine-tuning stage on L.
 """
@@ -27,7 +27,7 @@ class PseudoLabel(Method):
     labeller = "model"
     step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
     loss_metric = "loss"
-    hyperparameters = ("threshold", "uda_weight", "uda_steps")
+    hyperparameters = ("threshold", "pseudo_label_weight", "uda_steps")
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
@@ -64,7 +64,7 @@ class PseudoLabel(Method):
         logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
         loss_l = F.cross_entropy(logits[:n_l], y_l, label_smoothing=m.label_smoothing)
         loss_u = student_loss(logits[n_l:], hard, mask)
-        self._weight = uda_weight(step, m.uda_weight, m.uda_steps)
+        self._weight = uda_weight(step, m.pseudo_label_weight, m.uda_steps)
         loss = loss_l + self._weight * loss_u
         opt.zero_grad(set_to_none=True)
         loss.backward()
