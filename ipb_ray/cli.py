@@ -111,6 +111,12 @@ def config_presets() -> None:
     console.print(table)
 
 
+@config_app.command("reference")
+def config_reference() -> None:
+    """Print every config key with its default, allowed values and meaning (docs/config.md)."""
+    print(cfgmod.reference_markdown(), end="")
+
+
 @config_app.command("methods")
 def config_methods(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
                    overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "SplitConfig",
     "TrackingConfig",
     "dump_yaml",
+    "reference_markdown",
     "flatten",
     "from_dict",
     "list_presets",
@@ -448,6 +449,38 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
+
+
+def reference_markdown() -> str:
+    """Every config key with its default, allowed values and meaning, as Markdown
+    (``docs/config.md`` is this text; a test keeps the two equal)."""
+    out = ["# Configuration keys", "",
+           "Generated from `ipb_ray/config.py` by `ipb config reference > docs/config.md`; a test fails when",
+           "the two differ. Any key can be overridden on the command line as a dotted key",
+           "(`method.threshold=0.7`). Which `method.*` keys each method reads: `ipb config methods`.", ""]
+
+    def rows(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            if "doc" in meta and f.default_factory is not dataclasses.MISSING:  # a section
+                out.extend(["", f"## `{prefix}{f.name}`", "", " ".join(str(meta["doc"]).split()), "",
+                            "| key | default | allowed | meaning |", "|---|---|---|---|"])
+                rows(f.default_factory, f"{prefix}{f.name}.")
+                continue
+            allowed = []
+            if meta.get("choices"):
+                allowed.append(" \\| ".join(str(c) for c in meta["choices"]))
+            lo, hi = meta.get("lo"), meta.get("hi")
+            if lo is not None or hi is not None:
+                allowed.append(f"[{lo}, {hi}]" if lo is not None and hi is not None else
+                               f">= {lo}" if lo is not None else f"<= {hi}")
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            doc = " ".join(str(meta.get("doc", "")).split()).replace("|", "\\|")
+            out.append(f"| `{prefix}{f.name}` | `{default!r}` | {'; '.join(allowed)} | {doc} |")
+
+    out.extend(["| key | default | allowed | meaning |", "|---|---|---|---|"])
+    rows(ExperimentConfig, "")
+    return "\n".join(out) + "\n"
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

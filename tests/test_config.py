@@ -214,3 +214,15 @@ def test_settings_that_reach_the_streams_and_removed_keys():
         load_config(overrides=["method.finetune_epochs=-1"])
     with pytest.raises(ConfigError, match="augment.strong_ops.*unknown ops"):
         load_config(overrides=["augment.strong_ops=[rotate, invert]"])
+
+
+def test_docs_config_md_is_the_generated_reference_of_every_key():
+    from pathlib import Path
+
+    from ipb_ray.config import ExperimentConfig, flatten, reference_markdown
+
+    text = reference_markdown()
+    on_disk = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    assert on_disk == text, "docs/config.md is stale: run `ipb config reference > docs/config.md`"
+    for key in flatten(ExperimentConfig()):
+        assert f"| `{key}` |" in text, key
