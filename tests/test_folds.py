@@ -495,3 +495,14 @@ def test_split_group_by_is_checked_when_the_config_loads(value, fragment):
     ok = load_config(overrides=[r"split.group_by=regex:(well\d+)_t"])
     assert ok.split.group_by == r"regex:(well\d+)_t"
     assert load_config().split.group_by is None
+
+
+def test_on_disk_identifiers_survive_module_moves(tmp_path):
+    """Catalogs and worlds written before the package move carry these names: renaming
+    them would make every existing catalog unreadable ("no fold-plan metadata")."""
+    from ipb_ray.data import folds, synth
+
+    assert folds._META_KEY == b"ipb_ray.folds"
+    synth.write_world(synth.SynthConfig(frames=1, frame_size=256, colonies_per_frame=2, colony_scale=0.2, seed=0,
+                                        image_format="png"), tmp_path / "w")
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["generator"] == "ipb_ray.synth"

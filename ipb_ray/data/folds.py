@@ -87,7 +87,7 @@ _U, _L, _V, _T, _E = range(len(ROLES))
 FOLDS_PARQUET = "folds.parquet"
 FOLDS_JSON = "folds.json"
 FOLDS_VERSION = 1
-_META_KEY = b"ipb_ray.data.folds"
+_META_KEY = b"ipb_ray.folds"  # an on-disk identifier (catalogs written before the package move carry it): keep
 
 #: One row per (fold, colony). ``label`` is the true label, kept for every role (U's
 #: labels are hidden from training but score the pseudo-labels); null for multi-label
@@ -652,7 +652,7 @@ def read_folds(catalog_dir: str | Path) -> FoldPlan:
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ValueError(f"{path} has no fold-plan metadata; it was not written by "
-                         "ipb_ray.data.folds. Rerun `ipb folds` to replace it")
+                         "ipb-ray's fold writer. Rerun `ipb folds` to replace it")
     meta = json.loads(raw)
     if meta.get("version") != FOLDS_VERSION:
         raise ValueError(f"{path} has fold-plan version {meta.get('version')}, this ipb_ray "

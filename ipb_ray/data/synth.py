@@ -829,7 +829,7 @@ def write_world(cfg: SynthConfig, out: str | Path,
     manifest = {
         "format": WORLD_FORMAT,
         "version": WORLD_VERSION,
-        "generator": "ipb_ray.data.synth",
+        "generator": "ipb_ray.synth",  # an on-disk identifier: keep
         "config": cfg.to_dict(),
         "frames": cfg.frames,
         "colonies": len(rows),

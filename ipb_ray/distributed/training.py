@@ -509,6 +509,10 @@ class _Loop:
         state = load_checkpoint(self.config)
         if state is None:
             return None
+        if "networks" not in state:  # written before the one loop (keys model/teacher/student/...)
+            raise ValueError(f"the checkpoint this run would resume from was written by an older ipb-ray (keys "
+                             f"{sorted(state)[:6]}...; no 'networks'); it cannot be resumed. Train under another "
+                             "run name (`name=...`) or remove the run's directory under tracking.storage_path")
         for name, weights in state["networks"].items():
             _unwrap(self.method.nets[name]).load_state_dict(weights)
         for name, opt_state in state["optimizers"].items():
