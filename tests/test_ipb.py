@@ -183,3 +183,18 @@ def test_fold_inputs_hand_workers_an_absolute_catalog_path(world, monkeypatch):
     monkeypatch.chdir(world)
     inputs = fold_inputs(_cfg(world, "data.catalog=catalog"), 0)  # relative, as in the demo
     assert os.path.isabs(inputs.catalog) and inputs.catalog == str(world / "catalog")
+
+
+def test_a_checkpoint_of_the_old_layout_is_refused_with_a_message(world):
+    import torch
+
+    from ipb_ray.distributed.training import local_run_storage, train_fold
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
+
+    cfg = _cfg(world, "name=oldlayout", "method.teacher_epochs=1", "method.epochs=1", "resources.num_workers=0")
+    old = os.path.join(local_run_storage(cfg, 0), "checkpoint_000000")
+    os.makedirs(old)
+    torch.save({"epoch": 0, "teacher": {}, "student": {}, "t_opt": {}, "s_opt": {}, "global_step": 3},
+               os.path.join(old, CHECKPOINT_FILE))
+    with pytest.raises(ValueError, match="written by an older ipb-ray.*another run name"):
+        train_fold(cfg, 0)
