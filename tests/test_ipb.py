@@ -80,6 +80,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     assert {"networks", "optimizers", "balancer", "global_step", "best_model", "history"} <= set(state)
     assert set(state["networks"]) == set(state["optimizers"]) == {"teacher", "student"}  # method.ema=0
     assert state["epoch"] == 5 and len(state["balancer"]["table"]["colony_id"]) > 0
+    _every_key_is_documented(history, "ipb")
     # one global step count over every stage: the pre-training steps of each worker, then 3 x 10 MPL steps
     assert state["global_step"] == sum(h["train_steps"] for h in history) == 3 * history[0]["train_steps"] + 30
 
@@ -198,3 +199,19 @@ def test_a_checkpoint_of_the_old_layout_is_refused_with_a_message(world):
                os.path.join(old, CHECKPOINT_FILE))
     with pytest.raises(ValueError, match="written by an older ipb-ray.*another run name"):
         train_fold(cfg, 0)
+
+
+def _every_key_is_documented(history, method):
+    """docs/methods.md lists the history schema; a key a run records but the page does not
+    name is drift."""
+    import re
+    from pathlib import Path
+
+    from ipb_ray.methods import get_method
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    named = set(re.findall(r"`([a-z_<>/]+)`", text))
+    own = set(get_method(method).step_metrics)
+    missing = sorted({k for row in history for k in row
+                      if (k.split("/")[0] + "/<c>" if "/" in k else k) not in named and k not in own})
+    assert not missing, f"history keys not in docs/methods.md: {missing}"
