@@ -228,3 +228,13 @@ def test_ipb_config_methods_lists_every_method_with_its_stages_under_the_config(
     assert "finetune (2)" in out.output and "balancer pseudo_balance" in out.output
     bad = CliRunner().invoke(app, ["config", "methods", "method.name=nope"])
     assert bad.exit_code == 2 and "not a registered method" in bad.output
+
+
+def test_an_unlabelled_stream_without_a_full_batch_is_refused_with_the_keys_to_change():
+    from ipb_ray.distributed.training import unlabelled_steps
+
+    m = load_config(preset="demo", overrides=["method.steps_per_epoch=null", "method.unlabelled_batch_size=16"]).method
+    assert unlabelled_steps(100, 2, m) == 3  # 100 draws: 3 full batches of 16 for each of 2 workers
+    with pytest.raises(ValueError, match="20 unlabelled patches.*less than one batch.*unlabelled_batch_size=16.*"
+                                         "2 worker.*draws_per_epoch"):
+        unlabelled_steps(20, 2, m)

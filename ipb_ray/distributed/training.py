@@ -20,22 +20,20 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from ipb_ray.config import ExperimentConfig, from_dict, to_dict
 from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, HISTORY_FILE
 from ipb_ray.nn.models import build_model, model_kwargs
-
-from ipb_ray.config import ExperimentConfig, from_dict, to_dict
 
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.methods import Stage
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -114,6 +112,21 @@ def calibration_counts(cfg: ExperimentConfig, inputs: FoldInputs) -> dict[str, i
     predictions away from it."""
     return labelled_draws(inputs, cfg.eval.bn_batches * cfg.method.batch_size, cfg.seed, 0,
                           cfg.method.balance_labelled)
+
+
+def unlabelled_steps(n_unlabelled: int, world: int, m: Any) -> int:
+    """Steps per unlabelled epoch on every worker: ``method.steps_per_epoch``, or the full
+    batches of ``method.draws_per_epoch`` (default |U|) draws; refuses a stream that makes
+    no full batch."""
+    from ipb_ray.distributed.rebalance import steps_per_epoch
+
+    n_u = m.draws_per_epoch or n_unlabelled
+    steps = m.steps_per_epoch or steps_per_epoch(n_u, world, m.unlabelled_batch_size)
+    if steps == 0:
+        raise ValueError(f"{n_u} unlabelled patches per epoch make less than one batch of "
+                         f"method.unlabelled_batch_size={m.unlabelled_batch_size} for each of {world} worker(s); "
+                         "lower method.unlabelled_batch_size or raise method.draws_per_epoch")
+    return int(steps)
 
 
 def run_name(cfg: ExperimentConfig, fold: int) -> str:
@@ -274,8 +287,6 @@ def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str],
     return classification_report(y, p, inputs.class_names)
 
 
-
-
 def _write_state(directory: str, state: dict[str, Any]) -> None:
     """``state.pt`` (and ``history.json`` from ``state["history"]``) into ``directory``."""
     import json
@@ -381,10 +392,8 @@ class LoopContext:
         self._prepare = prepare  # None: Ray Train's prepare_model (DDP on a Train worker)
         self.specs = {k: v for k, v in config.items() if k.startswith("spec_")}
         self.columns = config["spec_train"].patch_columns()
-        uda = self.specs.get("spec_uda")
-        scales = uda.geometry.scales if uda is not None else ()
-        self.weak_columns = [f"weak{s}" for s in scales]
-        self.strong_columns = [f"strong{s}" for s in scales]
+        uda = self.specs["spec_uda"].patch_columns() if "spec_uda" in self.specs else []
+        self.weak_columns, self.strong_columns = uda[:len(uda) // 2], uda[len(uda) // 2:]  # weak*, then strong*
 
     def model_kwargs(self) -> dict[str, Any]:
         return model_kwargs(self.cfg, len(self.inputs.class_names), self.inputs)
@@ -410,7 +419,7 @@ class LoopContext:
                               nesterov=m.nesterov)
 
     def tensors(self, batch: dict[str, Any], columns: list[str]) -> list[Any]:
-        return [batch[c].to(self.device, non_blocking=True) for c in columns]
+        return _inputs(batch, columns, self.device)
 
     def labels(self, batch: dict[str, Any]) -> Any:
         return batch["label"].to(self.device)
@@ -429,7 +438,7 @@ class _Selection:
 
     metric: float = -1.0
     state: dict[str, Any] | None = None
-    earlier: dict[str, dict[str, Any]] | None = None
+    earlier: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def offer(self, score: float, net: Any) -> bool:
         if score >= self.metric:
@@ -470,28 +479,16 @@ class _Loop:
         self.total = self.first[-1]
         self.semi = self.method.semi_supervised
         self.l_steps = labelled_steps(len(self.inputs.labelled), self.world, self.m.batch_size, self.m.steps_per_epoch)
-        self.u_steps = self._unlabelled_steps() if self.semi else 0
+        self.u_steps = unlabelled_steps(len(self.inputs.unlabelled), self.world, self.m) if self.semi else 0
         self.balancer = (get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx)
                          if self.semi and self.rank == 0 else None)
         self.l_state = state_handle(config["state"])
         self.u_state = state_handle(config["u_state"]) if self.semi else None
         self.start, self.global_step, self.resumed_from = 0, 0, None
-        self.best, self.history = _Selection(earlier={}), []
+        self.best, self.history = _Selection(), []
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
         self.truth_of = dict(zip(self.inputs.unlabelled, self.u_truth.tolist()))
         self.state = self._restore()
-
-    def _unlabelled_steps(self) -> int:
-        from ipb_ray.distributed.rebalance import steps_per_epoch
-
-        m = self.m
-        n_u = m.draws_per_epoch or len(self.inputs.unlabelled)
-        steps = m.steps_per_epoch or steps_per_epoch(n_u, self.world, m.unlabelled_batch_size)
-        if steps == 0:
-            raise ValueError(f"{n_u} unlabelled patches per epoch make no full batch of method.unlabelled_batch_size="
-                             f"{m.unlabelled_batch_size} on each of {self.world} worker(s); lower the batch size or "
-                             "raise method.draws_per_epoch")
-        return steps
 
     def stage_at(self, g: int) -> tuple[int, int]:
         """(stage index, epoch within the stage) of run epoch ``g``."""
@@ -568,7 +565,7 @@ class _Loop:
         stage = self.stages[i]
         if stage.restart and i > 0:
             chosen = _from_rank_zero(self.best.state)
-            self.best = _Selection(earlier={**(self.best.earlier or {}), stage.name: chosen})
+            self.best = _Selection(earlier={**self.best.earlier, stage.name: chosen})
             _unwrap(self.method.nets[stage.net]).load_state_dict(chosen)
         self.method.begin_stage(stage)
 
@@ -578,6 +575,14 @@ class _Loop:
         total = max(steps * stage.epochs, 1)
         return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
 
+    def _publish_labelled(self, g: int, steps: int) -> None:
+        """Rank 0: epoch ``g``'s class-balanced draw of L, ``steps`` batches for every worker."""
+        import ray
+
+        m = self.m
+        ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, steps * self.world * m.batch_size,
+                                                          self.cfg.seed, g, m.balance_labelled)))
+
     def _labelled(self, stage: Stage, g: int, e: int) -> dict[str, Any]:
         """An epoch of cross-entropy on class-balanced L for ``stage.net``."""
         import ray.train
@@ -585,10 +590,7 @@ class _Loop:
 
         ctx, m = self.ctx, self.m
         if self.rank == 0:
-            import ray
-
-            ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, self.l_steps * self.world * m.batch_size,
-                                                              self.cfg.seed, g, m.balance_labelled)))
+            self._publish_labelled(g, self.l_steps)
         ray.train.collective.barrier()
         opt = self.method.opts[stage.optimizer]
         out = supervised_epoch(self.method.nets[stage.net], opt,
@@ -607,15 +609,14 @@ class _Loop:
         import torch
 
         ctx, m, steps = self.ctx, self.m, self.u_steps
+        u_epoch = self._unlabelled_epoch(g)
         figures: dict[str, Any] = {}
         if self.rank == 0:  # the epoch's streams: the balancer's plan of U, a class-balanced draw of L
             t0 = time.perf_counter()
             n_draws = steps * self.world * m.unlabelled_batch_size
-            plan, figures = self.balancer.plan(self._unlabelled_epoch(g), n_draws,
-                                               self.method.nets[self.method.labeller])
-            ray.get(self.u_state.set.remote(self._unlabelled_epoch(g), plan.counts, plan.coords))
-            ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, steps * self.world * m.batch_size,
-                                                              self.cfg.seed, g, m.balance_labelled)))
+            plan, figures = self.balancer.plan(u_epoch, n_draws, self.method.nets[self.method.labeller])
+            ray.get(self.u_state.set.remote(u_epoch, plan.counts, plan.coords))
+            self._publish_labelled(g, steps)
             figures.update(plan_seconds=time.perf_counter() - t0, unlabelled_draws=n_draws)
         ray.train.collective.barrier()
         for net in self.method.nets.values():
@@ -631,7 +632,7 @@ class _Loop:
         for i in range(steps):
             bl, bu = next(l_iter), next(u_iter)
             timer.got()
-            out = self.method.train_step(stage, bl, bu, step=self._unlabelled_epoch(g) * steps + i,
+            out = self.method.train_step(stage, bl, bu, step=u_epoch * steps + i,
                                          lr_factor=self._lr_factor(stage, e, i, steps), stage_epoch=e)
             self.global_step += 1
             sums += torch.tensor([out[k] for k in names], dtype=torch.float64)
@@ -715,7 +716,7 @@ class _Loop:
                                  ctx.amp, self.m.batch_size)
 
         out = test(self.best.state)
-        for stage_name, weights in (self.best.earlier or {}).items():
+        for stage_name, weights in self.best.earlier.items():
             out.update({f"{pre_stage_prefix(stage_name)}{k}": v for k, v in test(weights).items()})
         out.update(resumed_from_epoch=-1 if self.resumed_from is None else self.resumed_from,
                    param_digest=param_digest(_unwrap(nets[last])))
@@ -849,14 +850,10 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
         raise ValueError(f"fold {fold} of {inputs.catalog} has no unlabelled colonies; method.name="
                          f"{cfg.method.name} needs some (lower split.labelled_fraction, or use a supervised method)")
     if semi:
-        from ipb_ray.distributed.rebalance import steps_per_epoch
-
-        m, world = cfg.method, max(cfg.resources.num_workers, 1)
-        n_u = m.draws_per_epoch or len(inputs.unlabelled)
-        if not m.steps_per_epoch and steps_per_epoch(n_u, world, m.unlabelled_batch_size) == 0:
-            raise ValueError(f"fold {fold} streams {n_u} unlabelled patches per epoch, less than one batch of "
-                             f"method.unlabelled_batch_size={m.unlabelled_batch_size} for each of {world} "
-                             "worker(s); lower method.unlabelled_batch_size or raise method.draws_per_epoch")
+        try:
+            unlabelled_steps(len(inputs.unlabelled), max(cfg.resources.num_workers, 1), cfg.method)
+        except ValueError as exc:
+            raise ValueError(f"fold {fold}: {exc}") from None
     init_ray(cfg.resources)
     specs = stream_specs(cfg, inputs.class_names, semi)
     keys = ("state", "u_state", "label_state") if semi else ("state",)
