@@ -44,7 +44,7 @@ def run(out: Path, method: str, relabel: str, workers: int, epochs: int, tag: st
     cpus = 1.0 if workers == 1 else 0.5
     cfg = load_config(preset="demo", overrides=[
         f"data.catalog={out / 'catalog'}", f"tracking.storage_path={out / 'runs'}",
-        f"name=bench-{tag}-{relabel}-w{workers}", f"method.name={method}", f"method.relabel={relabel}",
+        f"name=bench-{tag}-{relabel}-w{workers}", f"method.name={method}", f"method.pseudo_balance.relabel={relabel}",
         "method.teacher_epochs=1", f"method.epochs={epochs}", f"resources.num_workers={workers}",
         f"resources.cpus_per_worker={cpus}"])
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from that same teacher and the same fresh student, and sees the same batches and
 
 Arms:
 
-- ``old_minus_new``, ``new_minus_old``: ``mpl_step`` with that ``method.mpl_feedback``.
+- ``old_minus_new``, ``new_minus_old``: ``mpl_step`` with that ``method.mpl.mpl_feedback``.
 - ``no_feedback`` (the control): the same step with the MPL term left out (h = 0): the
   teacher learns from labelled CE + ramped UDA only, the student from its hard
   pseudo-labels. Written here from the library's own losses; at the start the script
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from ipb_ray.config import MethodConfig  # noqa: E402
+from ipb_ray.methods.mpl import MPLParams  # noqa: E402
 from ipb_ray.nn.mpl import mpl_step, pseudo_labels, student_loss, uda_loss, uda_weight  # noqa: E402
 
 ARMS = ("old_minus_new", "new_minus_old", "no_feedback")
@@ -58,8 +58,7 @@ TOY = SimpleNamespace(
     weak_noise=0.05, strong_noise=0.25, hidden=64, pretrain_steps=200, unlabelled_batch=64,
     teacher_lr=0.05, student_lr=0.05, momentum=0.9,
 )
-METHOD = dict(threshold=0.6, threshold_student=True, temperature=1.0, uda_weight=1.0, uda_steps=300,
-              label_smoothing=0.0, grad_clip=0.0)
+METHOD = dict(threshold=0.6, threshold_student=True, temperature=1.0, uda_weight=1.0, uda_steps=300)
 
 
 # --------------------------------------------------------------------------- data, models
@@ -108,12 +107,12 @@ def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
 
 def no_feedback_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimizer,
                      s_opt: torch.optim.Optimizer, x_l: torch.Tensor, y_l: torch.Tensor,
-                     x_uw: torch.Tensor, x_us: torch.Tensor, *, step: int, cfg: MethodConfig) -> dict:
+                     x_uw: torch.Tensor, x_us: torch.Tensor, *, step: int, cfg: MPLParams) -> dict:
     """``mpl_step`` without its MPL term: teacher on labelled CE + ramped UDA, student on
     the teacher's hard pseudo-labels of the strong view (same masks, same order)."""
     n_l, n_u = x_l.shape[0], x_uw.shape[0]
     t_logits_l, t_logits_uw, t_logits_us = _logits(teacher(torch.cat([x_l, x_uw, x_us]))).split([n_l, n_u, n_u])
-    t_loss = (F.cross_entropy(t_logits_l, y_l, label_smoothing=cfg.label_smoothing)
+    t_loss = (F.cross_entropy(t_logits_l, y_l)
               + uda_weight(step, cfg.uda_weight, cfg.uda_steps)
               * uda_loss(t_logits_uw, t_logits_us, cfg.temperature, cfg.threshold)[0])
     hard, _, mask = pseudo_labels(t_logits_us, cfg.threshold)
@@ -129,7 +128,7 @@ def no_feedback_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.
     return {"mpl_h": 0.0, "student_loss_l_old": old.item(), "student_loss_l_new": new.item()}
 
 
-def check_control(cfg: MethodConfig) -> None:
+def check_control(cfg: MPLParams) -> None:
     """With the student's lr at 0, h is exactly 0 in ``mpl_step``; the control must then
     move the teacher to exactly the same parameters."""
     gen = torch.Generator().manual_seed(123)
@@ -174,7 +173,7 @@ def run_seed(seed: int, steps: int, per_class: int) -> dict[str, dict[str, float
     for arm in ARMS:
         teacher, student = copy.deepcopy(teacher0), copy.deepcopy(student0)
         t_opt, s_opt = _sgd(teacher, TOY.teacher_lr), _sgd(student, TOY.student_lr)
-        cfg = MethodConfig(mpl_feedback=arm if arm != "no_feedback" else "old_minus_new", **METHOD)
+        cfg = MPLParams(mpl_feedback=arm if arm != "no_feedback" else "old_minus_new", **METHOD)
         step_fn = no_feedback_step if arm == "no_feedback" else mpl_step
         stream = torch.Generator().manual_seed(10_000 + seed)  # same batches and noise in every arm
         hs, falls = [], []
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    check_control(MethodConfig(**METHOD))
+    check_control(MPLParams(**METHOD))
     results, t0 = [], time.perf_counter()
     for seed in range(args.seeds):
         results.append(run_seed(seed, args.steps, args.per_class))

@@ -39,7 +39,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="Experiment YAML (may 'extends:' a preset).")
 PRESET_OPT = typer.Option(None, "--preset", "-p", help="Preset name; see `ipb config presets`.")
-OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. method.threshold=0.7 split.folds=5",
+OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. method.mpl.threshold=0.7 split.folds=5",
                                show_default=False)
 
 
@@ -135,15 +135,23 @@ def config_methods(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = 
         run = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name=name, balancer=None))
         stages = ", ".join(f"{s.name} ({s.epochs})" for s in cls.stages(run))
         table.add_row(name, cls.title, stages, cls.default_balancer if cls.semi_supervised else "-",
-                      ", ".join(cls.hyperparameters) or "-")
+                      _own_keys_text(cls))
     console.print(table)
     console.print(f"every method also reads method.{{{', '.join(LOOP_KEYS)}}}; semi-supervised ones "
                   f"method.{{{', '.join(SEMI_KEYS)}}}", highlight=False)
     for name in list_balancers():
         cls = get_balancer(name)
         doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        keys = f" (reads method.{', method.'.join(cls.keys)})" if cls.keys else ""
+        keys = f" (reads {_own_keys_text(cls)})" if cls.params is not None else ""
         console.print(f"balancer [bold]{name}[/]: {escape(doc)}{keys}", highlight=False)
+
+
+def _own_keys_text(cls: type) -> str:
+    """``method.mpl: teacher_lr, student_lr, ...`` (a method's or balancer's own section)."""
+    from ipb_ray.methods.base import own_keys
+
+    keys = own_keys(cls)
+    return f"method.{cls.section}: " + ", ".join(k.split(".", 1)[1] for k in keys) if keys else "-"
 
 
 # --------------------------------------------------------------------------- data

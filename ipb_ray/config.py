@@ -5,7 +5,7 @@ YAML only states what differs. The same object feeds the CLI, Ray Tune's param_s
 and MLflow params (:func:`flatten`).
 
 Loading order: defaults <- preset chain (``extends:``) <- YAML file <- dotted overrides
-(``method.threshold=0.7``). Errors name the file, the dotted key, the bad value and what
+(``method.mpl.threshold=0.7``). Errors name the file, the dotted key, the bad value and what
 is allowed.
 """
 
@@ -32,6 +32,7 @@ __all__ = [
     "ExperimentConfig",
     "MethodConfig",
     "ModelConfig",
+    "Params",
     "ResourcesConfig",
     "SegmentationConfig",
     "SplitConfig",
@@ -42,6 +43,7 @@ __all__ = [
     "from_dict",
     "list_presets",
     "load_config",
+    "param",
     "parse_override",
     "to_dict",
     "validate_all",
@@ -91,6 +93,24 @@ def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in configs")
     return field(default=default, metadata=meta)
+
+
+def param(default: Any, *, lo: float | None = None, hi: float | None = None,
+          choices: Sequence[Any] | None = None, doc: str = "") -> Any:
+    """A field of a method's or balancer's own hyperparameter section (see :class:`Params`),
+    with its allowed range (``lo``/``hi`` inclusive) or choices and its meaning."""
+    return _f(default, lo=lo, hi=hi, choices=choices, doc=doc)
+
+
+class Params:
+    """Base of a method's (or balancer's) own hyperparameter section: a frozen dataclass of
+    :func:`param` fields, range-checked like every other section. A registered class names
+    it as ``params``; its keys are then ``method.<section>.<key>`` (e.g.
+    ``method.mpl.threshold``), validated, listed by ``ipb config reference`` and searchable
+    by ``ipb tune``."""
+
+    def __post_init__(self) -> None:
+        _check_fields(self)
 
 
 def _section(cls: type) -> Any:
@@ -236,62 +256,57 @@ class ModelConfig:
                               key="backbone")
 
 
+def _method_sections() -> dict[str, type]:
+    from ipb_ray.methods import param_sections  # the registries decide (no torch, no Ray)
+
+    return param_sections()
+
+
 @dataclass(frozen=True)
 class MethodConfig:
-    """Training method and its optimisation (paper: SGD lr 0.005, wd 1e-4, momentum 0.9)."""
+    """Training method and its optimisation (paper: SGD lr 0.005, wd 1e-4, momentum 0.9).
 
-    name: str = _f("ipb", doc="registered method (ipb_ray.methods.list_methods()): supervised | mpl | ipb | "
-                   "pseudo_label")
-    balancer: str | None = _f(None, doc="balancer of a semi-supervised method's unlabelled stream: none | "
-                              "pseudo_balance (IPB's); None = the method's own (ipb: pseudo_balance, others: none)")
-    epochs: int = _f(200, lo=1, doc="MPL/IPB epochs (or supervised epochs)")
+    The keys here are read by the loop for every method (and, from ``balancer`` to
+    ``finetune_lr``, by every semi-supervised one). Each method's and balancer's own
+    hyperparameters are a section of their own: ``method.mpl.*`` (MPL and IPB),
+    ``method.pseudo_label.*``, ``method.pseudo_balance.*``, ... (``ipb config methods``)."""
+
+    name: str = _f("ipb", doc="registered method (ipb_ray.methods.list_methods())")
+    balancer: str | None = _f(None, doc="balancer of a semi-supervised method's unlabelled stream "
+                              "(ipb_ray.methods.list_balancers()); None = the method's own (ipb: pseudo_balance, "
+                              "others: none)")
+    epochs: int = _f(200, lo=1, doc="epochs of the method's main stage (supervised; MPL/IPB; ...)")
     teacher_epochs: int = _f(200, lo=0, doc="epochs of supervised pre-training on balanced L before the "
-                             "unlabelled stage (MPL/IPB: the teacher's; pseudo_label: the model's)")
+                             "unlabelled stage (MPL/IPB: the teacher's; other methods: their model's)")
     batch_size: int = _f(32, lo=1, hi=65536, doc="labelled batch size per worker")
     unlabelled_batch_size: int = _f(32, lo=1, hi=65536, doc="unlabelled batch size per worker")
-    steps_per_epoch: int | None = _f(None, lo=1, doc="optimizer steps per epoch (supervised, teacher "
-                                     "pre-training and MPL/IPB); None = one pass: |L| labelled draws "
-                                     "(supervised) or draws_per_epoch unlabelled ones (MPL/IPB)")
+    steps_per_epoch: int | None = _f(None, lo=1, doc="optimizer steps per epoch (supervised, pre-training "
+                                     "and unlabelled stages); None = one pass: |L| labelled draws "
+                                     "(supervised) or draws_per_epoch unlabelled ones (semi-supervised)")
     optimizer: str = _f("sgd", choices=OPTIMIZERS, doc="sgd (the paper's, with momentum) | adamw")
     schedule: str = _f("cosine", choices=SCHEDULES, doc="lr schedule per optimizer step: cosine decay "
                        "after a linear warm-up, constant, or step (x0.1 at half the steps)")
     warmup_fraction: float = _f(0.05, lo=0.0, hi=0.5, doc="share of a phase's steps with linear lr warm-up")
     shuffle_buffer: int = _f(512, lo=0, hi=1_000_000, doc="patches in each training stream's shuffle "
                              "buffer (per worker; 0 = off); seeded by (seed, epoch, rank)")
-    lr: float = _f(0.005, lo=0.0, hi=10.0, doc="supervised and teacher pre-training lr")
-    teacher_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="teacher lr in the MPL phase")
-    student_lr: float = _f(0.005, lo=0.0, hi=10.0, doc="student lr after warm-up")
-    student_init: str = _f("scratch", choices=STUDENT_INITS, doc="the student's start in MPL/IPB: its own "
-                           "random init (the paper's) or a copy of the pre-trained teacher (short runs: "
-                           "the student then starts where supervised training ends)")
-    student_warmup_epochs: int = _f(10, lo=0, doc="epochs at the low student lr")
-    student_warmup_lr: float = _f(0.0005, lo=0.0, hi=10.0, doc="student lr during warm-up")
+    lr: float = _f(0.005, lo=0.0, hi=10.0, doc="lr of supervised training, pre-training and single-network "
+                   "semi-supervised stages")
     weight_decay: float = _f(1e-4, lo=0.0, hi=1.0)
     momentum: float = _f(0.9, lo=0.0, hi=0.999)
     nesterov: bool = _f(False)
-    threshold: float = _f(0.65, lo=0.0, hi=1.0, doc="pseudo-label confidence threshold")
-    threshold_student: bool = _f(True, doc="apply the threshold to the student loss too")
-    temperature: float = _f(1.0, lo=1e-3, hi=100.0, doc="UDA soft-target temperature")
-    uda_weight: float = _f(8.0, lo=0.0, hi=1000.0, doc="lambda_u: weight of the teacher's UDA loss (MPL/IPB)")
-    uda_steps: int = _f(5000, lo=1, doc="steps of the linear ramp of lambda_u from 0 (MPL/IPB's UDA weight, "
-                        "pseudo_label's weight)")
-    pseudo_label_weight: float = _f(1.0, lo=0.0, hi=100.0, doc="pseudo_label: the final weight of the loss on "
-                                    "confident pseudo-labels (Lee's alpha_f; FixMatch's lambda_u is 1)")
     label_smoothing: float = _f(0.0, lo=0.0, hi=0.5)
-    mpl_feedback: str = _f("old_minus_new", choices=MPL_FEEDBACK,
-                           doc="sign of the MPL feedback h (derivation: old - new)")
-    finetune_epochs: int = _f(0, lo=0, doc="MPL/IPB: epochs of fine-tuning the selected student on (balanced) L "
-                              "after the MPL phase, its own stage selected on V (the authors' last step; "
-                              "0 = off). Both test results are kept: before and after fine-tuning")
+    finetune_epochs: int = _f(0, lo=0, doc="semi-supervised methods: epochs of fine-tuning the selected network "
+                              "on (balanced) L after the unlabelled stage, its own stage selected on V (the IPB "
+                              "authors' last step; 0 = off). Both test results are kept: before and after")
     finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0, doc="fine-tuning lr (the authors': 3e-5 with SGD)")
     balance_labelled: bool = _f(True, doc="class-balance L by resampling")
-    draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per MPL/IPB epoch (IPB: multinomial "
-                                     "draws); None = |U|")
-    relabel: str = _f("pass", choices=RELABEL, doc="IPB's pseudo-labels each epoch: a separate labelling pass "
-                      "over U, or reuse those of the previous epoch's MPL steps")
+    draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per epoch of an unlabelled stage "
+                                     "(pseudo_balance: multinomial draws); None = |U|")
     grad_clip: float = _f(0.0, lo=0.0, doc="max grad norm; 0 = off")
-    ema: float = _f(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
     mixed_precision: bool = _f(True, doc="autocast on GPU (ignored on CPU)")
+    sections: tuple[tuple[str, Any], ...] = field(
+        default=(), metadata={"sections": _method_sections,
+                              "doc": "the registered methods' and balancers' own sections, by name"})
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -304,9 +319,29 @@ class MethodConfig:
         if self.balancer is not None and not method.semi_supervised:
             raise ConfigError(f"method {self.name!r} streams no unlabelled data, so it has nothing to balance; "
                               "remove method.balancer or choose a semi-supervised method", key="balancer")
+        if self.balancer not in (None, "none") and method.semi_supervised and not method.pseudo_labelling:
+            raise ConfigError(f"method {self.name!r} learns from U without pseudo-labels, so balancer "
+                              f"{self.balancer!r} has nothing to balance; remove method.balancer", key="balancer")
         if self.balancer is not None and self.balancer not in list_balancers():
             raise ConfigError(f"{self.balancer!r} is not a registered balancer; choose one of "
                               f"{', '.join(list_balancers())}", key="balancer")
+        given = dict(self.sections)
+        known = _method_sections()
+        for name, value in given.items():
+            if name not in known:
+                raise ConfigError(f"no registered method or balancer has a section {name!r}; sections: "
+                                  f"{', '.join(known)}", key=name)
+            if not isinstance(value, known[name]):
+                raise ConfigError(f"expected {known[name].__qualname__}, got {type(value).__name__}", key=name)
+        object.__setattr__(self, "sections", tuple((n, given.get(n) or cls()) for n, cls in known.items()))
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.method.mpl``: a section by name."""
+        if not name.startswith("__"):
+            for key, value in self.__dict__.get("sections", ()):
+                if key == name:
+                    return value
+        raise AttributeError(f"{type(self).__name__} has no key or section {name!r}")
 
 
 @dataclass(frozen=True)
@@ -418,7 +453,7 @@ class ExperimentConfig:
         _check_fields(self)
 
     def replace(self, *overrides: str) -> "ExperimentConfig":
-        """A copy with dotted overrides applied (``"method.threshold=0.7"``)."""
+        """A copy with dotted overrides applied (``"method.mpl.threshold=0.7"``)."""
         data = to_dict(self)
         for item in overrides:
             key, value = parse_override(item)
@@ -432,7 +467,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples become lists) ready for YAML/JSON."""
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            out: dict[str, Any] = {}
+            for f in dataclasses.fields(v):
+                if "sections" in f.metadata:  # named sections sit beside the section's own keys
+                    out.update((name, conv(sub)) for name, sub in getattr(v, f.name))
+                else:
+                    out[f.name] = conv(getattr(v, f.name))
+            return out
         if isinstance(v, tuple):
             return [conv(x) for x in v]
         return v
@@ -440,7 +481,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted-key dict (``{"method.threshold": 0.65, ...}``) for MLflow params and Tune."""
+    """Dotted-key dict (``{"method.mpl.threshold": 0.65, ...}``) for MLflow params and Tune."""
     out: dict[str, Any] = {}
     for key, value in to_dict(cfg).items() if dataclasses.is_dataclass(cfg) else cfg.items():
         dotted = f"{prefix}{key}"
@@ -457,15 +498,22 @@ def reference_markdown() -> str:
     out = ["# Configuration keys", "",
            "Generated from `ipb_ray/config.py` by `ipb config reference > docs/config.md`; a test fails when",
            "the two differ. Any key can be overridden on the command line as a dotted key",
-           "(`method.threshold=0.7`). Which `method.*` keys each method reads: `ipb config methods`.", ""]
+           "(`method.mpl.threshold=0.7`). Which `method.*` keys each method reads: `ipb config methods`.", ""]
+
+    def section(name: str, doc: str, cls: type) -> None:
+        out.extend(["", f"## `{name}`", "", " ".join(doc.split()), "",
+                    "| key | default | allowed | meaning |", "|---|---|---|---|"])
+        rows(cls, f"{name}.")
 
     def rows(cls: type, prefix: str) -> None:
         for f in dataclasses.fields(cls):
             meta = f.metadata
+            if "sections" in meta:  # the registered methods' and balancers' own sections
+                for name, sub in meta["sections"]().items():
+                    section(f"{prefix}{name}", sub.__doc__ or "", sub)
+                continue
             if "doc" in meta and f.default_factory is not dataclasses.MISSING:  # a section
-                out.extend(["", f"## `{prefix}{f.name}`", "", " ".join(str(meta["doc"]).split()), "",
-                            "| key | default | allowed | meaning |", "|---|---|---|---|"])
-                rows(f.default_factory, f"{prefix}{f.name}.")
+                section(f"{prefix}{f.name}", str(meta["doc"]), f.default_factory)
                 continue
             allowed = []
             if meta.get("choices"):
@@ -537,12 +585,16 @@ def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str
         raise ConfigError(f"expected a mapping of keys, got {type(data).__name__}",
                           key=_prefix.rstrip("."), source=source)
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names, sections, field_name = _fields_and_sections(cls)
     kwargs: dict[str, Any] = {}
+    named: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{_prefix}{key}"
+        if key in sections:
+            named[key] = from_dict(value if value is not None else {}, sections[key], source, dotted + ".")
+            continue
         if key not in names:
-            raise _unknown_key(key, names, _prefix, source)
+            raise _unknown_key(key, names, _prefix, source, sections)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(value if value is not None else {}, tp, source, dotted + ".")
@@ -551,6 +603,8 @@ def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str
                 kwargs[key] = _coerce(value, tp, dotted)
             except ConfigError as exc:
                 raise ConfigError(exc.detail, key=exc.key, source=source) from None
+    if named:
+        kwargs[field_name] = tuple(named.items())
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -558,7 +612,27 @@ def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str
         raise ConfigError(exc.detail, key=full, source=source) from None
 
 
-def _unknown_key(key: Any, names: Sequence[str], prefix: str, source: str) -> ConfigError:
+def _fields_and_sections(cls: type) -> tuple[list[str], dict[str, type], str]:
+    """A section's own key names, its named sub-sections (``{name: dataclass}``, from a field
+    whose metadata has ``sections``) and the name of the field that holds them."""
+    names, sections, holder = [], {}, ""
+    for f in dataclasses.fields(cls):
+        if "sections" in f.metadata:
+            sections, holder = f.metadata["sections"](), f.name
+        else:
+            names.append(f.name)
+    return names, sections, holder
+
+
+def _unknown_key(key: Any, names: Sequence[str], prefix: str, source: str,
+                 sections: Mapping[str, type] | None = None) -> ConfigError:
+    owners = [name for name, sub in (sections or {}).items()
+              if str(key) in {f.name for f in dataclasses.fields(sub)}]
+    if owners:  # a key that moved from the flat method section into a method's own section
+        where = " or ".join(f"'{prefix}{o}.{key}'" for o in owners)
+        return ConfigError(f"is a method's own key now: write {where} (`ipb config methods` lists each "
+                           "method's keys)", key=f"{prefix}{key}", source=source)
+    names = [*names, *(sections or {})]
     close = difflib.get_close_matches(str(key), names, n=1)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys here: {', '.join(names)}"
     return ConfigError(f"unknown key{hint}", key=f"{prefix}{key}", source=source)
@@ -577,13 +651,19 @@ def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[Config
                                   key=prefix.rstrip("."), source=source))
         return None
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names, sections, field_name = _fields_and_sections(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name in names}
     kwargs: dict[str, Any] = {}
+    named: dict[str, Any] = {}
     valid = True
     for key, value in data.items():
         dotted = f"{prefix}{key}"
+        if key in sections:
+            named[key] = _collect(value if value is not None else {}, sections[key], source, dotted + ".", errors)
+            valid = valid and named[key] is not None
+            continue
         if key not in fields:
-            errors.append(_unknown_key(key, list(fields), prefix, source))
+            errors.append(_unknown_key(key, list(fields), prefix, source, sections))
             continue
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
@@ -599,6 +679,8 @@ def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[Config
             valid = False
     if not valid:
         return None
+    if named:
+        kwargs[field_name] = tuple(named.items())
     try:
         return cls(**kwargs)
     except ConfigError as exc:
@@ -610,10 +692,10 @@ def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[Config
 # --------------------------------------------------------------------------- loading
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"method.threshold=0.7"`` -> ``("method.threshold", 0.7)``; values are YAML scalars."""
+    """``"method.mpl.threshold=0.7"`` -> ``("method.mpl.threshold", 0.7)``; values are YAML scalars."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} should look like section.key=value "
-                          "(e.g. method.threshold=0.7)", source="override")
+                          "(e.g. method.mpl.threshold=0.7)", source="override")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:

@@ -64,3 +64,14 @@ def ray_local():
     init_ray(ResourcesConfig(object_store_mb=300, data_cpus=0.25))  # as the demo preset
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_catalog(tmp_path_factory, ray_local) -> str:
+    """The session's one small annotated catalog, read-only: 8 frames of four colonies
+    (three classes and a multi-label colony each; ``tests/worlds.py``), 2 folds at 30 %
+    labelled, built once through the real Ray preprocessing and shared by the stream and
+    labelling tests."""
+    from worlds import small_catalog_at
+
+    return small_catalog_at(tmp_path_factory.mktemp("tiny-world"), n_frames=8, seed=5)

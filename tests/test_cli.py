@@ -37,36 +37,36 @@ def test_config_show_prints_the_full_resolved_preset():
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(result.output)
     assert data["preset"] == "ml_ms_ipb_hrnet"
-    assert data["method"]["threshold"] == 0.65 and data["model"]["backbone"] == "hrnet"
+    assert data["method"]["mpl"]["threshold"] == 0.65 and data["model"]["backbone"] == "hrnet"
     assert data["data"]["segmentation"]["min_object_px"] == 2000
 
 
 def test_config_show_applies_overrides_and_flat():
-    result = runner.invoke(app, ["config", "show", "--preset", "demo", "--flat", "method.threshold=0.9"])
+    result = runner.invoke(app, ["config", "show", "--preset", "demo", "--flat", "method.mpl.threshold=0.9"])
     assert result.exit_code == 0, result.output
-    assert "method.threshold = 0.9" in result.output
+    assert "method.mpl.threshold = 0.9" in result.output
 
 
 def test_config_validate_ok_and_bad(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("extends: demo\nmethod: {threshold: 0.7}\n")
+    good.write_text("extends: demo\nmethod: {mpl: {threshold: 0.7}}\n")
     result = runner.invoke(app, ["config", "validate", str(good)])
     assert result.exit_code == 0 and "ok" in result.output
     bad = tmp_path / "bad.yaml"
-    bad.write_text("extends: demo\nmethod: {threshold: 7}\n")
+    bad.write_text("extends: demo\nmethod: {mpl: {threshold: 7}}\n")
     result = runner.invoke(app, ["config", "validate", str(bad)])
     assert result.exit_code == 2
-    assert "bad.yaml" in result.output and "method.threshold" in result.output
+    assert "bad.yaml" in result.output and "method.mpl.threshold" in result.output
 
 
 def test_config_validate_lists_every_error(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("extends: demo\nmethod: {threshold: 7, batch_size: abc}\nsplit: {foldz: 5}\n")
+    bad.write_text("extends: demo\nmethod: {mpl: {threshold: 7}, batch_size: abc}\nsplit: {foldz: 5}\n")
     result = runner.invoke(app, ["config", "validate", str(bad), "seed=-1"])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 4, result.output
-    for key in ("method.threshold", "method.batch_size", "split.foldz"):
+    for key in ("method.mpl.threshold", "method.batch_size", "split.foldz"):
         assert sum(f"bad.yaml: {key}: " in line for line in lines[:3]) == 1, key
     assert "override 'seed=-1': seed: " in lines[3]
     assert f"4 errors in {bad}" in " ".join(result.output.split())
@@ -190,7 +190,7 @@ def test_tune_bad_input_messages(tmp_path):
     result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2 and "none.yaml not found" in result.output
     space = tmp_path / "s.yaml"
-    space.write_text("method.threshold: {type: uniform, low: 0.5, high: 0.9}\n")
+    space.write_text("method.mpl.threshold: {type: uniform, low: 0.5, high: 0.9}\n")
     result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(space), "--resume",
                                  "--out", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no study in" in result.output

@@ -18,7 +18,7 @@ def test_defaults_are_the_papers_values():
     c = ExperimentConfig()
     assert (c.method.lr, c.method.weight_decay, c.method.momentum) == (0.005, 1e-4, 0.9)
     assert (c.method.batch_size, c.method.epochs, c.method.teacher_epochs) == (32, 200, 200)
-    assert c.method.threshold == 0.65 and c.method.student_warmup_epochs == 10
+    assert c.method.mpl.threshold == 0.65 and c.method.mpl.student_warmup_epochs == 10
     assert (c.split.folds, c.split.labelled_fraction) == (10, 0.1)
     assert (c.data.patch_size, c.data.global_patch, c.data.local_patch) == (128, 224, 112)
     assert c.data.min_foreground == 0.25
@@ -62,38 +62,53 @@ def test_mpl_presets_differ_only_in_labelled_balancing():
 
 
 def test_overrides_are_typed_and_applied():
-    c = load_config(preset="demo", overrides=["method.threshold=0.7", "split.folds=3",
+    c = load_config(preset="demo", overrides=["method.mpl.threshold=0.7", "split.folds=3",
                                               "data.class_names=[a, b]", "method.draws_per_epoch=null"])
-    assert c.method.threshold == 0.7 and c.split.folds == 3
+    assert c.method.mpl.threshold == 0.7 and c.split.folds == 3
     assert c.data.class_names == ("a", "b") and c.method.draws_per_epoch is None
     assert c.replace("seed=5").seed == 5 and c.seed == 0
 
 
 def test_file_extends_a_preset_and_a_relative_file(tmp_path):
-    (tmp_path / "base.yaml").write_text("extends: demo\nmethod: {threshold: 0.8}\n")
+    (tmp_path / "base.yaml").write_text("extends: demo\nmethod: {mpl: {threshold: 0.8}}\n")
     sub = tmp_path / "sub"
     sub.mkdir()
     (sub / "run.yaml").write_text("extends: ../base.yaml\nsplit: {folds: 4}\n")
     c = load_config(sub / "run.yaml")
-    assert c.preset == "demo" and c.method.threshold == 0.8 and c.split.folds == 4
+    assert c.preset == "demo" and c.method.mpl.threshold == 0.8 and c.split.folds == 4
     assert c.model.backbone == "cnn_small"  # the demo preset's
 
 
 def test_config_is_frozen():
     c = ExperimentConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        c.method.threshold = 0.1  # type: ignore[misc]
+        c.method.mpl.threshold = 0.1  # type: ignore[misc]
 
 
 def test_flatten_gives_dotted_keys():
     flat = flatten(ExperimentConfig())
-    assert flat["method.threshold"] == 0.65
+    assert flat["method.mpl.threshold"] == 0.65
     assert flat["data.segmentation.entropy_radius"] == 3
+    assert not any(k.startswith("method.sections") for k in flat)
+
+
+def test_method_sections_are_every_registered_ones_and_round_trip():
+    from ipb_ray.config import dump_yaml, from_dict, to_dict
+    from ipb_ray.methods import param_sections
+
+    c = load_config(preset="demo", overrides=["method.pseudo_label.weight=2", "method.mpl.ema=0.5"])
+    assert [name for name, _ in c.method.sections] == list(param_sections())
+    assert c.method.pseudo_label.weight == 2 and c.method.mpl.ema == 0.5 and c.method.mpl.uda_steps == 25
+    assert ExperimentConfig().method.pseudo_label.weight == 1.0  # sections not given take their defaults
+    again = from_dict(yaml.safe_load(dump_yaml(c)))
+    assert again == c and hash(again) == hash(c) and to_dict(again)["method"]["mpl"]["ema"] == 0.5
+    with pytest.raises(AttributeError, match="no key or section 'nothing'"):
+        c.method.nothing  # noqa: B018
 
 
 @pytest.mark.parametrize("override, needles", [
-    ("method.threshold=1.5", ["method.threshold", "1.5", "[0, 1]"]),
-    ("method.treshold=0.5", ["method.treshold", "did you mean 'method.threshold'"]),
+    ("method.mpl.threshold=1.5", ["method.mpl.threshold", "1.5", "[0, 1]"]),
+    ("method.mpl.treshold=0.5", ["method.mpl.treshold", "did you mean 'method.mpl.threshold'"]),
     ("method.batch_size=abc", ["method.batch_size", "'abc'", "whole number"]),
     ("data.multi_scale=maybe", ["data.multi_scale", "true or false"]),
     ("model.backbone=resnet50", ["model.backbone", "resnet50", "hrnet"]),
@@ -102,7 +117,13 @@ def test_flatten_gives_dotted_keys():
     ("split.labelled_fraction=0.95", ["split.labelled_fraction", "no unlabelled"]),
     ("split.fold=10", ["split.fold", "[0, 9]"]),
     ("method.name=null", ["method.name", "null is not allowed"]),
-    ("method.threshold", ["section.key=value"]),
+    ("method.mpl.threshold", ["section.key=value"]),
+    # a key that moved from the flat method section into a method's own one names its new home
+    ("method.threshold=0.7", ["method.threshold", "'method.mpl.threshold' or 'method.pseudo_label.threshold'"]),
+    ("method.relabel=reuse", ["method.relabel", "'method.pseudo_balance.relabel'"]),
+    ("method.mlp.threshold=0.7", ["method.mlp", "did you mean 'method.mpl'"]),
+    ("method.pseudo_label.weight=-1", ["method.pseudo_label.weight", "[0, 100]"]),
+    ("method.pseudo_balance.relabel=sometimes", ["method.pseudo_balance.relabel", "pass, reuse"]),
 ])
 def test_bad_override_messages_name_key_value_and_range(override, needles):
     with pytest.raises(ConfigError) as err:
@@ -158,12 +179,12 @@ def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
 
 def test_validate_all_lists_every_error_of_every_section(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("extends: demo\nmethod:\n  threshold: 7\n  batch_size: abc\nsplit:\n  foldz: 5\n")
+    bad.write_text("extends: demo\nmethod:\n  mpl: {threshold: 7}\n  batch_size: abc\nsplit:\n  foldz: 5\n")
     errors = validate_all(bad)
     by_key = {e.key: e for e in errors}
-    assert len(errors) == 3 and set(by_key) == {"method.threshold", "method.batch_size", "split.foldz"}
+    assert len(errors) == 3 and set(by_key) == {"method.mpl.threshold", "method.batch_size", "split.foldz"}
     assert all(e.source == str(bad) for e in errors)
-    assert "[0, 1]" in by_key["method.threshold"].detail
+    assert "[0, 1]" in by_key["method.mpl.threshold"].detail
     assert "whole number" in by_key["method.batch_size"].detail
     assert "unknown key; did you mean 'split.fold" in by_key["split.foldz"].detail
     with pytest.raises(ConfigError) as err:  # load_config still stops at the first
@@ -181,10 +202,10 @@ def test_validate_all_runs_cross_field_checks_only_on_valid_values(tmp_path):
 
 def test_validate_all_is_empty_exactly_when_load_config_loads(tmp_path):
     good = tmp_path / "good.yaml"
-    good.write_text("extends: demo\nmethod: {threshold: 0.7}\n")
+    good.write_text("extends: demo\nmethod: {mpl: {threshold: 0.7}}\n")
     assert validate_all(good) == [] and validate_all(good, ["split.folds=5"]) == []
-    for override in ("method.threshold=1.5", "method.treshold=0.5", "data.local_patch=300",
-                     "split.fold=10", "method.name=null", "method.threshold"):
+    for override in ("method.mpl.threshold=1.5", "method.mpl.treshold=0.5", "data.local_patch=300",
+                     "split.fold=10", "method.name=null", "method.mpl.threshold"):
         with pytest.raises(ConfigError) as err:
             load_config(overrides=[override])
         errors = validate_all(overrides=[override])
@@ -192,7 +213,7 @@ def test_validate_all_is_empty_exactly_when_load_config_loads(tmp_path):
 
 
 def test_validate_all_collects_bad_overrides_and_stops_at_an_unreadable_file(tmp_path):
-    errors = validate_all(overrides=["method.threshold", "method.lr=-1", "seed=x"])
+    errors = validate_all(overrides=["method.mpl.threshold", "method.lr=-1", "seed=x"])
     assert [(e.source, e.key) for e in errors] == [
         ("override", ""), ("override 'method.lr=-1'", "method.lr"), ("override 'seed=x'", "seed")]
     broken = tmp_path / "broken.yaml"

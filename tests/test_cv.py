@@ -110,7 +110,7 @@ def test_pseudo_label_with_the_pseudo_balancer_runs_through_cv_and_mlflow(cv_cat
 
     cfg = _cfg(cv_catalog, "name=plcv", "resources.num_workers=0", "method.name=pseudo_label",
                "method.balancer=pseudo_balance", "method.teacher_epochs=1", "method.epochs=1",
-               "method.unlabelled_batch_size=4", "method.threshold=0.0", "method.uda_steps=1",
+               "method.unlabelled_batch_size=4", "method.pseudo_label.threshold=0.0", "method.pseudo_label.ramp_steps=1",
                "method.finetune_epochs=0")
     result = run_cv(cfg, [0], log_model=False)
     report = result.reports[0]

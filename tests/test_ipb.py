@@ -46,7 +46,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 
     cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
-               "resources.cpus_per_worker=0.5", "method.student_init=scratch")
+               "resources.cpus_per_worker=0.5", "method.mpl.student_init=scratch")
     metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
     history = metrics["history"]
     assert [h["stage"] for h in history] == ["teacher"] * 3 + ["mpl"] * 3
@@ -78,7 +78,7 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     assert report["n"] > 0 and sum(map(sum, report["confusion_matrix"])) == report["n"]
     state = torch.load(os.path.join(metrics["checkpoint"], CHECKPOINT_FILE), weights_only=False)
     assert {"networks", "optimizers", "balancer", "global_step", "best_model", "history"} <= set(state)
-    assert set(state["networks"]) == set(state["optimizers"]) == {"teacher", "student"}  # method.ema=0
+    assert set(state["networks"]) == set(state["optimizers"]) == {"teacher", "student"}  # method.mpl.ema=0
     assert state["epoch"] == 5 and len(state["balancer"]["table"]["colony_id"]) > 0
     _every_key_is_documented(history, "ipb")
     # one global step count over every stage: the pre-training steps of each worker, then 3 x 10 MPL steps
@@ -88,11 +88,11 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
 def test_ipb_reuse_labels_survive_a_resume(world):
     from ipb_ray.distributed.training import train_fold
 
-    first = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
+    first = train_fold(_cfg(world, "name=reuse", "method.pseudo_balance.relabel=reuse", "method.teacher_epochs=1",
                             "method.epochs=1", "resources.num_workers=0"), 0)
     assert first["history"][-1]["label_seconds"] > 0  # the first MPL epoch runs the labelling pass
     # one more epoch on the same run: it resumes from the checkpoint and reuses the stored labels
-    more = train_fold(_cfg(world, "name=reuse", "method.relabel=reuse", "method.teacher_epochs=1",
+    more = train_fold(_cfg(world, "name=reuse", "method.pseudo_balance.relabel=reuse", "method.teacher_epochs=1",
                            "method.epochs=2", "resources.num_workers=0"), 0)
     assert more["resumed_from_epoch"] == 1
     h = more["history"]
@@ -106,10 +106,10 @@ def test_plain_mpl_streams_the_unlabelled_set_as_it_is_and_the_student_can_start
     from ipb_ray.distributed.training import train_fold
 
     # lr 0 in the MPL phase: both networks end as they started it, so equal digests mean
-    # the student was copied from the pre-trained teacher (method.student_init=teacher)
+    # the student was copied from the pre-trained teacher (method.mpl.student_init=teacher)
     metrics = train_fold(_cfg(world, "name=mpl", "method.name=mpl", "method.teacher_epochs=1",
-                              "method.epochs=1", "method.student_init=teacher", "method.teacher_lr=0",
-                              "method.student_lr=0", "method.student_warmup_lr=0", "resources.num_workers=0"), 0)
+                              "method.epochs=1", "method.mpl.student_init=teacher", "method.mpl.teacher_lr=0",
+                              "method.mpl.student_lr=0", "method.mpl.student_warmup_lr=0", "resources.num_workers=0"), 0)
     assert metrics["param_digest"] == metrics["teacher_param_digest"]
     h = metrics["history"][-1]
     names = _classes(h)

@@ -29,7 +29,8 @@ def _cfg(method: str, *extra: str):
     return load_config(preset="demo", overrides=[
         f"method.name={method}", "data.global_patch=32", "data.local_patch=16", "model.backbone=patch_stats",
         "model.feature_dim=8", "method.batch_size=6", "method.unlabelled_batch_size=8", "method.teacher_epochs=1",
-        "method.epochs=2", "method.uda_steps=1", "method.threshold=0.0", *extra])
+        "method.epochs=2", "method.mpl.uda_steps=1", "method.mpl.threshold=0.0",
+        "method.pseudo_label.ramp_steps=1", "method.pseudo_label.threshold=0.0", *extra])
 
 
 def _ctx(cfg, device="cpu", amp=False):
@@ -87,8 +88,12 @@ def test_the_method_added_in_docs_methods_md_registers_and_learns():
     try:
         exec(compile(code, "docs/methods.md", "exec"), {})
         assert "entropy_min" in list_methods()
-        assert load_config(preset="demo", overrides=["method.name=entropy_min",
-                                                     "method.balancer=pseudo_balance"]).method.name == "entropy_min"
+        cfg = load_config(preset="demo", overrides=["method.name=entropy_min", "method.balancer=pseudo_balance",
+                                                    "method.entropy_min.weight=0.5"])
+        assert cfg.method.name == "entropy_min" and cfg.method.entropy_min.weight == 0.5
+        assert "entropy_min.weight" in METHODS.get("entropy_min").keys(cfg)  # so `ipb tune` may search it
+        with pytest.raises(ConfigError, match=r"method\.entropy_min\.weight: -1.0 is out of range"):
+            load_config(preset="demo", overrides=["method.name=entropy_min", "method.entropy_min.weight=-1"])
         _one_step_of_each_stage("entropy_min")
     finally:
         METHODS.remove("entropy_min")
@@ -172,7 +177,7 @@ def test_unknown_method_and_balancer_names_say_what_exists():
 
 
 @pytest.mark.parametrize("overrides, words", [
-    (["method.name=fixmatch"], ["method.name", "registered", "supervised"]),
+    (["method.name=mean_teacher"], ["method.name", "registered", "supervised"]),
     (["method.name=ipbb"], ["did you mean 'ipb'"]),
     (["method.name=supervised", "method.balancer=pseudo_balance"], ["method.balancer", "semi-supervised"]),
     (["method.name=mpl", "method.balancer=darp"], ["method.balancer", "pseudo_balance"]),
@@ -238,3 +243,31 @@ def test_an_unlabelled_stream_without_a_full_batch_is_refused_with_the_keys_to_c
     with pytest.raises(ValueError, match="20 unlabelled patches.*less than one batch.*unlabelled_batch_size=16.*"
                                          "2 worker.*draws_per_epoch"):
         unlabelled_steps(20, 2, m)
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods()
+                                  if get_method(n).semi_supervised and get_method(n).pseudo_labelling])
+def test_every_pseudo_labelling_method_takes_its_labels_through_the_balancers_adjustment(name):
+    """logit_adjust composes with every method that makes pseudo-labels: one step moves its prior."""
+    import torch
+
+    cfg = _cfg(name, "method.balancer=logit_adjust", "method.logit_adjust.momentum=0.5")
+    ctx = _ctx(cfg)
+    method = get_method(name)(cfg, ctx)
+    method.build()
+    method.balancer = get_balancer("logit_adjust")(cfg, ctx)  # what the loop does on every rank
+    stage = next(s for s in method.stages(cfg) if s.unlabelled)
+    method.begin_stage(stage)
+    torch.manual_seed(0)
+    out = method.train_step(stage, _batch(ctx.columns, 6, 1), _batch(ctx.weak_columns + ctx.strong_columns, 8, 2,
+                                                                     labels=False), step=1, lr_factor=1.0, stage_epoch=0)
+    prior = method.balancer.prior
+    assert prior is not None and prior.sum().item() == pytest.approx(1.0)
+    assert not torch.allclose(prior, torch.full_like(prior, 1 / len(NAMES))), "the method never called adjust"
+    assert len(out["pseudo_labels"]) == 8
+
+
+def test_a_method_without_pseudo_labels_refuses_a_balancer():
+    with pytest.raises(ConfigError, match="simclr.*without pseudo-labels.*'pseudo_balance'"):
+        load_config(preset="demo", overrides=["method.name=simclr", "method.balancer=pseudo_balance"])
+    assert load_config(preset="demo", overrides=["method.name=simclr", "method.balancer=none"]).method.name == "simclr"

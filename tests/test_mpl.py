@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipb_ray.config import MPL_FEEDBACK, MethodConfig
+from ipb_ray.config import MPL_FEEDBACK
+from ipb_ray.methods.mpl import MPLParams
 from ipb_ray.nn.models import create_model
 from ipb_ray.nn.mpl import (
     ema_update,
@@ -138,7 +139,7 @@ def _sign_case() -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("mode", MPL_FEEDBACK)
 def test_teacher_gradient_follows_h(mode):
     teacher, student, data = _sign_case()
-    cfg = MethodConfig(threshold=0.5, uda_weight=0.0, mpl_feedback=mode)
+    cfg = MPLParams(threshold=0.5, uda_weight=0.0, mpl_feedback=mode)
     with torch.no_grad():
         hard = teacher(data["x_us"]).argmax(-1)
         assert hard.tolist() == [0] * 8
@@ -184,7 +185,7 @@ def test_feedback_sign_decides_whether_the_teacher_learns_helpful_labels(mode):
         with torch.no_grad():
             assert teacher(x_u).argmax(-1).tolist() == [1] * 16
             start = F.cross_entropy(student(x_l), y_l).item()
-        cfg = MethodConfig(threshold=0.0, uda_weight=0.0, mpl_feedback=mode)
+        cfg = MPLParams(threshold=0.0, uda_weight=0.0, mpl_feedback=mode)
         t_opt, s_opt = _sgd(teacher, 1.0), _sgd(student, 0.1)
         for step in range(60):
             mpl_step(teacher, student, t_opt, s_opt, x_l, y_l, x_u, x_u, step=step, cfg=cfg)
@@ -203,10 +204,10 @@ def test_mpl_step_changes_both_models_and_reports_consistent_parts():
     x_l, y_l = torch.randn(6, 8), torch.randint(0, 3, (6,))
     x_uw = torch.randn(10, 8)
     x_us = x_uw + 0.1 * torch.randn(10, 8)
-    cfg = MethodConfig(threshold=0.0, uda_steps=10, grad_clip=1.0)
+    cfg = MPLParams(threshold=0.0, uda_steps=10)
     t0, s0 = _params(teacher), _params(student)
     out = mpl_step(teacher, student, _sgd(teacher), _sgd(student), (x_l,), y_l, (x_uw,), (x_us,),
-                   step=5, cfg=cfg)
+                   step=5, cfg=cfg, grad_clip=1.0)
     for name, p in teacher.named_parameters():
         assert not torch.equal(p, t0[name]), f"teacher {name} did not change"
     for name, p in student.named_parameters():
@@ -224,8 +225,8 @@ def test_nothing_passes_threshold_student_unchanged():
     torch.manual_seed(9)
     x_l, y_l = torch.randn(4, 8), torch.randint(0, 3, (4,))
     x_u = torch.randn(6, 8)
-    # 1.0 is the highest threshold MethodConfig allows; a random net's softmax stays below it
-    cfg = MethodConfig(threshold=1.0, threshold_student=True)
+    # 1.0 is the highest threshold MPLParams allows; a random net's softmax stays below it
+    cfg = MPLParams(threshold=1.0, threshold_student=True)
     t0, s0 = _params(teacher), _params(student)
     out = mpl_step(teacher, student, _sgd(teacher), _sgd(student), [x_l], y_l, [x_u], [x_u.clone()],
                    step=100, cfg=cfg)
@@ -236,7 +237,7 @@ def test_nothing_passes_threshold_student_unchanged():
     assert any(not torch.equal(p, t0[n]) for n, p in teacher.named_parameters())  # labelled CE still
     # without the student threshold the same batch does train the student
     mpl_step(teacher, student, _sgd(teacher), _sgd(student), [x_l], y_l, [x_u], [x_u.clone()],
-             step=100, cfg=MethodConfig(threshold=1.0, threshold_student=False))
+             step=100, cfg=MPLParams(threshold=1.0, threshold_student=False))
     assert any(not torch.equal(p, s0[n]) for n, p in student.named_parameters())
 
 
@@ -252,7 +253,7 @@ def test_mpl_step_multi_scale_hrnet():
     t0 = _params(teacher)
     out = mpl_step(teacher, student, _sgd(teacher, 0.01), _sgd(student, 0.01), views(),
                    torch.tensor([0, 1, 2, 0]), views(), views(), step=1,
-                   cfg=MethodConfig(threshold=0.0))
+                   cfg=MPLParams(threshold=0.0))
     assert all(math.isfinite(v) for k, v in out.items() if not isinstance(v, list))
     assert len(out["pseudo_label_counts"]) == 3 and sum(out["pseudo_label_counts"]) == 4
     assert len(out["pseudo_labels"]) == 4 and set(out["pseudo_labels"]) <= {0, 1, 2}
@@ -266,18 +267,18 @@ def test_mpl_step_rejects_mismatched_scales():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="one batch per scale"):
         mpl_step(teacher, student, _sgd(teacher), _sgd(student), (x,), torch.tensor([0, 1]),
-                 (x, x), (x,), step=0, cfg=MethodConfig())
+                 (x, x), (x,), step=0, cfg=MPLParams())
 
 
 # --------------------------------------------------------------------------- schedule, EMA
 
 
 def test_student_lr_warmup_boundary():
-    cfg = MethodConfig(student_warmup_epochs=10, student_warmup_lr=5e-4, student_lr=5e-3)
+    cfg = MPLParams(student_warmup_epochs=10, student_warmup_lr=5e-4, student_lr=5e-3)
     assert student_lr_at(0, cfg) == 5e-4
     assert student_lr_at(9, cfg) == 5e-4
     assert student_lr_at(10, cfg) == 5e-3
-    assert student_lr_at(3, MethodConfig(student_warmup_epochs=0, student_lr=0.02)) == 0.02
+    assert student_lr_at(3, MPLParams(student_warmup_epochs=0, student_lr=0.02)) == 0.02
 
 
 def test_ema_update_math_and_buffers():
@@ -299,7 +300,7 @@ def test_ema_update_math_and_buffers():
     ema_update(ema, model, decay=0.0)  # EMA off: an exact copy
     for p, e in zip(model.parameters(), ema.parameters()):
         assert torch.equal(p, e)
-    with pytest.raises(ValueError, match="method.ema"):
+    with pytest.raises(ValueError, match="method.mpl.ema"):
         ema_update(ema, model, decay=1.5)
 
 
@@ -321,6 +322,6 @@ def test_autocast_factory_wraps_every_forward_of_the_step():
 
     x = torch.rand(4, 8)
     mpl_step(teacher, student, _sgd(teacher, 0.01), _sgd(student, 0.01), x, torch.tensor([0, 1, 0, 1]), x, x,
-             step=0, cfg=MethodConfig(threshold=0.0), autocast=Probe)
+             step=0, cfg=MPLParams(threshold=0.0), autocast=Probe)
     # teacher forward, student before (no grad), student on x_us, student after (no grad)
     assert entered == [True, False, True, False]

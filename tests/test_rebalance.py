@@ -95,15 +95,8 @@ def test_reused_labels_replace_the_pass_labels_last_one_winning():
 
 # --------------------------------------------------------------------------- Ray Data stage
 
-@pytest.fixture(scope="module")
-def label_catalog(tmp_path_factory, ray_local):
-    from worlds import small_catalog_at
-
-    return small_catalog_at(tmp_path_factory.mktemp("rebalance"), n_frames=8, seed=5)
-
-
 @pytest.mark.ray
-def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(label_catalog):
+def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(tiny_catalog):
     import ray
     import torch
     from scipy.stats import chisquare
@@ -114,12 +107,12 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(label_c
     from ipb_ray.distributed.rebalance import TeacherLabeller, labelling_dataset, run_labelling
     from ipb_ray.distributed.streams import StreamSpec, patch_batch, patch_dataset, stream_state
 
-    names = tuple(catalog.read_manifest(label_catalog)["class_names"])
+    names = tuple(catalog.read_manifest(tiny_catalog)["class_names"])
     spec_label = StreamSpec(PatchGeometry(size=48, scales=(48,)), names, seed=2, mode="label")
     spec_uda = StreamSpec(PatchGeometry(size=48, scales=(48,)), names, seed=2, mode="uda")
     kwargs = dict(name="patch_stats", num_classes=len(names), feature_dim=6, multi_scale=False)
     teacher = create_model(**kwargs).eval()
-    rows = catalog.read_catalog(label_catalog, columns=["colony_id", "image", "mask", "label"]).to_pydict()
+    rows = catalog.read_catalog(tiny_catalog, columns=["colony_id", "image", "mask", "label"]).to_pydict()
     # a teacher that splits patches by mean intensity, unevenly: class 0 below the 60th
     # percentile, class 1 up to the 90th, class 2 above (the draw must even that out)
     spec_one = StreamSpec(PatchGeometry(size=48, scales=(48,)), names, seed=2, mode="label")
@@ -138,13 +131,13 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(label_c
             teacher.head.bias[3:] = -1e4
     p_state, u_state = stream_state("test-label-state"), stream_state("test-u-state")
     try:
-        ids = catalog.read_catalog(label_catalog, columns=["colony_id"]).column("colony_id").to_pylist()
+        ids = catalog.read_catalog(tiny_catalog, columns=["colony_id"]).column("colony_id").to_pylist()
         ray.get(p_state.publish.remote(1, [ray.put(teacher.state_dict())]))
         observed, expected, n = np.zeros(len(names)), np.zeros(len(names)), 64
         present_counts = []
         for epoch in range(8):
             ray.get(p_state.set.remote(epoch, {c: 1 for c in ids}))
-            table = run_labelling(labelling_dataset(label_catalog, spec_label, "test-label-state", kwargs,
+            table = run_labelling(labelling_dataset(tiny_catalog, spec_label, "test-label-state", kwargs,
                                                     batch_size=8, cpus=0.25))
             if epoch == 0:  # the Ray stage labels exactly as the labeller run in this process
                 local = TeacherLabeller(spec_label, "test-label-state", kwargs)(rows)
@@ -157,7 +150,7 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(label_c
                 plan = epoch_plan(ids, table, len(names), seed=2, epoch=epoch, n_draws=n)
             ray.get(u_state.set.remote(epoch, plan.counts, plan.coords))
             got: dict[str, int] = {}
-            for b in patch_dataset(label_catalog, spec_uda, state_name="test-u-state", batch_size=8,
+            for b in patch_dataset(tiny_catalog, spec_uda, state_name="test-u-state", batch_size=8,
                                    cpus=0.25).iter_batches(batch_format="numpy", batch_size=None):
                 for cid, x, y in zip(b["colony_id"], b["x"].tolist(), b["y"].tolist()):
                     assert (x, y) == plan.coords[cid][:2]  # the student gets the labelled window

@@ -21,16 +21,16 @@ def test_shipped_space_is_valid_for_the_ipb_presets():
 
     space = load_space(Path(__file__).resolve().parents[1] / "tune" / "spaces" / "ipb.yaml",
                        load_config(preset="ml_ms_ipb_hrnet"))
-    assert space["method.threshold"] == {"type": "uniform", "low": 0.5, "high": 0.95}
+    assert space["method.mpl.threshold"] == {"type": "uniform", "low": 0.5, "high": 0.95}
     assert space["method.batch_size"]["values"] == [16, 32, 64]
 
 
 @pytest.mark.parametrize("text, message", [
-    ("method.treshold: {type: uniform, low: 0.5, high: 0.9}", "did you mean 'method.threshold'"),
-    ("method.threshold: {type: normal, low: 0.5, high: 0.9}", "type one of loguniform"),
-    ("method.threshold: {type: uniform, low: 0.9, high: 0.5}", "low < high"),
+    ("method.mpl.treshold: {type: uniform, low: 0.5, high: 0.9}", "did you mean 'method.mpl.threshold'"),
+    ("method.mpl.threshold: {type: normal, low: 0.5, high: 0.9}", "type one of loguniform"),
+    ("method.mpl.threshold: {type: uniform, low: 0.9, high: 0.5}", "low < high"),
     ("method.lr: {type: loguniform, low: 0, high: 0.1}", "loguniform needs low > 0"),
-    ("method.threshold: {type: uniform, low: 0.5, high: 1.5}", "value 1.5 is not allowed"),
+    ("method.mpl.threshold: {type: uniform, low: 0.5, high: 1.5}", "value 1.5 is not allowed"),
     ("method.batch_size: {type: choice, values: []}", "non-empty list"),
     ("model.backbone: {type: choice, values: [hrnet, resnet]}", "value 'resnet' is not allowed"),
 ])
@@ -41,12 +41,13 @@ def test_bad_spaces_name_the_file_key_and_fix(tmp_path, text, message):
 
 
 @pytest.mark.parametrize("method, key, ok", [
-    ("supervised", "method.threshold", False),    # supervised has no pseudo-labels
+    ("supervised", "method.mpl.threshold", False),    # supervised has no pseudo-labels
     ("supervised", "method.lr", True),
-    ("pseudo_label", "method.threshold", True),
-    ("pseudo_label", "method.teacher_lr", False),  # MPL's, not Pseudo-Label's
-    ("mpl", "method.relabel", False),              # the pseudo-balancer's key; mpl streams U as it is
-    ("ipb", "method.relabel", True),
+    ("pseudo_label", "method.pseudo_label.threshold", True),
+    ("mpl", "method.pseudo_label.threshold", False),  # Pseudo-Label's, not MPL's
+    ("pseudo_label", "method.mpl.teacher_lr", False),  # MPL's, not Pseudo-Label's
+    ("mpl", "method.pseudo_balance.relabel", False),  # the pseudo-balancer's key; mpl streams U as it is
+    ("ipb", "method.pseudo_balance.relabel", True),
 ])
 def test_a_space_may_only_search_keys_the_method_reads(tmp_path, method, key, ok):
     text = f"{key}: {{type: choice, values: [{'pass' if key.endswith('relabel') else 0.7}]}}"
@@ -63,22 +64,24 @@ def test_every_method_key_is_read_by_the_loop_or_some_method():
     import dataclasses
 
     from ipb_ray.config import MethodConfig
-    from ipb_ray.methods import get_method, list_methods
+    from ipb_ray.methods import get_method, list_balancers, list_methods, param_sections
 
     read = set()
     for name in list_methods():
-        for balancer in (None, "pseudo_balance") if get_method(name).semi_supervised else (None,):
+        for balancer in [None, *list_balancers()] if get_method(name).semi_supervised else (None,):
             overrides = [f"method.name={name}"] + ([f"method.balancer={balancer}"] if balancer else [])
             read |= set(get_method(name).keys(load_config(preset="demo", overrides=overrides)))
-    assert read == {f.name for f in dataclasses.fields(MethodConfig)}
+    own = {f"{section}.{f.name}" for section, cls in param_sections().items() for f in dataclasses.fields(cls)}
+    assert read == {f.name for f in dataclasses.fields(MethodConfig) if f.name != "sections"} | own
+    assert {"mpl.threshold", "pseudo_label.threshold", "pseudo_balance.relabel"} <= own
 
 
 def test_trial_config_applies_numpy_samples_and_names_the_trial():
     import numpy as np
 
-    cfg = trial_config(load_config(preset="demo"), {"method.threshold": np.float64(0.7),
+    cfg = trial_config(load_config(preset="demo"), {"method.mpl.threshold": np.float64(0.7),
                                                     "method.batch_size": np.int64(32)}, "t-00001")
-    assert cfg.method.threshold == 0.7 and cfg.method.batch_size == 32 and cfg.name == "demo-t-00001"
+    assert cfg.method.mpl.threshold == 0.7 and cfg.method.batch_size == 32 and cfg.name == "demo-t-00001"
 
 
 # --------------------------------------------------------------------------- on Ray

@@ -115,8 +115,8 @@ def test_job_identity_comes_from_rays_job_config_variable(tmp_path):
 # --------------------------------------------------------------------------- submit
 
 def test_entrypoint_runs_the_jobs_module_and_quotes_arguments():
-    cmd = entrypoint(["cv", "--config", "my exp.yaml", "method.threshold=0.7"])
-    assert shlex.split(cmd) == ["python", "-m", "jobs.cv", "--config", "my exp.yaml", "method.threshold=0.7"]
+    cmd = entrypoint(["cv", "--config", "my exp.yaml", "method.mpl.threshold=0.7"])
+    assert shlex.split(cmd) == ["python", "-m", "jobs.cv", "--config", "my exp.yaml", "method.mpl.threshold=0.7"]
     for command in COMMANDS:  # every submittable command has its module
         assert (project_root() / "jobs" / f"{command}.py").is_file()
 

@@ -237,7 +237,7 @@ def test_resume_lookup(logged):
     done = tracking.finished_folds(uri, parent)
     assert sorted(done) == [0, 1]
     assert done[1]["confusion_matrix"] == logged["folds"][1]["test_report"]["confusion_matrix"]
-    other = tracking.open_parent(uri, EXPERIMENT, cfg.replace("method.threshold=0.7"))
+    other = tracking.open_parent(uri, EXPERIMENT, cfg.replace("method.mpl.threshold=0.7"))
     assert other != parent
     assert tracking.finished_folds(uri, other) == {}
     # the same run name now has two configurations: load_cv by name takes the newest

@@ -18,7 +18,7 @@ At the start of every IPB epoch (shared/IPB.md, step 2a):
 Without balancing (plain MPL, ``method.name=mpl``) there is no labelling pass: every
 unlabelled colony appears once per epoch at a fresh random window.
 
-With ``method.relabel=reuse`` the pass runs only in the first epoch of a run; later
+With ``method.pseudo_balance.relabel=reuse`` the pass runs only in the first epoch of a run; later
 epochs draw on the pseudo-labels the teacher gave during the previous epoch's MPL steps
 (a colony not drawn then keeps its older label and window).
 """

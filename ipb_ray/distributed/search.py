@@ -2,9 +2,9 @@
 
 A search space is a YAML file of dotted config keys::
 
-    method.teacher_lr: {type: loguniform, low: 1.0e-4, high: 0.05}
-    method.threshold: {type: uniform, low: 0.5, high: 0.95}
-    method.student_warmup_epochs: {type: randint, low: 0, high: 10}   # high exclusive
+    method.mpl.teacher_lr: {type: loguniform, low: 1.0e-4, high: 0.05}
+    method.mpl.threshold: {type: uniform, low: 0.5, high: 0.95}
+    method.mpl.student_warmup_epochs: {type: randint, low: 0, high: 10}   # high exclusive
     method.batch_size: {type: choice, values: [16, 32, 64]}
 
 :func:`load_space` checks every key against the config schema and every bound (or
@@ -72,7 +72,9 @@ def load_space(path: str | Path, cfg: ExperimentConfig) -> dict[str, dict[str, A
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"not a config key{hint}", key=str(key), source=str(path))
         if key.startswith("method.") and key.split(".", 1)[1] not in method_keys:
-            own = get_method(cfg.method.name).hyperparameters
+            from ipb_ray.methods.base import own_keys
+
+            own = [f"method.{k}" for k in own_keys(get_method(cfg.method.name))]
             raise ConfigError(f"method {cfg.method.name!r} does not read this key, so searching it would change "
                               f"nothing; its own keys: {', '.join(own) or 'none'} (plus the shared ones: "
                               "`ipb config methods`); remove it from the space or search another method",

@@ -401,10 +401,15 @@ class LoopContext:
     def network(self, seed: int) -> Any:
         """A fresh network of the experiment, initialised from ``seed`` (the same on every
         rank), prepared for DDP."""
+        return self.prepare(lambda: build_model(self.cfg, len(self.inputs.class_names), self.inputs), seed)
+
+    def prepare(self, make: Callable[[], Any], seed: int) -> Any:
+        """The module ``make()`` builds with torch seeded by ``seed`` (so the same on every
+        rank), on this worker's device and prepared for DDP (e.g. a method's projection head)."""
         import torch
 
         torch.manual_seed(seed)
-        net = build_model(self.cfg, len(self.inputs.class_names), self.inputs)
+        net = make()
         if self._prepare is not None:
             return self._prepare(net)
         import ray.train.torch
@@ -480,8 +485,8 @@ class _Loop:
         self.semi = self.method.semi_supervised
         self.l_steps = labelled_steps(len(self.inputs.labelled), self.world, self.m.batch_size, self.m.steps_per_epoch)
         self.u_steps = unlabelled_steps(len(self.inputs.unlabelled), self.world, self.m) if self.semi else 0
-        self.balancer = (get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx)
-                         if self.semi and self.rank == 0 else None)
+        self.balancer = get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx) if self.semi else None
+        self.method.balancer = self.balancer  # every rank: a balancer may correct pseudo-labels; rank 0 plans
         self.l_state = state_handle(config["state"])
         self.u_state = state_handle(config["u_state"]) if self.semi else None
         self.start, self.global_step, self.resumed_from = 0, 0, None

@@ -1,6 +1,6 @@
 """Balancers: what a semi-supervised method's unlabelled stream holds in each epoch.
 
-A balancer lives on rank 0 of the training loop. Before every unlabelled epoch the loop
+A balancer lives on every rank of the training loop; rank 0 plans. Before every unlabelled epoch the loop
 asks it for the epoch's plan (:meth:`Balancer.plan`: which colonies, how many copies,
 which windows) and writes that to the unlabelled stream; after the epoch's steps it shows
 it the pseudo-labels the method gave (:meth:`Balancer.observe`). Any method that streams
@@ -12,20 +12,24 @@ U composes with any balancer (``method.balancer``):
   Ray Data pass (:mod:`ipb_ray.distributed.rebalance`), and the epoch's windows are drawn from the
   multinomial with weight 1/n_c per pseudo-label class. The pass for the next epoch runs
   in a background thread as soon as the labeller is final for it (:meth:`Balancer.prefetch`),
-  overlapping validation and checkpointing.
+  overlapping validation and checkpointing;
+- ``logit_adjust``: U streamed as by ``none``, and every pseudo-label the method makes is
+  taken from logits debiased by the running estimate of U's class prior (:meth:`Balancer.adjust`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from ipb_ray.methods.base import Registry
+from ipb_ray.config import RELABEL, Params, param
+from ipb_ray.methods.base import Registry, own_params
 
-__all__ = ["BALANCERS", "Balancer", "PseudoBalancer", "UniformDraw", "get_balancer", "list_balancers",
+__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer", "UniformDraw", "get_balancer", "list_balancers",
            "register_balancer"]
 
 
@@ -45,11 +49,19 @@ class Balancer:
     loop's context (configuration, fold inputs, stream specs, Ray state names)."""
 
     name: ClassVar[str] = ""
-    keys: ClassVar[tuple[str, ...]] = ()  # the method.* keys of its own
+    params: ClassVar[type | None] = None  # its own hyperparameters (method.<section>.*), as a Method's
+    section: ClassVar[str] = ""
 
     def __init__(self, cfg: Any, ctx: Any):
         self.cfg, self.ctx = cfg, ctx
+        self.p: Any = own_params(type(self), cfg)
         self.names = ctx.inputs.class_names
+
+    def adjust(self, logits: Any) -> Any:
+        """Every rank, every step: the method's pseudo-label logits (B, C) of an unlabelled
+        batch, corrected before they become pseudo-labels (default: as they are). Methods
+        call it through :meth:`ipb_ray.methods.Method.adjust`."""
+        return logits
 
     def prefetch(self, epoch: int, labeller: Any) -> None:
         """``labeller`` is final for unlabelled epoch ``epoch``: start what the plan needs."""
@@ -100,13 +112,21 @@ class UniformDraw(Balancer):
         return epoch_plan(inputs.unlabelled, None, len(self.names), self.cfg.seed, epoch, n_draws, self.names), {}
 
 
+@dataclass(frozen=True)
+class PseudoBalanceParams(Params):
+    """`pseudo_balance` (IPB's balancer): how U is pseudo-labelled before each epoch's draw."""
+
+    relabel: str = param("pass", choices=RELABEL, doc="the pseudo-labels of each epoch: a separate labelling "
+                         "pass over U, or reuse those of the previous epoch's steps")
+
+
 @register_balancer("pseudo_balance")
 class PseudoBalancer(Balancer):
     """IPB's pseudo-balanced draw over the labeller's pseudo-labels of U; with
-    ``method.relabel=reuse`` only the first epoch of a run has a labelling pass, later ones
-    draw on the pseudo-labels of the previous epoch's steps."""
+    ``method.pseudo_balance.relabel=reuse`` only the first epoch of a run has a labelling
+    pass, later ones draw on the pseudo-labels of the previous epoch's steps."""
 
-    keys = ("relabel",)
+    params = PseudoBalanceParams
 
     def __init__(self, cfg: Any, ctx: Any):
         super().__init__(cfg, ctx)
@@ -117,7 +137,7 @@ class PseudoBalancer(Balancer):
         self.labeller: Any = None
 
     def _needs_pass(self) -> bool:
-        return self.cfg.method.relabel == "pass" or self.table is None
+        return self.p.relabel == "pass" or self.table is None
 
     def prefetch(self, epoch: int, labeller: Any) -> None:
         if self._needs_pass() and epoch not in self.pending:
@@ -180,7 +200,7 @@ class PseudoBalancer(Balancer):
         # the student's stream by the pseudo-label its window was drawn with
         out = shares("stream_share", class_histogram(self.table.pseudo[self.table.lookup(colony_ids)],
                                                      len(self.names)), self.names)
-        if self.cfg.method.relabel == "reuse" and len(pseudo) == len(colony_ids):
+        if self.p.relabel == "reuse" and len(pseudo) == len(colony_ids):
             self.table = self.table.with_labels(colony_ids, pseudo)
         return out
 
@@ -196,3 +216,68 @@ class PseudoBalancer(Balancer):
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class LogitAdjustParams(Params):
+    """`logit_adjust`: debiased pseudo-labels (logit adjustment by U's estimated class prior)."""
+
+    tau: float = param(1.0, lo=0.0, hi=10.0, doc="strength of the adjustment: logits - tau * log(prior) "
+                       "(0 = off; DebiasPL's lambda)")
+    momentum: float = param(0.999, lo=0.0, hi=0.999999, doc="per-step momentum of the running estimate of "
+                            "U's class prior (the mean softmax of the method's pseudo-label logits)")
+
+
+@register_balancer("logit_adjust")
+class LogitAdjuster(UniformDraw):
+    """Distribution-aware pseudo-labels: logit adjustment by the estimated class prior of U.
+
+    Confirmation bias in semi-supervised learning on imbalanced data is a prior problem: a
+    model trained on few, imbalanced labels over-predicts its head classes on U, its
+    pseudo-labels inherit that bias and the next steps amplify it. Following the logit
+    adjustment of Menon et al. ("Long-tail learning via logit adjustment", ICLR 2021) and
+    its use on pseudo-labels by DebiasPL (Wang et al., "Debiased Learning from Naturally
+    Imbalanced Pseudo-Labels", CVPR 2022; ACR, Wei & Gan, CVPR 2023, and SimPro, Du et al.,
+    ICML 2024, estimate U's distribution for the same end), every rank keeps a running
+    estimate of the prior the model currently puts on U (the momentum average of its mean
+    softmax over each step's unlabelled batch, all-reduced so the ranks agree) and the
+    method takes its pseudo-labels from ``logits - tau * log(prior)``. A class the model
+    over-predicts is marked down, an under-predicted one up, so thresholded pseudo-labels
+    of rare classes pass more often. The unlabelled stream itself is as ``none``'s: each
+    colony once per epoch (compose with resampling by choosing ``pseudo_balance`` instead).
+    """
+
+    params = LogitAdjustParams
+
+    def __init__(self, cfg: Any, ctx: Any):
+        super().__init__(cfg, ctx)
+        self.prior: Any = None  # torch (C,) float32, uniform until the first step
+
+    def adjust(self, logits: Any) -> Any:
+        import torch
+        import torch.distributed as dist
+
+        from ipb_ray.nn.ssl import adjusted_logits, update_prior
+
+        if self.prior is None or self.prior.device != logits.device:
+            n = logits.shape[-1]
+            self.prior = (torch.full((n,), 1.0 / n) if self.prior is None else self.prior).to(logits.device)
+        mean = logits.detach().float().softmax(-1).mean(0, keepdim=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)  # the ranks keep one estimate
+            mean /= dist.get_world_size()
+        self.prior = update_prior(self.prior, mean, self.p.momentum)
+        return adjusted_logits(logits, self.prior, self.p.tau)
+
+    def observe(self, colony_ids: list[str], pseudo: list[int]) -> dict[str, Any]:
+        if self.prior is None:
+            return {}
+        return _per_class("prior_estimate", self.prior.cpu().tolist(), self.names)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prior": self.prior.cpu().tolist() if self.prior is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        import torch
+
+        self.prior = torch.tensor(state["prior"], dtype=torch.float32) if state.get("prior") else None

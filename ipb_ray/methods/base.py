@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.config import ExperimentConfig
 
-__all__ = ["LOOP_KEYS", "METHODS", "SEMI_KEYS", "Method", "Registry", "Stage", "get_method", "list_methods", "register_method", "finetune_stage",
-           "pretraining_stage", "total_epochs"]
+__all__ = ["LOOP_KEYS", "METHODS", "SEMI_KEYS", "Method", "Registry", "Stage", "finetune_stage", "get_method",
+           "list_methods", "own_keys", "own_params", "pretraining_stage", "register_method", "total_epochs"]
 
 
 @dataclass(frozen=True)
@@ -80,9 +80,12 @@ class Method:
     unlabelled stream when ``method.balancer`` is not set), ``labeller`` (the network whose
     pseudo-labels a balancer draws on), ``step_metrics`` (per-step figures averaged into the
     epoch), ``loss_metric`` (the one of them that is the epoch's ``train_loss``),
-    ``baseline`` (the method others are compared with), ``hyperparameters`` (the
-    ``method.*`` keys of its own, beyond :data:`LOOP_KEYS` and :data:`SEMI_KEYS`: what a
-    search over this method may vary)."""
+    ``baseline`` (the method others are compared with), ``pseudo_labelling`` (False for a
+    semi-supervised method that learns from U without pseudo-labels, e.g. SimCLR: it takes
+    no balancer but ``none``), ``params`` (its own hyperparameters:
+    a frozen :class:`ipb_ray.config.Params` dataclass, configured as
+    ``method.<section>.<key>`` and read as ``self.p``; ``section`` defaults to the registered
+    name, and a subclass sharing its parent's hyperparameters keeps the parent's section)."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
@@ -92,10 +95,14 @@ class Method:
     step_metrics: ClassVar[tuple[str, ...]] = ()
     loss_metric: ClassVar[str] = ""
     baseline: ClassVar[bool] = False
-    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    params: ClassVar[type | None] = None
+    section: ClassVar[str] = ""
+    pseudo_labelling: ClassVar[bool] = True  # a semi-supervised method whose steps make pseudo-labels
 
     def __init__(self, cfg: "ExperimentConfig", ctx: Any):
         self.cfg, self.m, self.ctx = cfg, cfg.method, ctx
+        self.p: Any = own_params(type(self), cfg)
+        self.balancer: Any = None  # the run's balancer on this rank, set by the loop (None outside it)
         self.nets: dict[str, Any] = {}
         self.opts: dict[str, Any] = {}
 
@@ -110,12 +117,13 @@ class Method:
 
     @classmethod
     def keys(cls, cfg: "ExperimentConfig") -> tuple[str, ...]:
-        """The ``method.*`` keys a run of this method under ``cfg`` reads (its balancer's too)."""
+        """The ``method.*`` keys a run of this method under ``cfg`` reads (its balancer's too),
+        relative to ``method.`` (``"lr"``, ``"mpl.threshold"``)."""
         if not cls.semi_supervised:
-            return LOOP_KEYS + cls.hyperparameters
+            return LOOP_KEYS + own_keys(cls)
         from ipb_ray.methods.balancers import get_balancer
 
-        return LOOP_KEYS + SEMI_KEYS + cls.hyperparameters + get_balancer(cls.balancer_name(cfg)).keys
+        return LOOP_KEYS + SEMI_KEYS + own_keys(cls) + own_keys(get_balancer(cls.balancer_name(cfg)))
 
     # ---- worker side
     def build(self) -> None:
@@ -133,6 +141,12 @@ class Method:
         clock of a ramp of lambda_u); ``lr_factor`` is the run's schedule at this step of the
         stage; ``stage_epoch`` is the epoch within the stage."""
         raise NotImplementedError(f"method {self.name!r} has no unlabelled stage")
+
+    def adjust(self, logits: Any) -> Any:
+        """Pseudo-label logits (B, C) of an unlabelled batch as the run's balancer corrects
+        them (e.g. ``logit_adjust``); call it once per step on the logits a method takes its
+        pseudo-labels from."""
+        return self.balancer.adjust(logits) if self.balancer is not None else logits
 
     def epoch_metrics(self, stage: Stage) -> dict[str, Any]:
         """Extra figures of an epoch of ``stage`` (e.g. learning rates), every rank."""
@@ -163,6 +177,8 @@ class Registry:
                 raise ValueError(f"a {self.kind} named {name!r} is already registered ({taken.__module__}."
                                  f"{taken.__qualname__}); choose another name")
             cls.name = name
+            if getattr(cls, "params", None) is not None and not getattr(cls, "section", ""):
+                cls.section = name
             self._classes[name] = cls
             return cls
 
@@ -184,6 +200,20 @@ class Registry:
     def remove(self, name: str) -> None:
         """Forget ``name`` (a notebook redefining a class, a test's temporary entry)."""
         self._classes.pop(name, None)
+
+
+def own_keys(cls: type) -> tuple[str, ...]:
+    """A registered method's or balancer's own keys, relative to ``method.`` (``"mpl.threshold"``)."""
+    import dataclasses
+
+    if getattr(cls, "params", None) is None:
+        return ()
+    return tuple(f"{cls.section}.{f.name}" for f in dataclasses.fields(cls.params))
+
+
+def own_params(cls: type, cfg: "ExperimentConfig") -> Any:
+    """``cfg``'s section of a registered method's or balancer's own hyperparameters (None without)."""
+    return getattr(cfg.method, cls.section) if getattr(cls, "params", None) is not None else None
 
 
 METHODS = Registry("method", Method, "register_method")

@@ -2,12 +2,12 @@
 
 Stages: ``teacher`` (``method.teacher_epochs`` of the teacher alone on class-balanced L),
 ``mpl`` (``method.epochs`` of teacher/student steps, :func:`ipb_ray.nn.mpl.mpl_step`, on
-paired labelled and unlabelled batches; the student, or its EMA with ``method.ema``, is
+paired labelled and unlabelled batches; the student, or its EMA with ``method.mpl.ema``, is
 selected on V) and, with ``method.finetune_epochs``, ``finetune`` (that student on
 class-balanced L at ``method.finetune_lr``, selected anew; the MPL stage's choice is
 tested too). Learning rates of the MPL stage follow the run's schedule over its steps:
-``method.teacher_lr`` for the teacher, ``method.student_lr`` for the student after
-``method.student_warmup_epochs`` at ``method.student_warmup_lr``.
+``method.mpl.teacher_lr`` for the teacher, ``method.mpl.student_lr`` for the student after
+``method.mpl.student_warmup_epochs`` at ``method.mpl.student_warmup_lr``.
 
 ``mpl`` streams U as it is (balancer ``none``); ``ipb`` is the same method whose default
 balancer is ``pseudo_balance``: the teacher labels U before every MPL epoch and the
@@ -19,11 +19,36 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from dataclasses import dataclass
+
+from ipb_ray.config import MPL_FEEDBACK, STUDENT_INITS, Params, param
 from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
 
 #: per-step figures of :func:`ipb_ray.nn.mpl.mpl_step` averaged into the epoch's metrics
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
                 "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
+
+
+@dataclass(frozen=True)
+class MPLParams(Params):
+    """MPL and IPB: the teacher/student stage (learning rates, UDA, the MPL feedback, EMA)."""
+
+    teacher_lr: float = param(0.005, lo=0.0, hi=10.0, doc="teacher lr in the MPL stage")
+    student_lr: float = param(0.005, lo=0.0, hi=10.0, doc="student lr after warm-up")
+    student_init: str = param("scratch", choices=STUDENT_INITS, doc="the student's start: its own random init "
+                              "(the paper's) or a copy of the pre-trained teacher (short runs: the student then "
+                              "starts where supervised training ends)")
+    student_warmup_epochs: int = param(10, lo=0, doc="epochs at the low student lr")
+    student_warmup_lr: float = param(0.0005, lo=0.0, hi=10.0, doc="student lr during warm-up")
+    threshold: float = param(0.65, lo=0.0, hi=1.0, doc="pseudo-label confidence threshold (UDA mask and the "
+                             "student's loss)")
+    threshold_student: bool = param(True, doc="apply the threshold to the student loss too")
+    temperature: float = param(1.0, lo=1e-3, hi=100.0, doc="UDA soft-target temperature")
+    uda_weight: float = param(8.0, lo=0.0, hi=1000.0, doc="lambda_u: final weight of the teacher's UDA loss")
+    uda_steps: int = param(5000, lo=1, doc="steps of the linear ramp of lambda_u from 0")
+    mpl_feedback: str = param("old_minus_new", choices=MPL_FEEDBACK,
+                              doc="sign of the MPL feedback h (derivation: old - new)")
+    ema: float = param(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
 
 
 @register_method("mpl")
@@ -35,34 +60,32 @@ class MetaPseudoLabels(Method):
     labeller = "teacher"
     step_metrics = STEP_METRICS
     loss_metric = "student_loss"
-    hyperparameters = ("teacher_lr", "student_lr", "student_init", "student_warmup_epochs", "student_warmup_lr",
-                       "threshold", "threshold_student", "temperature", "uda_weight", "uda_steps", "mpl_feedback",
-                       "ema")
+    params = MPLParams
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
         m = cfg.method
         return [*pretraining_stage(cfg, "teacher", "teacher", "teacher pre-training"),
-                Stage("mpl", m.epochs, "ema" if m.ema > 0 else "student", title="teacher/student",
+                Stage("mpl", m.epochs, "ema" if m.mpl.ema > 0 else "student", title="teacher/student",
                       unlabelled=True, also_validate=("teacher",)),
                 *finetune_stage(cfg, "student")]
 
     def build(self) -> None:
         from ipb_ray.nn.mpl import student_lr_at
 
-        m, ctx = self.m, self.ctx
+        m, p, ctx = self.m, self.p, self.ctx
         self.nets["teacher"] = ctx.network(self.cfg.seed)  # teacher and student differ at init
         self.nets["student"] = ctx.network(self.cfg.seed + 1)
-        if m.ema > 0:
+        if p.ema > 0:
             self.nets["ema"] = copy.deepcopy(ctx.unwrap(self.nets["student"]))
         self.opts["teacher"] = ctx.optimizer(self.nets["teacher"], m.lr)
-        self.opts["student"] = ctx.optimizer(self.nets["student"], student_lr_at(0, m))
+        self.opts["student"] = ctx.optimizer(self.nets["student"], student_lr_at(0, p))
         if m.finetune_epochs:
             self.opts["finetune"] = ctx.optimizer(self.nets["student"], m.finetune_lr)
         self._last: dict[str, Any] = {}
 
     def begin_stage(self, stage: Stage) -> None:
-        if stage.name == "mpl" and self.m.student_init == "teacher":  # the student starts as the teacher
+        if stage.name == "mpl" and self.p.student_init == "teacher":  # the student starts as the teacher
             unwrap = self.ctx.unwrap
             unwrap(self.nets["student"]).load_state_dict(unwrap(self.nets["teacher"]).state_dict())
             if "ema" in self.nets:
@@ -73,16 +96,17 @@ class MetaPseudoLabels(Method):
         from ipb_ray.nn.mpl import ema_update, mpl_step, student_lr_at
         from ipb_ray.nn.optim import set_lr
 
-        m, ctx = self.m, self.ctx
+        m, p, ctx = self.m, self.p, self.ctx
         s_opt, t_opt = self.opts["student"], self.opts["teacher"]
-        set_lr(s_opt, student_lr_at(stage_epoch, m) * lr_factor)
-        set_lr(t_opt, m.teacher_lr * lr_factor)
+        set_lr(s_opt, student_lr_at(stage_epoch, p) * lr_factor)
+        set_lr(t_opt, p.teacher_lr * lr_factor)
         out = mpl_step(self.nets["teacher"], self.nets["student"], t_opt, s_opt,
                        ctx.tensors(labelled, ctx.columns), ctx.labels(labelled),
                        ctx.tensors(unlabelled, ctx.weak_columns), ctx.tensors(unlabelled, ctx.strong_columns),
-                       step=step, cfg=m, autocast=ctx.autocast)
+                       step=step, cfg=p, label_smoothing=m.label_smoothing, grad_clip=m.grad_clip,
+                       autocast=ctx.autocast, adjust=self.adjust if self.balancer is not None else None)
         if "ema" in self.nets:
-            ema_update(self.nets["ema"], ctx.unwrap(self.nets["student"]), m.ema)
+            ema_update(self.nets["ema"], ctx.unwrap(self.nets["student"]), p.ema)
         self._last = out
         return out
 

@@ -5,10 +5,10 @@ One network. After ``method.teacher_epochs`` epochs of supervised pre-training o
 class-balanced L, every step of the ``pseudo_label`` stage takes a labelled batch and a
 batch of unlabelled patches (the weak view), labels the unlabelled ones with the network
 itself (its most likely class, no gradient, BatchNorm statistics left alone), keeps those
-at confidence >= ``method.threshold``, and minimises cross-entropy on L plus
+at confidence >= ``method.pseudo_label.threshold``, and minimises cross-entropy on L plus
 ``lambda_u(t)`` times cross-entropy on the kept pseudo-labels; ``lambda_u`` ramps
-linearly from 0 to ``method.pseudo_label_weight`` (default 1) over ``method.uda_steps``
-steps of the stage, as the paper's alpha(t) does. With ``method.balancer=pseudo_balance`` the same network labels U before
+linearly from 0 to ``method.pseudo_label.weight`` (default 1) over
+``method.pseudo_label.ramp_steps`` steps of the stage, as the paper's alpha(t) does. With ``method.balancer=pseudo_balance`` the same network labels U before
 each epoch and the unlabelled stream is drawn pseudo-balanced (IPB's balancer on a
 different method). ``method.finetune_epochs`` adds the fine-tuning stage on L.
 """
@@ -17,7 +17,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from dataclasses import dataclass
+
+from ipb_ray.config import Params, param
 from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
+
+
+@dataclass(frozen=True)
+class PseudoLabelParams(Params):
+    """`pseudo_label` (Lee 2013): which pseudo-labels count, and how much."""
+
+    threshold: float = param(0.65, lo=0.0, hi=1.0, doc="confidence a pseudo-label needs to count")
+    weight: float = param(1.0, lo=0.0, hi=100.0, doc="final weight of the loss on confident pseudo-labels "
+                          "(Lee's alpha_f; FixMatch's lambda_u is 1)")
+    ramp_steps: int = param(5000, lo=1, doc="steps of the linear ramp of the weight from 0 (Lee's alpha(t))")
 
 
 @register_method("pseudo_label")
@@ -27,7 +40,7 @@ class PseudoLabel(Method):
     labeller = "model"
     step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
     loss_metric = "loss"
-    hyperparameters = ("threshold", "pseudo_label_weight", "uda_steps")
+    params = PseudoLabelParams
 
     @classmethod
     def stages(cls, cfg) -> list[Stage]:
@@ -49,28 +62,25 @@ class PseudoLabel(Method):
         import torch.nn.functional as F
 
         from ipb_ray.nn.mpl import pseudo_labels, student_loss, uda_weight
-        from ipb_ray.nn.optim import frozen_bn_stats, set_lr
+        from ipb_ray.nn.optim import frozen_bn_stats, optimizer_step, set_lr
 
-        m, ctx, net, opt = self.m, self.ctx, self.nets["model"], self.opts["model"]
+        m, p, ctx, net, opt = self.m, self.p, self.ctx, self.nets["model"], self.opts["model"]
         set_lr(opt, m.lr * lr_factor)
         x_l, y_l = ctx.tensors(labelled, ctx.columns), ctx.labels(labelled)
         x_u = ctx.tensors(unlabelled, ctx.weak_columns)
         with torch.no_grad(), frozen_bn_stats(ctx.unwrap(net)), ctx.autocast():
             out_u = net(*x_u)
-        hard, _, mask = pseudo_labels(out_u[0] if isinstance(out_u, (tuple, list)) else out_u, m.threshold)
+        hard, _, mask = pseudo_labels(self.adjust(out_u[0] if isinstance(out_u, (tuple, list)) else out_u),
+                                      p.threshold)
         n_l = y_l.shape[0]
         with ctx.autocast():  # labelled and unlabelled as one batch: shared BatchNorm statistics
             out = net(*[torch.cat(pair) for pair in zip(x_l, x_u)])
         logits = (out[0] if isinstance(out, (tuple, list)) else out).float()
         loss_l = F.cross_entropy(logits[:n_l], y_l, label_smoothing=m.label_smoothing)
         loss_u = student_loss(logits[n_l:], hard, mask)
-        self._weight = uda_weight(step, m.pseudo_label_weight, m.uda_steps)
+        self._weight = uda_weight(step, p.weight, p.ramp_steps)
         loss = loss_l + self._weight * loss_u
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if m.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), m.grad_clip)
-        opt.step()
+        optimizer_step(opt, net, loss, m.grad_clip)
         values = torch.stack([loss, loss_l, loss_u, mask.mean()]).detach().tolist()
         return {**dict(zip(self.step_metrics, values)), "pseudo_labels": hard.tolist()}
 

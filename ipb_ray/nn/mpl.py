@@ -7,7 +7,7 @@ One MPL step (shared/IPB.md, "Training (Algorithm 1)", step b), for a labelled b
 2. Student: cross-entropy of ``S(x_us)`` against the teacher's hard pseudo-labels
    ``argmax T(x_us)`` (optionally only those with confidence >= threshold), one SGD step.
 3. Feedback ``h``: the student's labelled loss before minus after that step
-   (``method.mpl_feedback`` flips the sign to the MPL authors' code).
+   (``method.mpl.mpl_feedback`` flips the sign to the MPL authors' code).
 4. Teacher: CE on ``x_l`` + ramped UDA loss + ``h`` * CE of ``T(x_us)`` against its own
    hard pseudo-labels; one step.
 
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipb_ray.config import MPL_FEEDBACK, MethodConfig
-from ipb_ray.nn.optim import frozen_bn_stats
+from ipb_ray.config import MPL_FEEDBACK
+from ipb_ray.nn.optim import frozen_bn_stats, optimizer_step
 
 __all__ = [
     "ema_update",
@@ -107,7 +107,7 @@ def mpl_feedback(loss_old: _Num, loss_new: _Num, mode: str) -> _Num:
         return loss_old - loss_new
     if mode == "new_minus_old":
         return loss_new - loss_old
-    raise ValueError(f"unknown MPL feedback mode {mode!r} (method.mpl_feedback); "
+    raise ValueError(f"unknown MPL feedback mode {mode!r} (method.mpl.mpl_feedback); "
                      f"choose one of {', '.join(MPL_FEEDBACK)}")
 
 
@@ -122,24 +122,20 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor,
-          grad_clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-
-
 def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimizer,
              s_opt: torch.optim.Optimizer, x_l: Inputs, y_l: torch.Tensor, x_uw: Inputs,
-             x_us: Inputs, *, step: int, cfg: MethodConfig,
-             autocast: Callable[[], ContextManager[Any]] | None = None) -> dict[str, Any]:
+             x_us: Inputs, *, step: int, cfg: Any, label_smoothing: float = 0.0, grad_clip: float = 0.0,
+             autocast: Callable[[], ContextManager[Any]] | None = None,
+             adjust: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """One Meta Pseudo Labels step: updates ``student`` then ``teacher`` in place.
 
     ``x_l``, ``x_uw``, ``x_us``: one (N, 1, H, W) batch per scale (a tuple/list, or a
     tensor for a single scale); ``y_l``: (N_l,) int64 labels; the weak and strong views
     share their batch size. ``step``: the global MPL step (0-based) for the UDA ramp.
+    ``cfg``: MPL's hyperparameters (``method.mpl``, :class:`ipb_ray.methods.mpl.MPLParams`);
+    ``label_smoothing`` (the teacher's labelled loss) and ``grad_clip`` are the run's.
+    ``adjust``: a correction of the teacher's strong-view logits before they become the
+    student's hard pseudo-labels (e.g. a balancer's logit adjustment); None = as they are.
     ``autocast``: a zero-argument context-manager factory (e.g. bf16 autocast on GPU) that
     wraps the forward passes, never the backward ones. Both models should be in train mode. The student's labelled loss is measured
     without grad, in the same mode, just before and just after its step, so ``h``
@@ -165,10 +161,10 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     with fwd():
         t_logits = _logits(teacher(*t_in))
     t_logits_l, t_logits_uw, t_logits_us = t_logits.split([n_l, n_u, n_u])
-    t_loss_l = F.cross_entropy(t_logits_l.float(), y_l, label_smoothing=cfg.label_smoothing)
+    t_loss_l = F.cross_entropy(t_logits_l.float(), y_l, label_smoothing=label_smoothing)
     t_loss_uda, uda_mask = uda_loss(t_logits_uw, t_logits_us, cfg.temperature, cfg.threshold)
     w_uda = uda_weight(step, cfg.uda_weight, cfg.uda_steps)
-    hard, _, mask = pseudo_labels(t_logits_us, cfg.threshold)
+    hard, _, mask = pseudo_labels(adjust(t_logits_us.detach()) if adjust else t_logits_us, cfg.threshold)
     student_mask = mask if cfg.threshold_student else None
 
     # 2. student on the teacher's hard pseudo-labels of the strong view
@@ -180,7 +176,7 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     with fwd():
         s_logits = _logits(student(*x_us))
     s_loss = student_loss(s_logits, hard, student_mask)
-    _step(s_opt, student, s_loss, cfg.grad_clip)
+    optimizer_step(s_opt, student, s_loss, grad_clip)
     with torch.no_grad(), frozen_bn_stats(student):
         with fwd():
             s_loss_l_new = F.cross_entropy(_logits(student(*x_l)).float(), y_l)
@@ -190,7 +186,7 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     h = mpl_feedback(s_loss_l_old, s_loss_l_new, cfg.mpl_feedback).detach()
     t_loss_mpl = student_loss(t_logits_us, hard, student_mask)
     t_loss = t_loss_l + w_uda * t_loss_uda + h * t_loss_mpl
-    _step(t_opt, teacher, t_loss, cfg.grad_clip)
+    optimizer_step(t_opt, teacher, t_loss, grad_clip)
 
     names = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
              "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
@@ -205,7 +201,7 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
 
 # --------------------------------------------------------------------------- schedule, EMA
 
-def student_lr_at(epoch: int, cfg: MethodConfig) -> float:
+def student_lr_at(epoch: int, cfg: Any) -> float:
     """Student learning rate in MPL/IPB ``epoch`` (0-based): ``cfg.student_warmup_lr`` for
     the first ``cfg.student_warmup_epochs`` epochs, ``cfg.student_lr`` afterwards."""
     return cfg.student_warmup_lr if epoch < cfg.student_warmup_epochs else cfg.student_lr
@@ -215,10 +211,10 @@ def student_lr_at(epoch: int, cfg: MethodConfig) -> float:
 def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     """In place: every floating parameter of ``ema_model`` becomes
     ``decay * ema + (1 - decay) * model``; buffers (BN statistics, counters) are copied.
-    ``decay`` = 0 (``method.ema`` off) leaves ``ema_model`` an exact copy of ``model``,
+    ``decay`` = 0 (``method.mpl.ema`` off) leaves ``ema_model`` an exact copy of ``model``,
     so callers may skip the call. Both models must have the same structure."""
     if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1] (method.ema), got {decay}")
+        raise ValueError(f"EMA decay must be in [0, 1] (method.mpl.ema), got {decay}")
     ema_params, params = dict(ema_model.named_parameters()), dict(model.named_parameters())
     ema_bufs, bufs = dict(ema_model.named_buffers()), dict(model.named_buffers())
     if ema_params.keys() != params.keys() or ema_bufs.keys() != bufs.keys():

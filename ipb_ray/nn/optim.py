@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["frozen_bn_stats", "lr_factor", "make_optimizer", "recalibrate_bn", "set_lr"]
+__all__ = ["frozen_bn_stats", "lr_factor", "make_optimizer", "optimizer_step", "recalibrate_bn", "set_lr"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -60,6 +60,17 @@ def warmup_steps(total: int, fraction: float) -> int:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor,
+                   grad_clip: float = 0.0) -> None:
+    """One optimiser step on ``loss``: clear the gradients, backward, clip ``model``'s
+    gradient norm to ``grad_clip`` (0 = off), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
 
 
 def make_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, *, momentum: float = 0.9,
