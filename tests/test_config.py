@@ -31,7 +31,16 @@ def test_every_paper_configuration_and_demo_is_shipped():
     assert set(PAPER_PRESETS + ["demo"]) <= set(list_presets())
 
 
-@pytest.mark.parametrize("name", PAPER_PRESETS + ["demo"])
+def test_every_registered_method_and_balancer_has_a_preset_row():
+    """Table 5's rows and the methods beyond it: a preset per method (and per composed balancer)."""
+    from ipb_ray.methods import list_balancers, list_methods
+
+    shipped = {(c.method.name, c.method.balancer) for c in (load_config(preset=n) for n in list_presets())}
+    assert {name for name, _ in shipped} >= set(list_methods())
+    assert {bal for _, bal in shipped} >= set(list_balancers()) - {"none"}
+
+
+@pytest.mark.parametrize("name", list_presets())
 def test_preset_round_trips_through_yaml(name, tmp_path):
     cfg = load_config(preset=name)
     assert cfg.preset == name
@@ -48,6 +57,8 @@ def test_preset_round_trips_through_yaml(name, tmp_path):
     ("ml_ipb_vgg", "ipb", "vgg19_bn", False, True),
     ("ml_ms_ipb_hrnet", "ipb", "hrnet", True, True),
     ("mpl_imbalanced", "mpl", "hrnet", True, True),
+    ("simclr", "simclr", "hrnet", True, True),
+    ("fixmatch_pseudo_balance", "fixmatch", "hrnet", True, True),
 ])
 def test_presets_state_the_papers_rows(name, method, backbone, ms, ml):
     c = load_config(preset=name)

@@ -129,6 +129,38 @@ def test_pseudo_label_with_the_pseudo_balancer_runs_through_cv_and_mlflow(cv_cat
     assert steps == [0, 1]  # warm-up epoch, then the pseudo-labelling epoch
 
 
+@pytest.mark.parametrize("method, balancer, key, stages", [
+    ("fixmatch", "logit_adjust", "prior_estimate/", ["warmup", "fixmatch", "finetune"]),
+    ("simclr", "none", "contrastive_loss", ["contrastive", "supervised"]),
+])
+def test_issue_17_methods_run_through_cv_and_mlflow(cv_catalog, method, balancer, key, stages):
+    """FixMatch with the logit-adjusting balancer, and SimCLR, through the real `ipb cv`:
+    every stage logged per epoch to the fold run, the balancer's figures and the fold's
+    report (with fine-tuning, also the choice before it) in MLflow."""
+    from mlflow import MlflowClient
+
+    from ipb_ray.distributed.cv import run_cv
+
+    cfg = _cfg(cv_catalog, f"name=cv-{method}", "resources.num_workers=0", f"method.name={method}",
+               f"method.balancer={balancer}", "method.teacher_epochs=1", "method.epochs=1",
+               "method.unlabelled_batch_size=4", "method.fixmatch.threshold=0.0", "method.simclr.supervised_epochs=1",
+               f"method.finetune_epochs={int('finetune' in stages)}")
+    result = run_cv(cfg, [0], log_model=False)
+    assert result.reports[0]["n"] > 0
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert (parent.data.tags["ipb.method"], parent.data.tags["ipb.balancer"]) == (method, balancer)
+    child = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")[0]
+    metrics = child.data.metrics
+    assert any(k.startswith(key) for k in metrics), sorted(metrics)
+    if key == "prior_estimate/":
+        assert sum(v for k, v in metrics.items() if k.startswith(key)) == pytest.approx(1, abs=1e-4)
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_balanced_accuracy")]
+    assert steps == list(range(len(stages)))
+    if "finetune" in stages:
+        assert 0 <= metrics["pre_finetune_test_macro_tpr"] <= 1  # both results: before and after fine-tuning
+
+
 def test_epochs_reach_the_fold_run_while_it_trains_and_a_resumed_fold_keeps_its_run(cv_catalog):
     from mlflow import MlflowClient
 

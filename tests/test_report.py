@@ -83,13 +83,16 @@ def store(tmp_path_factory):
     for ci, (name, (method, frac, acc)) in enumerate(CONFIGS.items()):
         parent = client.create_run(exp_id, run_name=name, tags={
             "ipb.kind": "cv", "ipb.method": method, "ipb.backbone": "vgg19" if method == "supervised" else "hrnet",
-            "ipb.preset": "paper", "ipb.labelled_fraction": frac, "ipb.config_key": f"key-{ci}"})
+            "ipb.preset": "paper", "ipb.labelled_fraction": frac, "ipb.config_key": f"key-{ci}",
+            "ipb.balancer": {"ipb": "pseudo_balance", "mpl": "none"}.get(method, "")})
         pid = parent.info.run_id
         reports[name] = []
         for fold in range(FOLDS):
             child = client.create_run(exp_id, run_name=f"{name}-fold{fold}", tags={
                 "mlflow.parentRunId": pid, "ipb.kind": "fold", "ipb.fold": str(fold)})
             client.log_batch(child.info.run_id, metrics=_metrics(_histories(method, fold)))
+            if method == "ipb":  # a run with a fine-tuning stage also logs its choice before it
+                client.log_metric(child.info.run_id, "pre_finetune_test_macro_tpr", 0.5 + 0.1 * fold)
             client.set_terminated(child.info.run_id)
             y, p = _predictions(100 * ci + fold, acc, fold, drop_spread=(method == "mpl" and fold == 2))
             reports[name].append(classification_report(y, p, CLASSES))
@@ -185,6 +188,24 @@ def test_paired_comparison_p_values(rendered):
     # the baseline is not compared with itself; every other configuration is
     assert "VGG19 supervised vs VGG19 supervised" not in md
     assert md.count("### ") == len(CONFIGS) - 1
+
+
+def test_table_5_lists_every_configuration_against_the_baseline(rendered):
+    _, html_text, md, reports = rendered
+    section = "Every method against the baseline VGG19 supervised (Table 5)"
+    assert section in md and section in html_text
+    base = [r["macro_tpr"] for r in reports["VGG19 supervised"]]
+    assert "| baseline |" in _row(md, "VGG19 supervised", section)
+    for name in ("MPL HRNet", "IPB HRNet 10%", "IPB HRNet 30%"):
+        row = _row(md, name, section)
+        mine = [r["macro_tpr"] for r in reports[name]]
+        worst = np.mean([np.nanmin(list(r["tpr"].values())) for r in reports[name]])
+        assert f"| {np.mean(mine) - np.mean(base):+.3f} | {sps.ttest_rel(mine, base).pvalue:.3f} |" in row
+        assert f"| {worst:.3f} |" in row and f"| {FOLDS} |" in row
+    ipb = _row(md, "IPB HRNet 10%", section)
+    assert "| ipb + pseudo_balance |" in ipb and "| 0.600 |" in ipb  # before fine-tuning: mean of 0.5, 0.6, 0.7
+    assert "| mpl |" in _row(md, "MPL HRNet", section)  # balancer none: the method alone
+    assert "| - |" in _row(md, "MPL HRNet", section)  # no fine-tuning stage
 
 
 def test_baseline_choice_and_errors(store, tmp_path):

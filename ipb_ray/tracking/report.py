@@ -86,6 +86,7 @@ class _Config:
     run_id: str
     name: str
     method: str
+    balancer: str
     backbone: str
     preset: str
     fraction_tag: str
@@ -98,6 +99,7 @@ class _Config:
     child_ids: list[str] = field(default_factory=list)
     # metric key -> list over fold runs of {epoch: value}
     histories: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    before_finetune: list[float] = field(default_factory=list)  # fold runs' macro TPR before fine-tuning
 
     @property
     def class_names(self) -> list[str]:
@@ -204,6 +206,7 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
             frac_tag = tags.get(Tag.LABELLED_FRACTION, "")
             configs.append(_Config(
                 run_id=r.info.run_id, name=str(name), method=tags.get(Tag.METHOD, ""),
+                balancer=tags.get(Tag.BALANCER, ""),
                 backbone=tags.get(Tag.BACKBONE, ""), preset=tags.get(Tag.PRESET, ""),
                 fraction_tag=frac_tag, fraction=_nan(frac_tag), config_key=tags.get(Tag.CONFIG_KEY, ""),
                 status=r.info.status, start_time=int(r.info.start_time or 0), reports=reports,
@@ -241,6 +244,9 @@ def _load(client: Any, tracking_uri: str, experiment: str) -> tuple[Any, list[_C
         if c is None or r.data.tags.get(Tag.KIND, FOLD_KIND) != FOLD_KIND or r.data.tags.get(Tag.SUPERSEDED_BY):
             continue  # not a fold run of a reported configuration, or replaced by a later run of its fold
         c.child_ids.append(r.info.run_id)
+        before = r.data.metrics.get(PRE_FINETUNE_MACRO_TPR)
+        if before is not None:
+            c.before_finetune.append(float(before))
         for key in sorted(k for k in r.data.metrics if _wanted_metric(k)):
             c.histories.setdefault(key, []).append(_history(client, r.info.run_id, key))
     return exp, configs, notes
@@ -396,6 +402,40 @@ def _resolve_baseline(configs: Sequence[_Config], baseline: str | None) -> _Conf
         return hits[0]
     raise ValueError(f"baseline {baseline!r} is none of this experiment's configurations; use a display "
                      f"name, parent run id or ipb.config_key, one of: {[c.name for c in configs]}")
+
+
+#: A fold run's macro TPR of the network chosen before the fine-tuning stage (runs with one).
+PRE_FINETUNE_MACRO_TPR = "pre_finetune_test_macro_tpr"
+
+
+def _method_text(c: _Config) -> str:
+    return f"{c.method} + {c.balancer}" if c.balancer not in ("", "none") else c.method or "?"
+
+
+def _summary_table(configs: Sequence[_Config], base: _Config) -> _Table:
+    """Table 5 in one table: every configuration's macro TPR, worst-class TPR and macro F1
+    (mean over folds), before fine-tuning where it had that stage, and its difference from
+    the baseline with the paired t-test and Wilcoxon p over the folds both have."""
+    rows = []
+    for c in configs:
+        s = c.summary
+        worst = [min(present) for rep in c.reports.values()  # a class absent from a fold's T has no TPR
+                 if (present := [x for x in map(_nan, (rep.get("tpr") or {}).values()) if not math.isnan(x)])]
+        cells = [c.name, _method_text(c), str(len(c.reports)),
+                 _pm(s["macro_tpr"]["mean"], s["macro_tpr"]["std"]), _num(float(np.mean(worst)) if worst else None, ".3f"),
+                 _pm(s["macro_f1"]["mean"], s["macro_f1"]["std"]),
+                 _num(float(np.mean(c.before_finetune)), ".3f") if c.before_finetune else "-"]
+        common = sorted(set(base.reports) & set(c.reports))
+        if c is base or len(common) < 2 or c.class_names != base.class_names:
+            cells += ["baseline" if c is base else "-", "-", "-"]
+        else:
+            row = next(r for r in paired_tests([base.reports[f] for f in common], [c.reports[f] for f in common])
+                       if r["metric"] == "macro_tpr")
+            cells += [f"{row['diff']:+.3f}", _num(row["p_t"], ".3f"), _num(row["p_w"], ".3f")]
+        rows.append(cells)
+    return _Table(["configuration", "method", "folds", "macro TPR", "worst-class TPR", "macro F1",
+                   "macro TPR before fine-tuning", f"Δ macro TPR vs {base.name}", "p (paired t)", "p (Wilcoxon)"],
+                  rows, [False, False, True, True, True, True, True, True, True, True])
 
 
 def _comparisons(configs: Sequence[_Config], base: _Config) -> tuple[list[tuple[_Config, list[int], str]],
@@ -665,8 +705,14 @@ def render_report(tracking_uri: str, experiment: str, out_dir: str | Path, *,
                 f"Mean macro TPR {_pm(best.summary['macro_tpr']['mean'], best.summary['macro_tpr']['std'])}.")
         table(_confusion_table(best))
 
+    if len(configs) > 1:
+        section(f"Every method against the baseline {base.name} (Table 5)",
+                "Mean over folds; worst-class TPR is each fold's lowest class TPR, averaged. Δ and p: macro TPR "
+                "paired by fold with the baseline (Student's paired t-test, as in the paper, and Wilcoxon). "
+                "Before fine-tuning: the same runs' choice before their fine-tuning stage on L, where they had one.")
+        table(_summary_table(configs, base))
     if comparisons or skipped:
-        section(f"Paired comparison with the baseline {base.name} (Table 5)",
+        section(f"Paired comparison with the baseline {base.name}, per class",
                 "Per-class TPR and macro metrics paired by fold over the folds both configurations have: "
                 "Student's paired t-test (as in the paper) and the Wilcoxon signed-rank test.")
         for c, common, text in comparisons:

@@ -87,6 +87,7 @@ class Tag:
     """The ``ipb.*`` tag names of the tracking layout (the module docstring), in one place."""
 
     BACKBONE = "ipb.backbone"
+    BALANCER = "ipb.balancer"
     CHECKPOINT = "ipb.checkpoint"
     CONFIG_KEY = "ipb.config_key"
     DATA_FINGERPRINT = "ipb.data_fingerprint"
@@ -372,6 +373,7 @@ def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_n
         Tag.KIND: CV_KIND,
         Tag.CONFIG_KEY: config_key(cfg),
         Tag.METHOD: cfg.method.name,
+        Tag.BALANCER: _balancer(cfg),
         Tag.PRESET: cfg.preset or "",
         Tag.GIT_COMMIT: git_commit(),
         Tag.DATA_FINGERPRINT: data_fingerprint(cfg.data.catalog),
@@ -409,6 +411,14 @@ def _history_metrics(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, An
         items.extend((key, value, step) for key, value in row.items()
                      if key != "epoch" and _is_number(value))
     return items
+
+
+def _balancer(cfg: ExperimentConfig) -> str:
+    """The balancer a run of ``cfg`` streams U through ("" for a supervised method)."""
+    from ipb_ray.methods import get_method
+
+    method = get_method(cfg.method.name)
+    return method.balancer_name(cfg) if method.semi_supervised else ""
 
 
 def _final_metrics(report: Mapping[str, Any], prefix: str = "test_") -> list[tuple[str, Any, int]]:
