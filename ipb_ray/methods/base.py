@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.config import ExperimentConfig
 
-__all__ = ["LOOP_KEYS", "METHODS", "SEMI_KEYS", "Method", "Registry", "Stage", "finetune_stage", "get_method",
+__all__ = ["LOOP_KEYS", "METHODS", "SEMI_KEYS", "Method", "OneNetworkMethod", "Registry", "Stage", "finetune_stage", "get_method",
            "list_methods", "own_keys", "own_params", "pretraining_stage", "register_method", "total_epochs"]
 
 
@@ -157,6 +157,36 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+
+class OneNetworkMethod(Method):
+    """Base of the semi-supervised methods that train one network, ``model``, which also
+    labels U (Pseudo-Label, FixMatch): the optional ``warmup`` pre-training on L, the
+    method's unlabelled stage (``stage_name``, ``stage_title``), the optional fine-tuning;
+    one optimiser ``model`` at ``method.lr`` (and ``finetune``). Subclasses write
+    :meth:`train_step`; its step figures are ``loss`` (the epoch's ``train_loss``), ``loss_l``,
+    ``loss_u`` and ``mask_rate``."""
+
+    semi_supervised = True
+    labeller = "model"
+    step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
+    loss_metric = "loss"
+    stage_name: ClassVar[str] = ""
+    stage_title: ClassVar[str] = ""
+
+    @classmethod
+    def stages(cls, cfg: "ExperimentConfig") -> list[Stage]:
+        return [*pretraining_stage(cfg, "warmup", "model", "supervised pre-training"),
+                Stage(cls.stage_name or cls.name, cfg.method.epochs, "model", title=cls.stage_title or cls.name,
+                      unlabelled=True),
+                *finetune_stage(cfg, "model")]
+
+    def build(self) -> None:
+        m = self.m
+        self.nets["model"] = self.ctx.network(self.cfg.seed)
+        self.opts["model"] = self.ctx.optimizer(self.nets["model"], m.lr)
+        if m.finetune_epochs:
+            self.opts["finetune"] = self.ctx.optimizer(self.nets["model"], m.finetune_lr)
 
 
 class Registry:

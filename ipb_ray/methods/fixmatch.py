@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ipb_ray.config import Params, param
-from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
+from ipb_ray.methods.base import OneNetworkMethod, Stage, register_method
 
 
 @dataclass(frozen=True)
@@ -37,26 +37,10 @@ class FixMatchParams(Params):
 
 
 @register_method("fixmatch")
-class FixMatch(Method):
+class FixMatch(OneNetworkMethod):
     title = "FixMatch (Sohn et al. 2020): weak-view pseudo-labels, strong-view consistency"
-    semi_supervised = True
-    labeller = "model"
-    step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
-    loss_metric = "loss"
+    stage_name, stage_title = "fixmatch", "FixMatch"
     params = FixMatchParams
-
-    @classmethod
-    def stages(cls, cfg) -> list[Stage]:
-        return [*pretraining_stage(cfg, "warmup", "model", "supervised pre-training"),
-                Stage("fixmatch", cfg.method.epochs, "model", title="FixMatch", unlabelled=True),
-                *finetune_stage(cfg, "model")]
-
-    def build(self) -> None:
-        m = self.m
-        self.nets["model"] = self.ctx.network(self.cfg.seed)
-        self.opts["model"] = self.ctx.optimizer(self.nets["model"], m.lr)
-        if m.finetune_epochs:
-            self.opts["finetune"] = self.ctx.optimizer(self.nets["model"], m.finetune_lr)
 
     def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
                    step: int, lr_factor: float, stage_epoch: int) -> dict[str, Any]:

@@ -15,12 +15,11 @@ different method). ``method.finetune_epochs`` adds the fine-tuning stage on L.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from dataclasses import dataclass
-
 from ipb_ray.config import Params, param
-from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
+from ipb_ray.methods.base import OneNetworkMethod, Stage, register_method
 
 
 @dataclass(frozen=True)
@@ -34,26 +33,13 @@ class PseudoLabelParams(Params):
 
 
 @register_method("pseudo_label")
-class PseudoLabel(Method):
+class PseudoLabel(OneNetworkMethod):
     title = "Pseudo-Label (Lee 2013), confidence threshold"
-    semi_supervised = True
-    labeller = "model"
-    step_metrics = ("loss", "loss_l", "loss_u", "mask_rate")
-    loss_metric = "loss"
+    stage_name, stage_title = "pseudo_label", "pseudo-labelling"
     params = PseudoLabelParams
 
-    @classmethod
-    def stages(cls, cfg) -> list[Stage]:
-        return [*pretraining_stage(cfg, "warmup", "model", "supervised pre-training"),
-                Stage("pseudo_label", cfg.method.epochs, "model", title="pseudo-labelling", unlabelled=True),
-                *finetune_stage(cfg, "model")]
-
     def build(self) -> None:
-        m = self.m
-        self.nets["model"] = self.ctx.network(self.cfg.seed)
-        self.opts["model"] = self.ctx.optimizer(self.nets["model"], m.lr)
-        if m.finetune_epochs:
-            self.opts["finetune"] = self.ctx.optimizer(self.nets["model"], m.finetune_lr)
+        super().build()
         self._weight = 0.0
 
     def train_step(self, stage: Stage, labelled: dict[str, Any], unlabelled: dict[str, Any], *,
