@@ -25,6 +25,21 @@ def test_shipped_space_is_valid_for_the_ipb_presets():
     assert space["method.batch_size"]["values"] == [16, 32, 64]
 
 
+@pytest.mark.parametrize("space, preset", [("fixmatch", "fixmatch"), ("fixmatch_logit_adjust", "fixmatch_logit_adjust"),
+                                           ("pseudo_label", "pseudo_label"), ("simclr", "simclr")])
+def test_each_methods_shipped_space_is_checked_against_that_methods_own_keys(space, preset):
+    """Every shipped space loads for its method, and is refused for a method that does not read it."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tune" / "spaces" / f"{space}.yaml"
+    cfg = load_config(preset=preset)
+    loaded = load_space(path, cfg)
+    own = [k for k in loaded if k.startswith(f"method.{cfg.method.name}.")]
+    assert own, loaded  # the space searches the method's own section
+    with pytest.raises(ConfigError, match="does not read this key"):
+        load_space(path, load_config(preset="hrnet"))  # the supervised baseline reads none of them
+
+
 @pytest.mark.parametrize("text, message", [
     ("method.mpl.treshold: {type: uniform, low: 0.5, high: 0.9}", "did you mean 'method.mpl.threshold'"),
     ("method.mpl.threshold: {type: normal, low: 0.5, high: 0.9}", "type one of loguniform"),
@@ -68,7 +83,8 @@ def test_every_method_key_is_read_by_the_loop_or_some_method():
 
     read = set()
     for name in list_methods():
-        for balancer in [None, *list_balancers()] if get_method(name).semi_supervised else (None,):
+        cls = get_method(name)
+        for balancer in [None, *list_balancers()] if cls.semi_supervised and cls.pseudo_labelling else (None,):
             overrides = [f"method.name={name}"] + ([f"method.balancer={balancer}"] if balancer else [])
             read |= set(get_method(name).keys(load_config(preset="demo", overrides=overrides)))
     own = {f"{section}.{f.name}" for section, cls in param_sections().items() for f in dataclasses.fields(cls)}

@@ -56,6 +56,11 @@ class SimCLR(Method):
                       optimizer="model", lr=m.lr),
                 *finetune_stage(cfg, "model")]
 
+    @classmethod
+    def keys(cls, cfg) -> tuple[str, ...]:
+        # no pre-training stage on L before the contrastive one, and no balancer
+        return tuple(k for k in super().keys(cfg) if k not in ("teacher_epochs", "balancer"))
+
     def build(self) -> None:
         from torch import nn
 

@@ -4,7 +4,7 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.trac
 
 - **parent run**, one per configuration, named ``"{cfg.name}-{cfg.method.name}"`` unless
   given; tags ``ipb.kind = "cv"``, ``ipb.config_key`` (:func:`config_key`), ``ipb.method``,
-  ``ipb.preset``, ``ipb.git_commit``, ``ipb.data_fingerprint``, ``ipb.labelled_fraction``,
+  ``ipb.balancer`` (the balancer of U, "" for a supervised method), ``ipb.preset``, ``ipb.git_commit``, ``ipb.data_fingerprint``, ``ipb.labelled_fraction``,
   ``ipb.backbone``; params :func:`ipb_ray.config.flatten` of the config (values ``str()``-ed);
   after the last fold (:func:`log_summary`) metrics ``cv_{macro_tpr,macro_f1,
   balanced_accuracy,accuracy}_{mean,std}``, ``cv_{tpr,f1}_{mean,std}/<class>`` and
@@ -17,8 +17,8 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.trac
   history (step = epoch, names sanitised to MLflow's characters), logged by the training
   loop's rank 0 as each epoch ends (:func:`log_epoch`: ``mlflow ui`` draws a running
   fold's curves; a resumed fold keeps its run), and the final ``test_{macro_tpr,macro_f1,balanced_accuracy,accuracy}``,
-  ``test_{tpr,f1,precision}/<class>`` (an MPL/IPB run with ``method.finetune_epochs`` also
-  logs the MPL stage's own result as ``pre_finetune_test_*`` and
+  ``test_{tpr,f1,precision}/<class>`` (a run with ``method.finetune_epochs`` also
+  logs the choice of the stage before fine-tuning as ``pre_finetune_test_*`` and
   ``pre_finetune_test_report.json``); artifacts ``test_report.json``,
   ``confusion_matrix.json`` (``{"class_names": [...], "matrix": [[...]]}``, rows = true
   class), ``confusion_matrix.png``, ``history.json``; and optionally the selected network
