@@ -487,6 +487,75 @@ def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment t
 
 
 @app.command()
+def register(run: str = typer.Argument(None, help="Cross-validation parent run (name or id) whose fold models to "
+                                        "register; leave out with --version to move an alias only."),
+             name: str = typer.Option(..., "--name", "-n", help="Registered model name."),
+             alias: str = typer.Option("champion", help="Alias pointed at the new version (moved from any other)."),
+             version: Optional[str] = typer.Option(None, help="Move --alias to this existing version instead of "
+                                                   "registering a new one."),
+             experiment: str = typer.Option("ipb-ray", help="MLflow experiment of RUN."),
+             tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI.")) -> None:
+    """Register a cross-validated configuration's fold models, as one ensemble, in the MLflow
+    Model Registry (class names, patch geometry, normalisation and version travel with it);
+    `ipb predict --model models:/NAME@ALIAS` applies it."""
+    from ipb_ray.tracking.registry import register_configuration, set_alias
+
+    with _user_errors():
+        if version is not None:
+            set_alias(tracking_uri, name, alias, version)
+            console.print(f"models:/{name}@{alias} -> version {version}", highlight=False)
+            return
+        if not run:
+            raise ValueError("name the cross-validation run to register (or give --version to move an alias)")
+        info = register_configuration(tracking_uri, experiment, run, name, alias)
+    est = f", cross-validated macro TPR {info['cv_macro_tpr']:.3f}" if info["cv_macro_tpr"] is not None else ""
+    console.print(f"registered {info['name']} version {info['version']} (folds {info['folds']}{est}); "
+                  f"{info['uri']} points at it", highlight=False)
+
+
+@app.command()
+def predict(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
+                                      "runs:/FOLD_RUN/model or a training checkpoint directory."),
+            frames: str = typer.Option(..., "--frames", "-f", help="Directory or glob of frames."),
+            out: Path = typer.Option(..., "--out", "-o", help="Output directory (a rerun skips finished frames)."),
+            annotations: Optional[str] = typer.Option(None, help="Annotation table (CSV/Parquet) as `ipb "
+                                                      "preprocess` reads: labels kept beside the predictions; "
+                                                      "columns well and time place each frame."),
+            pattern: Optional[str] = typer.Option(None, help="Well and time point from each frame's file name, "
+                                                  "e.g. '{well}_t{time}'."),
+            workers: int = typer.Option(1, help="Classifying actors (each holds the model once)."),
+            gpu: bool = typer.Option(False, "--gpu", help="GPU actors, when the cluster has GPUs."),
+            batch_size: int = typer.Option(64, help="Colonies per inference batch."),
+            suggest: int = typer.Option(0, help="Write the N unlabelled colonies most worth labelling next."),
+            overlays: int = typer.Option(4, help="Frames drawn with their colonies outlined."),
+            tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI (for models:/, runs:/)."),
+            config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
+            overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """Apply a model to new frames on Ray: segment, classify every colony, write Parquet,
+    per-frame and per-well tables, time courses, overlays and an HTML page."""
+    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.distributed.predict import run_predict
+    from ipb_ray.tracking.registry import load_predictor
+
+    with _user_errors():
+        cfg = _resolve(config, preset, overrides)
+        frames_root = frames if Path(frames).is_dir() else str(Path(frames).parent)
+        check_cluster_paths(cfg, {"--out": str(out), "--frames": frames_root}, catalog=False, storage=False,
+                            connected=False)
+        predictor = load_predictor(model, tracking_uri)
+        with _progress() as bar:
+            task = bar.add_task("predicting frames", total=None)
+            summary = run_predict(predictor, frames, out, annotations=annotations, pattern=pattern, cfg=cfg,
+                                  workers=workers, use_gpu=gpu, batch_size=batch_size, suggest=suggest,
+                                  overlays=overlays, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    console.print(f"{summary.frames} frames ({summary.frames_skipped} already done), {summary.colonies} colonies, "
+                  f"{summary.rejects} rejects in {summary.seconds:.1f} s", highlight=False)
+    for key in ("report", "colonies", "per_well", "suggestions", "rejects"):
+        if key in summary.files:
+            console.print(f"  {key}: {summary.files[key]}", highlight=False)
+
+
+@app.command()
 def tune(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT,
          overrides: Optional[List[str]] = OVERRIDES_ARG,
          space: Path = typer.Option(Path("tune/spaces/ipb.yaml"), "--space", help="Search space YAML."),

@@ -10,7 +10,8 @@ Layout in the tracking store (the names are the contract with :mod:`ipb_ray.trac
   balanced_accuracy,accuracy}_{mean,std}``, ``cv_{tpr,f1}_{mean,std}/<class>`` and
   ``cv_folds``; artifacts ``cv_summary.json`` (:func:`ipb_ray.evaluation.stats.aggregate_folds`),
   ``fold_reports.json`` (``[{"fold": k, "report": classification_report}, ...]`` in fold
-  order) and ``cv_confusion_matrix.png`` (summed over folds).
+  order), ``cv_confusion_matrix.png`` (summed over folds) and ``config.yaml`` (the
+  resolved configuration, from which ``ipb register`` rebuilds the patch geometry).
 - **child run** per fold (:func:`open_fold` when the fold starts, :func:`log_fold` when it
   ends), named ``"{parent name}-fold{k}"``; tags ``mlflow.parentRunId``, ``ipb.kind =
   "fold"``, ``ipb.fold``, ``ipb.config_key``; metrics: every numeric key of the per-epoch
@@ -58,15 +59,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from ipb_ray.config import ExperimentConfig, flatten, to_dict
+from ipb_ray.config import ExperimentConfig, dump_yaml, flatten, to_dict
 
 __all__ = [
     "CV_KIND",
     "Tag",
     "FOLD_KIND",
     "FOLD_REPORTS",
+    "CONFIG_ARTIFACT",
+    "client_for",
     "config_key",
     "data_fingerprint",
+    "fluent_run",
+    "fold_children",
+    "load_best_model",
+    "probability_model",
     "find_parent",
     "finished_folds",
     "git_commit",
@@ -108,6 +115,7 @@ FOLD_KIND = "fold"
 FOLD_REPORTS = "fold_reports.json"
 CV_SUMMARY = "cv_summary.json"
 TEST_REPORT = "test_report.json"
+CONFIG_ARTIFACT = "config.yaml"  # a parent run's full resolved configuration
 PRE_FINETUNE_REPORT = "pre_finetune_test_report.json"  # MPL/IPB with method.finetune_epochs: before fine-tuning
 MODEL_NAME = "model"
 PARENT_TAG = "mlflow.parentRunId"
@@ -170,7 +178,7 @@ def sanitize_metric_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- helpers
 
-def _client(tracking_uri: str) -> Any:
+def client_for(tracking_uri: str) -> Any:
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri)
@@ -341,7 +349,7 @@ def find_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig,
                 run_name: str | None = None) -> str | None:
     """The newest parent run of ``cfg`` (same ``ipb.config_key`` and run name) in
     ``experiment``, or None (also when the experiment does not exist)."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     eid = _experiment_id(client, tracking_uri, experiment, create=False)
     if eid is None:
         return None
@@ -361,7 +369,7 @@ def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_n
 
     name = run_name or f"{cfg.name}-{cfg.method.name}"
     found = find_parent(tracking_uri, experiment, cfg, run_name=name)
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     if found is not None:
         run = client.get_run(found)
         if run.info.status in ("FAILED", "KILLED"):
@@ -386,6 +394,7 @@ def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_n
         params = [Param(sanitize_metric_name(k), str(v)[:_MAX_PARAM_VALUE]) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), _PARAMS_PER_BATCH):
             client.log_batch(rid, params=params[i:i + _PARAMS_PER_BATCH])
+        client.log_text(rid, dump_yaml(cfg), CONFIG_ARTIFACT)  # the exact config, for `ipb register`
     except Exception:
         client.set_terminated(rid, "FAILED")
         raise
@@ -394,7 +403,7 @@ def open_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig, run_n
 
 # --------------------------------------------------------------------------- fold runs
 
-def _fold_children(client: Any, experiment_id: str, parent_id: str, fold: int | None = None) -> list[Any]:
+def fold_children(client: Any, experiment_id: str, parent_id: str, fold: int | None = None) -> list[Any]:
     filt = f"tags.`{PARENT_TAG}` = {_quote(parent_id)} and tags.`ipb.kind` = '{FOLD_KIND}'"
     if fold is not None:
         filt += f" and tags.`ipb.fold` = '{int(fold)}'"
@@ -433,7 +442,7 @@ def _model_input_side(cfg: ExperimentConfig) -> int:
     return cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size
 
 
-def _probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
+def probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
     """``net`` behind one input: a float32 batch (N, 1, S, S) -> softmax probabilities."""
     import torch
 
@@ -462,7 +471,7 @@ def _probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
     return ProbabilityModel(net, multi_scale, local_patch).eval()
 
 
-def _load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: int) -> tuple[Any, str]:
+def load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: int) -> tuple[Any, str]:
     """(network with the selected weights, "") or (None, why not)."""
     import torch
 
@@ -489,7 +498,7 @@ def _load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes:
 
 
 @contextlib.contextmanager
-def _fluent_run(tracking_uri: str, run_id: str) -> Iterator[None]:
+def fluent_run(tracking_uri: str, run_id: str) -> Iterator[None]:
     """MLflow's fluent API pointed at ``tracking_uri`` with ``run_id`` active, restored on
     exit. The run ends FINISHED (FAILED on an exception), as ``mlflow.start_run`` does."""
     import mlflow
@@ -530,7 +539,7 @@ def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
     import torch
 
     side = _model_input_side(cfg)
-    wrapped = _probability_model(net, cfg.data.multi_scale, cfg.data.local_patch)
+    wrapped = probability_model(net, cfg.data.multi_scale, cfg.data.local_patch)
     example = np.random.default_rng(0).random((2, 1, side, side), dtype=np.float32)
     with torch.no_grad():
         probs = wrapped(torch.from_numpy(example)).numpy()
@@ -547,7 +556,7 @@ def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
                 "backbone": cfg.model.backbone}
     pt_logger = logging.getLogger("mlflow.pytorch")
     old_level = pt_logger.level
-    with _fluent_run(tracking_uri, run_id):
+    with fluent_run(tracking_uri, run_id):
         pt_logger.setLevel(logging.ERROR)  # the pickle-format caution on every call
         try:
             # pickle: the pt2 default (torch.export) takes many times longer and needs an example
@@ -579,9 +588,9 @@ def open_fold(tracking_uri: str, parent_id: str, fold: int, cfg: ExperimentConfi
     """The child run a fold's training logs into while it trains (:func:`log_epoch`): the
     newest unfinished child of that fold (a resumed fold keeps its run and its curves), or
     a new one. It is RUNNING until :func:`log_fold` finishes it."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     parent = _cv_parent(client, tracking_uri, parent_id)
-    for run in _fold_children(client, parent.info.experiment_id, parent_id, int(fold)):  # newest first
+    for run in fold_children(client, parent.info.experiment_id, parent_id, int(fold)):  # newest first
         if run.info.status == "FINISHED" or Tag.SUPERSEDED_BY in run.data.tags:
             continue
         if _has_artifact(client, run.info.run_id, TEST_REPORT):
@@ -610,7 +619,7 @@ def log_epoch(tracking_uri: str, run_id: str, row: Mapping[str, Any]) -> int:
     loop while it runs. A store that cannot be reached is reported once per run and
     otherwise ignored: training goes on and :func:`log_fold` backfills the epochs."""
     try:
-        return _log_metrics(_client(tracking_uri), run_id, _history_metrics([row]))
+        return _log_metrics(client_for(tracking_uri), run_id, _history_metrics([row]))
     except Exception as exc:  # noqa: BLE001 - logging must never stop training
         if run_id not in _LIVE_WARNED:
             _LIVE_WARNED.add(run_id)
@@ -634,7 +643,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
     of the same fold are superseded. The child run ends FINISHED once everything is logged
     (FAILED if logging fails).
     """
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     parent = _cv_parent(client, tracking_uri, parent_id)
     report = fold_metrics.get("test_report")
     if not isinstance(report, Mapping) or "class_names" not in report:
@@ -642,7 +651,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
                          "no 'test_report' classification report; pass the dict train_fold returns")
     fold = int(fold)
     eid = parent.info.experiment_id
-    old_runs = _fold_children(client, eid, parent_id, fold)
+    old_runs = fold_children(client, eid, parent_id, fold)
     name = f"{parent.info.run_name}-fold{fold}"
     tags = _fold_tags(parent, fold, cfg)
     if fold_metrics.get("param_digest"):
@@ -683,7 +692,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
                 _log_json(client, child, dict(before), PRE_FINETUNE_REPORT, tmp)
             _log_json(client, child, dict(report), TEST_REPORT, tmp)  # last: marks the fold complete
         local = fold_metrics.get("local_checkpoint") or fold_metrics.get("checkpoint")
-        net, why = _load_best_model(local, cfg, len(class_names)) if log_model else (None, "log_model=False")
+        net, why = load_best_model(local, cfg, len(class_names)) if log_model else (None, "log_model=False")
         if net is not None:
             uri = _log_model(tracking_uri, child, net, cfg, class_names)  # ends the run FINISHED
             client.set_tag(child, Tag.MODEL_URI, uri)
@@ -702,10 +711,10 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
 def finished_folds(tracking_uri: str, parent_id: str) -> dict[int, dict]:
     """``{fold: test_report}`` of the parent's FINISHED, not superseded child runs that hold
     a ``test_report.json`` (the newest per fold); the CV driver skips these folds."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     parent = _get_run(client, tracking_uri, parent_id, "parent run")
     out: dict[int, dict] = {}
-    for r in _fold_children(client, parent.info.experiment_id, parent_id):  # newest first
+    for r in fold_children(client, parent.info.experiment_id, parent_id):  # newest first
         tags = r.data.tags
         if r.info.status != "FINISHED" or Tag.SUPERSEDED_BY in tags:
             continue
@@ -726,7 +735,7 @@ def log_summary(tracking_uri: str, parent_id: str, fold_reports: Mapping[int, Ma
     ``cv_*`` metrics and summary artifacts on the parent run and end it FINISHED."""
     from ipb_ray.evaluation.stats import aggregate_folds
 
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     parent = _get_run(client, tracking_uri, parent_id, "parent run")
     if not fold_reports:
         raise ValueError(f"no fold reports to summarise for parent run {parent.info.run_name!r} ({parent_id}); "
@@ -761,7 +770,7 @@ def load_cv(tracking_uri: str, experiment: str, name_or_id: str) -> tuple[str, d
     """(parent run id, ``{fold: test_report}``) of a cross-validation parent run given by
     run id or by run name (the newest parent with that name). Reports come from
     ``fold_reports.json``, or from the finished child runs when it is absent."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     eid = _experiment_id(client, tracking_uri, experiment, create=False)
     if eid is None:
         names = [e.name for e in client.search_experiments()][:10]
@@ -811,7 +820,7 @@ def open_search_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig
     resumed search) or a new run holding the base config as params and the space."""
     from mlflow.entities import Param
 
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     eid = _experiment_id(client, tracking_uri, experiment, create=True)
     where = str(Path(out).resolve())
     for r in _search(client, eid, f"tags.`ipb.kind` = '{SEARCH_KIND}' and tags.`ipb.search_dir` = {_quote(where)}"):
@@ -834,7 +843,7 @@ def close_search_parent(tracking_uri: str, parent_id: str, best_params: Mapping[
                         best_yaml: str | Path, importances: Mapping[str, float]) -> None:
     """Log a search's outcome on its parent run (best value, best parameters as tags,
     parameter importances, ``best.yaml``) and mark it finished."""
-    client = _client(tracking_uri)
+    client = client_for(tracking_uri)
     _log_metrics(client, parent_id, [("best_objective", best_value, 0),
                                      *((f"importance/{k}", v, 0) for k, v in importances.items())])
     for k, v in best_params.items():
