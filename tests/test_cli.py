@@ -186,6 +186,21 @@ def test_cv_compare_report_bad_input_messages(tmp_path):
     assert result.exit_code == 2 and "nowhere" in result.output
 
 
+def test_register_and_predict_bad_input_messages(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = runner.invoke(app, ["register", "--name", "colonies", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "name the cross-validation run" in result.output
+    result = runner.invoke(app, ["register", "nothing-ipb", "--name", "colonies", "--experiment", "nowhere",
+                                 "--tracking-uri", uri])
+    assert result.exit_code == 2 and "nowhere" in result.output and "ipb cv" in result.output
+    result = runner.invoke(app, ["predict", "--model", str(tmp_path / "none"), "--frames", str(tmp_path),
+                                 "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "neither an MLflow model URI" in result.output
+    result = runner.invoke(app, ["predict", "--model", "models:/nothing@champion", "--frames", str(tmp_path),
+                                 "--out", str(tmp_path / "out"), "--tracking-uri", uri])
+    assert result.exit_code == 2 and "cannot load model 'models:/nothing@champion'" in result.output
+
+
 def test_tune_bad_input_messages(tmp_path):
     result = runner.invoke(app, ["tune", "--preset", "demo", "--space", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2 and "none.yaml not found" in result.output

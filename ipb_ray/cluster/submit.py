@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 # `ipb` commands that have a Ray job entrypoint in jobs/ (python -m jobs.<command>)
-COMMANDS = ("preprocess", "train", "cv", "tune", "report")
+COMMANDS = ("preprocess", "train", "cv", "tune", "report", "register", "predict")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the job (on top of the project's .gitignore, which Ray honours).
 EXCLUDES = [".git", ".venv", "venv", "demo", "ray_results", "tune_results", "mlruns", "*.db", "__pycache__",
