@@ -290,7 +290,8 @@ def _finish(out: Path, predictor: Any, keys: set[str], plan_rejects: list[dict[s
     if suggest:
         picked = pick(cols, names, suggest)
         keep = ["frame", "x0", "y0", "x1", "y1", "predicted", "confidence", "entropy", "disagreement", "well", "time"]
-        rows = [{"labels": "", **{k: r[k] for k in keep}} for r in (records(cols)[i] for i in picked)]
+        every = records(cols)
+        rows = [{"labels": "", **{k: every[i][k] for k in keep}} for i in picked]
         _csv(out / "suggestions.csv", rows, ["frame", "x0", "y0", "x1", "y1", "labels", *keep[5:]])
         files["suggestions"] = str(out / "suggestions.csv")
     files.update(pages.write_all(out, cols, table, names, time_course(cols, names), frame_recs, reject_rows,
