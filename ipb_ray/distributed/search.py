@@ -197,6 +197,31 @@ def epochs_of(cfg: ExperimentConfig) -> int:
     return total_epochs(cfg)
 
 
+def _placement_groups() -> set[str]:
+    import ray.util
+
+    return set(ray.util.placement_group_table())
+
+
+def _release_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups the search's trials left reserved. A trial that ASHA
+    stops is killed mid-run, and on this Ray (2.5x) the placement group of its Ray Train
+    run can outlive it, holding the Train workers' CPUs: a later search (``--resume``) on
+    a small cluster would then wait forever for a CPU. Every trial has ended here, so any
+    placement group created since the search began is garbage."""
+    import ray
+    import ray.util
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id, info in ray.util.placement_group_table().items():
+        if pg_id not in before and info.get("state") != "REMOVED":
+            try:
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+                log.info("released placement group %s left by a stopped trial", pg_id)
+            except Exception as exc:  # noqa: BLE001 - already gone is fine
+                log.debug("placement group %s: %s", pg_id, exc)
+
+
 def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, out: str | Path,
                objective: str = "fold", folds: tuple[int, ...] = (0,), resume: bool = False,
                max_concurrent: int | None = None, grace_period: int = 1, reduction_factor: int = 2,
@@ -274,7 +299,11 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
                                   callbacks=[MLflowLoggerCallback(
                                       tracking_uri=uri, experiment_name=experiment, save_artifact=False,
                                       tags={tracking.PARENT_TAG: parent, tracking.Tag.KIND: "trial"})]))
-    grid = tuner.fit()
+    before = _placement_groups()
+    try:
+        grid = tuner.fit()
+    finally:
+        _release_placement_groups(before)
     rows = []
     for res in grid:
         params = {k: _plain(v) for k, v in (res.config or {}).items() if not k.startswith("__")}
