@@ -65,6 +65,15 @@ def test_summaries_add_up():
     assert np.allclose(course["A"]["spread"], 0)  # identical members: no spread
 
 
+def test_frames_without_a_time_point_group_together():
+    rows = _rows()
+    rows["time"] = np.full(12, np.nan)  # no --pattern and no time column
+    wells = per_well(rows, NAMES)
+    assert [(w["well"], w["time"], w["colonies"], w["frames"]) for w in wells] == [("A", None, 8, 2), ("B", None, 4, 1)]
+    course = time_course(rows, NAMES)
+    assert course["A"]["colonies"].tolist() == [8]
+
+
 def test_suggestions_prefer_uncertain_and_rare_and_skip_labelled():
     probs = np.array([[0.34, 0.33, 0.33], [0.98, 0.01, 0.01], [0.1, 0.1, 0.8]] + [[0.7, 0.2, 0.1]] * 7)
     rows = {"predicted": np.array([NAMES[i] for i in probs.argmax(1)], object), "entropy": entropy(probs),

@@ -75,10 +75,15 @@ def entropy(probs: np.ndarray) -> np.ndarray:
     return -(p * np.log(p)).sum(axis=-1)
 
 
+def _key(value: Any) -> Any:
+    """A grouping key: a missing time (NaN, which equals nothing) becomes None."""
+    return None if isinstance(value, (float, np.floating)) and math.isnan(value) else value
+
+
 def _by(rows: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[tuple, np.ndarray]:
     index: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(*(rows[k] for k in keys))):
-        index.setdefault(tuple(key), []).append(i)
+        index.setdefault(tuple(_key(v) for v in key), []).append(i)
     return {k: np.asarray(v) for k, v in index.items()}
 
 
@@ -111,8 +116,9 @@ def _counts(rows: Mapping[str, np.ndarray], class_names: Sequence[str], keys: Se
 
 
 def _sortable(v: Any) -> Any:
-    return (1, 0.0, "") if isinstance(v, float) and math.isnan(v) else (0, v, "") if isinstance(v, (int, float)) \
-        else (0, 0.0, str(v))
+    if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+        return (1, 0.0, "")
+    return (0, float(v), "") if isinstance(v, (int, float, np.integer, np.floating)) else (0, 0.0, str(v))
 
 
 def time_course(rows: Mapping[str, np.ndarray], class_names: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -126,7 +132,8 @@ def time_course(rows: Mapping[str, np.ndarray], class_names: Sequence[str]) -> d
     pred = np.asarray(rows["predicted"], object)
     for well in sorted(set(map(str, rows["well"]))):
         in_well = np.asarray([str(w) == well for w in rows["well"]])
-        times = sorted({float(t) for t in np.asarray(rows["time"], np.float64)[in_well]}, key=_sortable)
+        t_well = np.asarray(rows["time"], np.float64)[in_well]
+        times = sorted(set(t_well[~np.isnan(t_well)].tolist())) + ([math.nan] if np.isnan(t_well).any() else [])
         share, expected, spread, count = [], [], [], []
         for t in times:
             tt = np.asarray(rows["time"], np.float64)
