@@ -85,7 +85,7 @@ def register_configuration(tracking_uri: str, experiment: str, run: str, name: s
 
     from ipb_ray.evaluation.stats import aggregate_folds
     from ipb_ray.nn.ensemble import FoldEnsemble
-    from ipb_ray.tracking.runs import MODEL_NAME, Tag, client_for, fluent_run, fold_children, load_cv
+    from ipb_ray.tracking.runs import MODEL_NAME, Tag, client_for, fluent_run, fluent_uri, fold_children, load_cv
 
     parent_id, reports = load_cv(tracking_uri, experiment, run)
     client = client_for(tracking_uri)
@@ -99,7 +99,7 @@ def register_configuration(tracking_uri: str, experiment: str, run: str, name: s
     if not models:
         raise ValueError(f"run {run!r} ({parent_id}) has no fold with a logged model ({MODEL_NAME}); run `ipb cv` "
                          "without --no-model")
-    with _tracking(tracking_uri):
+    with fluent_uri(tracking_uri):
         nets = [mlflow.pytorch.load_model(models[f], map_location="cpu").eval() for f in sorted(models)]
         first = mlflow.models.get_model_info(models[min(models)]).metadata or {}
     ensemble = FoldEnsemble(nets).eval()
@@ -153,10 +153,10 @@ def _from_mlflow(ref: str, tracking_uri: str | None) -> Predictor:
     import mlflow
     import mlflow.pytorch
 
-    from ipb_ray.tracking.runs import PARENT_TAG, client_for
+    from ipb_ray.tracking.runs import PARENT_TAG, client_for, fluent_uri
 
     try:
-        with _tracking(tracking_uri):
+        with fluent_uri(tracking_uri):
             info = mlflow.models.get_model_info(ref)
             module = mlflow.pytorch.load_model(ref, map_location="cpu").eval()
     except Exception as exc:  # noqa: BLE001 - MLflow's errors for a missing model vary by store
@@ -171,23 +171,6 @@ def _from_mlflow(ref: str, tracking_uri: str | None) -> Predictor:
         cfg = _parent_config(client, parent)
     estimate = {k: float(meta[f"cv_{k}"]) for k in ("macro_tpr", "accuracy") if meta.get(f"cv_{k}") is not None}
     return Predictor(module, cfg, tuple(meta.get("class_names") or ()), ref, estimate)
-
-
-def _tracking(uri: str | None) -> Any:
-    import contextlib
-
-    import mlflow
-
-    @contextlib.contextmanager
-    def ctx():
-        old = mlflow.get_tracking_uri()
-        if uri:
-            mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(old)
-    return ctx()
 
 
 def _from_checkpoint(path: Path) -> Predictor:

@@ -71,6 +71,7 @@ __all__ = [
     "config_key",
     "data_fingerprint",
     "fluent_run",
+    "fluent_uri",
     "fold_children",
     "load_best_model",
     "probability_model",
@@ -503,28 +504,36 @@ def fluent_run(tracking_uri: str, run_id: str) -> Iterator[None]:
     exit. The run ends FINISHED (FAILED on an exception), as ``mlflow.start_run`` does."""
     import mlflow
 
+    with fluent_uri(tracking_uri):
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(run_id=run_id, nested=nested):
+            yield
+
+
+@contextlib.contextmanager
+def fluent_uri(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (``mlflow.pytorch.load_model``, ``get_model_info``...) pointed at
+    ``tracking_uri`` (None: left as it is), restored on exit, one caller at a time."""
+    import mlflow
+
     try:
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     except ImportError:  # pragma: no cover - older/newer MLflow without the helper
         _use_tracking_uri = None
 
     with _FLUENT_LOCK:
-        if _use_tracking_uri is not None:
-            uri_ctx = _use_tracking_uri(tracking_uri)
-        else:  # pragma: no cover
-            @contextlib.contextmanager
-            def uri_ctx_fn() -> Iterator[None]:
-                old = mlflow.get_tracking_uri()
-                mlflow.set_tracking_uri(tracking_uri)
-                try:
-                    yield
-                finally:
-                    mlflow.set_tracking_uri(old)
-            uri_ctx = uri_ctx_fn()
-        with uri_ctx:
-            nested = mlflow.active_run() is not None
-            with mlflow.start_run(run_id=run_id, nested=nested):
+        if tracking_uri is None:
+            yield
+        elif _use_tracking_uri is not None:
+            with _use_tracking_uri(tracking_uri):
                 yield
+        else:  # pragma: no cover
+            old = mlflow.get_tracking_uri()
+            mlflow.set_tracking_uri(tracking_uri)
+            try:
+                yield
+            finally:
+                mlflow.set_tracking_uri(old)
 
 
 def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
