@@ -1,58 +1,62 @@
 """Benchmark: patches/s reaching a training loop, Ray Data stream against a torch DataLoader.
 
-    python benchmarks/patch_stream.py --catalog CATALOG [--scale 1 10] [--epochs 5] [--repeat 3]
-                                      [--batch-size 32] [--with-model | --no-model]
+    python benchmarks/patch_stream.py --catalog CATALOG [--scale 1 10] [--streams labelled unlabelled]
+        [--pipelines ray dl1 ray-catalog dl0] [--epochs 5] [--repeat 3] [--with-model | --no-model]
 
-Both producers turn the same catalog rows into the same patches with the same pure
-function, :func:`ipb_ray.distributed.streams.patch_batch` (train mode, multi-scale 224/112 geometry of
-``DataConfig()``, paper augmentation), in sequential catalog order:
+Every pipeline streams the same epochs: the same draw of (colony, copy) pairs in the same
+whole-epoch seeded order (:mod:`ipb_ray.patches.plan`), each pair cut by the same pure
+function (:func:`ipb_ray.distributed.streams.emit_patch`; multi-scale 224/112 geometry of
+``DataConfig()``, the paper's augmentation). Two streams:
 
-- ``ray``: :func:`ipb_ray.distributed.streams.patch_dataset` with one patch task at a time (``workers=1``, 1 CPU)
-  read by :func:`ipb_ray.distributed.streams.torch_batches` in the driver, on a local Ray cluster that
-  :func:`ipb_ray.distributed.ray_setup.init_ray` starts (2 CPUs here). A fresh dataset per epoch, as
-  a training loop with a fixed ``epoch`` argument builds it.
+- ``labelled``: a class-balanced draw of as many patches as the catalog has labelled
+  colonies, one augmented view (``train`` mode), as every method reads L;
+- ``unlabelled``: IPB's student stream, the pseudo-balanced multinomial draw of
+  :func:`ipb_ray.patches.balance.pseudo_balance` over every colony (each colony's known
+  class as its pseudo-label, a seeded random one where it has none), redrawn each epoch,
+  weak and strong views (``uda`` mode).
+
+Pipelines:
+
+- ``ray``: the training stream (:mod:`ipb_ray.distributed.epoch_stream`): the catalog read
+  and decoded once by Ray Data into the object store (timed as "set-up"), then each
+  epoch :func:`~ipb_ray.distributed.epoch_stream.plan_batches` with one patch task at a
+  time (1 CPU) on a local Ray cluster that :func:`ipb_ray.distributed.ray_setup.init_ray`
+  starts (2 CPUs here);
+- ``ray-catalog``: the stream training used before (``streams.patch_dataset`` +
+  ``torch_batches``: Parquet read and PNG decoding every epoch, the seeded shuffle buffer
+  of ``method.shuffle_buffer``'s default 512 in the consumer);
 - ``dl1`` / ``dl0``: ``torch.utils.data.DataLoader`` over a map-style dataset whose items
-  are whole batches (a batch sampler hands it 32 catalog indices; it reads those rows
-  and calls ``patch_batch`` once), with ``num_workers=1`` (one producer process, as the
-  one Ray patch task) or ``0`` (producer and consumer share the process). Rows are read lazily:
-  the dataset keeps only (file, row group, row) per colony and reads a row group's
-  ``colony_id/image/mask/label`` columns with pyarrow when a batch first needs it (a
-  few row groups cached per worker); ``--dl-source memory`` holds the PNG bytes instead.
+  are whole batches of the plan (each pair read, decoded and cut), with
+  ``num_workers=1`` (one producer process, as the one Ray patch task) or ``0``. Rows are
+  read lazily: the dataset keeps (file, row group, row) per colony and reads a row
+  group's columns with pyarrow when a batch needs it (a few row groups cached per
+  worker); ``--dl-source memory`` holds the PNG bytes instead.
 
 The consumer (the driver / DataLoader's main process) runs ``torch.set_num_threads(1)``;
-OpenMP/BLAS and OpenCV are held to one thread in every process through the environment
-(``OMP_NUM_THREADS=1``, ``OPENCV_FOR_THREADS_NUM=1``, inherited by Ray workers and
-DataLoader workers), so the two cores split into one producer and one consumer. With
-``--with-model`` each batch also runs a forward, backward and SGD step of a tiny
-two-branch CNN (defined here) on ``x224`` and ``x112``; without it the loop only
-receives the batch.
+OpenMP/BLAS and OpenCV are held to one thread in every process through the environment,
+so the two cores split into one producer and one consumer. With ``--with-model`` each
+batch also runs a forward, backward and SGD step of a tiny two-branch CNN (defined here):
+cross-entropy on the labelled view, or on the strong views against the weak views'
+argmax; without it the loop only receives the batch.
 
-Each (scale, pipeline, model) run is a fresh child process: ``--warmup`` untimed epochs,
-then ``--epochs`` timed ones. An epoch's time runs from building its iterator (Ray: the
-plan and the first read and patch tasks; DataLoader: forking its worker) to the last batch, so
-the rate counts the per-epoch start-up a training loop pays; the time to the first batch
-and the rate after it are reported as well. The runs are interleaved round by round
-(``--repeat``) so a busy neighbour hurts every pipeline alike; the table shows medians.
+Each (scale, stream, model, pipeline) run is a fresh child process: ``--warmup`` untimed
+epochs, then ``--epochs`` timed ones. An epoch's time runs from building its iterator
+(Ray: the plan dataset and the first patch task; DataLoader: forking its worker) to the
+last batch, so the rate counts the per-epoch start-up a training loop pays; the time to
+the first batch and the rate after it are reported too, and "run/s" divides every
+patch of the run (warm-up included) by the whole run's time including the one-time
+set-up. Runs are interleaved round by round (``--repeat``); the table shows medians.
 
 Memory, sampled every ``--sample-s`` from ``/proc`` while a run lasts: the consumer's
-RSS (and its kernel high-water mark ``ru_maxrss``), the RSS and PSS summed over the
-consumer and all its descendants (Ray's raylet, GCS, dashboard and ``ray::`` workers, or
-the DataLoader worker; PSS shares each shared page among the processes mapping it, so
-the object store is not counted once per process) and, for Ray, the object store's
-bytes in use (asked from the raylet, a private Ray API; left out where it fails).
+RSS (and ``ru_maxrss``), the PSS summed over the consumer and all its descendants (Ray's
+raylet, GCS, dashboard and ``ray::`` workers, or the DataLoader worker; PSS shares each
+shared page among the processes mapping it, so the object store is not counted once per
+process) and, for Ray, the object store's bytes in use (asked from the raylet, a private
+Ray API; left out where it fails).
 
 ``--scale 10`` writes (once) a copy of the catalog under ``--work-dir`` whose parts are
 repeated ten times, each copy with fresh colony ids (``sha1(id|copy k)[:16]``, hex like
 the originals, so every copy draws different windows); same pixels, ten times the rows.
-
-Investigation switches (they change the Ray side only; the defaults are the project's
-code as it is; ``--tag`` names the variant in the table): ``--prefetch-batches``,
-``--map-batch-size`` (rows per ``map_batches`` call, default the loader's batch size),
-``--stage-cpus``, ``--preserve-order``, ``--lean-collate`` (replaces the collate of
-``torch_batches`` by one that skips the defensive copy), ``--reuse-dataset`` (one dataset
-for every epoch, epoch read from the :class:`ipb_ray.distributed.streams.StreamState` actor),
-``--read-rows N`` (``read_parquet`` patched to ``override_num_blocks = ceil(colonies / N)``:
-read tasks of about N colonies rather than one per part file).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUME
 
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -80,7 +85,8 @@ from typing import Any, Callable, Iterable, Iterator  # noqa: E402
 
 from _common import cpu_model  # noqa: E402
 
-PIPELINES = ("ray", "dl1", "dl0")
+PIPELINES = ("ray", "ray-catalog", "dl1", "dl0")
+STREAMS = ("labelled", "unlabelled")
 MIB = 1024 * 1024
 
 
@@ -92,6 +98,7 @@ class RunSpec:
 
     catalog: str
     pipeline: str
+    stream: str
     model: bool
     scale: int
     epochs: int
@@ -100,15 +107,8 @@ class RunSpec:
     sample_s: float
     object_store_mb: int
     prefetch_batches: int
-    map_batch_size: int | None = None
     stage_cpus: float = 1.0
-    preserve_order: bool = False
-    lean_collate: bool = False
-    reuse_dataset: bool = False
-    split: bool = False
-    read_rows: int | None = None
     dl_source: str = "lazy"
-    ray_stats: bool = False
     tag: str = ""
 
 
@@ -119,6 +119,7 @@ class EpochTime:
     first_batch_s: float
     first_batch_patches: int
     consumer_cpu_s: float = 0.0
+    setup_s: float = 0.0  # one-time work before the first epoch (the Ray crop cache)
 
     @property
     def rate(self) -> float:
@@ -308,9 +309,11 @@ def tiny_net(classes: int):
 
 
 def make_consumer(model: bool, classes: int) -> Callable[[dict], int]:
-    """``consume(batch) -> patches``; with ``model`` one SGD step of :func:`tiny_net`."""
+    """``consume(batch) -> patches``; with ``model`` one SGD step of :func:`tiny_net`:
+    cross-entropy on the labelled view, or (unlabelled stream) on the strong views against
+    the weak views' argmax."""
     if not model:
-        return lambda batch: int(batch["x224"].shape[0])
+        return lambda batch: int(batch["label"].shape[0])
     import torch
 
     net = tiny_net(classes)
@@ -318,12 +321,17 @@ def make_consumer(model: bool, classes: int) -> Callable[[dict], int]:
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
 
     def step(batch: dict) -> int:
-        logits = net(batch["x224"], batch["x112"])
-        loss = loss_fn(logits, batch["label"]) / max(1, int((batch["label"] >= 0).sum()))
+        if "x224" in batch:
+            logits, target = net(batch["x224"], batch["x112"]), batch["label"]
+        else:
+            with torch.no_grad():
+                target = net(batch["weak224"], batch["weak112"]).argmax(1)
+            logits = net(batch["strong224"], batch["strong112"])
+        loss = loss_fn(logits, target) / max(1, int((target >= 0).sum()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return int(batch["x224"].shape[0])
+        return int(target.shape[0])
 
     return step
 
@@ -349,7 +357,7 @@ def time_epoch(make_batches: Callable[[], Iterable[dict]], consume: Callable[[di
 
 
 def _as_tensors(out: dict[str, Any], patch_columns: list[str]) -> dict[str, Any]:
-    """patch_batch's numpy columns -> the tensors torch_batches hands out (same keys)."""
+    """Patch columns (numpy) -> the tensors the Ray streams hand out (same keys)."""
     import torch
 
     batch: dict[str, Any] = {name: torch.from_numpy(out[name]) for name in patch_columns}
@@ -358,15 +366,61 @@ def _as_tensors(out: dict[str, Any], patch_columns: list[str]) -> dict[str, Any]
     return batch
 
 
+# --------------------------------------------------------------------------- the epoch's draw
+
+def stream_spec(stream: str, class_names: tuple[str, ...]):
+    """The labelled stream: ``train`` mode (one augmented view); the unlabelled one:
+    ``uda`` mode (weak and strong views), as the IPB student reads them."""
+    from ipb_ray.config import DataConfig
+    from ipb_ray.distributed.streams import StreamSpec
+    from ipb_ray.patches.geometry import PatchGeometry
+
+    return StreamSpec(geometry=PatchGeometry.from_config(DataConfig()), class_names=class_names, seed=0,
+                      mode="train" if stream == "labelled" else "uda")
+
+
+def epoch_counts(stream: str, ids: list[str], labels: list[Any], class_names: tuple[str, ...],
+                 epoch: int) -> dict[str, int]:
+    """Copies per colony of one epoch, the same for every pipeline.
+
+    ``labelled``: a class-balanced draw of as many patches as there are labelled colonies
+    (as ``method.balance_labelled`` draws L). ``unlabelled``: IPB's pseudo-balanced
+    multinomial over every colony of the catalog, as many draws as colonies, with each
+    colony's known class as its pseudo-label (a seeded random class where it has none)."""
+    import numpy as np
+
+    from ipb_ray.patches.balance import pseudo_balance, resample_counts
+
+    index = {n: i for i, n in enumerate(class_names)}
+    if stream == "labelled":
+        known = [(c, index[lab]) for c, lab in zip(ids, labels) if lab in index]
+        counts = resample_counts(np.array([k for _, k in known]), len(known), 0, epoch, balanced=True)
+        return {c: int(n) for (c, _), n in zip(known, counts) if n}
+    rng = np.random.default_rng(0)
+    pseudo = np.array([index.get(lab, int(rng.integers(len(class_names)))) for lab in labels])
+    pb = pseudo_balance(pseudo, len(class_names), 0, epoch, n_draws=len(ids))
+    return {c: int(n) for c, n in zip(ids, pb.counts) if n}
+
+
+def epoch_plan(stream: str, index: dict[str, int], ids: list[str], labels: list[Any],
+               class_names: tuple[str, ...], epoch: int) -> dict[str, Any]:
+    """The epoch's draw, shuffled over the whole epoch (ipb_ray.patches.plan)."""
+    from ipb_ray.distributed.epoch_stream import stream_plan
+
+    return stream_plan(index, seed=0, epoch=epoch, stream=stream,
+                       counts=epoch_counts(stream, ids, labels, class_names, epoch))
+
+
 # --------------------------------------------------------------------------- DataLoader
 
-class CatalogBatches:
-    """Map-style dataset for a DataLoader: item ``(epoch, [row indices])`` -> one patch batch.
+class CatalogPatches:
+    """Map-style dataset for a DataLoader: item ``(epoch, plan rows)`` -> one patch batch.
 
+    Each planned (colony, copy) is read, decoded, prepared and cut with the project's
+    pure functions (``catalog.decode_png``, ``prepare_crop``, ``streams.emit_patch``).
     ``source="lazy"`` keeps only each row's (file, row group, row) and reads the row
     group's four columns with pyarrow when needed (the last few kept per process, no
-    file handles kept);
-    ``"memory"`` reads the whole four columns (PNG bytes included) up front.
+    file handles kept); ``"memory"`` reads the whole four columns (PNG bytes included) up front.
     """
 
     COLUMNS = ["colony_id", "image", "mask", "label"]
@@ -378,21 +432,24 @@ class CatalogBatches:
 
         self.spec, self.source = spec, source
         self.files = sorted(str(p) for p in (catalog_dir / "parts").glob("*.parquet"))
-        where = []
+        where, ids, labels = [], [], []
         for fi, path in enumerate(self.files):
-            meta = pq.ParquetFile(path).metadata
+            part = pq.ParquetFile(path)
+            meta = part.metadata
             for rg in range(meta.num_row_groups):
                 where.extend((fi, rg, r) for r in range(meta.row_group(rg).num_rows))
+                small = part.read_row_group(rg, columns=["colony_id", "label"])
+                ids.extend(small.column("colony_id").to_pylist())
+                labels.extend(small.column("label").to_pylist())
         self.where = np.array(where, dtype=np.int32).reshape(-1, 3)
+        self.ids, self.labels = ids, labels
+        self.index = {c: i for i, c in enumerate(ids)}
         self._groups: dict[tuple[int, int], dict[str, list]] = {}
         self._columns: dict[str, list] | None = None
         if source == "memory":
             from ipb_ray.data import catalog
             table = catalog.read_catalog(catalog_dir, columns=self.COLUMNS)
             self._columns = {k: table.column(k).to_pylist() for k in self.COLUMNS}
-
-    def __len__(self) -> int:
-        return len(self.where)
 
     def _group(self, fi: int, rg: int) -> dict[str, list]:
         key = (fi, rg)
@@ -407,45 +464,50 @@ class CatalogBatches:
             self._groups[key] = {k: table.column(k).to_pylist() for k in self.COLUMNS}
         return self._groups[key]
 
-    def rows(self, indices: list[int]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in self.COLUMNS}
-        for i in indices:
-            if self._columns is not None:
-                for k in self.COLUMNS:
-                    out[k].append(self._columns[k][i])
-            else:
-                fi, rg, r = (int(v) for v in self.where[i])
-                group = self._group(fi, rg)
-                for k in self.COLUMNS:
-                    out[k].append(group[k][r])
-        return out
+    def row(self, i: int) -> tuple[bytes, bytes]:
+        if self._columns is not None:
+            return self._columns["image"][i], self._columns["mask"][i]
+        fi, rg, r = (int(v) for v in self.where[i])
+        group = self._group(fi, rg)
+        return group["image"][r], group["mask"][r]
 
-    def __getitem__(self, item: tuple[int, list[int]]) -> dict[str, Any]:
-        from ipb_ray.distributed.streams import patch_batch
+    def __getitem__(self, item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
+        from ipb_ray.data import catalog
+        from ipb_ray.distributed.streams import emit_patch, finish_rows
+        from ipb_ray.patches.geometry import prepare_crop
 
-        epoch, indices = item
-        return _as_tensors(patch_batch(self.rows(indices), self.spec, epoch), self.spec.patch_columns())
+        epoch, plan = item
+        names = {n: i for i, n in enumerate(self.spec.class_names)}
+        rows: dict[str, list] = {k: [] for k in self.spec.columns()}
+        for r, copy in zip(plan["row"].tolist(), plan["copy"].tolist()):
+            img_png, mask_png = self.row(r)
+            image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
+                                              self.spec.geometry.size, whole=self.spec.geometry.whole)
+            emit_patch(rows, image, mask, scale, self.ids[r], names.get(self.labels[r], -1), copy, None,
+                       self.spec, epoch)
+        return _as_tensors(finish_rows(rows, self.spec), self.spec.patch_columns())
 
 
-class EpochBatchSampler:
-    """Sequential batches of indices, tagged with the epoch (set before each epoch)."""
+class PlanSampler:
+    """The epoch's plan cut into batches (set ``plan`` and ``epoch`` before each epoch)."""
 
-    def __init__(self, n: int, batch_size: int):
-        self.n, self.batch_size, self.epoch = n, batch_size, 0
+    def __init__(self, batch_size: int):
+        self.batch_size, self.epoch, self.plan = batch_size, 0, None
 
     def __len__(self) -> int:
-        return self.n // self.batch_size
+        return len(self.plan["row"]) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for b in range(len(self)):
-            yield self.epoch, list(range(b * self.batch_size, (b + 1) * self.batch_size))
+            s = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield self.epoch, {k: v[s] for k, v in self.plan.items()}
 
 
 def run_dataloader(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampler) -> list[EpochTime]:
     import torch
 
-    dataset = CatalogBatches(catalog_dir, spec, run.dl_source)
-    batches = EpochBatchSampler(len(dataset), run.batch_size)
+    dataset = CatalogPatches(catalog_dir, spec, run.dl_source)
+    batches = PlanSampler(run.batch_size)
     workers = int(run.pipeline[2:])
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=batches, num_workers=workers,
                                          collate_fn=lambda b: b, prefetch_factor=2 if workers else None)
@@ -453,99 +515,55 @@ def run_dataloader(run: RunSpec, catalog_dir: Path, spec, consume, sampler: Memo
     times = []
     for epoch in range(run.warmup + run.epochs):
         batches.epoch = epoch
+        batches.plan = epoch_plan(run.stream, dataset.index, dataset.ids, dataset.labels, spec.class_names, epoch)
         times.append(time_epoch(lambda: loader, consume))
     return times
 
 
 # --------------------------------------------------------------------------- Ray Data
 
-def _lean_collate(spec):
-    """A collate for torch_batches that wraps the numpy columns without copying them
-    (torch warns that Arrow's buffers are read-only; nothing here writes into a batch)."""
-    import warnings
-
-    import torch
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    columns = spec.patch_columns()
-
-    class LeanCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict) -> dict:
-            out = {k: torch.from_numpy(batch[k]) for k in columns}
-            out["label"] = torch.from_numpy(batch["label"].astype("int64", copy=False))
-            out["colony_id"] = list(batch["colony_id"])
-            return out
-
-    return LeanCollate()
-
-
-def _read_in_blocks_of(rows: int, catalog_dir: Path) -> None:
-    """Make ``ray.data.read_parquet`` (as patch_dataset calls it) cut the catalog into read
-    tasks of about ``rows`` colonies instead of one task per part file."""
-    import functools
-    import math
-
-    import ray.data
-
-    from ipb_ray.data import catalog
-    blocks = max(1, math.ceil(catalog.read_manifest(catalog_dir)["colonies"] / rows))
-    ray.data.read_parquet = functools.partial(ray.data.read_parquet, override_num_blocks=blocks)
-
-
 def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampler) -> tuple[list[EpochTime], str]:
+    """``ray``: the project's training stream (crop cache + plan stream); ``ray-catalog``:
+    the catalog stream training used before it (Parquet read and PNG decoding every epoch,
+    then the seeded shuffle buffer of ``method.shuffle_buffer``'s default)."""
     import ray
 
-    from ipb_ray.distributed import streams
-    from ipb_ray.config import ResourcesConfig
+    from ipb_ray.config import MethodConfig, ResourcesConfig
+    from ipb_ray.distributed import epoch_stream, streams
     from ipb_ray.distributed.ray_setup import init_ray
 
     init_ray(ResourcesConfig(object_store_mb=run.object_store_mb))
-    if run.read_rows:
-        _read_in_blocks_of(run.read_rows, catalog_dir)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = run.preserve_order
     try:
         sampler.store_probe = _object_store_probe()
     except Exception as exc:  # noqa: BLE001 - the figure is optional
         print(f"object store probe unavailable: {exc}", file=sys.stderr)
     sampler.mark_baseline()
-    state_name = None
-    if run.reuse_dataset:
-        state_name = f"bench-{os.getpid()}"
-        state = streams.stream_state(state_name)
-        ds_shared = streams.patch_dataset(str(catalog_dir), spec, state_name=state_name,
-                                          batch_size=run.map_batch_size or run.batch_size, workers=1,
-                                          cpus=run.stage_cpus)
-
-    def batches_of(ds):
-        if run.split:  # as Ray Train's get_dataset_shard: the executor runs in a coordinator actor
-            ds = ds.streaming_split(1, equal=True)[0]
-        if run.lean_collate:
-            return ds.iter_torch_batches(batch_size=run.batch_size, collate_fn=_lean_collate(spec), drop_last=True,
-                                         prefetch_batches=run.prefetch_batches)
-        return streams.torch_batches(ds, spec, run.batch_size, prefetch_batches=run.prefetch_batches)
-
-    times, stats = [], ""
+    t0 = time.perf_counter()
+    cache = epoch_stream.crop_cache(str(catalog_dir), workers=1)
+    setup_s = time.perf_counter() - t0 if run.pipeline == "ray" else 0.0
+    index = cache.index()
+    views = epoch_stream.views_of(cache)
+    times, holder = [], {}
     for epoch in range(run.warmup + run.epochs):
-        holder: dict[str, Any] = {}
+        plan = epoch_plan(run.stream, index, views.ids, views.labels, spec.class_names, epoch)
 
         def make():
-            if run.reuse_dataset:
-                ray.get(state.set.remote(epoch))
-                holder["ds"] = ds_shared
-            else:
-                holder["ds"] = streams.patch_dataset(str(catalog_dir), spec, epoch=epoch,
-                                                     batch_size=run.map_batch_size or run.batch_size,
-                                                     workers=1, cpus=run.stage_cpus)
-            return batches_of(holder["ds"])
+            if run.pipeline == "ray":
+                return epoch_stream.plan_batches(cache, spec, plan, epoch=epoch, batch_size=run.batch_size,
+                                                 workers=1, cpus=run.stage_cpus,
+                                                 prefetch_batches=run.prefetch_batches)
+            counts = {}
+            for r in plan["row"].tolist():
+                counts[views.ids[r]] = counts.get(views.ids[r], 0) + 1
+            holder["ds"] = streams.patch_dataset(str(catalog_dir), spec, epoch=epoch, counts=counts,
+                                                 batch_size=run.batch_size, workers=1, cpus=run.stage_cpus)
+            return streams.torch_batches(holder["ds"], spec, run.batch_size, prefetch_batches=run.prefetch_batches,
+                                         shuffle_buffer=MethodConfig().shuffle_buffer,
+                                         shuffle_seed=streams.shuffle_seed(0, epoch))
 
         times.append(time_epoch(make, consume))
-        if run.ray_stats and epoch == run.warmup + run.epochs - 1:
-            stats = holder["ds"].stats()
-    if state_name:
-        ray.kill(state)
-    return times, stats
+    times[0].setup_s = setup_s
+    return times, ""
 
 
 # --------------------------------------------------------------------------- child
@@ -555,22 +573,17 @@ def child(run: RunSpec) -> dict[str, Any]:
     import torch
 
     from ipb_ray.data import catalog
-    from ipb_ray.config import DataConfig
-    from ipb_ray.patches.geometry import PatchGeometry
-    from ipb_ray.distributed.streams import StreamSpec
-
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
     catalog_dir = Path(run.catalog)
     manifest = catalog.read_manifest(catalog_dir)
-    spec = StreamSpec(geometry=PatchGeometry.from_config(DataConfig()),
-                      class_names=tuple(manifest["class_names"]), seed=0, mode="train")
+    spec = stream_spec(run.stream, tuple(manifest["class_names"]))
     consume = make_consumer(run.model, len(spec.class_names))
     sampler = MemorySampler(run.sample_s)
     sampler.start()
     load_before = os.getloadavg()[0]
     stats = ""
-    if run.pipeline == "ray":
+    if run.pipeline.startswith("ray"):
         times, stats = run_ray(run, catalog_dir, spec, consume, sampler)
     else:
         times = run_dataloader(run, catalog_dir, spec, consume, sampler)
@@ -584,7 +597,10 @@ def child(run: RunSpec) -> dict[str, Any]:
         "steady_rate": statistics.median(t.steady_rate for t in timed),
         "first_batch_s": statistics.median(t.first_batch_s for t in timed),
         "consumer_cpu_ms_per_patch": 1000 * sum(t.consumer_cpu_s for t in timed) / sum(t.patches for t in timed),
-        "memory": asdict(peaks), "load": [load_before, os.getloadavg()[0]], "ray_stats": stats,
+        "setup_s": times[0].setup_s,
+        # the whole run's rate: the one-time set-up and the warm-up epochs counted too
+        "run_rate": sum(t.patches for t in times) / (times[0].setup_s + sum(t.seconds for t in times)),
+        "memory": asdict(peaks), "load": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -604,32 +620,34 @@ def _median(values: list[float]) -> float:
 
 def table(results: list[dict[str, Any]]) -> str:
     """Throughput (median over runs) and memory (max over runs; "(start)": the tree's PSS
-    before the first epoch, median) per scale/pipeline/model."""
+    before the first epoch, median) per scale/stream/model/pipeline."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        key = (r["run"]["scale"], r["run"]["model"], r["run"]["pipeline"], r["run"]["tag"])
+        key = (r["run"]["scale"], r["run"]["stream"], r["run"]["model"], r["run"]["pipeline"], r["run"]["tag"])
         groups.setdefault(key, []).append(r)
-    names = {"ray": "Ray Data, 1 task", "dl1": "DataLoader, 1 worker", "dl0": "DataLoader, 0 workers"}
-    head = (f"{'scale':>5} {'model':>5} {'pipeline':<40} {'runs':>4} {'patches/s':>9} {'range':>11} "
-            f"{'steady/s':>8} {'1st batch s':>11} {'vs dl1':>6} {'cons RSS':>8} {'tree RSS':>8} "
-            f"{'tree PSS':>8} {'(start)':>7} {'store':>6}")
+    names = {"ray": "Ray Data, crop cache", "ray-catalog": "Ray Data, catalog (before)",
+             "dl1": "DataLoader, 1 worker", "dl0": "DataLoader, 0 workers"}
+    head = (f"{'scale':>5} {'stream':<10} {'model':>5} {'pipeline':<27} {'runs':>4} {'patches/s':>9} {'range':>11} "
+            f"{'steady/s':>8} {'1st batch s':>11} {'vs dl1':>6} {'setup s':>7} {'run/s':>6} {'cons ms':>7} "
+            f"{'cons RSS':>8} {'tree PSS':>8} {'(start)':>7} {'store':>6}")
     lines = [head, "-" * len(head)]
-    for key in sorted(groups, key=lambda k: (k[0], k[1], PIPELINES.index(k[2]), k[3])):
-        scale, model, pipeline, tag = key
+    for key in sorted(groups, key=lambda k: (k[0], STREAMS.index(k[1]), k[2], PIPELINES.index(k[3]), k[4])):
+        scale, stream, model, pipeline, tag = key
         runs = groups[key]
         rates = [r["rate"] for r in runs]
-        ref = groups.get((scale, model, "dl1", ""))
+        ref = groups.get((scale, stream, model, "dl1", ""))
         ratio = _median(rates) / _median([r["rate"] for r in ref]) if ref else float("nan")
-        mem = {k: max(r["memory"][k] for r in runs) for k in ("consumer_rss_mb", "tree_rss_mb", "tree_pss_mb",
-                                                              "object_store_mb")}
+        mem = {k: max(r["memory"][k] for r in runs) for k in ("consumer_rss_mb", "tree_pss_mb", "object_store_mb")}
         name = names[pipeline] + (f" [{tag}]" if tag else "")
-        store = f"{mem['object_store_mb']:6.0f}" if pipeline == "ray" else f"{'-':>6}"
+        store = f"{mem['object_store_mb']:6.0f}" if pipeline.startswith("ray") else f"{'-':>6}"
         start = _median([r["memory"]["baseline"].get("tree_pss_mb", float("nan")) for r in runs])
         lines.append(
-            f"{scale:>4}x {'yes' if model else 'no':>5} {name:<40} {len(runs):>4} {_median(rates):9.1f} "
+            f"{scale:>4}x {stream:<10} {'yes' if model else 'no':>5} {name:<27} {len(runs):>4} {_median(rates):9.1f} "
             f"{min(rates):5.0f}-{max(rates):<5.0f} {_median([r['steady_rate'] for r in runs]):8.1f} "
-            f"{_median([r['first_batch_s'] for r in runs]):11.2f} {ratio:6.2f} {mem['consumer_rss_mb']:8.0f} "
-            f"{mem['tree_rss_mb']:8.0f} {mem['tree_pss_mb']:8.0f} {start:7.0f} {store}")
+            f"{_median([r['first_batch_s'] for r in runs]):11.2f} {ratio:6.2f} "
+            f"{_median([r['setup_s'] for r in runs]):7.2f} {_median([r['run_rate'] for r in runs]):6.0f} "
+            f"{_median([r['consumer_cpu_ms_per_patch'] for r in runs]):7.2f} {mem['consumer_rss_mb']:8.0f} "
+            f"{mem['tree_pss_mb']:8.0f} {start:7.0f} {store}")
     return "\n".join(lines)
 
 
@@ -638,7 +656,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--catalog", type=Path, help="a finished colony catalog (ipb preprocess)")
     p.add_argument("--scale", type=int, nargs="+", default=[1], help="catalog sizes to run, e.g. 1 10")
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(PIPELINES))
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=["ray", "dl1"])
+    p.add_argument("--streams", nargs="+", choices=STREAMS, default=list(STREAMS))
     p.add_argument("--with-model", dest="model", action="store_true", default=None,
                    help="only with the model step (default: both)")
     p.add_argument("--no-model", dest="model", action="store_false", help="only without the model step")
@@ -649,17 +668,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-s", type=float, default=0.5, help="memory sampling interval, s")
     p.add_argument("--object-store-mb", type=int, default=1000)
     p.add_argument("--prefetch-batches", type=int, default=2, help="torch_batches' prefetch (its default 2)")
-    p.add_argument("--map-batch-size", type=int, default=None, help="rows per map_batches call (default --batch-size)")
     p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per patch task and read task")
-    p.add_argument("--preserve-order", action="store_true")
-    p.add_argument("--lean-collate", action="store_true", help="collate without the defensive copy")
-    p.add_argument("--split", action="store_true",
-                   help="read through streaming_split(1), as a Ray Train worker's dataset shard does")
-    p.add_argument("--reuse-dataset", action="store_true", help="one dataset, epoch from the StreamState actor")
-    p.add_argument("--read-rows", type=int, default=None,
-                   help="Ray read tasks of about this many colonies (default: one per part file)")
     p.add_argument("--dl-source", choices=("lazy", "memory"), default="lazy")
-    p.add_argument("--ray-stats", action="store_true", help="keep Ray Data's stats of each run's last epoch")
     p.add_argument("--tag", default="", help="label for this variant in the table")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/ipb_patch_stream"), help="where scaled catalogs go")
     p.add_argument("--out", type=Path, default=None, help="append each run's JSON here")
@@ -688,16 +698,13 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for rnd in range(args.repeat):
         for scale in args.scale:
-            for pipeline in args.pipelines:
-                for model in models:
-                    run = RunSpec(catalog=str(catalogs[scale]), pipeline=pipeline, model=model, scale=scale,
-                                  epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
+            for stream, model, pipeline in itertools.product(args.streams, models, args.pipelines):
+                if True:
+                    run = RunSpec(catalog=str(catalogs[scale]), pipeline=pipeline, stream=stream, model=model,
+                                  scale=scale, epochs=args.epochs, warmup=args.warmup, batch_size=args.batch_size,
                                   sample_s=args.sample_s, object_store_mb=args.object_store_mb,
-                                  prefetch_batches=args.prefetch_batches, map_batch_size=args.map_batch_size,
-                                  stage_cpus=args.stage_cpus, preserve_order=args.preserve_order,
-                                  lean_collate=args.lean_collate, reuse_dataset=args.reuse_dataset, split=args.split,
-                                  read_rows=args.read_rows,
-                                  dl_source=args.dl_source, ray_stats=args.ray_stats, tag=args.tag)
+                                  prefetch_batches=args.prefetch_batches, stage_cpus=args.stage_cpus,
+                                  dl_source=args.dl_source, tag=args.tag)
                     started = time.perf_counter()
                     proc = subprocess.run([sys.executable, __file__, "--catalog", str(args.catalog),
                                            "--child", json.dumps(asdict(run))],
@@ -705,7 +712,7 @@ def main(argv: list[str] | None = None) -> None:
                     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
                     if proc.returncode or not lines:
                         print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                        raise SystemExit(f"child run {pipeline} scale {scale} model {model} failed")
+                        raise SystemExit(f"child run {pipeline} {stream} scale {scale} model {model} failed")
                     result = json.loads(lines[-1][len("RESULT "):])
                     results.append(result)
                     if args.out:
@@ -713,17 +720,16 @@ def main(argv: list[str] | None = None) -> None:
                             fh.write(json.dumps(result) + "\n")
                     m = result["memory"]
                     epoch_rates = " ".join(f"{e['rate']:.0f}" for e in result["epochs"])
-                    print(f"round {rnd + 1} {scale}x {pipeline:<3} model={'yes' if model else 'no ':<3} "
+                    print(f"round {rnd + 1} {scale}x {stream} {pipeline} model={'yes' if model else 'no '} "
                           f"{result['rate']:7.1f} patches/s (steady {result['steady_rate']:6.1f}, first batch "
                           f"{result['first_batch_s']:.2f} s; epochs "
                           f"{epoch_rates}) "
                           f"consumer {m['consumer_rss_mb']:.0f} MB, tree RSS {m['tree_rss_mb']:.0f} / "
                           f"PSS {m['tree_pss_mb']:.0f} MB, store {m['object_store_mb']:.0f} MB; "
                           f"consumer CPU {result['consumer_cpu_ms_per_patch']:.2f} ms/patch; "
+                          f"set-up {result['setup_s']:.1f} s, whole run {result['run_rate']:.0f} patches/s; "
                           f"load {result['load'][0]:.1f}->{result['load'][1]:.1f}; "
                           f"{time.perf_counter() - started:.0f} s", flush=True)
-                    if result["ray_stats"]:
-                        print(result["ray_stats"], flush=True)
     print()
     print(table(results))
 

@@ -78,13 +78,6 @@ def test_local_train_env_fills_only_what_the_user_left_unset():
     assert set(env) == set(LOCAL_TRAIN_ENV)
 
 
-def test_one_worker_takes_its_streams_whole():
-    from ipb_ray.distributed.training import split_datasets
-
-    assert split_datasets(0, True) == split_datasets(1, True) == []
-    assert split_datasets(2, False) == ["train"] and split_datasets(4, True) == ["train", "unlabelled"]
-
-
 @pytest.mark.ray
 def test_state_actors_are_reset_and_reused_between_runs(ray_local):
     import ray

@@ -122,23 +122,43 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
         image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
                                           spec.geometry.size, scale=None if fixed is None else fixed[2],
                                           whole=spec.geometry.whole)
+        lab = index.get(label, -1) if label is not None else -1
         for copy in range(n):
-            rng = colony_rng(spec.seed, epoch, spec.mode, cid, copy)
-            if fixed is not None:
-                coord, met = PatchCoord(fixed[0], fixed[1], fixed[2]), True
-            elif spec.mode == "test" and copy == 0:
-                coord, met = centre_coord(mask, spec.geometry, scale=scale), True
-            else:
-                coord, met = sample_coord(mask, spec.geometry, rng, scale=scale)
-            window = cut(image, coord, spec.geometry)
-            _append_views(rows, window, spec, rng)
-            rows["colony_id"].append(cid)
-            rows["label"].append(index.get(label, -1) if label is not None else -1)
-            rows["copy"].append(copy)
-            rows["x"].append(coord.x)
-            rows["y"].append(coord.y)
-            rows["scale"].append(coord.scale)
-            rows["met"].append(met)
+            emit_patch(rows, image, mask, scale, cid, lab, copy, fixed, spec, epoch)
+    out = finish_rows(rows, spec)
+    if spec.mode in SHUFFLED_MODES and len(out["colony_id"]):
+        # a colony's copies come out one after another; scatter them (the stream's shuffle
+        # buffer then mixes batches), seeded by the epoch and the rows this batch holds
+        order = batch_order(out["colony_id"], out["copy"], spec.seed, epoch)
+        out = {k: v[order] for k, v in out.items()}
+    return out
+
+
+def emit_patch(rows: dict[str, list[Any]], image: np.ndarray, mask: np.ndarray, scale: float, colony_id: str,
+               label: int, copy: int, fixed: Sequence[float] | None, spec: StreamSpec, epoch: int) -> None:
+    """Append copy ``copy`` of one colony's patch to ``rows`` (lists per column of
+    :meth:`StreamSpec.columns`). ``image``/``mask``: the prepared crop; ``fixed``: a fixed
+    window ``(x, y, scale)`` or None. The draw depends on (seed, epoch, mode, colony, copy)
+    only, so every path that cuts this copy cuts the same patch."""
+    rng = colony_rng(spec.seed, epoch, spec.mode, colony_id, copy)
+    if fixed is not None:
+        coord, met = PatchCoord(int(fixed[0]), int(fixed[1]), float(fixed[2])), True
+    elif spec.mode == "test" and copy == 0:
+        coord, met = centre_coord(mask, spec.geometry, scale=scale), True
+    else:
+        coord, met = sample_coord(mask, spec.geometry, rng, scale=scale)
+    _append_views(rows, cut(image, coord, spec.geometry), spec, rng)
+    rows["colony_id"].append(colony_id)
+    rows["label"].append(label)
+    rows["copy"].append(copy)
+    rows["x"].append(coord.x)
+    rows["y"].append(coord.y)
+    rows["scale"].append(coord.scale)
+    rows["met"].append(met)
+
+
+def finish_rows(rows: dict[str, list[Any]], spec: StreamSpec) -> dict[str, np.ndarray]:
+    """The lists of :func:`emit_patch` as a patch batch's numpy columns."""
     if not rows["colony_id"]:
         return _empty_batch(spec)
     out = {"colony_id": np.array(rows["colony_id"], dtype=object),
@@ -147,11 +167,6 @@ def patch_batch(batch: Mapping[str, Sequence[Any]], spec: StreamSpec, epoch: int
            "scale": np.array(rows["scale"], np.float32), "met": np.array(rows["met"], bool)}
     for name in spec.patch_columns():
         out[name] = np.stack(rows[name]).astype(np.float32, copy=False)
-    if spec.mode in SHUFFLED_MODES:
-        # a colony's copies come out one after another; scatter them (the stream's shuffle
-        # buffer then mixes batches), seeded by the epoch and the rows this batch holds
-        order = batch_order(out["colony_id"], out["copy"], spec.seed, epoch)
-        out = {k: v[order] for k, v in out.items()}
     return out
 
 
@@ -384,14 +399,21 @@ def _collate_class():
         from ray.data.collate_fn import NumpyBatchCollateFn
 
         class PatchCollate(NumpyBatchCollateFn):
-            def __init__(self, columns: Sequence[str]):
+            """numpy patch columns -> float32 tensors, int64 labels, the colony ids as a
+            list; ``pin``: page-locked tensors (for non-blocking copies to a GPU), made
+            here, on Ray's batch-preparing thread, not on the training thread."""
+
+            def __init__(self, columns: Sequence[str], pin: bool = False):
                 self.dtypes = {name: torch.float32 for name in columns}
                 self.dtypes["label"] = torch.int64
+                self.pin = bool(pin)
 
             def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
                 # np.require copies only read-only (Arrow-backed) buffers, which torch cannot wrap
                 out: dict[str, Any] = {k: torch.from_numpy(np.require(batch[k], requirements="W")).to(t)
                                        for k, t in self.dtypes.items()}
+                if self.pin:
+                    out = {k: v.pin_memory() for k, v in out.items()}
                 out["colony_id"] = list(batch["colony_id"])
                 return out
 

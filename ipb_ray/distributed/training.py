@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 
@@ -366,13 +366,23 @@ def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
     return torch.load(found[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def shuffled(shard: Any, spec: Any, batch_size: int, cfg: ExperimentConfig, epoch: int, rank: int,
-             device: Any) -> Any:
-    """A training shard's batches through the seeded shuffle buffer of ``(seed, epoch, rank)``."""
-    from ipb_ray.distributed.streams import shuffle_seed, torch_batches
+def training_batches(config: dict[str, Any], spec: Any, stream: str, epoch: int, batch_size: int, steps: int,
+                     rank: int, world: int, device: Any, counts: Mapping[str, int],
+                     coords: Mapping[str, Any] | None = None) -> Any:
+    """This rank's ``steps`` batches of a training stream's epoch: the draw ``counts``
+    (and fixed windows ``coords``) in a whole-epoch seeded order (unless
+    ``method.shuffle_buffer`` is 0), cut from the run's crop cache by Ray Data tasks
+    (:mod:`ipb_ray.distributed.epoch_stream`)."""
+    from ipb_ray.distributed.epoch_stream import plan_batches, stream_plan
 
-    return torch_batches(shard, spec, batch_size, device=str(device), shuffle_buffer=cfg.method.shuffle_buffer,
-                         shuffle_seed=shuffle_seed(cfg.seed, epoch, rank))
+    cfg: ExperimentConfig = config["_cfg"]
+    cache = config["cache"]
+    index = config.setdefault("_cache_index", cache.index())
+    plan = stream_plan(index, seed=cfg.seed, epoch=epoch, stream=stream, counts=counts, coords=coords,
+                       shuffle=cfg.method.shuffle_buffer > 0, rank=rank, world=world, batch_size=batch_size,
+                       steps=steps)
+    return plan_batches(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=config["data_workers"],
+                        cpus=config["data_cpus"], device=str(device))
 
 
 def snapshot(model: Any) -> dict[str, Any]:
@@ -487,8 +497,8 @@ class _Loop:
         self.u_steps = unlabelled_steps(len(self.inputs.unlabelled), self.world, self.m) if self.semi else 0
         self.balancer = get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx) if self.semi else None
         self.method.balancer = self.balancer  # every rank: a balancer may correct pseudo-labels; rank 0 plans
-        self.l_state = state_handle(config["state"])
         self.u_state = state_handle(config["u_state"]) if self.semi else None
+        config["_cfg"] = cfg
         self.start, self.global_step, self.resumed_from = 0, 0, None
         self.best, self.history = _Selection(), []
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
@@ -580,13 +590,13 @@ class _Loop:
         total = max(steps * stage.epochs, 1)
         return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
 
-    def _publish_labelled(self, g: int, steps: int) -> None:
-        """Rank 0: epoch ``g``'s class-balanced draw of L, ``steps`` batches for every worker."""
-        import ray
-
+    def _labelled_batches(self, g: int, steps: int) -> Any:
+        """This rank's share of epoch ``g``'s class-balanced draw of L: ``steps`` batches
+        (every rank computes the same draw from the seed)."""
         m = self.m
-        ray.get(self.l_state.set.remote(g, labelled_draws(self.inputs, steps * self.world * m.batch_size,
-                                                          self.cfg.seed, g, m.balance_labelled)))
+        counts = labelled_draws(self.inputs, steps * self.world * m.batch_size, self.cfg.seed, g, m.balance_labelled)
+        return training_batches(self.config, self.ctx.specs["spec_train"], "labelled", g, m.batch_size, steps,
+                                self.rank, self.world, self.ctx.device, counts)
 
     def _labelled(self, stage: Stage, g: int, e: int) -> dict[str, Any]:
         """An epoch of cross-entropy on class-balanced L for ``stage.net``."""
@@ -594,13 +604,8 @@ class _Loop:
         import ray.train.collective
 
         ctx, m = self.ctx, self.m
-        if self.rank == 0:
-            self._publish_labelled(g, self.l_steps)
-        ray.train.collective.barrier()
         opt = self.method.opts[stage.optimizer]
-        out = supervised_epoch(self.method.nets[stage.net], opt,
-                               shuffled(ray.train.get_dataset_shard("train"), ctx.specs["spec_train"], m.batch_size,
-                                        self.cfg, g, self.rank, ctx.device),
+        out = supervised_epoch(self.method.nets[stage.net], opt, self._labelled_batches(g, self.l_steps),
                                ctx.columns, ctx.device, ctx.amp, m,
                                lambda step: stage.lr * self._lr_factor(stage, 0, step, self.l_steps), e * self.l_steps)
         self.global_step += out["train_steps"]
@@ -621,15 +626,15 @@ class _Loop:
             n_draws = steps * self.world * m.unlabelled_batch_size
             plan, figures = self.balancer.plan(u_epoch, n_draws, self.method.nets[self.method.labeller])
             ray.get(self.u_state.set.remote(u_epoch, plan.counts, plan.coords))
-            self._publish_labelled(g, steps)
             figures.update(plan_seconds=time.perf_counter() - t0, unlabelled_draws=n_draws)
         ray.train.collective.barrier()
         for net in self.method.nets.values():
             net.train()
-        l_iter = iter(shuffled(ray.train.get_dataset_shard("train"), ctx.specs["spec_train"], m.batch_size, self.cfg,
-                               g, self.rank, ctx.device))
-        u_iter = iter(shuffled(ray.train.get_dataset_shard("unlabelled"), ctx.specs["spec_uda"],
-                               m.unlabelled_batch_size, self.cfg, g, self.rank, ctx.device))
+        _, _, u_counts, u_coords = ray.get(self.u_state.get.remote())  # rank 0's plan, on every rank
+        l_iter = iter(self._labelled_batches(g, steps))
+        u_iter = iter(training_batches(self.config, ctx.specs["spec_uda"], "unlabelled", u_epoch,
+                                       m.unlabelled_batch_size, steps, self.rank, self.world, ctx.device,
+                                       u_counts or {}, u_coords))
         names = self.method.step_metrics
         timer, sums = _Timer(), torch.zeros(len(names), dtype=torch.float64)
         seen: list[str] = []
@@ -843,6 +848,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     ``mlflow_run``: ``(tracking URI, run id)`` that rank 0 logs every epoch's history row
     to as the epoch ends (:func:`ipb_ray.tracking.runs.log_epoch`)."""
     from ipb_ray.distributed.ray_setup import init_ray
+    from ipb_ray.distributed.epoch_stream import crop_cache
     from ipb_ray.distributed.streams import lease_states, release_states
 
     from ipb_ray.methods import get_method
@@ -861,11 +867,12 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
             raise ValueError(f"fold {fold}: {exc}") from None
     init_ray(cfg.resources)
     specs = stream_specs(cfg, inputs.class_names, semi)
-    keys = ("state", "u_state", "label_state") if semi else ("state",)
+    cache = crop_cache(inputs.catalog, cpus=cfg.resources.data_cpus, workers=data_workers(cfg))
+    keys = ("u_state", "label_state") if semi else ()
     leased = lease_states(len(keys))
     states = {key: name for key, (name, _handle) in zip(keys, leased)}
     try:
-        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks, mlflow_run).fit()
+        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks, mlflow_run, cache).fit()
     finally:
         release_states(leased)
     metrics = dict(result.metrics or {})
@@ -878,8 +885,10 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
 def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[str, Any], states: dict[str, str],
              semi: bool, digest_dir: str | None, callbacks: list[Any] | None,
-             mlflow_run: tuple[str, str] | None = None) -> Any:
-    """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage."""
+             mlflow_run: tuple[str, str] | None = None, cache: Any = None) -> Any:
+    """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage.
+    The training streams are cut each epoch from ``cache`` (:mod:`ipb_ray.distributed.epoch_stream`);
+    the evaluation streams are Ray Data datasets handed to Train."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -888,7 +897,6 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
     r = cfg.resources
     data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus, workers=data_workers(cfg))
     datasets = {
-        "train": patch_dataset(inputs.catalog, specs["spec_train"], state_name=states["state"], **data_kw),
         "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
                              **data_kw),
         "test": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.test, **data_kw),
@@ -897,15 +905,13 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
         "calib": patch_dataset(inputs.catalog, specs["spec_plain"], counts=calibration_counts(cfg, inputs),
                                **data_kw),
     }
-    if semi:
-        datasets["unlabelled"] = patch_dataset(inputs.catalog, specs["spec_uda"], state_name=states["u_state"],
-                                               **{**data_kw, "batch_size": cfg.method.unlabelled_batch_size})
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
                            "local_run_dir": local_run_storage(cfg, fold),
-                           "checkpoints_to_keep": r.checkpoints_to_keep, "mlflow_run": mlflow_run},
+                           "checkpoints_to_keep": r.checkpoints_to_keep, "mlflow_run": mlflow_run,
+                           "cache": cache, "data_workers": data_kw["workers"], "data_cpus": r.data_cpus},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),
@@ -913,7 +919,7 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
                              checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
                              callbacks=callbacks or None),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=split_datasets(r.num_workers, semi)))
+        dataset_config=DataConfig(datasets_to_split=[]))
 
 
 def local_run_storage(cfg: ExperimentConfig, fold: int) -> str | None:
@@ -928,15 +934,6 @@ def local_run_storage(cfg: ExperimentConfig, fold: int) -> str | None:
                          f"local path; tracking.storage_path={where!r} is remote. Use resources.num_workers>=1 "
                          "for remote storage, or give a local (or mounted) tracking.storage_path")
     return os.path.join(storage_uri(where), run_name(cfg, fold))
-
-
-def split_datasets(num_workers: int, semi: bool) -> list[str]:
-    """The training streams Ray Train splits between workers. One worker (or the driver)
-    takes each whole: a split would start a coordinator actor per stream and route every
-    batch through it, ~10 s of start-up per run on a small machine for no gain."""
-    if num_workers <= 1:
-        return []
-    return ["train", "unlabelled"] if semi else ["train"]
 
 
 def data_workers(cfg: ExperimentConfig) -> int:

@@ -1,0 +1,285 @@
+"""The training streams: a catalog's crops decoded once into the object store, and each
+epoch a plan-driven Ray Data stream of patches cut from them.
+
+Why (BENCHMARKS.md, "Patch stream"): re-reading and re-decoding the catalog's Parquet
+every epoch cost ~1 s of start-up per epoch and ~1 ms of PNG decoding per patch, and a
+shuffle buffer in the training process cost CPU there. Here:
+
+1. **Ingest, once per catalog** (:func:`crop_cache`): Ray Data reads the catalog's parts
+   and decodes every crop in parallel tasks (image as raw uint8, mask as packed bits);
+   the result stays in the object store as Arrow blocks (:class:`CropCache`, a handful
+   of object references plus the colony ids). Patch tasks read the blocks zero-copy, so
+   one copy serves every task and every fold of a process.
+2. **Each epoch** (:func:`plan_batches`): the epoch's plan (:mod:`ipb_ray.patches.plan`:
+   colonies, copies, fixed windows, whole-epoch seeded order, this rank's share) becomes
+   a tiny in-memory dataset; ``map_batches`` cuts each planned patch with the very
+   function the catalog path uses (:func:`ipb_ray.distributed.streams.emit_patch`), one
+   output block per training batch, so the training process only unpacks batches: no
+   Parquet planning, no read tasks, no shuffle buffer.
+
+A patch depends on ``(seed, epoch, mode, colony, copy)`` only, as on the catalog path:
+the same copy is the same patch whichever path or worker cuts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ipb_ray.data import catalog
+from ipb_ray.patches import plan as plans
+from ipb_ray.patches.geometry import prepare_crop
+from ipb_ray.distributed.streams import CATALOG_COLUMNS, StreamSpec, _collate_class, emit_patch, finish_rows
+
+#: Plan stream tags: two streams of one epoch are shuffled apart.
+STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4}
+
+
+@dataclass(frozen=True)
+class CropCache:
+    """A catalog's decoded crops in the object store: ``refs`` are Arrow tables with
+    columns ``colony_id``, ``label``, ``h``, ``w``, ``image`` (raw uint8 bytes, row-major)
+    and ``mask`` (``np.packbits`` of the bool mask); ``ids`` lists the colonies in block
+    order, ``sizes`` the rows per block. Picklable: hand it to tasks and Train workers."""
+
+    catalog: str
+    key: str
+    refs: tuple[Any, ...]
+    ids: tuple[str, ...]
+    sizes: tuple[int, ...]
+    nbytes: int
+
+    def index(self) -> dict[str, int]:
+        """Colony id -> its row in the cache."""
+        return {c: i for i, c in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def decode_rows(batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
+    """Catalog rows (PNG bytes) -> cache rows (raw bytes; pure). A corrupt PNG names its colony."""
+    images, masks, hs, ws = [], [], [], []
+    for cid, img_png, mask_png in zip(batch["colony_id"], batch["image"], batch["mask"]):
+        try:
+            image, mask = catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0
+        except ValueError as exc:
+            raise ValueError(f"colony {cid}: {exc}") from None
+        if image.shape != mask.shape:
+            raise ValueError(f"colony {cid}: crop {image.shape} and mask {mask.shape} differ")
+        hs.append(image.shape[0])
+        ws.append(image.shape[1])
+        images.append(np.ascontiguousarray(image, np.uint8).tobytes())
+        masks.append(np.packbits(mask).tobytes())
+    return {"colony_id": np.asarray(batch["colony_id"], dtype=object),
+            "label": np.asarray(batch["label"], dtype=object),
+            "h": np.array(hs, np.int32), "w": np.array(ws, np.int32),
+            "image": np.array(images, dtype=object), "mask": np.array(masks, dtype=object)}
+
+
+class CropViews:
+    """One process's zero-copy view of a :class:`CropCache` (numpy over the Arrow buffers)."""
+
+    def __init__(self, tables: Sequence[Any]):
+        self.ids: list[str] = []
+        self.labels: list[Any] = []
+        self._where: list[tuple[int, int]] = []
+        self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        for b, table in enumerate(tables):
+            ids = table.column("colony_id").to_pylist()
+            self.ids.extend(ids)
+            self.labels.extend(table.column("label").to_pylist())
+            self._where.extend((b, r) for r in range(len(ids)))
+            self._blocks.append((table.column("h").to_numpy(), table.column("w").to_numpy(),
+                                 *_binary(table.column("image")), *_binary(table.column("mask"))))
+
+    def crop(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image uint8 (H, W), mask bool (H, W))`` of cache row ``row`` (read-only image)."""
+        b, r = self._where[row]
+        h, w, img, img_off, msk, msk_off = self._blocks[b]
+        hh, ww = int(h[r]), int(w[r])
+        image = img[img_off[r]:img_off[r + 1]].reshape(hh, ww)
+        mask = np.unpackbits(msk[msk_off[r]:msk_off[r + 1]], count=hh * ww).view(bool).reshape(hh, ww)
+        return image, mask
+
+
+def _binary(column: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A (large) binary Arrow column as its data buffer and offsets, without copying."""
+    import pyarrow as pa
+
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    width = np.int64 if pa.types.is_large_binary(arr.type) else np.int32
+    offsets = np.frombuffer(arr.buffers()[1], width)[arr.offset:arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    return (np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)), offsets
+
+
+_VIEWS_LOCK = threading.Lock()
+_VIEWS: dict[str, CropViews] = {}
+
+
+def views_of(cache: CropCache) -> CropViews:
+    """This process's :class:`CropViews` of ``cache``, built on first use (a few ms)."""
+    import ray
+
+    with _VIEWS_LOCK:
+        found = _VIEWS.get(cache.key)
+        if found is None:
+            if len(_VIEWS) >= 4:  # caches of finished runs: drop the oldest
+                _VIEWS.pop(next(iter(_VIEWS)))
+            found = _VIEWS[cache.key] = CropViews(ray.get(list(cache.refs)))
+        return found
+
+
+# --------------------------------------------------------------------------- building the cache
+
+_CACHE_LOCK = threading.Lock()
+_CACHES: dict[tuple[str, str, str], CropCache] = {}
+
+
+def _catalog_key(catalog_dir: str) -> str:
+    path = os.path.abspath(catalog_dir)
+    manifest = os.path.join(path, catalog.MANIFEST)
+    stamp = os.stat(manifest).st_mtime_ns if os.path.exists(manifest) else 0
+    return hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:16]
+
+
+def _ids_of(table: Any) -> list[str]:
+    return table.column("colony_id").to_pylist()
+
+
+def build_crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = None) -> CropCache:
+    """Read and decode the catalog at ``catalog_dir`` with Ray Data into the object store."""
+    import ray
+
+    catalog.read_manifest(catalog_dir)  # refuse an unfinished catalog with a clear message
+    ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = False  # see streams.patch_dataset: the V2 reader can stall a full node
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
+    kwargs: dict[str, Any] = dict(batch_size=64, batch_format="numpy", num_cpus=cpus)
+    if workers:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=workers)
+    materialised = ds.map_batches(decode_rows, **kwargs).materialize()
+    refs = tuple(materialised.to_arrow_refs())
+    ids_task = ray.remote(num_cpus=0)(_ids_of)
+    ids = ray.get([ids_task.remote(r) for r in refs])
+    key = hashlib.sha1(f"{_catalog_key(catalog_dir)}|{refs[0].hex() if refs else ''}".encode()).hexdigest()[:16]
+    return CropCache(catalog=os.path.abspath(catalog_dir), key=key, refs=refs,
+                     ids=tuple(c for part in ids for c in part), sizes=tuple(len(p) for p in ids),
+                     nbytes=int(materialised.size_bytes()))
+
+
+def crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = None) -> CropCache:
+    """The process's cache of a catalog (built on first use, per Ray session): every fold
+    and run of this process that reads the catalog shares it."""
+    import ray
+
+    key = (os.path.abspath(catalog_dir), _catalog_key(catalog_dir), ray.get_runtime_context().get_job_id())
+    with _CACHE_LOCK:
+        found = _CACHES.get(key)
+    if found is None:
+        found = build_crop_cache(catalog_dir, cpus=cpus, workers=workers)
+        with _CACHE_LOCK:
+            found = _CACHES.setdefault(key, found)
+    return found
+
+
+def forget_caches() -> None:
+    """Drop this process's caches (their objects are freed once no run holds them)."""
+    with _CACHE_LOCK:
+        _CACHES.clear()
+    with _VIEWS_LOCK:
+        _VIEWS.clear()
+
+
+# --------------------------------------------------------------------------- each epoch
+
+def cut_plan(batch: Mapping[str, np.ndarray], spec: StreamSpec, epoch: int, crops: CropViews) -> dict[str, np.ndarray]:
+    """Plan rows -> patch rows, in the plan's order (pure given ``crops``)."""
+    index = {n: i for i, n in enumerate(spec.class_names)}
+    rows: dict[str, list[Any]] = {k: [] for k in spec.columns()}
+    for r, copy, fixed, x, y, scale in zip(batch["row"], batch["copy"], batch["fixed"], batch["x"], batch["y"],
+                                           batch["scale"]):
+        r = int(r)
+        image, mask = crops.crop(r)
+        image, mask, sc = prepare_crop(image, mask, spec.geometry.size, scale=float(scale) if fixed else None,
+                                       whole=spec.geometry.whole)
+        label = crops.labels[r]
+        emit_patch(rows, image, mask, sc, crops.ids[r], index.get(label, -1) if label is not None else -1,
+                   int(copy), (int(x), int(y), float(scale)) if fixed else None, spec, epoch)
+    return finish_rows(rows, spec)
+
+
+def _plan_stage(batch: dict[str, np.ndarray], spec: StreamSpec, epoch: int, cache: CropCache) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF of the epoch stream (Ray tasks, whose processes stay warm)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return cut_plan(batch, spec, epoch, views_of(cache))
+
+
+def batch_bytes(spec: StreamSpec, batch_size: int) -> int:
+    """About the bytes of one patch batch (its float32 patch columns)."""
+    per = sum(4 * s * s for s in spec.geometry.scales) * (2 if spec.mode == "uda" else 1)
+    return int(batch_size) * (per + 256)
+
+
+def plan_dataset(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarray], *, epoch: int,
+                 batch_size: int, workers: int = 1, cpus: float = 1.0):
+    """The Ray Data stream of one epoch's ``plan``: ``workers`` patch tasks at once, each
+    cutting a run of whole batches, one output block per batch, in the plan's order."""
+    import pyarrow as pa
+    import ray
+
+    parts = plans.chunks(plan, batch_size, max(int(workers), 1))
+    if not parts:
+        raise ValueError("the epoch's plan is empty")
+    source = ray.data.from_arrow([pa.table({k: np.asarray(v) for k, v in p.items()}) for p in parts])
+    ds = source.map_batches(_plan_stage, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
+                            compute=ray.data.TaskPoolStrategy(size=max(int(workers), 1)),
+                            fn_kwargs=dict(spec=spec, epoch=int(epoch), cache=cache))
+    ctx = ds.context
+    ctx.execution_options.preserve_order = True  # the plan's order is the epoch's order
+    ctx.target_max_block_size = max(batch_bytes(spec, batch_size), 1 << 20)  # a block per batch: stream them
+    ctx.enable_progress_bars = False  # one execution per epoch: bars would only spam the logs
+    return ds
+
+
+def plan_batches(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarray], *, epoch: int,
+                 batch_size: int, workers: int = 1, cpus: float = 1.0, device: str = "cpu",
+                 drop_last: bool = True, prefetch_batches: int = 2):
+    """Torch batches of one epoch's ``plan`` (as :func:`ipb_ray.distributed.streams.torch_batches`),
+    on the host; for a CUDA ``device`` they are pinned (page-locked) on Ray's batch thread,
+    so the training step's ``.to(device, non_blocking=True)`` overlaps the copy."""
+    if len(plan["row"]) == 0 or (drop_last and len(plan["row"]) < batch_size):
+        return iter(())
+    ds = plan_dataset(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=workers, cpus=cpus)
+    pin = str(device).startswith("cuda") and _cuda()
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_class()(spec.patch_columns(), pin),
+                                 drop_last=drop_last, prefetch_batches=prefetch_batches, device=device)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def stream_plan(cache_index: Mapping[str, int], *, seed: int, epoch: int, stream: str,
+                counts: Mapping[str, int] | None = None, ids: Sequence[str] | None = None, copies: int = 1,
+                coords: Mapping[str, Sequence[float]] | None = None, shuffle: bool = True, rank: int = 0,
+                world: int = 1, batch_size: int = 1, steps: int | None = None) -> dict[str, np.ndarray]:
+    """One rank's plan of an epoch: the draw (``counts``, or ``ids`` x ``copies``), in a
+    whole-epoch seeded order (``shuffle``), this rank's share of ``steps`` batches."""
+    plan = plans.epoch_rows(cache_index, counts, ids=ids, copies=copies, coords=coords)
+    if shuffle:
+        plan = plans.shuffle(plan, seed, epoch, STREAM_TAGS[stream])
+    if world > 1 or steps is not None:
+        plan = plans.rank_share(plan, rank, world, batch_size, steps)
+    return plan

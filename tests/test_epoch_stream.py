@@ -1,0 +1,186 @@
+"""Epoch plans (pure) and the crop-cache epoch stream (Ray Data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ipb_ray.data import catalog
+from ipb_ray.distributed.epoch_stream import CropViews, cut_plan, decode_rows, stream_plan
+from ipb_ray.distributed.streams import StreamSpec, patch_batch
+from ipb_ray.patches import plan as plans
+from ipb_ray.patches.geometry import PatchGeometry
+
+GEO = PatchGeometry(size=64, scales=(64, 32))
+CLASSES = ("A", "B")
+INDEX = {f"c{i}": i for i in range(10)}
+
+
+def _rows(n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        yy, xx = np.ogrid[:h, :w]
+        mask = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 <= 1
+        crop = rng.integers(0, 255, (h, w), dtype=np.uint8)
+        rows.append(catalog.colony_row(source=f"f{i}", bbox=(0, 0, w, h), crop=crop, mask=mask,
+                                       labels=[CLASSES[i % 2]] if i < n - 1 else [], importer="t"))
+    return {k: [r[k] for r in rows] for k in ("colony_id", "image", "mask", "label")}
+
+
+def _views(rows):
+    import pyarrow as pa
+
+    decoded = decode_rows(rows)
+    return CropViews([pa.table({k: list(v) for k, v in decoded.items()})])
+
+
+# --------------------------------------------------------------------------- plans (pure)
+
+def test_rows_repeat_each_colony_by_its_count_with_numbered_copies():
+    p = plans.epoch_rows(INDEX, {"c3": 2, "c0": 1, "c5": 0, "c7": 3})
+    assert p["row"].tolist() == [3, 3, 0, 7, 7, 7]
+    assert p["copy"].tolist() == [0, 1, 0, 0, 1, 2]
+    assert not p["fixed"].any()
+    ids = plans.epoch_rows(INDEX, ids=["c1", "c2"], copies=2)
+    assert ids["row"].tolist() == [1, 1, 2, 2] and ids["copy"].tolist() == [0, 1, 0, 1]
+
+
+def test_fixed_windows_travel_with_every_copy_of_their_colony():
+    p = plans.epoch_rows(INDEX, {"c1": 2, "c2": 1}, coords={"c1": (5, 7, 1.5)})
+    assert p["fixed"].tolist() == [True, True, False]
+    assert p["x"].tolist()[:2] == [5, 5] and p["y"].tolist()[:2] == [7, 7]
+    assert p["scale"].tolist()[:2] == [1.5, 1.5]
+
+
+def test_bad_plans_are_refused_with_what_is_wrong():
+    with pytest.raises(KeyError, match="not in the crop cache, e.g. \\['zz'\\]"):
+        plans.epoch_rows(INDEX, {"zz": 1})
+    with pytest.raises(ValueError, match="counts or ids"):
+        plans.epoch_rows(INDEX)
+    with pytest.raises(ValueError, match=">= 0"):
+        plans.epoch_rows(INDEX, {"c1": -1})
+    with pytest.raises(ValueError, match="need 12"):
+        plans.rank_share(plans.epoch_rows(INDEX, ids=list(INDEX)), 0, 2, 3, steps=2)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        plans.rank_share(plans.epoch_rows(INDEX, ids=list(INDEX)), 2, 2, 1)
+    assert len(plans.epoch_rows(INDEX, {"c1": 0})["row"]) == 0
+
+
+def test_shuffle_is_a_seeded_whole_epoch_permutation():
+    p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=3)
+    a, b = plans.shuffle(p, 0, 1, 1), plans.shuffle(p, 0, 1, 1)
+    assert all(np.array_equal(a[k], b[k]) for k in p)
+    assert sorted(zip(a["row"].tolist(), a["copy"].tolist())) == sorted(zip(p["row"].tolist(), p["copy"].tolist()))
+    assert a["row"].tolist() != p["row"].tolist()
+    assert plans.shuffle(p, 0, 2, 1)["row"].tolist() != a["row"].tolist()  # another epoch, another order
+    assert plans.shuffle(p, 0, 1, 2)["row"].tolist() != a["row"].tolist()  # another stream, another order
+    # the copies of one colony no longer sit together: the first batch of 6 holds > 2 colonies
+    assert len(set(a["row"][:6].tolist())) > 2
+
+
+def test_ranks_share_the_epoch_without_overlap_in_whole_batches():
+    p = plans.shuffle(plans.epoch_rows(INDEX, ids=list(INDEX), copies=3), 0, 0, 1)  # 30 rows
+    shares = [plans.rank_share(p, r, 2, 4) for r in range(2)]
+    assert [len(s["row"]) for s in shares] == [12, 12]  # 15 per rank, cut to whole batches of 4
+    pairs = [set(zip(s["row"].tolist(), s["copy"].tolist())) for s in shares]
+    assert not pairs[0] & pairs[1]
+    steps = [plans.rank_share(p, r, 3, 2, steps=5) for r in range(3)]
+    assert [len(s["row"]) for s in steps] == [10, 10, 10]
+    assert np.array_equal(np.concatenate([s["row"] for s in steps]), p["row"])
+
+
+def test_chunks_cut_runs_of_whole_batches_in_order():
+    p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=1)
+    parts = plans.chunks(p, 3, 2)
+    assert [len(c["row"]) for c in parts] == [6, 4]
+    assert np.concatenate([c["row"] for c in parts]).tolist() == p["row"].tolist()
+    assert plans.chunks(plans.empty_plan(), 3, 2) == []
+    assert len(plans.chunks(p, 3, 1)) == 1
+
+
+def test_stream_plan_gives_every_rank_its_steps_of_the_same_epoch():
+    counts = {c: 2 for c in INDEX}
+    a = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, rank=0, world=2, batch_size=4, steps=2)
+    b = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, rank=1, world=2, batch_size=4, steps=2)
+    assert len(a["row"]) == len(b["row"]) == 8
+    unshuffled = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, shuffle=False)
+    assert unshuffled["row"].tolist() == sorted(unshuffled["row"].tolist())
+
+
+# --------------------------------------------------------------------------- cutting (pure)
+
+def test_cached_crops_round_trip_the_catalog_pixels():
+    rows = _rows()
+    views = _views(rows)
+    for i, (img_png, mask_png) in enumerate(zip(rows["image"], rows["mask"])):
+        image, mask = views.crop(i)
+        assert np.array_equal(image, catalog.decode_png(img_png))
+        assert np.array_equal(mask, catalog.decode_png(mask_png) > 0)
+    assert views.ids == list(rows["colony_id"]) and views.labels[-1] is None
+
+
+@pytest.mark.parametrize("mode", ["train", "uda", "test", "plain"])
+def test_cut_plan_cuts_the_very_patches_of_the_catalog_path(mode):
+    rows = _rows()
+    views = _views(rows)
+    spec = StreamSpec(GEO, CLASSES, seed=4, mode=mode)
+    index = {c: i for i, c in enumerate(views.ids)}
+    counts = {c: 2 for c in views.ids}
+    p = plans.shuffle(plans.epoch_rows(index, counts), 4, 3, 1)
+    got = cut_plan(p, spec, 3, views)
+    want = patch_batch(rows, spec, epoch=3, counts=counts)
+    key = {(c, k): i for i, (c, k) in enumerate(zip(want["colony_id"], want["copy"].tolist()))}
+    order = [key[(c, k)] for c, k in zip(got["colony_id"], got["copy"].tolist())]
+    assert len(order) == len(key) == 12
+    for col in spec.columns():
+        if col != "colony_id":
+            assert np.array_equal(got[col], want[col][order]), col
+    assert got["label"].tolist()[:0] == [] and set(got["label"].tolist()) <= {-1, 0, 1}
+
+
+def test_cut_plan_uses_the_fixed_window():
+    rows = _rows()
+    views = _views(rows)
+    spec = StreamSpec(GEO, CLASSES, seed=0, mode="uda")
+    cid = views.ids[0]
+    got = cut_plan(plans.epoch_rows({cid: 0}, {cid: 2}, coords={cid: (3, 4, 1.0)}), spec, 0, views)
+    assert got["x"].tolist() == [3, 3] and got["y"].tolist() == [4, 4] and got["met"].all()
+    assert not np.array_equal(got["strong64"][0], got["strong64"][1])  # same window, fresh augmentation
+
+
+def test_a_corrupt_crop_names_its_colony():
+    rows = _rows(2)
+    rows["image"][1] = b"not a png"
+    with pytest.raises(ValueError, match=f"colony {rows['colony_id'][1]}"):
+        decode_rows(rows)
+
+
+# --------------------------------------------------------------------------- Ray
+
+@pytest.mark.ray
+def test_epoch_stream_streams_the_plan_in_order_as_torch_batches(tiny_catalog):
+    from ipb_ray.distributed.epoch_stream import crop_cache, plan_batches
+
+    names = tuple(catalog.read_manifest(tiny_catalog)["class_names"])
+    spec = StreamSpec(GEO, names, seed=3, mode="train")
+    cache = crop_cache(tiny_catalog)
+    assert crop_cache(tiny_catalog) is cache  # one cache per catalog and process
+    assert len(cache) == 32 and sum(cache.sizes) == 32 and cache.nbytes > 0
+    index = cache.index()
+    plan = stream_plan(index, seed=3, epoch=4, stream="labelled", ids=list(cache.ids), copies=2)
+    batches = list(plan_batches(cache, spec, plan, epoch=4, batch_size=8, workers=2, cpus=0.5))
+    assert [len(b["label"]) for b in batches] == [8] * 8
+    streamed = [(c, int(k)) for b in batches for c, k in zip(b["colony_id"], b["copy"].tolist())]
+    assert streamed == [(cache.ids[r], int(k)) for r, k in zip(plan["row"], plan["copy"])]
+    table = catalog.read_catalog(tiny_catalog, columns=["colony_id", "image", "mask", "label"])
+    want = patch_batch(table.to_pydict(), spec, epoch=4, counts={c: 2 for c in cache.ids})
+    key = {(c, k): i for i, (c, k) in enumerate(zip(want["colony_id"], want["copy"].tolist()))}
+    got = np.concatenate([b["x64"].numpy() for b in batches])
+    assert np.array_equal(got, want["x64"][[key[p] for p in streamed]])
+    # a partial last batch is kept when asked, and dropped by default
+    short = {k: v[:20] for k, v in plan.items()}
+    assert [len(b["label"]) for b in plan_batches(cache, spec, short, epoch=4, batch_size=8, drop_last=False)] \
+        == [8, 8, 4]
+    assert [len(b["label"]) for b in plan_batches(cache, spec, short, epoch=4, batch_size=8)] == [8, 8]
