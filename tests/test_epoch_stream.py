@@ -161,7 +161,7 @@ def test_a_corrupt_crop_names_its_colony():
 
 @pytest.mark.ray
 def test_epoch_stream_streams_the_plan_in_order_as_torch_batches(tiny_catalog):
-    from ipb_ray.distributed.epoch_stream import crop_cache, plan_batches
+    from ipb_ray.distributed.epoch_stream import crop_cache, plan_batches, plan_dataset
 
     names = tuple(catalog.read_manifest(tiny_catalog)["class_names"])
     spec = StreamSpec(GEO, names, seed=3, mode="train")
@@ -172,7 +172,9 @@ def test_epoch_stream_streams_the_plan_in_order_as_torch_batches(tiny_catalog):
     plan = stream_plan(index, seed=3, epoch=4, stream="labelled", ids=list(cache.ids), copies=2)
     batches = list(plan_batches(cache, spec, plan, epoch=4, batch_size=8, workers=2, cpus=0.5))
     assert [len(b["label"]) for b in batches] == [8] * 8
-    streamed = [(c, int(k)) for b in batches for c, k in zip(b["colony_id"], b["copy"].tolist())]
+    assert [c for b in batches for c in b["colony_id"]] == [cache.ids[r] for r in plan["row"]]
+    rows = list(plan_dataset(cache, spec, plan, epoch=4, batch_size=8).iter_batches(batch_size=8))
+    streamed = [(c, int(k)) for b in rows for c, k in zip(b["colony_id"], b["copy"].tolist())]
     assert streamed == [(cache.ids[r], int(k)) for r, k in zip(plan["row"], plan["copy"])]
     table = catalog.read_catalog(tiny_catalog, columns=["colony_id", "image", "mask", "label"])
     want = patch_batch(table.to_pydict(), spec, epoch=4, counts={c: 2 for c in cache.ids})
