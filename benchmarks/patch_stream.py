@@ -402,12 +402,12 @@ def epoch_counts(stream: str, ids: list[str], labels: list[Any], class_names: tu
     return {c: int(n) for c, n in zip(ids, pb.counts) if n}
 
 
-def epoch_plan(stream: str, index: dict[str, int], ids: list[str], labels: list[Any],
-               class_names: tuple[str, ...], epoch: int) -> dict[str, Any]:
+def epoch_plan(stream: str, ids: list[str], labels: list[Any], class_names: tuple[str, ...],
+               epoch: int) -> dict[str, Any]:
     """The epoch's draw, shuffled over the whole epoch (ipb_ray.patches.plan)."""
     from ipb_ray.distributed.epoch_stream import stream_plan
 
-    return stream_plan(index, seed=0, epoch=epoch, stream=stream,
+    return stream_plan(None, seed=0, epoch=epoch, stream=stream,
                        counts=epoch_counts(stream, ids, labels, class_names, epoch))
 
 
@@ -479,11 +479,12 @@ class CatalogPatches:
         epoch, plan = item
         names = {n: i for i, n in enumerate(self.spec.class_names)}
         rows: dict[str, list] = {k: [] for k in self.spec.columns()}
-        for r, copy in zip(plan["row"].tolist(), plan["copy"].tolist()):
+        for cid, copy in zip(plan["colony_id"].tolist(), plan["copy"].tolist()):
+            r = self.index[cid]
             img_png, mask_png = self.row(r)
             image, mask, scale = prepare_crop(catalog.decode_png(img_png), catalog.decode_png(mask_png) > 0,
                                               self.spec.geometry.size, whole=self.spec.geometry.whole)
-            emit_patch(rows, image, mask, scale, self.ids[r], names.get(self.labels[r], -1), copy, None,
+            emit_patch(rows, image, mask, scale, cid, names.get(self.labels[r], -1), copy, None,
                        self.spec, epoch)
         return _as_tensors(finish_rows(rows, self.spec), self.spec.patch_columns())
 
@@ -495,7 +496,7 @@ class PlanSampler:
         self.batch_size, self.epoch, self.plan = batch_size, 0, None
 
     def __len__(self) -> int:
-        return len(self.plan["row"]) // self.batch_size
+        return len(self.plan["colony_id"]) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for b in range(len(self)):
@@ -515,12 +516,24 @@ def run_dataloader(run: RunSpec, catalog_dir: Path, spec, consume, sampler: Memo
     times = []
     for epoch in range(run.warmup + run.epochs):
         batches.epoch = epoch
-        batches.plan = epoch_plan(run.stream, dataset.index, dataset.ids, dataset.labels, spec.class_names, epoch)
+        batches.plan = epoch_plan(run.stream, dataset.ids, dataset.labels, spec.class_names, epoch)
         times.append(time_epoch(lambda: loader, consume))
     return times
 
 
 # --------------------------------------------------------------------------- Ray Data
+
+def _ids_and_labels(catalog_dir: Path) -> tuple[list[str], list[Any]]:
+    """The catalog's colony ids and labels in file order (as :class:`CatalogPatches` has them)."""
+    import pyarrow.parquet as pq
+
+    ids, labels = [], []
+    for path in sorted((catalog_dir / "parts").glob("*.parquet")):
+        table = pq.read_table(path, columns=["colony_id", "label"])
+        ids.extend(table.column("colony_id").to_pylist())
+        labels.extend(table.column("label").to_pylist())
+    return ids, labels
+
 
 def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampler) -> tuple[list[EpochTime], str]:
     """``ray``: the project's training stream (crop cache + plan stream); ``ray-catalog``:
@@ -541,20 +554,19 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
     t0 = time.perf_counter()
     cache = epoch_stream.crop_cache(str(catalog_dir), workers=1)
     setup_s = time.perf_counter() - t0 if run.pipeline == "ray" else 0.0
-    index = cache.index()
-    views = epoch_stream.views_of(cache)
+    ids, labels = _ids_and_labels(catalog_dir)
     times, holder = [], {}
     for epoch in range(run.warmup + run.epochs):
-        plan = epoch_plan(run.stream, index, views.ids, views.labels, spec.class_names, epoch)
+        plan = epoch_plan(run.stream, ids, labels, spec.class_names, epoch)
 
         def make():
             if run.pipeline == "ray":
                 return epoch_stream.plan_batches(cache, spec, plan, epoch=epoch, batch_size=run.batch_size,
                                                  workers=1, cpus=run.stage_cpus,
                                                  prefetch_batches=run.prefetch_batches)
-            counts = {}
-            for r in plan["row"].tolist():
-                counts[views.ids[r]] = counts.get(views.ids[r], 0) + 1
+            counts: dict[str, int] = {}
+            for cid in plan["colony_id"].tolist():
+                counts[cid] = counts.get(cid, 0) + 1
             holder["ds"] = streams.patch_dataset(str(catalog_dir), spec, epoch=epoch, counts=counts,
                                                  batch_size=run.batch_size, workers=1, cpus=run.stage_cpus)
             return streams.torch_batches(holder["ds"], spec, run.batch_size, prefetch_batches=run.prefetch_batches,

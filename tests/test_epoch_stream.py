@@ -13,7 +13,7 @@ from ipb_ray.patches.geometry import PatchGeometry
 
 GEO = PatchGeometry(size=64, scales=(64, 32))
 CLASSES = ("A", "B")
-INDEX = {f"c{i}": i for i in range(10)}
+INDEX = [f"c{i}" for i in range(10)]
 
 
 def _rows(n=6, seed=0):
@@ -40,11 +40,11 @@ def _views(rows):
 
 def test_rows_repeat_each_colony_by_its_count_with_numbered_copies():
     p = plans.epoch_rows(INDEX, {"c3": 2, "c0": 1, "c5": 0, "c7": 3})
-    assert p["row"].tolist() == [3, 3, 0, 7, 7, 7]
+    assert p["colony_id"].tolist() == ["c3", "c3", "c0", "c7", "c7", "c7"]
     assert p["copy"].tolist() == [0, 1, 0, 0, 1, 2]
     assert not p["fixed"].any()
     ids = plans.epoch_rows(INDEX, ids=["c1", "c2"], copies=2)
-    assert ids["row"].tolist() == [1, 1, 2, 2] and ids["copy"].tolist() == [0, 1, 0, 1]
+    assert ids["colony_id"].tolist() == ["c1", "c1", "c2", "c2"] and ids["copy"].tolist() == [0, 1, 0, 1]
 
 
 def test_fixed_windows_travel_with_every_copy_of_their_colony():
@@ -65,37 +65,38 @@ def test_bad_plans_are_refused_with_what_is_wrong():
         plans.rank_share(plans.epoch_rows(INDEX, ids=list(INDEX)), 0, 2, 3, steps=2)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         plans.rank_share(plans.epoch_rows(INDEX, ids=list(INDEX)), 2, 2, 1)
-    assert len(plans.epoch_rows(INDEX, {"c1": 0})["row"]) == 0
+    assert len(plans.epoch_rows(INDEX, {"c1": 0})["colony_id"]) == 0
+    assert plans.epoch_rows(None, {"anything": 1})["colony_id"].tolist() == ["anything"]  # no check asked
 
 
 def test_shuffle_is_a_seeded_whole_epoch_permutation():
     p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=3)
     a, b = plans.shuffle(p, 0, 1, 1), plans.shuffle(p, 0, 1, 1)
     assert all(np.array_equal(a[k], b[k]) for k in p)
-    assert sorted(zip(a["row"].tolist(), a["copy"].tolist())) == sorted(zip(p["row"].tolist(), p["copy"].tolist()))
-    assert a["row"].tolist() != p["row"].tolist()
-    assert plans.shuffle(p, 0, 2, 1)["row"].tolist() != a["row"].tolist()  # another epoch, another order
-    assert plans.shuffle(p, 0, 1, 2)["row"].tolist() != a["row"].tolist()  # another stream, another order
+    assert sorted(zip(a["colony_id"].tolist(), a["copy"].tolist())) == sorted(zip(p["colony_id"].tolist(), p["copy"].tolist()))
+    assert a["colony_id"].tolist() != p["colony_id"].tolist()
+    assert plans.shuffle(p, 0, 2, 1)["colony_id"].tolist() != a["colony_id"].tolist()  # another epoch, another order
+    assert plans.shuffle(p, 0, 1, 2)["colony_id"].tolist() != a["colony_id"].tolist()  # another stream, another order
     # the copies of one colony no longer sit together: the first batch of 6 holds > 2 colonies
-    assert len(set(a["row"][:6].tolist())) > 2
+    assert len(set(a["colony_id"][:6].tolist())) > 2
 
 
 def test_ranks_share_the_epoch_without_overlap_in_whole_batches():
     p = plans.shuffle(plans.epoch_rows(INDEX, ids=list(INDEX), copies=3), 0, 0, 1)  # 30 rows
     shares = [plans.rank_share(p, r, 2, 4) for r in range(2)]
-    assert [len(s["row"]) for s in shares] == [12, 12]  # 15 per rank, cut to whole batches of 4
-    pairs = [set(zip(s["row"].tolist(), s["copy"].tolist())) for s in shares]
+    assert [len(s["colony_id"]) for s in shares] == [12, 12]  # 15 per rank, cut to whole batches of 4
+    pairs = [set(zip(s["colony_id"].tolist(), s["copy"].tolist())) for s in shares]
     assert not pairs[0] & pairs[1]
     steps = [plans.rank_share(p, r, 3, 2, steps=5) for r in range(3)]
-    assert [len(s["row"]) for s in steps] == [10, 10, 10]
-    assert np.array_equal(np.concatenate([s["row"] for s in steps]), p["row"])
+    assert [len(s["colony_id"]) for s in steps] == [10, 10, 10]
+    assert np.array_equal(np.concatenate([s["colony_id"] for s in steps]), p["colony_id"])
 
 
 def test_chunks_cut_runs_of_whole_batches_in_order():
     p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=1)
     parts = plans.chunks(p, 3, 2)
-    assert [len(c["row"]) for c in parts] == [6, 4]
-    assert np.concatenate([c["row"] for c in parts]).tolist() == p["row"].tolist()
+    assert [len(c["colony_id"]) for c in parts] == [6, 4]
+    assert np.concatenate([c["colony_id"] for c in parts]).tolist() == p["colony_id"].tolist()
     assert plans.chunks(plans.empty_plan(), 3, 2) == []
     assert len(plans.chunks(p, 3, 1)) == 1
 
@@ -104,9 +105,9 @@ def test_stream_plan_gives_every_rank_its_steps_of_the_same_epoch():
     counts = {c: 2 for c in INDEX}
     a = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, rank=0, world=2, batch_size=4, steps=2)
     b = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, rank=1, world=2, batch_size=4, steps=2)
-    assert len(a["row"]) == len(b["row"]) == 8
+    assert len(a["colony_id"]) == len(b["colony_id"]) == 8
     unshuffled = stream_plan(INDEX, seed=1, epoch=2, stream="labelled", counts=counts, shuffle=False)
-    assert unshuffled["row"].tolist() == sorted(unshuffled["row"].tolist())
+    assert unshuffled["colony_id"].tolist() == [c for c in INDEX for _ in range(2)]
 
 
 # --------------------------------------------------------------------------- cutting (pure)
@@ -114,11 +115,13 @@ def test_stream_plan_gives_every_rank_its_steps_of_the_same_epoch():
 def test_cached_crops_round_trip_the_catalog_pixels():
     rows = _rows()
     views = _views(rows)
-    for i, (img_png, mask_png) in enumerate(zip(rows["image"], rows["mask"])):
-        image, mask = views.crop(i)
+    for cid, img_png, mask_png in zip(rows["colony_id"], rows["image"], rows["mask"]):
+        image, mask = views.crop(cid)
         assert np.array_equal(image, catalog.decode_png(img_png))
         assert np.array_equal(mask, catalog.decode_png(mask_png) > 0)
-    assert views.ids == list(rows["colony_id"]) and views.labels[-1] is None
+    assert views.ids == list(rows["colony_id"]) and views.labels[rows["colony_id"][-1]] is None
+    with pytest.raises(KeyError, match="colony nope is not in the crop cache"):
+        views.crop("nope")
 
 
 @pytest.mark.parametrize("mode", ["train", "uda", "test", "plain"])
@@ -126,9 +129,8 @@ def test_cut_plan_cuts_the_very_patches_of_the_catalog_path(mode):
     rows = _rows()
     views = _views(rows)
     spec = StreamSpec(GEO, CLASSES, seed=4, mode=mode)
-    index = {c: i for i, c in enumerate(views.ids)}
     counts = {c: 2 for c in views.ids}
-    p = plans.shuffle(plans.epoch_rows(index, counts), 4, 3, 1)
+    p = plans.shuffle(plans.epoch_rows(views.ids, counts), 4, 3, 1)
     got = cut_plan(p, spec, 3, views)
     want = patch_batch(rows, spec, epoch=3, counts=counts)
     key = {(c, k): i for i, (c, k) in enumerate(zip(want["colony_id"], want["copy"].tolist()))}
@@ -145,7 +147,7 @@ def test_cut_plan_uses_the_fixed_window():
     views = _views(rows)
     spec = StreamSpec(GEO, CLASSES, seed=0, mode="uda")
     cid = views.ids[0]
-    got = cut_plan(plans.epoch_rows({cid: 0}, {cid: 2}, coords={cid: (3, 4, 1.0)}), spec, 0, views)
+    got = cut_plan(plans.epoch_rows([cid], {cid: 2}, coords={cid: (3, 4, 1.0)}), spec, 0, views)
     assert got["x"].tolist() == [3, 3] and got["y"].tolist() == [4, 4] and got["met"].all()
     assert not np.array_equal(got["strong64"][0], got["strong64"][1])  # same window, fresh augmentation
 
@@ -167,17 +169,17 @@ def test_epoch_stream_streams_the_plan_in_order_as_torch_batches(tiny_catalog):
     spec = StreamSpec(GEO, names, seed=3, mode="train")
     cache = crop_cache(tiny_catalog)
     assert crop_cache(tiny_catalog) is cache  # one cache per catalog and process
-    assert len(cache) == 32 and sum(cache.sizes) == 32 and cache.nbytes > 0
-    index = cache.index()
-    plan = stream_plan(index, seed=3, epoch=4, stream="labelled", ids=list(cache.ids), copies=2)
+    assert len(cache) == 32 and cache.nbytes > 0
+    ids = sorted(cache.ids)
+    plan = stream_plan(cache.ids, seed=3, epoch=4, stream="labelled", ids=ids, copies=2)
     batches = list(plan_batches(cache, spec, plan, epoch=4, batch_size=8, workers=2, cpus=0.5))
     assert [len(b["label"]) for b in batches] == [8] * 8
-    assert [c for b in batches for c in b["colony_id"]] == [cache.ids[r] for r in plan["row"]]
+    assert [c for b in batches for c in b["colony_id"]] == plan["colony_id"].tolist()
     rows = list(plan_dataset(cache, spec, plan, epoch=4, batch_size=8).iter_batches(batch_size=8))
     streamed = [(c, int(k)) for b in rows for c, k in zip(b["colony_id"], b["copy"].tolist())]
-    assert streamed == [(cache.ids[r], int(k)) for r, k in zip(plan["row"], plan["copy"])]
+    assert streamed == list(zip(plan["colony_id"].tolist(), plan["copy"].tolist()))
     table = catalog.read_catalog(tiny_catalog, columns=["colony_id", "image", "mask", "label"])
-    want = patch_batch(table.to_pydict(), spec, epoch=4, counts={c: 2 for c in cache.ids})
+    want = patch_batch(table.to_pydict(), spec, epoch=4, counts={c: 2 for c in ids})
     key = {(c, k): i for i, (c, k) in enumerate(zip(want["colony_id"], want["copy"].tolist()))}
     got = np.concatenate([b["x64"].numpy() for b in batches])
     assert np.array_equal(got, want["x64"][[key[p] for p in streamed]])

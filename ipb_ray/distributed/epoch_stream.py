@@ -5,10 +5,10 @@ Why (BENCHMARKS.md, "Patch stream"): re-reading and re-decoding the catalog's Pa
 every epoch cost ~1 s of start-up per epoch and ~1 ms of PNG decoding per patch, and a
 shuffle buffer in the training process cost CPU there. Here:
 
-1. **Ingest, once per catalog** (:func:`crop_cache`): Ray Data reads the catalog's parts
-   and decodes every crop in parallel tasks (image as raw uint8, mask as packed bits);
-   the result stays in the object store as Arrow blocks (:class:`CropCache`, a handful
-   of object references plus the colony ids). Patch tasks read the blocks zero-copy, so
+1. **Ingest, once per catalog** (:func:`crop_cache`): Ray Data reads the catalog's
+   Parquet row groups and decodes every crop in parallel tasks (image as raw uint8, mask
+   as packed bits); the result stays in the object store as Arrow blocks
+   (:class:`CropCache`: a handful of object references and the colony ids). Patch tasks read the blocks zero-copy, so
    one copy serves every task and every fold of a process.
 2. **Each epoch** (:func:`plan_batches`): the epoch's plan (:mod:`ipb_ray.patches.plan`:
    colonies, copies, fixed windows, whole-epoch seeded order, this rank's share) becomes
@@ -27,6 +27,7 @@ import hashlib
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -44,19 +45,14 @@ STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4
 class CropCache:
     """A catalog's decoded crops in the object store: ``refs`` are Arrow tables with
     columns ``colony_id``, ``label``, ``h``, ``w``, ``image`` (raw uint8 bytes, row-major)
-    and ``mask`` (``np.packbits`` of the bool mask); ``ids`` lists the colonies in block
-    order, ``sizes`` the rows per block. Picklable: hand it to tasks and Train workers."""
+    and ``mask`` (``np.packbits`` of the bool mask); ``ids`` are the catalog's colonies
+    (what a plan may name). Picklable: hand it to tasks and Train workers."""
 
     catalog: str
     key: str
     refs: tuple[Any, ...]
-    ids: tuple[str, ...]
-    sizes: tuple[int, ...]
+    ids: frozenset[str]
     nbytes: int
-
-    def index(self) -> dict[str, int]:
-        """Colony id -> its row in the cache."""
-        return {c: i for i, c in enumerate(self.ids)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,20 +83,23 @@ class CropViews:
 
     def __init__(self, tables: Sequence[Any]):
         self.ids: list[str] = []
-        self.labels: list[Any] = []
-        self._where: list[tuple[int, int]] = []
+        self.labels: dict[str, Any] = {}
+        self._where: dict[str, tuple[int, int]] = {}
         self._blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        for b, table in enumerate(tables):
+        for b, table in enumerate(t for t in tables if t.num_rows):  # an empty part's block has null columns
             ids = table.column("colony_id").to_pylist()
             self.ids.extend(ids)
-            self.labels.extend(table.column("label").to_pylist())
-            self._where.extend((b, r) for r in range(len(ids)))
+            self.labels.update(zip(ids, table.column("label").to_pylist()))
+            self._where.update((c, (b, r)) for r, c in enumerate(ids))
             self._blocks.append((table.column("h").to_numpy(), table.column("w").to_numpy(),
                                  *_binary(table.column("image")), *_binary(table.column("mask"))))
 
-    def crop(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(image uint8 (H, W), mask bool (H, W))`` of cache row ``row`` (read-only image)."""
-        b, r = self._where[row]
+    def crop(self, colony_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(image uint8 (H, W), mask bool (H, W))`` of a colony (the image read-only)."""
+        where = self._where.get(colony_id)
+        if where is None:
+            raise KeyError(f"colony {colony_id} is not in the crop cache")
+        b, r = where
         h, w, img, img_off, msk, msk_off = self._blocks[b]
         hh, ww = int(h[r]), int(w[r])
         image = img[img_off[r]:img_off[r + 1]].reshape(hh, ww)
@@ -149,29 +148,52 @@ def _catalog_key(catalog_dir: str) -> str:
     return hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:16]
 
 
-def _ids_of(table: Any) -> list[str]:
-    return table.column("colony_id").to_pylist()
+def read_decode(batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:
+    """``map_batches`` UDF of the ingest: each ``(path, group)`` row -> that Parquet row
+    group's colonies, decoded (:func:`decode_rows`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path, group in zip(batch["path"], batch["group"]):
+        with pq.ParquetFile(str(path)) as part:
+            tables.append(part.read_row_group(int(group), columns=CATALOG_COLUMNS))
+    return decode_rows(pa.concat_tables(tables).to_pydict())
+
+
+def row_groups(catalog_dir: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """The catalog's Parquet row groups as ``{"path", "group"}`` items, and its colony ids
+    (read here, in this process: metadata and one small column)."""
+    import pyarrow.parquet as pq
+
+    items, ids = [], []
+    for path in sorted(Path(catalog_dir, "parts").glob("*.parquet")):
+        with pq.ParquetFile(str(path)) as part:
+            items.extend({"path": str(path), "group": g} for g in range(part.metadata.num_row_groups))
+            ids.extend(part.read(columns=["colony_id"]).column("colony_id").to_pylist())
+    return items, ids
 
 
 def build_crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = None) -> CropCache:
-    """Read and decode the catalog at ``catalog_dir`` with Ray Data into the object store."""
+    """Read and decode the catalog at ``catalog_dir`` with Ray Data into the object store:
+    one task per Parquet row group (no Parquet planning or sampling tasks: the
+    catalog's own metadata says where its rows are)."""
     import ray
 
     catalog.read_manifest(catalog_dir)  # refuse an unfinished catalog with a clear message
-    ctx = ray.data.DataContext.get_current()
-    ctx.use_datasource_v2 = False  # see streams.patch_dataset: the V2 reader can stall a full node
-    ctx.execution_options.preserve_order = True
-    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
-    kwargs: dict[str, Any] = dict(batch_size=64, batch_format="numpy", num_cpus=cpus)
+    items, ids = row_groups(catalog_dir)
+    if not items:
+        raise ValueError(f"the catalog at {catalog_dir} has no colonies")
+    kwargs: dict[str, Any] = dict(batch_size=1, batch_format="numpy", num_cpus=cpus)
     if workers:
         kwargs["compute"] = ray.data.TaskPoolStrategy(size=workers)
-    materialised = ds.map_batches(decode_rows, **kwargs).materialize()
+    source = ray.data.from_items(items, override_num_blocks=len(items))
+    decoded = source.map_batches(read_decode, **kwargs)
+    decoded.context.enable_progress_bars = False
+    materialised = decoded.materialize()
     refs = tuple(materialised.to_arrow_refs())
-    ids_task = ray.remote(num_cpus=0)(_ids_of)
-    ids = ray.get([ids_task.remote(r) for r in refs])
-    key = hashlib.sha1(f"{_catalog_key(catalog_dir)}|{refs[0].hex() if refs else ''}".encode()).hexdigest()[:16]
-    return CropCache(catalog=os.path.abspath(catalog_dir), key=key, refs=refs,
-                     ids=tuple(c for part in ids for c in part), sizes=tuple(len(p) for p in ids),
+    key = hashlib.sha1(f"{_catalog_key(catalog_dir)}|{refs[0].hex()}".encode()).hexdigest()[:16]
+    return CropCache(catalog=os.path.abspath(catalog_dir), key=key, refs=refs, ids=frozenset(ids),
                      nbytes=int(materialised.size_bytes()))
 
 
@@ -204,14 +226,13 @@ def cut_plan(batch: Mapping[str, np.ndarray], spec: StreamSpec, epoch: int, crop
     """Plan rows -> patch rows, in the plan's order (pure given ``crops``)."""
     index = {n: i for i, n in enumerate(spec.class_names)}
     rows: dict[str, list[Any]] = {k: [] for k in spec.columns()}
-    for r, copy, fixed, x, y, scale in zip(batch["row"], batch["copy"], batch["fixed"], batch["x"], batch["y"],
-                                           batch["scale"]):
-        r = int(r)
-        image, mask = crops.crop(r)
+    for cid, copy, fixed, x, y, scale in zip(batch["colony_id"], batch["copy"], batch["fixed"], batch["x"],
+                                             batch["y"], batch["scale"]):
+        image, mask = crops.crop(cid)
         image, mask, sc = prepare_crop(image, mask, spec.geometry.size, scale=float(scale) if fixed else None,
                                        whole=spec.geometry.whole)
-        label = crops.labels[r]
-        emit_patch(rows, image, mask, sc, crops.ids[r], index.get(label, -1) if label is not None else -1,
+        label = crops.labels[cid]
+        emit_patch(rows, image, mask, sc, cid, index.get(label, -1) if label is not None else -1,
                    int(copy), (int(x), int(y), float(scale)) if fixed else None, spec, epoch)
     return finish_rows(rows, spec)
 
@@ -240,7 +261,8 @@ def plan_dataset(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarr
     parts = plans.chunks(plan, batch_size, max(int(workers), 1))
     if not parts:
         raise ValueError("the epoch's plan is empty")
-    source = ray.data.from_arrow([pa.table({k: np.asarray(v) for k, v in p.items()}) for p in parts])
+    source = ray.data.from_arrow([pa.table({k: (v.tolist() if v.dtype == object else v) for k, v in p.items()})
+                                  for p in parts])
     ds = source.map_batches(_plan_stage, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
                             compute=ray.data.TaskPoolStrategy(size=max(int(workers), 1)),
                             fn_kwargs=dict(spec=spec, epoch=int(epoch), cache=cache))
@@ -257,7 +279,7 @@ def plan_batches(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarr
     """Torch batches of one epoch's ``plan`` (as :func:`ipb_ray.distributed.streams.torch_batches`),
     on the host; for a CUDA ``device`` they are pinned (page-locked) on Ray's batch thread,
     so the training step's ``.to(device, non_blocking=True)`` overlaps the copy."""
-    if len(plan["row"]) == 0 or (drop_last and len(plan["row"]) < batch_size):
+    if len(plan["colony_id"]) == 0 or (drop_last and len(plan["colony_id"]) < batch_size):
         return iter(())
     ds = plan_dataset(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=workers, cpus=cpus)
     pin = str(device).startswith("cuda") and _cuda()
@@ -271,13 +293,13 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def stream_plan(cache_index: Mapping[str, int], *, seed: int, epoch: int, stream: str,
+def stream_plan(known: Any, *, seed: int, epoch: int, stream: str,
                 counts: Mapping[str, int] | None = None, ids: Sequence[str] | None = None, copies: int = 1,
                 coords: Mapping[str, Sequence[float]] | None = None, shuffle: bool = True, rank: int = 0,
                 world: int = 1, batch_size: int = 1, steps: int | None = None) -> dict[str, np.ndarray]:
     """One rank's plan of an epoch: the draw (``counts``, or ``ids`` x ``copies``), in a
     whole-epoch seeded order (``shuffle``), this rank's share of ``steps`` batches."""
-    plan = plans.epoch_rows(cache_index, counts, ids=ids, copies=copies, coords=coords)
+    plan = plans.epoch_rows(known, counts, ids=ids, copies=copies, coords=coords)
     if shuffle:
         plan = plans.shuffle(plan, seed, epoch, STREAM_TAGS[stream])
     if world > 1 or steps is not None:

@@ -377,8 +377,7 @@ def training_batches(config: dict[str, Any], spec: Any, stream: str, epoch: int,
 
     cfg: ExperimentConfig = config["_cfg"]
     cache = config["cache"]
-    index = config.setdefault("_cache_index", cache.index())
-    plan = stream_plan(index, seed=cfg.seed, epoch=epoch, stream=stream, counts=counts, coords=coords,
+    plan = stream_plan(cache.ids, seed=cfg.seed, epoch=epoch, stream=stream, counts=counts, coords=coords,
                        shuffle=cfg.method.shuffle_buffer > 0, rank=rank, world=world, batch_size=batch_size,
                        steps=steps)
     return plan_batches(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=config["data_workers"],

@@ -7,41 +7,42 @@ batches. The patch tasks then only cut what the plan names, so an epoch's conten
 order come from ``(seed, epoch)`` alone, whatever worker draws which row, and no
 shuffle buffer sits in the training process.
 
-A plan is a dict of equal-length numpy columns (:data:`PLAN_COLUMNS`): ``row`` (the
-colony's position in the crop cache), ``copy`` (int32; seeds the window and the
+A plan is a dict of equal-length numpy columns (:data:`PLAN_COLUMNS`): ``colony_id``
+(str), ``copy`` (int32; seeds the window and the
 augmentation, as in :func:`ipb_ray.distributed.streams.colony_rng`), ``x``, ``y`` and
 ``scale`` (a fixed window; ``fixed`` says whether it applies). Pure numpy.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Container, Mapping, Sequence
 
 import numpy as np
 
-PLAN_COLUMNS = ("row", "copy", "fixed", "x", "y", "scale")
+PLAN_COLUMNS = ("colony_id", "copy", "fixed", "x", "y", "scale")
 _SHUFFLE_TAG = 13
 
 
 def empty_plan() -> dict[str, np.ndarray]:
-    return {"row": np.zeros(0, np.int64), "copy": np.zeros(0, np.int32), "fixed": np.zeros(0, bool),
+    return {"colony_id": np.zeros(0, object), "copy": np.zeros(0, np.int32), "fixed": np.zeros(0, bool),
             "x": np.zeros(0, np.int32), "y": np.zeros(0, np.int32), "scale": np.zeros(0, np.float32)}
 
 
-def epoch_rows(index: Mapping[str, int], counts: Mapping[str, int] | None = None, *,
+def epoch_rows(known: Container[str] | None, counts: Mapping[str, int] | None = None, *,
                ids: Sequence[str] | None = None, copies: int = 1,
                coords: Mapping[str, Sequence[float]] | None = None) -> dict[str, np.ndarray]:
     """The unshuffled plan of an epoch, in the order of ``counts`` (or ``ids``).
 
-    ``index``: colony id -> its row in the crop cache. ``counts``: copies per colony (the
-    balancer's draw); or ``ids``, each ``copies`` times. ``coords``: a fixed window
-    ``(x, y, scale)`` per colony (IPB: the very patch the teacher labelled); its copies
-    then differ in augmentation only. A colony missing from ``index`` is an error that
-    names it (the cache was built for another catalog or fold)."""
+    ``known``: the colonies the stream can cut (the crop cache's), or None to skip the
+    check. ``counts``: copies per colony (the balancer's draw); or ``ids``, each
+    ``copies`` times. ``coords``: a fixed window ``(x, y, scale)`` per colony (IPB: the
+    very patch the teacher labelled); its copies then differ in augmentation only. A
+    colony missing from ``known`` is an error that names it (the cache holds another
+    catalog)."""
     if (counts is None) == (ids is None):
         raise ValueError("give counts or ids, exactly one")
     pairs = list(counts.items()) if counts is not None else [(c, copies) for c in ids]
-    missing = [c for c, _ in pairs if c not in index]
+    missing = [c for c, _ in pairs if c not in known] if known is not None else []
     if missing:
         raise KeyError(f"{len(missing)} colonies of the stream are not in the crop cache, e.g. {missing[:3]}; "
                        "build the cache from the catalog the stream reads")
@@ -50,7 +51,7 @@ def epoch_rows(index: Mapping[str, int], counts: Mapping[str, int] | None = None
         raise ValueError("copy counts must be >= 0")
     if not pairs or n.sum() == 0:
         return empty_plan()
-    rows = np.repeat(np.array([index[c] for c, _ in pairs], np.int64), n)
+    rows = np.repeat(np.array([c for c, _ in pairs], dtype=object), n)
     starts = np.repeat(np.cumsum(n) - n, n)
     copy = (np.arange(int(n.sum())) - starts).astype(np.int32)
     fixed = np.zeros(len(rows), bool)
@@ -64,14 +65,14 @@ def epoch_rows(index: Mapping[str, int], counts: Mapping[str, int] | None = None
             if c is not None:
                 sel = owner == j
                 fixed[sel], x[sel], y[sel], scale[sel] = True, int(c[0]), int(c[1]), float(c[2])
-    return {"row": rows, "copy": copy, "fixed": fixed, "x": x, "y": y, "scale": scale}
+    return {"colony_id": rows, "copy": copy, "fixed": fixed, "x": x, "y": y, "scale": scale}
 
 
 def shuffle(plan: Mapping[str, np.ndarray], seed: int, epoch: int, stream: int) -> dict[str, np.ndarray]:
     """The plan in a seeded random order over the whole epoch (``stream`` keeps two
     streams of one epoch apart)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream), _SHUFFLE_TAG]))
-    order = rng.permutation(len(plan["row"]))
+    order = rng.permutation(len(plan["colony_id"]))
     return {k: np.asarray(v)[order] for k, v in plan.items()}
 
 
@@ -82,7 +83,7 @@ def rank_share(plan: Mapping[str, np.ndarray], rank: int, world: int, batch_size
     world = max(int(world), 1)
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in 0..{world - 1}")
-    n = len(plan["row"])
+    n = len(plan["colony_id"])
     per_rank = n // world if steps is None else int(steps) * int(batch_size)
     if steps is None:
         per_rank -= per_rank % int(batch_size)
@@ -95,7 +96,7 @@ def rank_share(plan: Mapping[str, np.ndarray], rank: int, world: int, batch_size
 def chunks(plan: Mapping[str, np.ndarray], batch_size: int, parts: int) -> list[dict[str, np.ndarray]]:
     """The plan cut into at most ``parts`` runs of whole batches (the last may hold a
     partial batch), in order: one per patch task."""
-    n = len(plan["row"])
+    n = len(plan["colony_id"])
     if n == 0:
         return []
     batches = -(-n // int(batch_size))
