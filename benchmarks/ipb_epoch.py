@@ -7,7 +7,11 @@ configuration the median MPL-phase epoch time (the first MPL epoch left out: it 
 for process start-up), the median labelling pass time, and the overhead of IPB over MPL
 as a fraction of the MPL epoch. The labelling pass of epoch e+1 runs in the background
 while rank 0 validates epoch e, so "labelling pass s" (its duration) and "waited s" (what
-the epoch actually waited for it) differ.
+the epoch actually waited for it) differ. Per configuration it also reports the student
+phase's data path: "train s" (the epoch's steps, from building the streams to the last
+step), "data wait" (``data_wait_fraction``: the share of that time the loop stood waiting
+for a batch, each epoch's stream start-up included), the time to the first batch, and
+patches/s.
 
     python benchmarks/ipb_epoch.py --out /tmp/ipb-bench            # synthesises a world there first
     python benchmarks/ipb_epoch.py --out DIR --workers 1 --epochs 5 --frames 12
@@ -57,6 +61,9 @@ def run(out: Path, method: str, relabel: str, workers: int, epochs: int, tag: st
             "label_s": statistics.median(h.get("label_seconds", 0.0) for h in steady),
             "label_pass_s": statistics.median(h.get("label_pass_seconds", 0.0) for h in steady),
             "train_s": statistics.median(h["train_seconds"] for h in steady),
+            "data_wait": statistics.median(h["data_wait_fraction"] for h in steady),
+            "first_batch_s": statistics.median(h["first_batch_s"] for h in steady),
+            "patches_per_s": statistics.median(h["train_patches_per_s"] for h in steady),
             "first_mpl_epoch_s": mpl[0]["epoch_seconds"], "steps": mpl[0]["train_steps"],
             "draws": mpl[0]["unlabelled_draws"], "wall_s": wall}
 
@@ -68,6 +75,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4, help="MPL epochs per run (after 1 teacher epoch)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--configs", nargs="+", default=["mpl:pass", "ipb:pass", "ipb:reuse"],
+                   help="method:relabel pairs to run (default: all three)")
     args = p.parse_args()
 
     from ipb_ray.config import ResourcesConfig
@@ -84,19 +93,22 @@ def main() -> None:
     tag = time.strftime("%H%M%S")
     rows = []
     for w in args.workers:
-        for method, relabel in (("mpl", "pass"), ("ipb", "pass"), ("ipb", "reuse")):
+        for method, relabel in (c.split(":") for c in args.configs):
             rows.append(run(args.out, method, relabel, w, args.epochs, tag))
             print(json.dumps(rows[-1]))
     print()
     print("| workers | method | relabel | steps/epoch | epoch s (median) | labelling pass s | waited s "
-          "| pass / MPL epoch | waited / MPL epoch | epoch overhead vs MPL |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| pass / MPL epoch | waited / MPL epoch | epoch overhead vs MPL | train s | data wait | first batch s "
+          "| patches/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        base = next(b for b in rows if b["workers"] == r["workers"] and b["method"] == "mpl")
-        over = (r["epoch_s"] - base["epoch_s"]) / base["epoch_s"]
+        base = next((b for b in rows if b["workers"] == r["workers"] and b["method"] == "mpl"), None)
+        over = f"{(r['epoch_s'] - base['epoch_s']) / base['epoch_s']:+.1%}" if base else "-"
+        ref = base["epoch_s"] if base else float("nan")
         print(f"| {r['workers']} | {r['method']} | {r['relabel']} | {r['steps']} | {r['epoch_s']:.2f} | "
-              f"{r['label_pass_s']:.2f} | {r['label_s']:.2f} | {r['label_pass_s'] / base['epoch_s']:.1%} | "
-              f"{r['label_s'] / base['epoch_s']:.1%} | {over:+.1%} |")
+              f"{r['label_pass_s']:.2f} | {r['label_s']:.2f} | {r['label_pass_s'] / ref:.1%} | "
+              f"{r['label_s'] / ref:.1%} | {over} | {r['train_s']:.2f} | {r['data_wait']:.1%} | "
+              f"{r['first_batch_s']:.2f} | {r['patches_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

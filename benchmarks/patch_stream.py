@@ -24,13 +24,13 @@ Pipelines:
   starts (2 CPUs here);
 - ``ray-catalog``: the stream training used before (``streams.patch_dataset`` +
   ``torch_batches``: Parquet read and PNG decoding every epoch, the seeded shuffle buffer
-  of ``method.shuffle_buffer``'s default 512 in the consumer);
+  of 512 patches in the consumer, the old ``method.shuffle_buffer`` default);
 - ``dl1`` / ``dl0``: ``torch.utils.data.DataLoader`` over a map-style dataset whose items
   are whole batches of the plan (each pair read, decoded and cut), with
-  ``num_workers=1`` (one producer process, as the one Ray patch task) or ``0``. Rows are
-  read lazily: the dataset keeps (file, row group, row) per colony and reads a row
-  group's columns with pyarrow when a batch needs it (a few row groups cached per
-  worker); ``--dl-source memory`` holds the PNG bytes instead.
+  ``num_workers=1`` (one producer process, as the one Ray patch task) or ``0``. The
+  dataset holds every colony's PNG bytes in memory (read up front, not timed), the
+  DataLoader's best case; ``--dl-source lazy`` reads Parquet row groups when a batch
+  needs them instead (slow in a shuffled epoch: nearly every patch re-reads a group).
 
 The consumer (the driver / DataLoader's main process) runs ``torch.set_num_threads(1)``;
 OpenMP/BLAS and OpenCV are held to one thread in every process through the environment,
@@ -84,9 +84,11 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterable, Iterator  # noqa: E402
 
 from _common import cpu_model  # noqa: E402
+from _plans import epoch_plan, ids_and_labels, stream_spec  # noqa: E402
 
 PIPELINES = ("ray", "ray-catalog", "dl1", "dl0")
 STREAMS = ("labelled", "unlabelled")
+OLD_SHUFFLE_BUFFER = 512  # the retired method.shuffle_buffer's default
 MIB = 1024 * 1024
 
 
@@ -108,7 +110,7 @@ class RunSpec:
     object_store_mb: int
     prefetch_batches: int
     stage_cpus: float = 1.0
-    dl_source: str = "lazy"
+    dl_source: str = "memory"
     tag: str = ""
 
 
@@ -366,51 +368,6 @@ def _as_tensors(out: dict[str, Any], patch_columns: list[str]) -> dict[str, Any]
     return batch
 
 
-# --------------------------------------------------------------------------- the epoch's draw
-
-def stream_spec(stream: str, class_names: tuple[str, ...]):
-    """The labelled stream: ``train`` mode (one augmented view); the unlabelled one:
-    ``uda`` mode (weak and strong views), as the IPB student reads them."""
-    from ipb_ray.config import DataConfig
-    from ipb_ray.distributed.streams import StreamSpec
-    from ipb_ray.patches.geometry import PatchGeometry
-
-    return StreamSpec(geometry=PatchGeometry.from_config(DataConfig()), class_names=class_names, seed=0,
-                      mode="train" if stream == "labelled" else "uda")
-
-
-def epoch_counts(stream: str, ids: list[str], labels: list[Any], class_names: tuple[str, ...],
-                 epoch: int) -> dict[str, int]:
-    """Copies per colony of one epoch, the same for every pipeline.
-
-    ``labelled``: a class-balanced draw of as many patches as there are labelled colonies
-    (as ``method.balance_labelled`` draws L). ``unlabelled``: IPB's pseudo-balanced
-    multinomial over every colony of the catalog, as many draws as colonies, with each
-    colony's known class as its pseudo-label (a seeded random class where it has none)."""
-    import numpy as np
-
-    from ipb_ray.patches.balance import pseudo_balance, resample_counts
-
-    index = {n: i for i, n in enumerate(class_names)}
-    if stream == "labelled":
-        known = [(c, index[lab]) for c, lab in zip(ids, labels) if lab in index]
-        counts = resample_counts(np.array([k for _, k in known]), len(known), 0, epoch, balanced=True)
-        return {c: int(n) for (c, _), n in zip(known, counts) if n}
-    rng = np.random.default_rng(0)
-    pseudo = np.array([index.get(lab, int(rng.integers(len(class_names)))) for lab in labels])
-    pb = pseudo_balance(pseudo, len(class_names), 0, epoch, n_draws=len(ids))
-    return {c: int(n) for c, n in zip(ids, pb.counts) if n}
-
-
-def epoch_plan(stream: str, ids: list[str], labels: list[Any], class_names: tuple[str, ...],
-               epoch: int) -> dict[str, Any]:
-    """The epoch's draw, shuffled over the whole epoch (ipb_ray.patches.plan)."""
-    from ipb_ray.distributed.epoch_stream import stream_plan
-
-    return stream_plan(None, seed=0, epoch=epoch, stream=stream,
-                       counts=epoch_counts(stream, ids, labels, class_names, epoch))
-
-
 # --------------------------------------------------------------------------- DataLoader
 
 class CatalogPatches:
@@ -418,9 +375,10 @@ class CatalogPatches:
 
     Each planned (colony, copy) is read, decoded, prepared and cut with the project's
     pure functions (``catalog.decode_png``, ``prepare_crop``, ``streams.emit_patch``).
-    ``source="lazy"`` keeps only each row's (file, row group, row) and reads the row
-    group's four columns with pyarrow when needed (the last few kept per process, no
-    file handles kept); ``"memory"`` reads the whole four columns (PNG bytes included) up front.
+    ``source="memory"`` (the default) holds every colony's PNG bytes, read up front;
+    ``"lazy"`` keeps only each row's (file, row group, row) and reads the row group's
+    columns with pyarrow when needed (the last few kept per process): in a shuffled epoch
+    nearly every patch then re-reads a row group, so it is not a fair baseline here.
     """
 
     COLUMNS = ["colony_id", "image", "mask", "label"]
@@ -445,11 +403,12 @@ class CatalogPatches:
         self.ids, self.labels = ids, labels
         self.index = {c: i for i, c in enumerate(ids)}
         self._groups: dict[tuple[int, int], dict[str, list]] = {}
-        self._columns: dict[str, list] | None = None
+        self._bytes: dict[str, tuple[bytes, bytes]] | None = None
         if source == "memory":
             from ipb_ray.data import catalog
             table = catalog.read_catalog(catalog_dir, columns=self.COLUMNS)
-            self._columns = {k: table.column(k).to_pylist() for k in self.COLUMNS}
+            self._bytes = dict(zip(table.column("colony_id").to_pylist(),
+                                   zip(table.column("image").to_pylist(), table.column("mask").to_pylist())))
 
     def _group(self, fi: int, rg: int) -> dict[str, list]:
         key = (fi, rg)
@@ -465,8 +424,8 @@ class CatalogPatches:
         return self._groups[key]
 
     def row(self, i: int) -> tuple[bytes, bytes]:
-        if self._columns is not None:
-            return self._columns["image"][i], self._columns["mask"][i]
+        if self._bytes is not None:
+            return self._bytes[self.ids[i]]
         fi, rg, r = (int(v) for v in self.where[i])
         group = self._group(fi, rg)
         return group["image"][r], group["mask"][r]
@@ -523,25 +482,13 @@ def run_dataloader(run: RunSpec, catalog_dir: Path, spec, consume, sampler: Memo
 
 # --------------------------------------------------------------------------- Ray Data
 
-def _ids_and_labels(catalog_dir: Path) -> tuple[list[str], list[Any]]:
-    """The catalog's colony ids and labels in file order (as :class:`CatalogPatches` has them)."""
-    import pyarrow.parquet as pq
-
-    ids, labels = [], []
-    for path in sorted((catalog_dir / "parts").glob("*.parquet")):
-        table = pq.read_table(path, columns=["colony_id", "label"])
-        ids.extend(table.column("colony_id").to_pylist())
-        labels.extend(table.column("label").to_pylist())
-    return ids, labels
-
-
 def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampler) -> tuple[list[EpochTime], str]:
     """``ray``: the project's training stream (crop cache + plan stream); ``ray-catalog``:
     the catalog stream training used before it (Parquet read and PNG decoding every epoch,
-    then the seeded shuffle buffer of ``method.shuffle_buffer``'s default)."""
+    then the seeded shuffle buffer of the old ``method.shuffle_buffer`` default)."""
     import ray
 
-    from ipb_ray.config import MethodConfig, ResourcesConfig
+    from ipb_ray.config import ResourcesConfig
     from ipb_ray.distributed import epoch_stream, streams
     from ipb_ray.distributed.ray_setup import init_ray
 
@@ -554,7 +501,7 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
     t0 = time.perf_counter()
     cache = epoch_stream.crop_cache(str(catalog_dir), workers=1)
     setup_s = time.perf_counter() - t0 if run.pipeline == "ray" else 0.0
-    ids, labels = _ids_and_labels(catalog_dir)
+    ids, labels = ids_and_labels(catalog_dir)
     times, holder = [], {}
     for epoch in range(run.warmup + run.epochs):
         plan = epoch_plan(run.stream, ids, labels, spec.class_names, epoch)
@@ -570,7 +517,7 @@ def run_ray(run: RunSpec, catalog_dir: Path, spec, consume, sampler: MemorySampl
             holder["ds"] = streams.patch_dataset(str(catalog_dir), spec, epoch=epoch, counts=counts,
                                                  batch_size=run.batch_size, workers=1, cpus=run.stage_cpus)
             return streams.torch_batches(holder["ds"], spec, run.batch_size, prefetch_batches=run.prefetch_batches,
-                                         shuffle_buffer=MethodConfig().shuffle_buffer,
+                                         shuffle_buffer=OLD_SHUFFLE_BUFFER,
                                          shuffle_seed=streams.shuffle_seed(0, epoch))
 
         times.append(time_epoch(make, consume))
@@ -681,7 +628,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--object-store-mb", type=int, default=1000)
     p.add_argument("--prefetch-batches", type=int, default=2, help="torch_batches' prefetch (its default 2)")
     p.add_argument("--stage-cpus", type=float, default=1.0, help="CPUs per patch task and read task")
-    p.add_argument("--dl-source", choices=("lazy", "memory"), default="lazy")
+    p.add_argument("--dl-source", choices=("lazy", "memory"), default="memory",
+                   help="DataLoader rows: PNG bytes held in memory (default) or row groups read when needed")
     p.add_argument("--tag", default="", help="label for this variant in the table")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/ipb_patch_stream"), help="where scaled catalogs go")
     p.add_argument("--out", type=Path, default=None, help="append each run's JSON here")

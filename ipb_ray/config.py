@@ -287,8 +287,8 @@ class MethodConfig:
     schedule: str = _f("cosine", choices=SCHEDULES, doc="lr schedule per optimizer step: cosine decay "
                        "after a linear warm-up, constant, or step (x0.1 at half the steps)")
     warmup_fraction: float = _f(0.05, lo=0.0, hi=0.5, doc="share of a phase's steps with linear lr warm-up")
-    shuffle_buffer: int = _f(512, lo=0, hi=1_000_000, doc="patches in each training stream's shuffle "
-                             "buffer (per worker; 0 = off); seeded by (seed, epoch, rank)")
+    shuffle: bool = _f(True, doc="every training stream streams its epoch's draw in a seeded random order "
+                       "over the whole epoch, from (seed, epoch, stream); false: in plan order")
     lr: float = _f(0.005, lo=0.0, hi=10.0, doc="lr of supervised training, pre-training and single-network "
                    "semi-supervised stages")
     weight_decay: float = _f(1e-4, lo=0.0, hi=1.0)
@@ -624,8 +624,17 @@ def _fields_and_sections(cls: type) -> tuple[list[str], dict[str, type], str]:
     return names, sections, holder
 
 
+#: Keys that are gone, with what to write instead.
+RETIRED = {
+    "method.shuffle_buffer": "is gone: training streams are now shuffled over the whole epoch, with no buffer in the "
+                             "training process; delete the key (or write 'method.shuffle: false' for no shuffling)",
+}
+
+
 def _unknown_key(key: Any, names: Sequence[str], prefix: str, source: str,
                  sections: Mapping[str, type] | None = None) -> ConfigError:
+    if f"{prefix}{key}" in RETIRED:
+        return ConfigError(RETIRED[f"{prefix}{key}"], key=f"{prefix}{key}", source=source)
     owners = [name for name, sub in (sections or {}).items()
               if str(key) in {f.name for f in dataclasses.fields(sub)}]
     if owners:  # a key that moved from the flat method section into a method's own section

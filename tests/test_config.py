@@ -135,6 +135,8 @@ def test_method_sections_are_every_registered_ones_and_round_trip():
     ("method.mlp.threshold=0.7", ["method.mlp", "did you mean 'method.mpl'"]),
     ("method.pseudo_label.weight=-1", ["method.pseudo_label.weight", "[0, 100]"]),
     ("method.pseudo_balance.relabel=sometimes", ["method.pseudo_balance.relabel", "pass, reuse"]),
+    # a retired key says what replaced it
+    ("method.shuffle_buffer=512", ["method.shuffle_buffer", "shuffled over the whole epoch", "method.shuffle: false"]),
 ])
 def test_bad_override_messages_name_key_value_and_range(override, needles):
     with pytest.raises(ConfigError) as err:

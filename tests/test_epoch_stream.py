@@ -188,3 +188,21 @@ def test_epoch_stream_streams_the_plan_in_order_as_torch_batches(tiny_catalog):
     assert [len(b["label"]) for b in plan_batches(cache, spec, short, epoch=4, batch_size=8, drop_last=False)] \
         == [8, 8, 4]
     assert [len(b["label"]) for b in plan_batches(cache, spec, short, epoch=4, batch_size=8)] == [8, 8]
+
+
+def test_gpu_feed_benchmark_says_what_it_would_measure_without_a_gpu(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run benchmarks/gpu_feed.py itself")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_feed.py"
+    out = subprocess.run([sys.executable, str(script), "--catalog", str(tmp_path), "--cpus", "1", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "No CUDA GPU here: skipping" in out.stdout
+    for figure in ("samples/s", "GPU busy", "data-wait", "[1, 3] data CPUs", "hrnet at 224 + 112 px (bf16)"):
+        assert figure in out.stdout, figure

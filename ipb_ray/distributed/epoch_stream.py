@@ -35,7 +35,7 @@ import numpy as np
 from ipb_ray.data import catalog
 from ipb_ray.patches import plan as plans
 from ipb_ray.patches.geometry import prepare_crop
-from ipb_ray.distributed.streams import CATALOG_COLUMNS, StreamSpec, _collate_class, emit_patch, finish_rows
+from ipb_ray.distributed.streams import CATALOG_COLUMNS, StreamSpec, collate_class, emit_patch, finish_rows
 
 #: Plan stream tags: two streams of one epoch are shuffled apart.
 STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4}
@@ -208,6 +208,8 @@ def crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = Non
     if found is None:
         found = build_crop_cache(catalog_dir, cpus=cpus, workers=workers)
         with _CACHE_LOCK:
+            while len(_CACHES) >= 2 and key not in _CACHES:  # a rebuilt or another catalog: drop the oldest
+                _CACHES.pop(next(iter(_CACHES)))
             found = _CACHES.setdefault(key, found)
     return found
 
@@ -283,7 +285,7 @@ def plan_batches(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarr
         return iter(())
     ds = plan_dataset(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=workers, cpus=cpus)
     pin = str(device).startswith("cuda") and _cuda()
-    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_class()(spec.patch_columns(), pin),
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate_class()(spec.patch_columns(), pin),
                                  drop_last=drop_last, prefetch_batches=prefetch_batches, device=device)
 
 

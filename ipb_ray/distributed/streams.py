@@ -390,7 +390,7 @@ def patch_dataset(catalog_dir: str, spec: StreamSpec, *, ids: Sequence[str] | No
     return ds.map_batches(_patch_stage, **kwargs)
 
 
-def _collate_class():
+def collate_class():
     """A ``NumpyBatchCollateFn`` (Ray's non-deprecated collate form), built on first use so
     this module imports without Ray."""
     global _COLLATE
@@ -441,5 +441,5 @@ def torch_batches(ds, spec: StreamSpec, batch_size: int, *, drop_last: bool = Tr
     if shuffle_buffer > 0:
         kwargs = dict(local_shuffle_buffer_size=max(int(shuffle_buffer), 2 * batch_size),
                       local_shuffle_seed=shuffle_seed)
-    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=_collate_class()(spec.patch_columns()),
+    return ds.iter_torch_batches(batch_size=batch_size, collate_fn=collate_class()(spec.patch_columns()),
                                  drop_last=drop_last, prefetch_batches=prefetch_batches, device=device, **kwargs)

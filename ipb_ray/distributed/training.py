@@ -246,15 +246,13 @@ def supervised_epoch(model: Any, opt: Any, batches: Any, columns: list[str], dev
     return {"train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "train_steps": seen, **out}
 
 
-def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, amp: bool, batch_size: int,
-                max_batches: int, enabled: bool = True, seed: int = 0) -> int:
+def recalibrate(model: Any, batches: Any, columns: list[str], device: Any, amp: bool, max_batches: int,
+                enabled: bool = True) -> int:
     """Rank 0: re-estimate the BatchNorm statistics of ``model`` (a network, or a list of
-    them sharing one pass) on the un-augmented labelled stream (``calib`` shard) before
-    it evaluates or labels; returns the batches used."""
-    import ray.train
-
+    them sharing one pass) on ``batches`` of the un-augmented labelled stream before it
+    evaluates or labels; returns the batches used. ``batches``: a callable that gives the
+    stream (not called when ``enabled`` is False)."""
     from ipb_ray.nn.optim import recalibrate_bn
-    from ipb_ray.distributed.streams import torch_batches
 
     if not enabled:
         return 0
@@ -264,26 +262,19 @@ def recalibrate(model: Any, spec_plain: Any, columns: list[str], device: Any, am
             with _autocast(device, amp):
                 net(*_inputs(batch, columns, device))
 
-    # shuffled: a batch of one colony's copies (or one class) has a smaller variance than the
-    # mixed batches the network trains on, and BatchNorm averages per-batch variances
-    batches = torch_batches(ray.train.get_dataset_shard("calib"), spec_plain, batch_size, drop_last=False,
-                            device=str(device), shuffle_buffer=max(4 * batch_size, 256), shuffle_seed=seed)
     nets = [_unwrap(n) for n in model] if isinstance(model, (list, tuple)) else _unwrap(model)
-    return recalibrate_bn(nets, batches, forward, max_batches)
+    return recalibrate_bn(nets, batches(), forward, max_batches)
 
 
-def validate(model: Any, inputs: FoldInputs, spec_eval: Any, columns: list[str], device: Any, amp: bool,
-             batch_size: int) -> dict[str, Any] | None:
-    """Rank 0: ``model`` on the validation split V (None when the fold has no V)."""
-    import ray.train
-
+def validate(model: Any, inputs: FoldInputs, batches: Any, columns: list[str], device: Any,
+             amp: bool) -> dict[str, Any] | None:
+    """Rank 0: ``model`` on the validation split V (None when the fold has no V);
+    ``batches()`` gives V's stream."""
     from ipb_ray.evaluation.metrics import classification_report
-    from ipb_ray.distributed.streams import torch_batches
 
     if not inputs.validation:
         return None
-    y, p, _ = evaluate(_unwrap(model), torch_batches(ray.train.get_dataset_shard("val"), spec_eval, batch_size,
-                                                     drop_last=False, device=str(device)), columns, device, amp)
+    y, p, _ = evaluate(_unwrap(model), batches(), columns, device, amp)
     return classification_report(y, p, inputs.class_names)
 
 
@@ -371,14 +362,14 @@ def training_batches(config: dict[str, Any], spec: Any, stream: str, epoch: int,
                      coords: Mapping[str, Any] | None = None) -> Any:
     """This rank's ``steps`` batches of a training stream's epoch: the draw ``counts``
     (and fixed windows ``coords``) in a whole-epoch seeded order (unless
-    ``method.shuffle_buffer`` is 0), cut from the run's crop cache by Ray Data tasks
+    ``method.shuffle`` is false), cut from the run's crop cache by Ray Data tasks
     (:mod:`ipb_ray.distributed.epoch_stream`)."""
     from ipb_ray.distributed.epoch_stream import plan_batches, stream_plan
 
     cfg: ExperimentConfig = config["_cfg"]
     cache = config["cache"]
     plan = stream_plan(cache.ids, seed=cfg.seed, epoch=epoch, stream=stream, counts=counts, coords=coords,
-                       shuffle=cfg.method.shuffle_buffer > 0, rank=rank, world=world, batch_size=batch_size,
+                       shuffle=cfg.method.shuffle, rank=rank, world=world, batch_size=batch_size,
                        steps=steps)
     return plan_batches(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=config["data_workers"],
                         cpus=config["data_cpus"], device=str(device))
@@ -589,6 +580,30 @@ class _Loop:
         total = max(steps * stage.epochs, 1)
         return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
 
+    def _eval_batches(self, kind: str) -> Any:
+        """Rank 0's evaluation streams, cut from the crop cache like the training ones:
+        ``calib``: un-augmented L in the training class mix (:func:`calibration_counts`),
+        shuffled (a batch of one colony's copies, or of one class, has a smaller variance
+        than the mixed batches the network trains on, and BatchNorm averages per-batch
+        variances), at most ``eval.bn_batches`` batches; ``val`` / ``test``: V / T, each
+        colony ``eval.tta`` times (the mask-centre window, then seeded random ones). The
+        same windows every epoch (epoch 0's draws), so validations compare."""
+        from ipb_ray.distributed.epoch_stream import plan_batches, stream_plan
+
+        cfg, ctx, m, inputs, cache = self.cfg, self.ctx, self.m, self.inputs, self.config["cache"]
+        if kind == "calib":
+            spec = ctx.specs["spec_plain"]
+            plan = stream_plan(cache.ids, seed=cfg.seed, epoch=0, stream="calibration",
+                               counts=calibration_counts(cfg, inputs))
+            plan = {k: v[:cfg.eval.bn_batches * m.batch_size] for k, v in plan.items()}
+        else:
+            spec = ctx.specs["spec_eval"]
+            ids = inputs.test if kind == "test" else (inputs.validation or inputs.labelled[:1])
+            plan = stream_plan(cache.ids, seed=cfg.seed, epoch=0, stream="evaluation", ids=ids, copies=spec.tta,
+                               shuffle=False)
+        return plan_batches(cache, spec, plan, epoch=0, batch_size=m.batch_size, workers=self.config["data_workers"],
+                            cpus=self.config["data_cpus"], device=str(ctx.device), drop_last=False)
+
     def _labelled_batches(self, g: int, steps: int) -> Any:
         """This rank's share of epoch ``g``'s class-balanced draw of L: ``steps`` batches
         (every rank computes the same draw from the seed)."""
@@ -687,18 +702,17 @@ class _Loop:
         nxt = self.stage_at(g + 1)[0] if g + 1 < self.total else None
         labels_next = nxt is not None and self.stages[nxt].unlabelled and self.balancer is not None
         evaluated = [stage.net, *stage.also_validate] + ([self.method.labeller] if labels_next else [])
-        recalibrate([nets[k] for k in dict.fromkeys(evaluated)], ctx.specs["spec_plain"], ctx.columns, ctx.device,
-                    ctx.amp, m.batch_size, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate,
-                    seed=self.cfg.seed)
+        recalibrate([nets[k] for k in dict.fromkeys(evaluated)], lambda: self._eval_batches("calib"), ctx.columns,
+                    ctx.device, ctx.amp, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate)
         if labels_next:  # the labeller is final for the next epoch: label U meanwhile
             self.balancer.prefetch(self._unlabelled_epoch(g + 1), nets[self.method.labeller])
         for name in stage.also_validate:
-            val = validate(nets[name], self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device, ctx.amp,
-                           m.batch_size)
+            val = validate(nets[name], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
+                           ctx.amp)
             if val is not None:
                 metrics[f"{name}_val_balanced_accuracy"] = val["balanced_accuracy"]
-        val = validate(nets[stage.net], self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device, ctx.amp,
-                       m.batch_size)
+        val = validate(nets[stage.net], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
+                       ctx.amp)
         if val is not None:
             metrics.update(val_balanced_accuracy=val["balanced_accuracy"], val_accuracy=val["accuracy"],
                            objective=val["balanced_accuracy"])
@@ -721,8 +735,8 @@ class _Loop:
         last = self._last_net()
 
         def test(weights: dict[str, Any] | None) -> dict[str, Any]:
-            return _test_metrics(nets[last], weights, self.inputs, ctx.specs["spec_eval"], ctx.columns, ctx.device,
-                                 ctx.amp, self.m.batch_size)
+            return _test_metrics(nets[last], weights, self.inputs, self._eval_batches("test"), ctx.columns,
+                                 ctx.device, ctx.amp)
 
         out = test(self.best.state)
         for stage_name, weights in self.best.earlier.items():
@@ -782,18 +796,14 @@ def write_digest(config: dict[str, Any], rank: int, model: Any) -> None:
             fh.write(param_digest(_unwrap(model)))
 
 
-def _test_metrics(model, best_state, inputs: FoldInputs, spec_eval, columns, device, amp, batch_size):
-    import ray.train
-
+def _test_metrics(model, best_state, inputs: FoldInputs, batches, columns, device, amp):
     from ipb_ray.evaluation.metrics import classification_report
-    from ipb_ray.distributed.streams import torch_batches
 
     net = _unwrap(model)
     current = {k: v.detach().clone() for k, v in net.state_dict().items()}
     if best_state is not None:
         net.load_state_dict(best_state)
-    y, p, _ = evaluate(net, torch_batches(ray.train.get_dataset_shard("test"), spec_eval, batch_size,
-                                          drop_last=False, device=str(device)), columns, device, amp)
+    y, p, _ = evaluate(net, batches, columns, device, amp)
     net.load_state_dict(current)
     report = classification_report(y, p, inputs.class_names)
     return {"test_balanced_accuracy": report["balanced_accuracy"], "test_macro_f1": report["macro_f1"],
@@ -886,39 +896,26 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
              semi: bool, digest_dir: str | None, callbacks: list[Any] | None,
              mlflow_run: tuple[str, str] | None = None, cache: Any = None) -> Any:
     """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage.
-    The training streams are cut each epoch from ``cache`` (:mod:`ipb_ray.distributed.epoch_stream`);
-    the evaluation streams are Ray Data datasets handed to Train."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    Every stream (training, calibration, validation, test) is cut from ``cache`` by Ray
+    Data tasks the loop starts itself (:mod:`ipb_ray.distributed.epoch_stream`): each
+    rank takes its share of a plan, so Train splits no dataset."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from ipb_ray.distributed.streams import patch_dataset
-
     r = cfg.resources
-    data_kw = dict(batch_size=cfg.method.batch_size, cpus=r.data_cpus, workers=data_workers(cfg))
-    datasets = {
-        "val": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.validation or inputs.labelled[:1],
-                             **data_kw),
-        "test": patch_dataset(inputs.catalog, specs["spec_eval"], ids=inputs.test, **data_kw),
-        # un-augmented L in the training stream's class mix: re-estimates BatchNorm statistics
-        # before evaluation (eval.bn_recalibrate)
-        "calib": patch_dataset(inputs.catalog, specs["spec_plain"], counts=calibration_counts(cfg, inputs),
-                               **data_kw),
-    }
     per_worker = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         _train_loop,
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
                            "local_run_dir": local_run_storage(cfg, fold),
                            "checkpoints_to_keep": r.checkpoints_to_keep, "mlflow_run": mlflow_run,
-                           "cache": cache, "data_workers": data_kw["workers"], "data_cpus": r.data_cpus},
+                           "cache": cache, "data_workers": data_workers(cfg), "data_cpus": r.data_cpus},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),
                              failure_config=FailureConfig(max_failures=r.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep),
-                             callbacks=callbacks or None),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[]))
+                             callbacks=callbacks or None))
 
 
 def local_run_storage(cfg: ExperimentConfig, fold: int) -> str | None:

@@ -65,7 +65,7 @@ class Stage:
 #: ``method.*`` keys the loop reads for every method: the run's length, batches, optimiser,
 #: schedule and labelled stream.
 LOOP_KEYS = ("name", "epochs", "lr", "batch_size", "steps_per_epoch", "optimizer", "schedule", "warmup_fraction",
-             "shuffle_buffer", "weight_decay", "momentum", "nesterov", "label_smoothing", "grad_clip",
+             "shuffle", "weight_decay", "momentum", "nesterov", "label_smoothing", "grad_clip",
              "balance_labelled", "mixed_precision")
 #: ... and for every semi-supervised one: the unlabelled stream, pre-training and fine-tuning.
 SEMI_KEYS = ("balancer", "teacher_epochs", "unlabelled_batch_size", "draws_per_epoch", "finetune_epochs",
