@@ -145,6 +145,15 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(tiny_ca
                 assert ref.colony_id.tolist() == table.colony_id.tolist() == sorted(ids)
                 assert ref.pseudo.tolist() == table.pseudo.tolist()
                 assert np.allclose(ref.confidence, table.confidence, atol=1e-5)
+                # ... and the pass over the run's crop cache (what training uses) labels the same windows
+                from ipb_ray.distributed.epoch_stream import crop_cache
+
+                cached = run_labelling(labelling_dataset(tiny_catalog, spec_label, "test-label-state", kwargs,
+                                                         batch_size=8, cpus=0.25, cache=crop_cache(tiny_catalog),
+                                                         ids=ids))
+                assert cached.colony_id.tolist() == table.colony_id.tolist()
+                assert cached.x.tolist() == table.x.tolist() and cached.y.tolist() == table.y.tolist()
+                assert cached.pseudo.tolist() == table.pseudo.tolist()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # a class the teacher never predicts
                 plan = epoch_plan(ids, table, len(names), seed=2, epoch=epoch, n_draws=n)

@@ -253,18 +253,25 @@ def batch_bytes(spec: StreamSpec, batch_size: int) -> int:
     return int(batch_size) * (per + 256)
 
 
+def plan_source(plan: Mapping[str, np.ndarray], batch_size: int, parts: int = 1):
+    """A plan as an in-memory Ray dataset: ``parts`` blocks of whole batches, in order."""
+    import pyarrow as pa
+    import ray
+
+    chunks = plans.chunks(plan, batch_size, max(int(parts), 1))
+    if not chunks:
+        raise ValueError("the plan is empty")
+    return ray.data.from_arrow([pa.table({k: (v.tolist() if v.dtype == object else v) for k, v in c.items()})
+                                for c in chunks])
+
+
 def plan_dataset(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarray], *, epoch: int,
                  batch_size: int, workers: int = 1, cpus: float = 1.0):
     """The Ray Data stream of one epoch's ``plan``: ``workers`` patch tasks at once, each
     cutting a run of whole batches, one output block per batch, in the plan's order."""
-    import pyarrow as pa
     import ray
 
-    parts = plans.chunks(plan, batch_size, max(int(workers), 1))
-    if not parts:
-        raise ValueError("the epoch's plan is empty")
-    source = ray.data.from_arrow([pa.table({k: (v.tolist() if v.dtype == object else v) for k, v in p.items()})
-                                  for p in parts])
+    source = plan_source(plan, batch_size, workers)
     ds = source.map_batches(_plan_stage, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
                             compute=ray.data.TaskPoolStrategy(size=max(int(workers), 1)),
                             fn_kwargs=dict(spec=spec, epoch=int(epoch), cache=cache))

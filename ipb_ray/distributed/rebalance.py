@@ -170,14 +170,17 @@ def _empty_labels() -> dict[str, np.ndarray]:
 
 
 class TeacherLabeller:
-    """``map_batches`` stage: catalog rows -> one pseudo-labelled window per colony.
+    """``map_batches`` stage: rows -> one pseudo-labelled window per colony.
 
-    Reads the epoch, the colonies to label (as counts) and the teacher from the named
+    Rows are catalog rows (PNG bytes; the colonies to label are the state's counts) or,
+    with ``cache`` (an :class:`ipb_ray.distributed.epoch_stream.CropCache`), plan rows cut
+    from the decoded crops. Reads the epoch and the teacher from the named
     :class:`~ipb_ray.distributed.streams.StreamState`; rebuilds nothing but the weights when rank 0
     publishes a new teacher version. ``model_kwargs`` are
     :func:`ipb_ray.nn.models.create_model`'s arguments."""
 
-    def __init__(self, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], device: str = "cpu"):
+    def __init__(self, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], device: str = "cpu",
+                 cache: Any = None):
         import torch
 
         from ipb_ray.nn.models import create_model
@@ -186,7 +189,7 @@ class TeacherLabeller:
             raise ValueError(f"the labelling stage needs a stream of mode 'label', got {spec.mode!r}")
         if device == "cpu":
             torch.set_num_threads(1)  # one CPU per data task; no oversubscription
-        self.spec, self.state_name, self.device = spec, state_name, torch.device(device)
+        self.spec, self.state_name, self.device, self.cache = spec, state_name, torch.device(device), cache
         self.model = create_model(**model_kwargs).to(self.device).eval()
         self.version = None
 
@@ -207,7 +210,12 @@ class TeacherLabeller:
         import torch
 
         epoch, counts, _ = current_state(self.state_name)
-        rows = patch_batch(batch, self.spec, epoch, counts)
+        if self.cache is not None:
+            from ipb_ray.distributed.epoch_stream import cut_plan, views_of
+
+            rows = cut_plan(batch, self.spec, epoch, views_of(self.cache))
+        else:
+            rows = patch_batch(batch, self.spec, epoch, counts)
         if not len(rows["colony_id"]):
             return _empty_labels()
         self._refresh()
@@ -224,42 +232,54 @@ _LABELLERS: dict[tuple[str, str], TeacherLabeller] = {}
 
 
 def _label_task(batch: dict[str, np.ndarray], spec: StreamSpec, state_name: str,
-                model_kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+                model_kwargs: Mapping[str, Any], cache: Any = None) -> dict[str, np.ndarray]:
     """Task form of :class:`TeacherLabeller`: one labeller per worker process, kept between
     epochs (an actor pool would start new processes every epoch)."""
-    key = (state_name, repr(sorted(model_kwargs.items())))
+    key = (state_name, repr(sorted(model_kwargs.items())), cache.key if cache is not None else "")
     labeller = _LABELLERS.get(key)
     if labeller is None:
-        labeller = _LABELLERS[key] = TeacherLabeller(spec, state_name, model_kwargs)
+        labeller = _LABELLERS[key] = TeacherLabeller(spec, state_name, model_kwargs, cache=cache)
     return labeller(batch)
 
 
 def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model_kwargs: Mapping[str, Any], *,
                       batch_size: int = 64, cpus: float = 1.0, actors: int = 1, gpus: float = 0.0,
-                      use_actors: bool = False, workers: int | None = None):
+                      use_actors: bool = False, workers: int | None = None, cache: Any = None,
+                      ids: Sequence[str] | None = None):
     """A lazy ``ray.data.Dataset`` of :data:`LABEL_COLUMNS`: the labelling pass over the
     colonies that ``state_name`` counts, by the teacher published there.
 
-    ``use_actors``: an actor pool of ``actors`` labellers holding ``gpus`` each (for GPU
-    clusters); otherwise Ray tasks of ``cpus`` each, at most ``workers`` at once (default:
-    as many as the free CPUs allow)."""
+    With ``cache`` (the run's :class:`ipb_ray.distributed.epoch_stream.CropCache`) the
+    windows are cut from the decoded crops of ``ids`` (the colonies to label), not read and
+    decoded from the catalog's Parquet. ``use_actors``: an actor pool of ``actors``
+    labellers holding ``gpus`` each (for GPU clusters); otherwise Ray tasks of ``cpus``
+    each, at most ``workers`` at once (default: as many as the free CPUs allow)."""
     import ray
 
     from ipb_ray.data import catalog
     from ipb_ray.distributed.streams import CATALOG_COLUMNS
 
-    catalog.read_manifest(catalog_dir)
-    ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset
-    ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
+    if cache is not None:
+        from ipb_ray.distributed.epoch_stream import plan_source, stream_plan
+
+        if ids is None:
+            raise ValueError("a labelling pass over the crop cache needs the ids to label")
+        plan = stream_plan(cache.ids, seed=spec.seed, epoch=0, stream="evaluation", ids=sorted(ids), shuffle=False)
+        ds = plan_source(plan, batch_size, max(int(workers or actors), 1))
+    else:
+        catalog.read_manifest(catalog_dir)
+        ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset
+        ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
     if use_actors:
         return ds.map_batches(TeacherLabeller, batch_size=batch_size, batch_format="numpy",
                               fn_constructor_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=model_kwargs,
-                                                         device="cuda" if gpus > 0 else "cpu"),
+                                                         device="cuda" if gpus > 0 else "cpu", cache=cache),
                               compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
                               **({"num_gpus": gpus} if gpus > 0 else {}))
     extra = {"compute": ray.data.TaskPoolStrategy(size=workers)} if workers else {}
     return ds.map_batches(_label_task, batch_size=batch_size, batch_format="numpy", num_cpus=cpus, **extra,
-                          fn_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=dict(model_kwargs)))
+                          fn_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=dict(model_kwargs),
+                                         cache=cache))
 
 
 def run_labelling(dataset) -> LabelTable:

@@ -162,7 +162,8 @@ class PseudoBalancer(Balancer):
                 ctx.inputs.catalog, ctx.specs["spec_label"], ctx.config["label_state"], ctx.model_kwargs(),
                 batch_size=max(4 * m.unlabelled_batch_size, 128), cpus=r.data_cpus, actors=r.teacher_actors,
                 gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
-                                                                            and r.label_gpus > 0)))
+                                                                            and r.label_gpus > 0),
+                workers=ctx.config.get("data_workers"), cache=ctx.config.get("cache"), ids=ids))
             return table, time.perf_counter() - t0
 
         self.pending[epoch] = self.pool.submit(work)
