@@ -10,6 +10,7 @@ from ipb_ray.distributed.epoch_stream import CropViews, cut_plan, decode_rows, s
 from ipb_ray.distributed.streams import StreamSpec, patch_batch
 from ipb_ray.patches import plan as plans
 from ipb_ray.patches.geometry import PatchGeometry
+from worlds import catalog_rows
 
 GEO = PatchGeometry(size=64, scales=(64, 32))
 CLASSES = ("A", "B")
@@ -17,16 +18,7 @@ INDEX = [f"c{i}" for i in range(10)]
 
 
 def _rows(n=6, seed=0):
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
-        yy, xx = np.ogrid[:h, :w]
-        mask = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 <= 1
-        crop = rng.integers(0, 255, (h, w), dtype=np.uint8)
-        rows.append(catalog.colony_row(source=f"f{i}", bbox=(0, 0, w, h), crop=crop, mask=mask,
-                                       labels=[CLASSES[i % 2]] if i < n - 1 else [], importer="t"))
-    return {k: [r[k] for r in rows] for k in ("colony_id", "image", "mask", "label")}
+    return catalog_rows(CLASSES, n, seed)
 
 
 def _views(rows):

@@ -57,3 +57,20 @@ def small_catalog_at(root, n_frames, seed):
     return str(root / "catalog")
 
 
+
+
+def catalog_rows(classes, n=6, seed=0):
+    """``n`` catalog rows (PNG bytes) of elliptical colonies in random crops, labelled in
+    turn with ``classes``; the last one unlabelled. Columns as a patch stream reads them."""
+    from ipb_ray.data import catalog
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        h, w = int(rng.integers(40, 160)), int(rng.integers(40, 160))
+        yy, xx = np.ogrid[:h, :w]
+        mask = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2 <= 1
+        crop = rng.integers(0, 255, (h, w), dtype=np.uint8)
+        rows.append(catalog.colony_row(source=f"f{i}", bbox=(0, 0, w, h), crop=crop, mask=mask,
+                                       labels=[classes[i % len(classes)]] if i < n - 1 else [], importer="t"))
+    return {k: [r[k] for r in rows] for k in ("colony_id", "image", "mask", "label")}
