@@ -138,6 +138,7 @@ def views_of(cache: CropCache) -> CropViews:
 # --------------------------------------------------------------------------- building the cache
 
 _CACHE_LOCK = threading.Lock()
+_BUILD_LOCK = threading.Lock()
 _CACHES: dict[tuple[str, str, str], CropCache] = {}
 
 
@@ -203,14 +204,15 @@ def crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = Non
     import ray
 
     key = (os.path.abspath(catalog_dir), _catalog_key(catalog_dir), ray.get_runtime_context().get_job_id())
-    with _CACHE_LOCK:
-        found = _CACHES.get(key)
-    if found is None:
-        found = build_crop_cache(catalog_dir, cpus=cpus, workers=workers)
+    with _BUILD_LOCK:  # folds trained in parallel threads wait for one build instead of each making one
         with _CACHE_LOCK:
-            while len(_CACHES) >= 2 and key not in _CACHES:  # a rebuilt or another catalog: drop the oldest
-                _CACHES.pop(next(iter(_CACHES)))
-            found = _CACHES.setdefault(key, found)
+            found = _CACHES.get(key)
+        if found is None:
+            found = build_crop_cache(catalog_dir, cpus=cpus, workers=workers)
+            with _CACHE_LOCK:
+                while len(_CACHES) >= 2:  # a rebuilt or another catalog: drop the oldest
+                    _CACHES.pop(next(iter(_CACHES)))
+                _CACHES[key] = found
     return found
 
 
