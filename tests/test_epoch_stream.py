@@ -198,3 +198,32 @@ def test_gpu_feed_benchmark_says_what_it_would_measure_without_a_gpu(tmp_path):
     assert "No CUDA GPU here: skipping" in out.stdout
     for figure in ("samples/s", "GPU busy", "data-wait", "[1, 3] data CPUs", "hrnet at 224 + 112 px (bf16)"):
         assert figure in out.stdout, figure
+
+
+@pytest.mark.ray
+def test_a_stream_starts_when_less_than_a_cpu_is_free(tiny_catalog):
+    """Inside a Tune trial the Train worker holds a CPU and a trial a sliver: an epoch's
+    stream must not need a whole CPU for anything (Ray's from_arrow asks one per table)."""
+    import threading
+
+    import ray
+
+    from ipb_ray.distributed.epoch_stream import crop_cache, plan_batches
+
+    names = tuple(catalog.read_manifest(tiny_catalog)["class_names"])
+    spec = StreamSpec(GEO, names, seed=1, mode="train")
+    cache = crop_cache(tiny_catalog)
+    plan = stream_plan(cache.ids, seed=1, epoch=0, stream="labelled", ids=sorted(cache.ids))
+    free = ray.available_resources().get("CPU", 0.0)
+    hog = ray.remote(num_cpus=free - 0.5)(type("Hog", (), {"ping": lambda self: 1})).remote()
+    ray.get(hog.ping.remote())
+    got: list[int] = []
+    try:
+        reader = threading.Thread(target=lambda: got.extend(
+            len(b["label"]) for b in plan_batches(cache, spec, plan, epoch=0, batch_size=8, cpus=0.25)), daemon=True)
+        reader.start()
+        reader.join(120)
+        assert not reader.is_alive(), "the stream waited for a CPU that never came"
+        assert got == [8, 8, 8, 8]
+    finally:
+        ray.kill(hog)

@@ -246,7 +246,7 @@ def _plan_stage(batch: dict[str, np.ndarray], spec: StreamSpec, epoch: int, cach
     import torch
 
     torch.set_num_threads(1)
-    return cut_plan(batch, spec, epoch, views_of(cache))
+    return cut_plan(unpack_plan(batch), spec, epoch, views_of(cache))
 
 
 def batch_bytes(spec: StreamSpec, batch_size: int) -> int:
@@ -256,15 +256,24 @@ def batch_bytes(spec: StreamSpec, batch_size: int) -> int:
 
 
 def plan_source(plan: Mapping[str, np.ndarray], batch_size: int, parts: int = 1):
-    """A plan as an in-memory Ray dataset: ``parts`` blocks of whole batches, in order."""
-    import pyarrow as pa
+    """A plan as an in-memory Ray dataset: one row per batch of ``batch_size`` plan rows
+    (columns of lists; :func:`unpack_plan` turns a batch of them back into plan columns),
+    in ``parts`` blocks, in order. Built in this process (``from_items``): no task, so it
+    never waits for a free CPU on a full node."""
     import ray
 
-    chunks = plans.chunks(plan, batch_size, max(int(parts), 1))
-    if not chunks:
+    n = len(plan["colony_id"])
+    if n == 0:
         raise ValueError("the plan is empty")
-    return ray.data.from_arrow([pa.table({k: (v.tolist() if v.dtype == object else v) for k, v in c.items()})
-                                for c in chunks])
+    items = [{k: np.asarray(v)[i:i + batch_size].tolist() for k, v in plan.items()}
+             for i in range(0, n, int(batch_size))]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(int(parts), len(items))))
+
+
+def unpack_plan(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Rows of :func:`plan_source` (each a list per column) -> one plan's columns."""
+    return {k: np.concatenate([np.asarray(v) for v in batch[k]]) if len(batch[k]) else np.zeros(0)
+            for k in plans.PLAN_COLUMNS}
 
 
 def plan_dataset(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarray], *, epoch: int,
@@ -274,7 +283,7 @@ def plan_dataset(cache: CropCache, spec: StreamSpec, plan: Mapping[str, np.ndarr
     import ray
 
     source = plan_source(plan, batch_size, workers)
-    ds = source.map_batches(_plan_stage, batch_size=batch_size, batch_format="numpy", num_cpus=cpus,
+    ds = source.map_batches(_plan_stage, batch_size=1, batch_format="numpy", num_cpus=cpus,
                             compute=ray.data.TaskPoolStrategy(size=max(int(workers), 1)),
                             fn_kwargs=dict(spec=spec, epoch=int(epoch), cache=cache))
     ctx = ds.context

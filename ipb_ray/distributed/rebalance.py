@@ -211,9 +211,9 @@ class TeacherLabeller:
 
         epoch, counts, _ = current_state(self.state_name)
         if self.cache is not None:
-            from ipb_ray.distributed.epoch_stream import cut_plan, views_of
+            from ipb_ray.distributed.epoch_stream import cut_plan, unpack_plan, views_of
 
-            rows = cut_plan(batch, self.spec, epoch, views_of(self.cache))
+            rows = cut_plan(unpack_plan(batch), self.spec, epoch, views_of(self.cache))
         else:
             rows = patch_batch(batch, self.spec, epoch, counts)
         if not len(rows["colony_id"]):
@@ -270,14 +270,15 @@ def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model
         catalog.read_manifest(catalog_dir)
         ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset
         ds = ray.data.read_parquet(f"{catalog_dir}/parts", columns=CATALOG_COLUMNS, num_cpus=cpus)
+    rows = 1 if cache is not None else batch_size  # a plan source row holds a whole batch
     if use_actors:
-        return ds.map_batches(TeacherLabeller, batch_size=batch_size, batch_format="numpy",
+        return ds.map_batches(TeacherLabeller, batch_size=rows, batch_format="numpy",
                               fn_constructor_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=model_kwargs,
                                                          device="cuda" if gpus > 0 else "cpu", cache=cache),
                               compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus,
                               **({"num_gpus": gpus} if gpus > 0 else {}))
     extra = {"compute": ray.data.TaskPoolStrategy(size=workers)} if workers else {}
-    return ds.map_batches(_label_task, batch_size=batch_size, batch_format="numpy", num_cpus=cpus, **extra,
+    return ds.map_batches(_label_task, batch_size=rows, batch_format="numpy", num_cpus=cpus, **extra,
                           fn_kwargs=dict(spec=spec, state_name=state_name, model_kwargs=dict(model_kwargs),
                                          cache=cache))
 
