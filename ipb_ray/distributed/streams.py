@@ -8,11 +8,11 @@ by ``(seed, epoch, stream, colony id, copy)``, so a patch is the same whichever 
 draws it, an epoch's draw is reproducible, and each epoch draws fresh positions.
 
 The Ray wiring is thin: :func:`patch_dataset` reads the catalog with
-``ray.data.read_parquet`` and maps :func:`patch_batch` over it. Inside a Ray Train loop
-the epoch (and, for resampled streams, the per-colony counts) come from a named
-:class:`StreamState` actor that rank 0 updates before each epoch; the dataset handed to
-``TorchTrainer`` is split with ``streaming_split(equal=True)`` so every rank gets the
-same number of batches.
+``ray.data.read_parquet`` and maps :func:`patch_batch` over it (epoch, counts and windows
+fixed, or read at run time from a named :class:`StreamState` actor). The training loop
+streams from :mod:`ipb_ray.distributed.epoch_stream` instead (the catalog decoded once,
+each epoch a plan), which cuts every patch with this module's :func:`emit_patch`; the
+state actors still carry IPB's unlabelled plan and teacher from rank 0 to the others.
 
 Columns of a patch batch: ``colony_id`` (str), ``label`` (int64 class index, -1 = none),
 ``copy`` (int32), ``x``, ``y`` (int32 window top-left in the prepared crop), ``scale``
