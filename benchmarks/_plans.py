@@ -55,7 +55,7 @@ def epoch_counts(stream: str, ids: list[str], labels: list[Any], class_names: tu
 def epoch_plan(stream: str, ids: list[str], labels: list[Any], class_names: tuple[str, ...],
                epoch: int) -> dict[str, Any]:
     """The epoch's draw, shuffled over the whole epoch (:mod:`ipb_ray.patches.plan`)."""
-    from ipb_ray.distributed.epoch_stream import stream_plan
+    from ipb_ray.patches.plan import stream_plan
 
     return stream_plan(None, seed=0, epoch=epoch, stream=stream,
                        counts=epoch_counts(stream, ids, labels, class_names, epoch))

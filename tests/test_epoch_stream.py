@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from ipb_ray.data import catalog
-from ipb_ray.distributed.epoch_stream import CropViews, cut_plan, decode_rows, stream_plan
+from ipb_ray.distributed.epoch_stream import CropViews, cut_plan, decode_rows
 from ipb_ray.distributed.streams import StreamSpec, patch_batch
 from ipb_ray.patches import plan as plans
+from ipb_ray.patches.plan import stream_plan
 from ipb_ray.patches.geometry import PatchGeometry
 from worlds import catalog_rows
 
@@ -63,18 +64,18 @@ def test_bad_plans_are_refused_with_what_is_wrong():
 
 def test_shuffle_is_a_seeded_whole_epoch_permutation():
     p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=3)
-    a, b = plans.shuffle(p, 0, 1, 1), plans.shuffle(p, 0, 1, 1)
+    a, b = plans.shuffled(p, 0, 1, 1), plans.shuffled(p, 0, 1, 1)
     assert all(np.array_equal(a[k], b[k]) for k in p)
     assert sorted(zip(a["colony_id"].tolist(), a["copy"].tolist())) == sorted(zip(p["colony_id"].tolist(), p["copy"].tolist()))
     assert a["colony_id"].tolist() != p["colony_id"].tolist()
-    assert plans.shuffle(p, 0, 2, 1)["colony_id"].tolist() != a["colony_id"].tolist()  # another epoch, another order
-    assert plans.shuffle(p, 0, 1, 2)["colony_id"].tolist() != a["colony_id"].tolist()  # another stream, another order
+    assert plans.shuffled(p, 0, 2, 1)["colony_id"].tolist() != a["colony_id"].tolist()  # another epoch, another order
+    assert plans.shuffled(p, 0, 1, 2)["colony_id"].tolist() != a["colony_id"].tolist()  # another stream, another order
     # the copies of one colony no longer sit together: the first batch of 6 holds > 2 colonies
     assert len(set(a["colony_id"][:6].tolist())) > 2
 
 
 def test_ranks_share_the_epoch_without_overlap_in_whole_batches():
-    p = plans.shuffle(plans.epoch_rows(INDEX, ids=list(INDEX), copies=3), 0, 0, 1)  # 30 rows
+    p = plans.shuffled(plans.epoch_rows(INDEX, ids=list(INDEX), copies=3), 0, 0, 1)  # 30 rows
     shares = [plans.rank_share(p, r, 2, 4) for r in range(2)]
     assert [len(s["colony_id"]) for s in shares] == [12, 12]  # 15 per rank, cut to whole batches of 4
     pairs = [set(zip(s["colony_id"].tolist(), s["copy"].tolist())) for s in shares]
@@ -82,15 +83,6 @@ def test_ranks_share_the_epoch_without_overlap_in_whole_batches():
     steps = [plans.rank_share(p, r, 3, 2, steps=5) for r in range(3)]
     assert [len(s["colony_id"]) for s in steps] == [10, 10, 10]
     assert np.array_equal(np.concatenate([s["colony_id"] for s in steps]), p["colony_id"])
-
-
-def test_chunks_cut_runs_of_whole_batches_in_order():
-    p = plans.epoch_rows(INDEX, ids=list(INDEX), copies=1)
-    parts = plans.chunks(p, 3, 2)
-    assert [len(c["colony_id"]) for c in parts] == [6, 4]
-    assert np.concatenate([c["colony_id"] for c in parts]).tolist() == p["colony_id"].tolist()
-    assert plans.chunks(plans.empty_plan(), 3, 2) == []
-    assert len(plans.chunks(p, 3, 1)) == 1
 
 
 def test_stream_plan_gives_every_rank_its_steps_of_the_same_epoch():
@@ -122,7 +114,7 @@ def test_cut_plan_cuts_the_very_patches_of_the_catalog_path(mode):
     views = _views(rows)
     spec = StreamSpec(GEO, CLASSES, seed=4, mode=mode)
     counts = {c: 2 for c in views.ids}
-    p = plans.shuffle(plans.epoch_rows(views.ids, counts), 4, 3, 1)
+    p = plans.shuffled(plans.epoch_rows(views.ids, counts), 4, 3, 1)
     got = cut_plan(p, spec, 3, views)
     want = patch_batch(rows, spec, epoch=3, counts=counts)
     key = {(c, k): i for i, (c, k) in enumerate(zip(want["colony_id"], want["copy"].tolist()))}

@@ -37,10 +37,6 @@ from ipb_ray.patches import plan as plans
 from ipb_ray.patches.geometry import prepare_crop
 from ipb_ray.distributed.streams import CATALOG_COLUMNS, StreamSpec, collate_class, emit_patch, finish_rows
 
-#: Plan stream tags: two streams of one epoch are shuffled apart.
-STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4}
-
-
 @dataclass(frozen=True)
 class CropCache:
     """A catalog's decoded crops in the object store: ``refs`` are Arrow tables with
@@ -49,7 +45,7 @@ class CropCache:
     (what a plan may name). Picklable: hand it to tasks and Train workers."""
 
     catalog: str
-    key: str
+    key: str  # unique per build (its first block's object id): worker views are kept by it
     refs: tuple[Any, ...]
     ids: frozenset[str]
     nbytes: int
@@ -193,8 +189,7 @@ def build_crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None
     decoded.context.enable_progress_bars = False
     materialised = decoded.materialize()
     refs = tuple(materialised.to_arrow_refs())
-    key = hashlib.sha1(f"{_catalog_key(catalog_dir)}|{refs[0].hex()}".encode()).hexdigest()[:16]
-    return CropCache(catalog=os.path.abspath(catalog_dir), key=key, refs=refs, ids=frozenset(ids),
+    return CropCache(catalog=os.path.abspath(catalog_dir), key=refs[0].hex(), refs=refs, ids=frozenset(ids),
                      nbytes=int(materialised.size_bytes()))
 
 
@@ -311,17 +306,3 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def stream_plan(known: Any, *, seed: int, epoch: int, stream: str,
-                counts: Mapping[str, int] | None = None, ids: Sequence[str] | None = None, copies: int = 1,
-                coords: Mapping[str, Sequence[float]] | None = None, shuffle: bool = True, rank: int = 0,
-                world: int = 1, batch_size: int = 1, steps: int | None = None) -> dict[str, np.ndarray]:
-    """One rank's plan of an epoch: the draw (``counts``, or ``ids`` x ``copies``), in a
-    whole-epoch seeded order (``shuffle``), this rank's share of ``steps`` batches."""
-    plan = plans.epoch_rows(known, counts, ids=ids, copies=copies, coords=coords)
-    if shuffle:
-        plan = plans.shuffle(plan, seed, epoch, STREAM_TAGS[stream])
-    if world > 1 or steps is not None:
-        plan = plans.rank_share(plan, rank, world, batch_size, steps)
-    return plan

@@ -260,12 +260,12 @@ def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model
     from ipb_ray.distributed.streams import CATALOG_COLUMNS
 
     if cache is not None:
-        from ipb_ray.distributed.epoch_stream import plan_source, stream_plan
+        from ipb_ray.distributed.epoch_stream import plan_source
+        from ipb_ray.patches.plan import epoch_rows
 
         if ids is None:
             raise ValueError("a labelling pass over the crop cache needs the ids to label")
-        plan = stream_plan(cache.ids, seed=spec.seed, epoch=0, stream="evaluation", ids=sorted(ids), shuffle=False)
-        ds = plan_source(plan, batch_size, max(int(workers or actors), 1))
+        ds = plan_source(epoch_rows(cache.ids, ids=sorted(ids)), batch_size, max(int(workers or actors), 1))
     else:
         catalog.read_manifest(catalog_dir)
         ray.data.DataContext.get_current().use_datasource_v2 = False  # see streams.patch_dataset

@@ -357,24 +357,6 @@ def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
     return torch.load(found[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def training_batches(config: dict[str, Any], spec: Any, stream: str, epoch: int, batch_size: int, steps: int,
-                     rank: int, world: int, device: Any, counts: Mapping[str, int],
-                     coords: Mapping[str, Any] | None = None) -> Any:
-    """This rank's ``steps`` batches of a training stream's epoch: the draw ``counts``
-    (and fixed windows ``coords``) in a whole-epoch seeded order (unless
-    ``method.shuffle`` is false), cut from the run's crop cache by Ray Data tasks
-    (:mod:`ipb_ray.distributed.epoch_stream`)."""
-    from ipb_ray.distributed.epoch_stream import plan_batches, stream_plan
-
-    cfg: ExperimentConfig = config["_cfg"]
-    cache = config["cache"]
-    plan = stream_plan(cache.ids, seed=cfg.seed, epoch=epoch, stream=stream, counts=counts, coords=coords,
-                       shuffle=cfg.method.shuffle, rank=rank, world=world, batch_size=batch_size,
-                       steps=steps)
-    return plan_batches(cache, spec, plan, epoch=epoch, batch_size=batch_size, workers=config["data_workers"],
-                        cpus=config["data_cpus"], device=str(device))
-
-
 def snapshot(model: Any) -> dict[str, Any]:
     """A CPU copy of a (possibly DDP-wrapped) model's state dict."""
     return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
@@ -488,7 +470,6 @@ class _Loop:
         self.balancer = get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx) if self.semi else None
         self.method.balancer = self.balancer  # every rank: a balancer may correct pseudo-labels; rank 0 plans
         self.u_state = state_handle(config["u_state"]) if self.semi else None
-        config["_cfg"] = cfg
         self.start, self.global_step, self.resumed_from = 0, 0, None
         self.best, self.history = _Selection(), []
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
@@ -588,35 +569,50 @@ class _Loop:
         variances), at most ``eval.bn_batches`` batches; ``val`` / ``test``: V / T, each
         colony ``eval.tta`` times (the mask-centre window, then seeded random ones). The
         same windows every epoch (epoch 0's draws), so validations compare."""
-        from ipb_ray.distributed.epoch_stream import plan_batches, stream_plan
-
-        cfg, ctx, m, inputs, cache = self.cfg, self.ctx, self.m, self.inputs, self.config["cache"]
+        cfg, ctx, m, inputs = self.cfg, self.ctx, self.m, self.inputs
         if kind == "calib":
             spec = ctx.specs["spec_plain"]
-            plan = stream_plan(cache.ids, seed=cfg.seed, epoch=0, stream="calibration",
-                               counts=calibration_counts(cfg, inputs))
+            plan = self._plan(stream="calibration", epoch=0, counts=calibration_counts(cfg, inputs))
             plan = {k: v[:cfg.eval.bn_batches * m.batch_size] for k, v in plan.items()}
         else:
             spec = ctx.specs["spec_eval"]
             ids = inputs.test if kind == "test" else (inputs.validation or inputs.labelled[:1])
-            plan = stream_plan(cache.ids, seed=cfg.seed, epoch=0, stream="evaluation", ids=ids, copies=spec.tta,
-                               shuffle=False)
-        return plan_batches(cache, spec, plan, epoch=0, batch_size=m.batch_size, workers=self.config["data_workers"],
-                            cpus=self.config["data_cpus"], device=str(ctx.device), drop_last=False)
+            plan = self._plan(stream="evaluation", epoch=0, ids=ids, copies=spec.tta, shuffle=False)
+        return self._batches(spec, plan, 0, m.batch_size, drop_last=False)
+
+    def _plan(self, **kwargs: Any) -> dict[str, Any]:
+        """A plan over the run's crop cache (:func:`ipb_ray.patches.plan.stream_plan`)."""
+        from ipb_ray.patches.plan import stream_plan
+
+        return stream_plan(self.config["cache"].ids, seed=self.cfg.seed, **kwargs)
+
+    def _batches(self, spec: Any, plan: dict[str, Any], epoch: int, batch_size: int, drop_last: bool = True) -> Any:
+        """``plan``'s torch batches, cut from the run's crop cache by Ray Data tasks
+        (:mod:`ipb_ray.distributed.epoch_stream`)."""
+        from ipb_ray.distributed.epoch_stream import plan_batches
+
+        return plan_batches(self.config["cache"], spec, plan, epoch=epoch, batch_size=batch_size,
+                            workers=self.config["data_workers"], cpus=self.cfg.resources.data_cpus,
+                            device=str(self.ctx.device), drop_last=drop_last)
+
+    def _training_batches(self, spec: Any, stream: str, epoch: int, batch_size: int, steps: int,
+                          counts: Mapping[str, int], coords: Mapping[str, Any] | None = None) -> Any:
+        """This rank's ``steps`` batches of a training stream's epoch: the draw ``counts``
+        (and fixed windows ``coords``) in a whole-epoch seeded order (unless
+        ``method.shuffle`` is false)."""
+        plan = self._plan(stream=stream, epoch=epoch, counts=counts, coords=coords, shuffle=self.m.shuffle,
+                          rank=self.rank, world=self.world, batch_size=batch_size, steps=steps)
+        return self._batches(spec, plan, epoch, batch_size)
 
     def _labelled_batches(self, g: int, steps: int) -> Any:
         """This rank's share of epoch ``g``'s class-balanced draw of L: ``steps`` batches
         (every rank computes the same draw from the seed)."""
         m = self.m
         counts = labelled_draws(self.inputs, steps * self.world * m.batch_size, self.cfg.seed, g, m.balance_labelled)
-        return training_batches(self.config, self.ctx.specs["spec_train"], "labelled", g, m.batch_size, steps,
-                                self.rank, self.world, self.ctx.device, counts)
+        return self._training_batches(self.ctx.specs["spec_train"], "labelled", g, m.batch_size, steps, counts)
 
     def _labelled(self, stage: Stage, g: int, e: int) -> dict[str, Any]:
         """An epoch of cross-entropy on class-balanced L for ``stage.net``."""
-        import ray.train
-        import ray.train.collective
-
         ctx, m = self.ctx, self.m
         opt = self.method.opts[stage.optimizer]
         out = supervised_epoch(self.method.nets[stage.net], opt, self._labelled_batches(g, self.l_steps),
@@ -646,9 +642,8 @@ class _Loop:
             net.train()
         _, _, u_counts, u_coords = ray.get(self.u_state.get.remote())  # rank 0's plan, on every rank
         l_iter = iter(self._labelled_batches(g, steps))
-        u_iter = iter(training_batches(self.config, ctx.specs["spec_uda"], "unlabelled", u_epoch,
-                                       m.unlabelled_batch_size, steps, self.rank, self.world, ctx.device,
-                                       u_counts or {}, u_coords))
+        u_iter = iter(self._training_batches(ctx.specs["spec_uda"], "unlabelled", u_epoch, m.unlabelled_batch_size,
+                                             steps, u_counts or {}, u_coords))
         names = self.method.step_metrics
         timer, sums = _Timer(), torch.zeros(len(names), dtype=torch.float64)
         seen: list[str] = []
@@ -881,7 +876,7 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     leased = lease_states(len(keys))
     states = {key: name for key, (name, _handle) in zip(keys, leased)}
     try:
-        result = _trainer(cfg, fold, inputs, specs, states, semi, digest_dir, callbacks, mlflow_run, cache).fit()
+        result = _trainer(cfg, fold, inputs, specs, states, cache, digest_dir, callbacks, mlflow_run).fit()
     finally:
         release_states(leased)
     metrics = dict(result.metrics or {})
@@ -893,8 +888,8 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
 
 
 def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[str, Any], states: dict[str, str],
-             semi: bool, digest_dir: str | None, callbacks: list[Any] | None,
-             mlflow_run: tuple[str, str] | None = None, cache: Any = None) -> Any:
+             cache: Any, digest_dir: str | None, callbacks: list[Any] | None,
+             mlflow_run: tuple[str, str] | None = None) -> Any:
     """The ``TorchTrainer`` of one fold: its patch streams, loop, scaling and storage.
     Every stream (training, calibration, validation, test) is cut from ``cache`` by Ray
     Data tasks the loop starts itself (:mod:`ipb_ray.distributed.epoch_stream`): each
@@ -909,7 +904,7 @@ def _trainer(cfg: ExperimentConfig, fold: int, inputs: FoldInputs, specs: dict[s
         train_loop_config={"cfg": to_dict(cfg), "inputs": inputs, **specs, **states, "digest_dir": digest_dir,
                            "local_run_dir": local_run_storage(cfg, fold),
                            "checkpoints_to_keep": r.checkpoints_to_keep, "mlflow_run": mlflow_run,
-                           "cache": cache, "data_workers": data_workers(cfg), "data_cpus": r.data_cpus},
+                           "cache": cache, "data_workers": data_workers(cfg)},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=per_worker),
         run_config=RunConfig(name=run_name(cfg, fold), storage_path=storage_uri(cfg.tracking.storage_path),

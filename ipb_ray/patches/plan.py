@@ -20,6 +20,8 @@ from typing import Container, Mapping, Sequence
 import numpy as np
 
 PLAN_COLUMNS = ("colony_id", "copy", "fixed", "x", "y", "scale")
+#: Stream tags: two streams of one epoch are shuffled apart.
+STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4}
 _SHUFFLE_TAG = 13
 
 
@@ -68,7 +70,7 @@ def epoch_rows(known: Container[str] | None, counts: Mapping[str, int] | None = 
     return {"colony_id": rows, "copy": copy, "fixed": fixed, "x": x, "y": y, "scale": scale}
 
 
-def shuffle(plan: Mapping[str, np.ndarray], seed: int, epoch: int, stream: int) -> dict[str, np.ndarray]:
+def shuffled(plan: Mapping[str, np.ndarray], seed: int, epoch: int, stream: int) -> dict[str, np.ndarray]:
     """The plan in a seeded random order over the whole epoch (``stream`` keeps two
     streams of one epoch apart)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch), int(stream), _SHUFFLE_TAG]))
@@ -93,12 +95,15 @@ def rank_share(plan: Mapping[str, np.ndarray], rank: int, world: int, batch_size
     return {k: np.asarray(v)[rank * per_rank:(rank + 1) * per_rank] for k, v in plan.items()}
 
 
-def chunks(plan: Mapping[str, np.ndarray], batch_size: int, parts: int) -> list[dict[str, np.ndarray]]:
-    """The plan cut into at most ``parts`` runs of whole batches (the last may hold a
-    partial batch), in order: one per patch task."""
-    n = len(plan["colony_id"])
-    if n == 0:
-        return []
-    batches = -(-n // int(batch_size))
-    per = -(-batches // max(int(parts), 1)) * int(batch_size)
-    return [{k: np.asarray(v)[i:i + per] for k, v in plan.items()} for i in range(0, n, per)]
+def stream_plan(known: Container[str] | None, *, seed: int, epoch: int, stream: str,
+                counts: Mapping[str, int] | None = None, ids: Sequence[str] | None = None, copies: int = 1,
+                coords: Mapping[str, Sequence[float]] | None = None, shuffle: bool = True, rank: int = 0,
+                world: int = 1, batch_size: int = 1, steps: int | None = None) -> dict[str, np.ndarray]:
+    """One rank's plan of an epoch: the draw (``counts``, or ``ids`` x ``copies``), in a
+    whole-epoch seeded order (``shuffle``), this rank's share of ``steps`` batches."""
+    plan = epoch_rows(known, counts, ids=ids, copies=copies, coords=coords)
+    if shuffle:
+        plan = shuffled(plan, seed, epoch, STREAM_TAGS[stream])
+    if world > 1 or steps is not None:
+        plan = rank_share(plan, rank, world, batch_size, steps)
+    return plan
