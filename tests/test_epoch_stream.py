@@ -219,3 +219,17 @@ def test_a_stream_starts_when_less_than_a_cpu_is_free(tiny_catalog):
         assert got == [8, 8, 8, 8]
     finally:
         ray.kill(hog)
+
+
+def test_the_cache_refuses_unfinished_and_empty_catalogs_with_the_path(tmp_path):
+    from ipb_ray.distributed.epoch_stream import build_crop_cache
+    from ipb_ray.distributed.rebalance import labelling_dataset
+
+    with pytest.raises(catalog.IncompleteCatalogError, match="not a finished colony catalog"):
+        build_crop_cache(str(tmp_path))
+    (tmp_path / "parts").mkdir()
+    (tmp_path / catalog.MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match=f"the catalog at {tmp_path} has no colonies"):
+        build_crop_cache(str(tmp_path))
+    with pytest.raises(ValueError, match="needs the ids to label"):
+        labelling_dataset(str(tmp_path), StreamSpec(GEO, CLASSES, mode="label"), "s", {}, cache=object())
