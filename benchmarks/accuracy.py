@@ -9,7 +9,9 @@
   sampling of L, mean/std normalisation, best epoch on V, tested on T. The honest floor a
   user could write in an afternoon.
 - ``supervised``, ``mpl``, ``ipb``, ``pseudo_label`` (any registered method; ``name+balancer``,
-  e.g. ``pseudo_label+pseudo_balance``, sets ``method.balancer`` too): ipb-ray's real path
+  e.g. ``pseudo_label+pseudo_balance``, sets ``method.balancer`` too; a variant with its own
+  overrides is written ``label=name[+balancer][key=value key=value]``, e.g.
+  ``ipb-paper=ipb[method.keep_start=false method.mpl.student_labelled=0]``): ipb-ray's real path
   (Ray Train on a local Ray cluster), :func:`ipb_ray.distributed.training.train_fold` with the
   configuration's settings.
   The reference takes exactly as many optimizer steps as ``supervised``
@@ -22,7 +24,11 @@ Every method sees the same fold's L (training), V (model selection) and T (test)
 the catalog's stored folds (or a view drawn for the configured split). Prints per method:
 macro TPR, worst-class TPR, macro F1, accuracy, wall time, and the paired t-test p of
 macro TPR and worst-class TPR against ``supervised`` (or the first method). ``--json``
-writes every fold's report.
+writes every fold's report as soon as the fold ends, and a rerun with the same ``--json``
+skips the (method, fold) pairs already there: a long benchmark resumes where it stopped.
+For methods with a pseudo-balancer the curves print, per epoch, the teacher's pseudo-label
+precision and recall per class on U (against U's hidden labels), each class's share of
+the draw and the most copies of one colony; ``--json`` keeps them too.
 """
 
 from __future__ import annotations
@@ -206,7 +212,57 @@ def _print_curves(method: str, fold: int, history: list[dict[str, Any]], names: 
         if f"teacher_proportion/{names[0]}" in h:
             line += " teacher mix " + " ".join(f"{n}:{h[f'teacher_proportion/{n}']:.2f}" for n in names)
             line += " -> stream " + " ".join(f"{n}:{h.get(f'stream_share/{n}', 0):.2f}" for n in names)
+            if f"pseudo_precision/{names[0]}" in h:  # against U's hidden labels
+                fmt = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731
+                line += (f"\n    pseudo-labels acc {fmt(h.get('pseudo_accuracy'))} precision/recall "
+                         + " ".join(f"{n}:{fmt(h.get(f'pseudo_precision/{n}'))}/{fmt(h.get(f'pseudo_tpr/{n}'))}"
+                                    for n in names)
+                         + f"; draw right {fmt(h.get('draw_precision'))}, most copies {h.get('max_copies')}")
         print(line, flush=True)
+
+
+def parse_methods(text: str) -> list[tuple[str, str, list[str]]]:
+    """``--methods`` entries as ``(label, method[+balancer], overrides)``: commas inside
+    ``[...]`` do not split, ``label=`` is optional (default: the entry itself)."""
+    entries, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            entries.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    entries.append(cur)
+    out = []
+    for entry in (e.strip() for e in entries):
+        if not entry:
+            continue
+        body, _, rest = entry.partition("[")
+        label, eq, name = body.partition("=")
+        if not eq:
+            label, name = entry, body
+        if rest and not rest.endswith("]"):
+            raise SystemExit(f"--methods entry {entry!r}: overrides go in one [...] at the end")
+        out.append((label.strip(), name.strip(), rest[:-1].split() if rest else []))
+    return out
+
+
+PB_CURVES = ("pseudo_precision", "pseudo_tpr", "draw_share", "draw_true_share", "teacher_proportion")
+
+
+def _balance_curves(history: list[dict[str, Any]], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The pseudo-balancer's per-epoch figures of a run (epochs that have them)."""
+    keep = []
+    for h in history:
+        if f"teacher_proportion/{names[0]}" not in h:
+            continue
+        row = {"epoch": h["epoch"], "max_copies": h.get("max_copies"), "draw_precision": h.get("draw_precision"),
+               "pseudo_accuracy": h.get("pseudo_accuracy"), "val_balanced_accuracy": h.get("val_balanced_accuracy")}
+        for key in PB_CURVES:
+            row[key] = [h.get(f"{key}/{n}") for n in names]
+        keep.append(row)
+    return keep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,13 +287,41 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, overrides=[f"data.catalog={args.catalog}", *args.overrides],
                       preset=None if args.config else args.preset)
     cfg = cfg.replace(f"data.catalog={fold_catalog(cfg)}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = parse_methods(args.methods)
+    methods = [label for label, _, _ in specs]
     m = cfg.method
     size = args.reference_size or (cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size)
     print(f"catalog {cfg.data.catalog}; folds 0..{args.folds - 1}; methods {methods}; model {cfg.model.backbone} "
           f"width {cfg.model.width}; epochs {m.teacher_epochs}+{m.epochs}+{m.finetune_epochs} fine-tuning; steps/epoch "
           f"{m.steps_per_epoch or 'one pass'}; batch {m.batch_size}", flush=True)
-    results: dict[str, dict[str, Any]] = {k: {"reports": [], "seconds": []} for k in methods}
+    results: dict[str, dict[str, Any]] = {k: {"reports": [], "seconds": [], "folds": [], "steps": [],
+                                              "balance": []} for k in methods}
+    if args.json and Path(args.json).exists():  # resume: keep what an earlier run of this command finished
+        old = json.loads(Path(args.json).read_text())["results"]
+        for k, v in old.items():
+            results.setdefault(k, {"reports": [], "seconds": [], "folds": [], "steps": [], "balance": []}).update(v)
+        print(f"resuming from {args.json}: " + ", ".join(f"{k} folds {v.get('folds')}" for k, v in old.items()),
+              flush=True)
+
+    def save() -> None:
+        if args.json:
+            done = {k: v for k, v in results.items() if v["reports"]}
+            tmp = Path(args.json + ".tmp")
+            tmp.write_text(json.dumps({"config": cfg.name, "catalog": cfg.data.catalog, "overrides": args.overrides,
+                                       "methods": args.methods, "results": done}, indent=1, default=float))
+            tmp.replace(args.json)
+
+    def record(key: str, fold: int, report: dict[str, Any], seconds: float, steps: int,
+               balance: list[dict[str, Any]] | None = None) -> None:
+        res = results.setdefault(key, {"reports": [], "seconds": [], "folds": [], "steps": [], "balance": []})
+        for k in ("folds", "steps", "balance"):
+            res.setdefault(k, [])
+        res["reports"].append(report)
+        res["seconds"].append(seconds)
+        res["folds"].append(fold)
+        res["steps"].append(steps)
+        res["balance"].append(balance or [])
+
     t_start = time.perf_counter()
     for fold in range(args.folds):
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
@@ -246,27 +330,33 @@ def main(argv: list[str] | None = None) -> int:
         inputs = fold_inputs(cfg, fold)
         steps = labelled_steps(len(inputs.labelled), max(cfg.resources.num_workers, 1), m.batch_size,
                                m.steps_per_epoch) * m.epochs
-        for method in methods:
+        for method, (_, spec, extra) in zip(methods, specs):
+            if fold in results[method].get("folds", []):
+                continue  # finished by an earlier run of this command
             t0 = time.perf_counter()
-            if method == "reference":
+            balance: list[dict[str, Any]] = []
+            run_steps = steps
+            if spec == "reference":
                 report = reference_fold(cfg.data.catalog, inputs, steps, m.batch_size, size, cfg.seed + fold)
             else:
-                name, _, balancer = method.partition("+")  # e.g. pseudo_label+pseudo_balance
+                name, _, balancer = spec.partition("+")  # e.g. pseudo_label+pseudo_balance
                 run = cfg.replace(f"method.name={name}", f"name=acc-{cfg.name}-{int(time.time())}",
-                                  *([f"method.balancer={balancer}"] if balancer else []))
+                                  *([f"method.balancer={balancer}"] if balancer else []), *extra)
                 out = train_fold(run, fold)
                 report = out["test_report"]
-                _print_curves(method, fold, out.get("history", []), inputs.class_names)
+                history = out.get("history", [])
+                run_steps = int(sum(h.get("train_steps", 0) or 0 for h in history))
+                balance = _balance_curves(history, inputs.class_names)
+                _print_curves(method, fold, history, inputs.class_names)
                 if out.get("pre_finetune_test_report"):  # method.finetune_epochs: the MPL stage's own choice too
-                    before = results.setdefault(f"{method} before fine-tuning", {"reports": [], "seconds": []})
-                    before["reports"].append(out["pre_finetune_test_report"])
-                    before["seconds"].append(float("nan"))
+                    record(f"{method} before fine-tuning", fold, out["pre_finetune_test_report"], float("nan"),
+                           run_steps)
             dt = time.perf_counter() - t0
-            results[method]["reports"].append(report)
-            results[method]["seconds"].append(dt)
+            record(method, fold, report, dt, run_steps, balance)
+            save()
             print(f"fold {fold} {method:10s} macro TPR {report['macro_tpr']:.3f} worst "
                   f"{_worst(report):.3f} acc {report['accuracy']:.3f} "
-                  f"({dt:.0f} s, {steps} supervised-equivalent steps)", flush=True)
+                  f"({dt:.0f} s, {run_steps} optimizer steps)", flush=True)
     done = {k: v for k, v in results.items() if v["reports"]}
     for name, res in done.items():  # eval-mode predictions on T: a collapsed model shows here
         hist = np.sum([np.asarray(r["confusion_matrix"]).sum(0) for r in res["reports"]], axis=0)
@@ -276,9 +366,7 @@ def main(argv: list[str] | None = None) -> int:
               + "  (true: " + ", ".join(f"{n} {int(t)}" for n, t in zip(names, truth)) + ")", flush=True)
     base = "supervised" if "supervised" in done else methods[0]
     print_table(done, base)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"config": cfg.name, "catalog": cfg.data.catalog, "results": done},
-                                              indent=1, default=float))
+    save()
     return 0
 
 

@@ -174,6 +174,10 @@ class DataConfig:
     window: str = _f("inside", choices=("inside", "whole"),
                      doc="inside: windows cut inside each colony (the paper); whole: each crop stretched to the "
                          "patch side (single cells or objects smaller than a patch)")
+    point_box: int = _f(0, lo=0, hi=4096, doc="point annotations (x,y) become a fixed box of this side, px, "
+                        "centred on the point, with no colony segmentation (touching single cells); a point "
+                        "closer than half a box to the frame's edge is rejected. 0 = a point names the "
+                        "segmented colony under it")
     segmentation: SegmentationConfig = _section(SegmentationConfig)
 
     def __post_init__(self) -> None:
@@ -299,6 +303,10 @@ class MethodConfig:
                               "on (balanced) L after the unlabelled stage, its own stage selected on V (the IPB "
                               "authors' last step; 0 = off). Both test results are kept: before and after")
     finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0, doc="fine-tuning lr (the authors': 3e-5 with SGD)")
+    keep_start: bool = _f(True, doc="semi-supervised methods: the pre-trained network on L competes on V with "
+                          "what the unlabelled stage makes, so a run never returns a network worse on V than the "
+                          "supervised one it started from (false: only the unlabelled stage's networks are chosen "
+                          "from, as before)")
     balance_labelled: bool = _f(True, doc="class-balance L by resampling")
     draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per epoch of an unlabelled stage "
                                      "(pseudo_balance: multinomial draws); None = |U|")

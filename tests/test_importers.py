@@ -310,3 +310,67 @@ def test_extra_annotation_columns_are_kept_for_grouping(frames_dir, tmp_path):
     assert json.loads(right["provenance"])[catalog.ANNOTATION_COLUMNS] == {"well": "B3"}
     plain, _ = importers.run_shard(_frame_task(frames_dir / "a.png", [dict(anns[0], columns={})]), DataConfig())
     assert all(catalog.ANNOTATION_COLUMNS not in json.loads(r["provenance"]) for r in plain)
+
+
+# --------------------------------------------------------------------------- data.point_box
+
+def test_point_box_crops_fixed_boxes_around_points_with_rejects(frames_dir, tmp_path):
+    """Point labels on touching cells: each point becomes a point_box square (no
+    segmentation); points outside the frame or too near its edge are rejected by row."""
+    table = _write_csv(tmp_path / "points.csv",
+                       [("a.png", 120, 120, "Dense"), ("a.png", 290, 280, "Spread"), ("a.png", 290, 280, "Dense"),
+                        ("a.png", 10, 200, "Dense"), ("a.png", 450, 30, "Dense"), ("a.png", 200, 200, "")],
+                       header=("frame", "x", "y", "label"))
+    data = DataConfig(frames=str(frames_dir), annotations=str(table), point_box=64)
+    plan = importers.plan_frames(data.frames, data.annotations, data)
+    task = next(t for t in plan.tasks if t.items[0]["source"].endswith("a.png"))
+    rows, rejects = importers.run_shard(task, data)
+    boxes = {(r["x0"], r["y0"], r["x1"], r["y1"]): r for r in rows}
+    assert set(boxes) == {(88, 88, 152, 152), (258, 248, 322, 312), (168, 168, 232, 232)}
+    assert boxes[(88, 88, 152, 152)]["label"] == "Dense"
+    assert boxes[(258, 248, 322, 312)]["labels"] == ["Dense", "Spread"]  # two labels on one point: multi-label
+    assert boxes[(168, 168, 232, 232)]["labels"] == []  # a point without a label: an unlabelled cell
+    for r in rows:
+        assert (r["height"], r["width"]) == (64, 64) and r["area_px"] == 64 * 64
+        assert catalog.decode_png(r["image"]).shape == (64, 64)
+    reasons = {r["item"].rsplit(" ", 1)[-1]: r["reason"] for r in rejects}
+    assert set(reasons) == {"5", "6"}, reasons
+    assert "closer than 32 px (half of data.point_box=64) to the edge of the 400x400 frame" in reasons["5"]
+    assert "point [450, 30] lies outside the 400x400 frame" in reasons["6"]
+    # the box side is part of the shard key: a catalog built with another side is redone
+    other = importers.plan_frames(data.frames, data.annotations, DataConfig(frames=str(frames_dir),
+                                                                            annotations=str(table), point_box=32))
+    assert {t.key for t in plan.tasks}.isdisjoint({t.key for t in other.tasks})
+
+
+def test_point_box_frame_without_points_is_rejected_with_advice(frames_dir):
+    data = DataConfig(frames=str(frames_dir), point_box=48)
+    task = importers.plan_frames(data.frames, None, data).tasks[0]
+    rows, rejects = importers.run_shard(task, data)
+    assert rows == [] and "only annotated points (or boxes) become crops" in rejects[0]["reason"]
+
+
+def test_point_box_helper_fits_or_refuses():
+    assert importers.point_box(32, 32, 64, 100, 100) == (0, 0, 64, 64)
+    assert importers.point_box(31, 50, 64, 100, 100) is None
+    assert importers.point_box(68, 68, 64, 100, 100) == (36, 36, 100, 100)
+    assert importers.point_box(69, 50, 64, 100, 100) is None
+
+
+def test_chula_point_table_names_classes_and_drops_the_elliptocyte_batch(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "chula_csv", Path(__file__).resolve().parents[1] / "benchmarks" / "chula_csv.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "Label").mkdir()
+    (tmp_path / "Label" / "1.txt").write_text("10 20 0\n30 40 7\nbad line here\n")
+    (tmp_path / "Label" / "707.txt").write_text("50 60 12\n")
+    rows, problems = mod.rows(tmp_path)
+    assert rows == [{"frame": "1.jpg", "x": 10, "y": 20, "label": "normal"},
+                    {"frame": "1.jpg", "x": 30, "y": 40, "label": "teardrop"}]
+    assert len(problems) == 1 and "1.txt line 3" in problems[0]
+    kept, _ = mod.rows(tmp_path, keep_elliptocytes=True)
+    assert kept[-1] == {"frame": "707.jpg", "x": 50, "y": 60, "label": "elliptocyte"}

@@ -117,3 +117,98 @@ def test_pseudo_balance_rejects_out_of_range_labels():
     with pytest.raises(ValueError, match="n_draws must be >= 0, got -1"):
         pseudo_balance([0, 1], 4, 0, 0, n_draws=-1)
     assert pseudo_balance([], 4, 0, 0).counts.size == 0
+
+
+# --------------------------------------------------------------------------- the balancer's settings
+
+def test_pseudo_balance_defaults_are_the_papers_draw_exactly():
+    """The paper's row must stay reproducible: explicit defaults draw the very same counts."""
+    from ipb_ray.patches.balance import inverse_frequency_weights, pseudo_balance
+
+    lab = _imbalanced()
+    pb = pseudo_balance(lab, 4, seed=3, epoch=2, confidence=np.full(lab.size, 0.1), threshold=0.0, alpha=1.0,
+                        max_copies=0, counts="hard")
+    rng = np.random.default_rng(np.random.SeedSequence([3, 2, 0x1B5]))
+    assert np.array_equal(pb.counts, rng.multinomial(lab.size, inverse_frequency_weights(lab)))
+
+
+def test_pseudo_balance_threshold_draws_only_confident_colonies():
+    from ipb_ray.patches.balance import pseudo_balance
+
+    lab = _imbalanced()
+    conf = np.where(np.arange(lab.size) % 2 == 0, 0.9, 0.5)
+    pb = pseudo_balance(lab, 4, 0, 0, confidence=conf, threshold=0.65)
+    assert pb.counts.sum() == lab.size
+    assert pb.counts[conf < 0.65].sum() == 0 and pb.counts[conf >= 0.65].sum() == lab.size
+    # still balanced over the classes, now by the counts of the colonies that pass
+    drawn = np.bincount(np.repeat(lab, pb.counts), minlength=4)
+    assert drawn.min() > 0.15 * lab.size, drawn
+    with pytest.raises(ValueError, match="needs each pseudo-label's confidence"):
+        pseudo_balance(lab, 4, 0, 0, threshold=0.65)
+    with pytest.warns(RuntimeWarning, match="no pseudo-label reaches the confidence threshold 0.99"):
+        assert pseudo_balance(lab, 4, 0, 0, confidence=conf, threshold=0.99).counts.sum() == lab.size
+
+
+def test_pseudo_balance_tempering_gives_class_shares_proportional_to_n_c_to_the_one_minus_alpha():
+    from ipb_ray.patches.balance import pseudo_balance
+
+    lab = np.array([0] * 900 + [1] * 100)
+    n = 200_000
+    for alpha, want in ((1.0, [0.5, 0.5]), (0.0, [0.9, 0.1]), (0.5, [30 / 40, 10 / 40])):
+        pb = pseudo_balance(lab, 2, 0, 0, n_draws=n, alpha=alpha)
+        share = np.bincount(np.repeat(lab, pb.counts), minlength=2) / n
+        np.testing.assert_allclose(share, want, atol=0.01, err_msg=f"alpha {alpha}")
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        pseudo_balance(lab, 2, 0, 0, alpha=-1)
+
+
+def test_pseudo_balance_copy_cap_bounds_every_colony_and_keeps_the_epoch_length():
+    """Five colonies called 'rare' among 995: balanced, each is drawn ~100 times; capped, 3."""
+    from ipb_ray.patches.balance import pseudo_balance
+
+    lab = np.array([0] * 995 + [1] * 5)
+    free = pseudo_balance(lab, 2, 0, 0)
+    assert free.counts[lab == 1].max() > 50
+    capped = pseudo_balance(lab, 2, 0, 0, max_copies=3)
+    assert capped.counts.max() <= 3 and capped.counts.sum() == lab.size
+    assert np.all(capped.counts[lab == 1] == 3)  # the rare colonies fill their cap, the rest goes to class 0
+    # a cap that cannot hold the epoch is raised just enough: 10 colonies, 50 draws -> 5 each
+    tight = pseudo_balance(np.array([0] * 5 + [1] * 5), 2, 0, 0, n_draws=50, max_copies=2)
+    assert tight.counts.tolist() == [5] * 10
+
+
+def test_pseudo_balance_soft_counts_use_the_probabilities():
+    from ipb_ray.patches.balance import pseudo_balance
+
+    # 100 colonies called 0 with p = (0.6, 0.4); 100 called 1 with p = (0, 1): soft n = (60, 140)
+    lab = np.array([0] * 100 + [1] * 100)
+    probs = np.vstack([np.tile([0.6, 0.4], (100, 1)), np.tile([0.0, 1.0], (100, 1))])
+    pb = pseudo_balance(lab, 2, 0, 0, n_draws=100_000, probs=probs, counts="soft")
+    share = np.bincount(np.repeat(lab, pb.counts), minlength=2) / 100_000
+    np.testing.assert_allclose(share, [(100 / 60) / (100 / 60 + 100 / 140), (100 / 140) / (100 / 60 + 100 / 140)],
+                               atol=0.01)
+    with pytest.raises(ValueError, match="needs the teacher's class probabilities"):
+        pseudo_balance(lab, 2, 0, 0, counts="em")
+    with pytest.raises(ValueError, match="unknown count source 'median'"):
+        pseudo_balance(lab, 2, 0, 0, counts="median")
+
+
+def test_em_prior_recovers_a_known_mixture():
+    """Saerens et al.: posteriors of a classifier calibrated on a uniform prior, applied to a
+    20/80 mixture, give back 20/80 by EM, where the mean posterior and hard counts do not."""
+    from ipb_ray.patches.balance import em_prior
+
+    rng = np.random.default_rng(0)
+    n, truth_prior = 20_000, np.array([0.2, 0.8])
+    y = rng.choice(2, size=n, p=truth_prior)
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)  # overlapping classes
+    # the Bayes posterior under the *uniform* training prior: logit = 2 x mu / sigma^2
+    p1 = 1.0 / (1.0 + np.exp(-2.0 * x / 1.5 ** 2))
+    probs = np.stack([1 - p1, p1], 1)
+    est = em_prior(probs)
+    np.testing.assert_allclose(est, truth_prior, atol=0.02)
+    assert abs(probs.mean(0)[0] - 0.2) > 0.05  # the plain mean posterior is biased toward uniform
+    # a known non-uniform training prior is divided out
+    np.testing.assert_allclose(em_prior(probs, [0.5, 0.5]), est)
+    with pytest.raises(ValueError, match=r"shape \(N, C\)"):
+        em_prior(np.zeros((0, 2)))

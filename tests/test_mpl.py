@@ -325,3 +325,26 @@ def test_autocast_factory_wraps_every_forward_of_the_step():
              step=0, cfg=MPLParams(threshold=0.0), autocast=Probe)
     # teacher forward, student before (no grad), student on x_us, student after (no grad)
     assert entered == [True, False, True, False]
+
+
+def test_student_labelled_step_comes_after_the_feedback_and_teaches_the_labels():
+    """``student_labelled``: with no pseudo-label passing, h is 0 (the feedback measures the
+    pseudo-label step alone) and still the student learns L; at 0 it stays put."""
+    teacher, student = _mlp(11), _mlp(12)
+    torch.manual_seed(13)
+    x_l, y_l = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    x_u = torch.randn(6, 8)
+    s0 = _params(student)
+    losses = []
+    for _ in range(30):
+        out = mpl_step(teacher, student, _sgd(teacher, 0.0), _sgd(student), [x_l], y_l, [x_u], [x_u.clone()],
+                       step=0, cfg=MPLParams(threshold=1.0, student_labelled=1.0))
+        assert out["mpl_h"] == 0.0 and out["student_loss"] == 0.0
+        losses.append(out["student_loss_sup"])
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert any(not torch.equal(p, s0[n]) for n, p in student.named_parameters())
+    fresh = _mlp(12)
+    out = mpl_step(teacher, fresh, _sgd(teacher, 0.0), _sgd(fresh), [x_l], y_l, [x_u], [x_u.clone()],
+                   step=0, cfg=MPLParams(threshold=1.0))
+    assert out["student_loss_sup"] == 0.0
+    assert all(torch.equal(p, s0[n]) for n, p in fresh.named_parameters())

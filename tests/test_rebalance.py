@@ -179,3 +179,36 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(tiny_ca
     assert observed[~cells].sum() == 0
     p = chisquare(observed[cells], expected[cells]).pvalue
     assert p > 1e-3, (observed, expected, p)
+
+
+def test_pseudo_label_quality_and_draw_figures():
+    from ipb_ray.distributed.rebalance import draw_figures, pseudo_label_quality
+
+    # truth 0 0 0 1 1 2 (-1 unknown); pseudo 0 0 1 1 1 1 2
+    t = _table([0, 0, 1, 1, 1, 1, 2], truth=[0, 0, 0, 1, 1, 2, -1])
+    q = pseudo_label_quality(t, 3)
+    np.testing.assert_allclose(q["precision"][:2], [2 / 2, 2 / 4])
+    assert np.isnan(q["precision"][2])  # the only colony called 2 has no known label
+    np.testing.assert_allclose(q["recall"], [2 / 3, 2 / 2, 0 / 1])
+    plan = epoch_plan(t.colony_id.tolist(), t, 3, seed=0, epoch=0, n_draws=70)
+    fig = draw_figures(plan, t, 3)
+    assert fig["max_copies"] == max(plan.counts.values()) and fig["drawn_colonies"] == len(plan.counts)
+    np.testing.assert_allclose(fig["draw_share"].sum(), 1.0)
+    rows = t.lookup(list(plan.counts))
+    k = np.array(list(plan.counts.values()))
+    known = t.truth[rows] >= 0
+    want = k[known & (t.pseudo[rows] == t.truth[rows])].sum() / k[known].sum()
+    assert fig["draw_precision"] == pytest.approx(want)
+
+
+def test_label_table_keeps_probabilities_through_sorting_and_checkpoints():
+    n = 5
+    probs = np.eye(3)[[0, 1, 2, 0, 1]].astype(np.float32)
+    t = LabelTable.from_rows({"colony_id": ["e", "d", "c", "b", "a"], "pseudo": [0, 1, 2, 0, 1],
+                              "confidence": np.ones(n), "truth": [-1] * n, "x": np.zeros(n), "y": np.zeros(n),
+                              "scale": np.ones(n), "probs": probs})
+    assert t.colony_id.tolist() == ["a", "b", "c", "d", "e"]
+    assert t.probs.argmax(1).tolist() == t.pseudo.tolist()
+    back = LabelTable.from_rows(t.to_dict())
+    np.testing.assert_array_equal(back.probs, t.probs)
+    assert t.with_labels(["a"], [2]).probs is t.probs

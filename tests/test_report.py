@@ -69,6 +69,11 @@ def _histories(method: str, fold: int) -> dict[str, list[float]]:
             h[f"sampling_weight/{c}"] = list(1.0 / (len(CLASSES) * est))
             h[f"stream_share/{c}"] = [0.25] * EPOCHS
             h[f"unlabelled_true_share/{c}"] = [float(true[i])] * EPOCHS
+            h[f"pseudo_precision/{c}"] = list(0.5 + 0.05 * e + 0.02 * i)
+            h[f"pseudo_tpr/{c}"] = list(0.4 + 0.06 * e)
+            h[f"draw_share/{c}"] = [0.25] * EPOCHS
+            h[f"draw_true_share/{c}"] = list(0.25 + 0.02 * (i - 1.5) * np.exp(-e))
+        h["max_copies"] = [3.0 + fold] * EPOCHS
     return h
 
 
@@ -131,12 +136,12 @@ def _row(text: str, first_cell: str, section: str = "Per-class TPR") -> str:
 
 def test_files_and_figures(rendered):
     paths, html_text, md, _ = rendered
-    assert {"html", "markdown", "figure2", "figures6_7", "figure8"} <= set(paths)
-    for key in ("figure2", "figures6_7", "figure8"):
+    assert {"html", "markdown", "figure2", "figures6_7", "pseudo_labels", "figure8"} <= set(paths)
+    for key in ("figure2", "figures6_7", "pseudo_labels", "figure8"):
         assert paths[key].is_file() and paths[key].stat().st_size > 5_000, key
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({paths[key].name})" in md                      # linked relatively
-    assert html_text.count("data:image/png;base64,") == 3
+    assert html_text.count("data:image/png;base64,") == 4
     assert "file://" not in html_text.split("<h2>")[-1]            # figures embedded, not linked
 
 

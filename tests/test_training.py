@@ -119,3 +119,32 @@ def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
     assert twin["param_digest"] == first["param_digest"]
     with pytest.raises(ValueError, match="num_workers=0 .* local"):
         train_fold(cfg.replace("tracking.storage_path=s3://bucket/runs"), 0)
+
+
+def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_supervised_start(train_catalog):
+    """method.keep_start: the pre-trained teacher competes on V with the students. A student
+    wrecked by an absurd learning rate is then not what the run returns; without the
+    guard it is (the old behaviour, kept as keep_start=false)."""
+    from ipb_ray.distributed.training import train_fold
+
+    common = ("method.name=ipb", "method.teacher_epochs=3", "method.epochs=2", "method.finetune_epochs=0",
+              "method.steps_per_epoch=6", "resources.num_workers=0", "method.mpl.student_lr=10",
+              "method.mpl.student_init=scratch", "method.mpl.student_warmup_epochs=0", "method.lr=0.01")
+    runs = {keep: train_fold(_cfg(train_catalog, f"name=guard-{keep}", f"method.keep_start={keep}", *common), 0)
+            for keep in ("true", "false")}
+    for keep, out in runs.items():
+        hist = out["history"]
+        stage = {h["epoch"]: h["stage"] for h in hist}
+        allowed = [h for h in hist if keep == "true" or h["stage"] == "mpl"]
+        best = max(h["val_balanced_accuracy"] for h in allowed)
+        chosen = [h["epoch"] for h in hist if "best_epoch" in h][-1]
+        # the choice is the last epoch with the best V score among the epochs allowed to compete
+        assert chosen == max(h["epoch"] for h in allowed if h["val_balanced_accuracy"] == best), (keep, hist)
+        if keep == "false":
+            assert stage[chosen] == "mpl"
+    teacher_best = max(h["val_balanced_accuracy"] for h in runs["true"]["history"] if h["stage"] == "teacher")
+    student_best = max(h["val_balanced_accuracy"] for h in runs["true"]["history"] if h["stage"] == "mpl")
+    assert teacher_best > student_best, "the wrecked student should lose on V (the test's premise)"
+    guarded = [h for h in runs["true"]["history"] if "best_epoch" in h][-1]
+    assert guarded["stage"] == "teacher"
+    assert runs["true"]["test_report"]["macro_tpr"] > runs["false"]["test_report"]["macro_tpr"]

@@ -236,6 +236,8 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
         display = _display(frame, base)
         item = {"path": str(frame), "source": display, "annotations": anns,
                 "frame_index": frame_index.get(frame), "stamp": _file_stamp(frame)}
+        if data.point_box:  # in the shard key only when set, so other catalogs keep theirs
+            item["point_box"] = int(data.point_box)
         tasks.append(ShardTask(_key(importer, item, data.segmentation), importer, (item,)))
     return Plan(tasks, rejects, importer, str(frames or annotations))
 
@@ -327,6 +329,9 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
         return [], [catalog.reject_row(src, "frame", f"unreadable frame: {exc}", importer)]
     if image.size == 0 or int(image.max()) == int(image.min()):
         return [], [catalog.reject_row(src, "frame", "empty frame (constant image)", importer)]
+    side = int(item.get("point_box") or 0)
+    if side:
+        return _point_boxes(item, image, side, data, importer)
     _, colonies = segment_frame(image, data.segmentation)
     if not colonies:
         rejects.append(catalog.reject_row(src, "frame", "no colonies found", importer))
@@ -363,6 +368,64 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
             provenance[catalog.ANNOTATION_COLUMNS] = extra
         rows.append(catalog.colony_row(
             source=src, bbox=colony.bbox, crop=image[y0:y1, x0:x1], mask=colony.mask, labels=names,
+            frame_index=item.get("frame_index"), pixel_size_um=data.pixel_size_um, importer=importer,
+            provenance=provenance))
+    return rows, rejects
+
+
+def point_box(x: int, y: int, side: int, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The ``side`` x ``side`` box centred on point ``(x, y)`` (exclusive ends), or None
+    when it does not fit inside a ``width`` x ``height`` frame."""
+    x0, y0 = int(x) - side // 2, int(y) - side // 2
+    if x0 < 0 or y0 < 0 or x0 + side > width or y0 + side > height:
+        return None
+    return x0, y0, x0 + side, y0 + side
+
+
+def _point_boxes(item: dict[str, Any], image: np.ndarray, side: int, data: DataConfig, importer: str
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """``data.point_box``: every point annotation of a frame becomes its own crop, a fixed
+    box centred on the point (cells that touch cannot be segmented one by one); the whole
+    box is the object's mask. Rows with a box keep it as their crop. Points of one frame
+    at the same place merge their labels, as boxes do."""
+    src = item["source"]
+    h, w = image.shape
+    rows: list[dict[str, Any]] = []
+    rejects: list[dict[str, str]] = []
+    merged: dict[tuple[int, int, int, int], dict[str, Any]] = {}
+    if not item["annotations"]:
+        return [], [catalog.reject_row(src, "frame", f"no annotations: with data.point_box={side} only annotated "
+                                       "points (or boxes) become crops", importer)]
+    for ann in item["annotations"]:
+        if "point" in ann:
+            x, y = ann["point"]
+            if not (0 <= x < w and 0 <= y < h):
+                rejects.append(catalog.reject_row(src, ann["row"], f"point {[x, y]} lies outside the {w}x{h} frame",
+                                                  importer))
+                continue
+            box = point_box(x, y, side, w, h)
+            if box is None:
+                rejects.append(catalog.reject_row(
+                    src, ann["row"], f"point {[x, y]} is closer than {side // 2} px (half of data.point_box="
+                    f"{side}) to the edge of the {w}x{h} frame; its box would leave the frame", importer))
+                continue
+        else:
+            box = tuple(ann["box"])
+            if not (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h):
+                rejects.append(catalog.reject_row(src, ann["row"], f"annotation {list(box)} lies outside the "
+                                                  f"{w}x{h} frame", importer))
+                continue
+        entry = merged.setdefault(box, {"labels": set(), "columns": {}})
+        entry["labels"].update(ann["labels"])
+        for k, v in ann.get("columns", {}).items():
+            entry["columns"].setdefault(k, v)
+    for (x0, y0, x1, y1), entry in merged.items():
+        provenance: dict[str, Any] = {"frame_shape": [h, w], "point_box": side}
+        if entry["columns"]:
+            provenance[catalog.ANNOTATION_COLUMNS] = entry["columns"]
+        crop = image[y0:y1, x0:x1]
+        rows.append(catalog.colony_row(
+            source=src, bbox=(x0, y0, x1, y1), crop=crop, mask=np.ones(crop.shape, bool), labels=entry["labels"],
             frame_index=item.get("frame_index"), pixel_size_um=data.pixel_size_um, importer=importer,
             provenance=provenance))
     return rows, rejects

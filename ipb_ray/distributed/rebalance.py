@@ -54,6 +54,7 @@ class LabelTable:
     x: np.ndarray
     y: np.ndarray
     scale: np.ndarray
+    probs: np.ndarray | None = None  # (N, C) the labeller's class probabilities (None: not kept)
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class LabelTable:
         for name in ("pseudo", "confidence", "truth", "x", "y", "scale"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"LabelTable.{name} has {len(getattr(self, name))} rows, colony_id has {n}")
+        if self.probs is not None and len(self.probs) != n:
+            raise ValueError(f"LabelTable.probs has {len(self.probs)} rows, colony_id has {n}")
         self._index = {c: i for i, c in enumerate(self.colony_id.tolist())}
 
     @staticmethod
@@ -70,10 +73,12 @@ class LabelTable:
         order = np.argsort(ids.astype(str), kind="stable")
         if len(set(ids.tolist())) != len(ids):
             raise ValueError("the labelling pass returned a colony twice; every colony must be labelled once")
+        probs = rows.get("probs")
         return LabelTable(ids[order], np.asarray(rows["pseudo"], np.int64)[order],
                           np.asarray(rows["confidence"], np.float32)[order],
                           np.asarray(rows["truth"], np.int64)[order], np.asarray(rows["x"], np.int32)[order],
-                          np.asarray(rows["y"], np.int32)[order], np.asarray(rows["scale"], np.float32)[order])
+                          np.asarray(rows["y"], np.int32)[order], np.asarray(rows["scale"], np.float32)[order],
+                          None if probs is None or not len(probs) else np.asarray(probs, np.float32)[order])
 
     def __len__(self) -> int:
         return len(self.colony_id)
@@ -91,11 +96,14 @@ class LabelTable:
         new = self.pseudo.copy()
         if len(colony_ids):
             new[self.lookup(colony_ids)] = np.asarray(pseudo, np.int64)
-        return LabelTable(self.colony_id, new, self.confidence, self.truth, self.x, self.y, self.scale)
+        return LabelTable(self.colony_id, new, self.confidence, self.truth, self.x, self.y, self.scale, self.probs)
 
     def to_dict(self) -> dict[str, list[Any]]:
-        return {k: getattr(self, k).tolist() for k in ("colony_id", "pseudo", "confidence", "truth", "x", "y",
-                                                        "scale")}
+        out = {k: getattr(self, k).tolist() for k in ("colony_id", "pseudo", "confidence", "truth", "x", "y",
+                                                       "scale")}
+        if self.probs is not None:
+            out["probs"] = self.probs.tolist()
+        return out
 
 
 @dataclass(frozen=True)
@@ -114,17 +122,19 @@ def steps_per_epoch(n_draws: int, world: int, batch_size: int) -> int:
 
 
 def epoch_plan(unlabelled: Sequence[str], table: LabelTable | None, num_classes: int, seed: int, epoch: int,
-               n_draws: int, class_names: Sequence[str] | None = None) -> EpochPlan:
+               n_draws: int, class_names: Sequence[str] | None = None, **draw: Any) -> EpochPlan:
     """The student's stream of one epoch: ``n_draws`` patches.
 
     With a ``table`` (IPB): the paper's pseudo-balanced multinomial draw over its colonies
-    at their labelled windows. Without (plain MPL): each colony of ``unlabelled`` once at a
+    at their labelled windows (``draw``: :func:`ipb_ray.patches.balance.pseudo_balance`'s
+    settings: threshold, alpha, max_copies, counts). Without (plain MPL): each colony of ``unlabelled`` once at a
     fresh window, in a seeded random subset when ``n_draws`` < |U| (and whole rounds plus
     a subset when it is larger), so every epoch streams the data as it is."""
     if n_draws < 0:
         raise ValueError(f"n_draws must be >= 0, got {n_draws}")
     if table is not None:
-        pb = pseudo_balance(table.pseudo, num_classes, seed, epoch, n_draws=n_draws, class_names=class_names)
+        pb = pseudo_balance(table.pseudo, num_classes, seed, epoch, n_draws=n_draws, class_names=class_names,
+                            confidence=table.confidence, probs=table.probs, **draw)
         drawn = np.flatnonzero(pb.counts)
         ids = table.colony_id[drawn].tolist()
         counts = dict(zip(ids, pb.counts[drawn].tolist()))
@@ -150,23 +160,56 @@ def pseudo_label_tpr(table: LabelTable, num_classes: int) -> tuple[np.ndarray, f
     """How often the teacher's pseudo-label is the hidden true class, per true class
     (NaN where the class has no colony with a known label), and over all known colonies."""
     known = table.truth >= 0
+    acc = float((table.pseudo[known] == table.truth[known]).mean()) if known.any() else float("nan")
+    return pseudo_label_quality(table, num_classes)["recall"], acc
+
+
+def pseudo_label_quality(table: LabelTable, num_classes: int) -> dict[str, np.ndarray]:
+    """Per class, against the hidden labels of U (colonies without one are left out):
+    ``precision`` (of the colonies called c, the share that are c), ``recall`` (of the
+    colonies that are c, the share called c), ``called`` and ``true`` counts. NaN where a
+    class is never called (precision) or has no colony (recall)."""
+    known = table.truth >= 0
     t, p = table.truth[known], table.pseudo[known]
     hits = np.bincount(t[p == t], minlength=num_classes).astype(np.float64)
-    support = np.bincount(t, minlength=num_classes).astype(np.float64)
-    tpr = np.full(num_classes, np.nan)
-    np.divide(hits, support, out=tpr, where=support > 0)
-    return tpr, float((p == t).mean()) if t.size else float("nan")
+    called = np.bincount(p, minlength=num_classes).astype(np.float64)
+    true = np.bincount(t, minlength=num_classes).astype(np.float64)
+    precision, recall = np.full(num_classes, np.nan), np.full(num_classes, np.nan)
+    np.divide(hits, called, out=precision, where=called > 0)
+    np.divide(hits, true, out=recall, where=true > 0)
+    return {"precision": precision, "recall": recall, "called": called, "true": true}
+
+
+def draw_figures(plan: EpochPlan, table: LabelTable, num_classes: int) -> dict[str, Any]:
+    """What an epoch's pseudo-balanced draw holds: each pseudo-class's share of the draws
+    (``draw_share``), each hidden true class's share (``draw_true_share``, colonies with a
+    known label), the share of draws whose pseudo-label is right (``draw_precision``), the
+    most copies of any one colony (``max_copies``) and how many colonies were drawn."""
+    if not plan.counts:
+        return {"max_copies": 0, "drawn_colonies": 0, "draw_precision": float("nan"),
+                "draw_share": np.zeros(num_classes), "draw_true_share": np.zeros(num_classes)}
+    rows = table.lookup(list(plan.counts))
+    k = np.asarray(list(plan.counts.values()), np.int64)
+    pseudo, truth = table.pseudo[rows], table.truth[rows]
+    by_pseudo = np.bincount(pseudo, weights=k, minlength=num_classes)
+    known = truth >= 0
+    by_truth = np.bincount(truth[known], weights=k[known], minlength=num_classes)
+    right = float(k[known & (pseudo == truth)].sum())
+    return {"max_copies": int(k.max()), "drawn_colonies": int(len(k)),
+            "draw_precision": right / float(k[known].sum()) if known.any() else float("nan"),
+            "draw_share": by_pseudo / max(by_pseudo.sum(), 1.0),
+            "draw_true_share": by_truth / max(by_truth.sum(), 1.0)}
 
 
 # --------------------------------------------------------------------------- Ray Data stage
 
-LABEL_COLUMNS = ("colony_id", "truth", "x", "y", "scale", "pseudo", "confidence")
+LABEL_COLUMNS = ("colony_id", "truth", "x", "y", "scale", "pseudo", "confidence", "probs")
 
 
 def _empty_labels() -> dict[str, np.ndarray]:
     return {"colony_id": np.array([], dtype=object), "truth": np.zeros(0, np.int64), "x": np.zeros(0, np.int32),
             "y": np.zeros(0, np.int32), "scale": np.zeros(0, np.float32), "pseudo": np.zeros(0, np.int64),
-            "confidence": np.zeros(0, np.float32)}
+            "confidence": np.zeros(0, np.float32), "probs": np.zeros((0, 0), np.float32)}
 
 
 class TeacherLabeller:
@@ -225,7 +268,7 @@ class TeacherLabeller:
         confidence, pseudo = probs.max(dim=1)
         return {"colony_id": rows["colony_id"], "truth": rows["label"], "x": rows["x"], "y": rows["y"],
                 "scale": rows["scale"], "pseudo": pseudo.numpy().astype(np.int64),
-                "confidence": confidence.numpy().astype(np.float32)}
+                "confidence": confidence.numpy().astype(np.float32), "probs": probs.numpy().astype(np.float32)}
 
 
 _LABELLERS: dict[tuple[str, str], TeacherLabeller] = {}
@@ -289,6 +332,7 @@ def run_labelling(dataset) -> LabelTable:
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for k in LABEL_COLUMNS:
             parts[k].append(np.asarray(batch[k]))
+    parts["probs"] = [p for p in parts["probs"] if p.size]  # empty batches carry a (0, 0) block
     cols = {k: np.concatenate(v) if v else _empty_labels()[k] for k, v in parts.items()}
     cols["colony_id"] = cols["colony_id"].astype(object)
     return LabelTable.from_rows(cols)

@@ -69,7 +69,7 @@ LOOP_KEYS = ("name", "epochs", "lr", "batch_size", "steps_per_epoch", "optimizer
              "balance_labelled", "mixed_precision")
 #: ... and for every semi-supervised one: the unlabelled stream, pre-training and fine-tuning.
 SEMI_KEYS = ("balancer", "teacher_epochs", "unlabelled_batch_size", "draws_per_epoch", "finetune_epochs",
-             "finetune_lr")
+             "finetune_lr", "keep_start")
 
 
 class Method:
@@ -282,8 +282,12 @@ def finetune_stage(cfg: "ExperimentConfig", net: str = "student") -> list[Stage]
 def pretraining_stage(cfg: "ExperimentConfig", name: str, net: str, title: str) -> list[Stage]:
     """The optional first stage of a semi-supervised method: ``method.teacher_epochs``
     epochs of ``net`` (and its optimiser of the same name) on class-balanced L at
-    ``method.lr``, not offered for selection."""
+    ``method.lr``. With ``method.keep_start`` (default) its epochs are offered for selection
+    on V like any other, so the unlabelled stage must beat the supervised network it starts
+    from on V to be chosen: the guard that a semi-supervised run never returns a network
+    worse on V than its own supervised start. Teacher and student share one architecture,
+    so the chosen weights load into the network that is tested."""
     m = cfg.method
     if not m.teacher_epochs:
         return []
-    return [Stage(name, m.teacher_epochs, net, title=title, optimizer=net, lr=m.lr, select=False)]
+    return [Stage(name, m.teacher_epochs, net, title=title, optimizer=net, lr=m.lr, select=bool(m.keep_start))]

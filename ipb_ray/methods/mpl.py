@@ -26,7 +26,7 @@ from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stag
 
 #: per-step figures of :func:`ipb_ray.nn.mpl.mpl_step` averaged into the epoch's metrics
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
-                "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
+                "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate", "student_loss_sup")
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class MPLParams(Params):
     mpl_feedback: str = param("old_minus_new", choices=MPL_FEEDBACK,
                               doc="sign of the MPL feedback h (derivation: old - new)")
     ema: float = param(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
+    student_labelled: float = param(0.0, lo=0.0, hi=100.0, doc="weight of the student's own cross-entropy "
+                                    "step on each labelled batch, taken after the MPL feedback is measured (so h "
+                                    "still reflects the pseudo-label step alone); 0 = the paper's student, which "
+                                    "sees only pseudo-labels")
 
 
 @register_method("mpl")

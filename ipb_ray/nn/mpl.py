@@ -143,7 +143,8 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
 
     Returns floats: ``teacher_loss`` (total) and its parts ``teacher_loss_l``,
     ``uda_loss`` (unweighted), ``uda_weight``, ``teacher_loss_mpl`` (unweighted CE);
-    ``student_loss``, ``student_loss_l_old``/``_new``, ``mpl_h``; ``mask_rate`` (share of
+    ``student_loss``, ``student_loss_l_old``/``_new``, ``mpl_h``, ``student_loss_sup`` (the
+    student's labelled step with ``cfg.student_labelled`` > 0, else 0); ``mask_rate`` (share of
     strong-view pseudo-labels with confidence >= threshold, the ones the student learns
     from when ``cfg.threshold_student``), ``uda_mask_rate``; and
     ``pseudo_label_counts``, a list of per-class counts of all hard pseudo-labels, and
@@ -188,10 +189,20 @@ def mpl_step(teacher: nn.Module, student: nn.Module, t_opt: torch.optim.Optimize
     t_loss = t_loss_l + w_uda * t_loss_uda + h * t_loss_mpl
     optimizer_step(t_opt, teacher, t_loss, grad_clip)
 
+    # 5. optionally, the student's own labelled step (after h, which must measure the
+    # pseudo-label step alone): the MPL student otherwise never sees a label until fine-tuning
+    w_l = float(getattr(cfg, "student_labelled", 0.0) or 0.0)
+    s_loss_sup = torch.zeros((), device=s_loss.device)
+    if w_l > 0:
+        with fwd():
+            s_logits_l = _logits(student(*x_l))
+        s_loss_sup = F.cross_entropy(s_logits_l.float(), y_l, label_smoothing=label_smoothing)
+        optimizer_step(s_opt, student, w_l * s_loss_sup, grad_clip)
+
     names = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",
-             "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate")
+             "student_loss_l_old", "student_loss_l_new", "mpl_h", "mask_rate", "uda_mask_rate", "student_loss_sup")
     values = torch.stack([t_loss, t_loss_l, t_loss_uda, t_loss_mpl, s_loss, s_loss_l_old,
-                          s_loss_l_new, h, mask.mean(), uda_mask.mean()]).detach()
+                          s_loss_l_new, h, mask.mean(), uda_mask.mean(), s_loss_sup.detach().float()]).detach()
     out: dict[str, Any] = dict(zip(names, values.tolist()))  # one device sync
     out["uda_weight"] = w_uda
     out["pseudo_label_counts"] = torch.bincount(hard, minlength=t_logits.shape[-1]).tolist()

@@ -61,9 +61,10 @@ def _is_baseline(name: str) -> bool:
         return get_method(name).baseline
     except ValueError:
         return False
-_PREFIXES = ("teacher_proportion/", "sampling_weight/", "unlabelled_true_share/")
+_PREFIXES = ("teacher_proportion/", "sampling_weight/", "unlabelled_true_share/", "pseudo_precision/",
+             "pseudo_tpr/", "draw_share/", "draw_true_share/")
 FIGURE_FILES = {"figure2": "fig2_losses.png", "figures6_7": "fig6_7_class_balance.png",
-                "figure8": "fig8_labelled_fraction.png"}
+                "pseudo_labels": "fig_pseudo_labels.png", "figure8": "fig8_labelled_fraction.png"}
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1200px;
@@ -171,7 +172,7 @@ def _load_fold_reports(client: Any, run_id: str, tmp: Path) -> dict[int, dict]:
 
 
 def _wanted_metric(key: str) -> bool:
-    return key in dict(LOSS_SERIES) or key.startswith(_PREFIXES)
+    return key in dict(LOSS_SERIES) or key.startswith(_PREFIXES) or key == "max_copies"
 
 
 def _history(client: Any, run_id: str, key: str) -> dict[int, float]:
@@ -562,6 +563,45 @@ def _figure_balance(configs: Sequence[_Config], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _figure_pseudo_labels(configs: Sequence[_Config], path: Path) -> Path | None:
+    """Beside Figures 6-7, where U's hidden labels are known (benchmark catalogs): the
+    teacher's pseudo-label precision and recall per class over epochs, and what the draw
+    fed the student (each pseudo-class's share, dashed: each true class's share) with the
+    most copies of one colony; fold-mean, one row per configuration."""
+    used = [c for c in configs if _classes_with(c, "pseudo_precision/")]
+    if not used:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(used), 3, figsize=(14, 3.3 * len(used)), squeeze=False)
+    palette = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    for row, c in zip(axes, used):
+        classes = _classes_with(c, "pseudo_precision/")
+        colour = {n: palette[i % len(palette)] for i, n in enumerate(classes)}
+        for ax, prefix, title in ((row[0], "pseudo_precision/", "precision of the teacher's pseudo-labels"),
+                                  (row[1], "pseudo_tpr/", "recall of the teacher's pseudo-labels")):
+            for n in classes:
+                if c.histories.get(f"{prefix}{n}"):
+                    _plot_band(ax, c.histories[f"{prefix}{n}"], color=colour[n], marker="o", ms=2.5, label=n)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{c.name}: {title} on U", fontsize=9)
+        ax = row[2]
+        for n in classes:
+            if c.histories.get(f"draw_share/{n}"):
+                _plot_band(ax, c.histories[f"draw_share/{n}"], color=colour[n], marker="o", ms=2.5, label=n)
+            if c.histories.get(f"draw_true_share/{n}"):
+                x, mean, _ = _fold_mean(c.histories[f"draw_true_share/{n}"])
+                ax.plot(x, mean, ls="--", lw=1.2, color=colour[n])
+        copies = c.histories.get("max_copies")
+        most = f"; most copies of one colony {max(max(h.values()) for h in copies if h):.0f}" if copies else ""
+        ax.set_title(f"{c.name}: the draw by pseudo-class (dashed: by true class){most}", fontsize=9)
+        for ax in row:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle("The teacher's pseudo-labels against U's hidden labels, mean over folds", fontsize=10)
+    return _save(fig, path)
+
+
 def _fraction_groups(configs: Sequence[_Config]) -> dict[str, list[_Config]]:
     """Configurations with a labelled fraction, one line per method (split by backbone and
     preset only where one method has several)."""
@@ -650,6 +690,8 @@ def render_report(tracking_uri: str, experiment: str, out_dir: str | Path, *,
     for key, title, make in (("figure2", "Loss curves (Figure 2)", _figure_losses),
                              ("figures6_7", "Teacher's class proportions and sampling weights (Figures 6-7)",
                               _figure_balance),
+                             ("pseudo_labels", "Pseudo-label precision and recall, and what the draw held",
+                              _figure_pseudo_labels),
                              ("figure8", "Macro TPR against the labelled fraction (Figure 8)", _figure_fractions)):
         p = make(configs, out / FIGURE_FILES[key])
         if p is not None:
