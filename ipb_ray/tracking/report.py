@@ -577,13 +577,13 @@ def _figure_pseudo_labels(configs: Sequence[_Config], path: Path) -> Path | None
     for row, c in zip(axes, used):
         classes = _classes_with(c, "pseudo_precision/")
         colour = {n: palette[i % len(palette)] for i, n in enumerate(classes)}
-        for ax, prefix, title in ((row[0], "pseudo_precision/", "precision of the teacher's pseudo-labels"),
-                                  (row[1], "pseudo_tpr/", "recall of the teacher's pseudo-labels")):
+        for ax, prefix, title in ((row[0], "pseudo_precision/", f"{c.name}: pseudo-label precision on U"),
+                                  (row[1], "pseudo_tpr/", "pseudo-label recall on U")):
             for n in classes:
                 if c.histories.get(f"{prefix}{n}"):
                     _plot_band(ax, c.histories[f"{prefix}{n}"], color=colour[n], marker="o", ms=2.5, label=n)
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{c.name}: {title} on U", fontsize=9)
+            ax.set_title(title, fontsize=9)
         ax = row[2]
         for n in classes:
             if c.histories.get(f"draw_share/{n}"):
@@ -592,8 +592,8 @@ def _figure_pseudo_labels(configs: Sequence[_Config], path: Path) -> Path | None
                 x, mean, _ = _fold_mean(c.histories[f"draw_true_share/{n}"])
                 ax.plot(x, mean, ls="--", lw=1.2, color=colour[n])
         copies = c.histories.get("max_copies")
-        most = f"; most copies of one colony {max(max(h.values()) for h in copies if h):.0f}" if copies else ""
-        ax.set_title(f"{c.name}: the draw by pseudo-class (dashed: by true class){most}", fontsize=9)
+        most = f", most copies {max(max(h.values()) for h in copies if h):.0f}" if copies else ""
+        ax.set_title(f"draw share by pseudo-class (dashed: true class){most}", fontsize=9)
         for ax in row:
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
