@@ -212,3 +212,13 @@ def test_label_table_keeps_probabilities_through_sorting_and_checkpoints():
     back = LabelTable.from_rows(t.to_dict())
     np.testing.assert_array_equal(back.probs, t.probs)
     assert t.with_labels(["a"], [2]).probs is t.probs
+
+
+def test_label_pool_is_all_of_u_or_a_seeded_subset():
+    from ipb_ray.methods.balancers import label_pool
+
+    u = [f"c{i:03d}" for i in range(50)][::-1]
+    assert label_pool(u, 0, 0, 3) == u and label_pool(u, 50, 0, 3) == u
+    a = label_pool(u, 10, 0, 3)
+    assert len(a) == len(set(a)) == 10 and set(a) <= set(u) and a == sorted(a)
+    assert a == label_pool(u, 10, 0, 3) and a != label_pool(u, 10, 0, 4)

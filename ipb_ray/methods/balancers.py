@@ -30,7 +30,7 @@ from ipb_ray.config import RELABEL, Params, param
 from ipb_ray.methods.base import Registry, own_params
 from ipb_ray.patches.balance import COUNT_SOURCES
 
-__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer", "UniformDraw", "get_balancer", "list_balancers",
+__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer", "UniformDraw", "get_balancer", "label_pool", "list_balancers",
            "register_balancer"]
 
 
@@ -126,6 +126,9 @@ class PseudoBalanceParams(Params):
                          "pseudo-labelled; CReST's tempering in between")
     max_copies: int = param(0, lo=0, doc="at most this many copies of one colony per epoch (0 = no cap); raised "
                             "when the cap could not fill the epoch")
+    label_pool: int = param(0, lo=0, doc="colonies of U the labelling pass labels each epoch, a seeded random "
+                            "subset (0 = all of U, the paper). The draw needs only the epoch's draws: on a large U "
+                            "a pool of a few times those costs a fraction of the pass, and n_c comes from the sample")
     counts: str = param("hard", choices=COUNT_SOURCES, doc="class counts n_c from hard pseudo-labels (the paper), "
                         "the sum of the teacher's probabilities (soft), or U's prior estimated by EM (em)")
 
@@ -133,6 +136,16 @@ class PseudoBalanceParams(Params):
         """The settings of :func:`ipb_ray.patches.balance.pseudo_balance`."""
         return {"threshold": self.threshold, "alpha": self.alpha, "max_copies": self.max_copies,
                 "counts": self.counts}
+
+
+def label_pool(unlabelled: Any, size: int, seed: int, epoch: int) -> list[str]:
+    """The colonies of U the labelling pass of ``epoch`` labels: all of them (``size`` 0 or
+    at least |U|), else a random subset of ``size``, reproducible from ``(seed, epoch)``."""
+    ids = sorted(unlabelled)
+    if not size or size >= len(ids):
+        return list(unlabelled)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x9001]))
+    return [ids[i] for i in np.sort(rng.choice(len(ids), size=int(size), replace=False))]
 
 
 @register_balancer("pseudo_balance")
@@ -166,7 +179,7 @@ class PseudoBalancer(Balancer):
 
         ctx, m, r = self.ctx, self.cfg.method, self.cfg.resources
         weights = ray.put(ctx.snapshot(labeller))
-        ids = ctx.inputs.unlabelled
+        ids = label_pool(ctx.inputs.unlabelled, self.p.label_pool, self.cfg.seed, epoch)
         p_state = state_handle(ctx.config["label_state"])
 
         def work() -> tuple[Any, float]:
@@ -193,8 +206,9 @@ class PseudoBalancer(Balancer):
             t0 = time.perf_counter()
             table, pass_s = self.pending.pop(epoch).result()
             label_s = time.perf_counter() - t0
-            if len(table) != len(self.ctx.inputs.unlabelled):
-                raise RuntimeError(f"the labelling pass labelled {len(table)} of {len(self.ctx.inputs.unlabelled)} "
+            want = len(label_pool(self.ctx.inputs.unlabelled, self.p.label_pool, self.cfg.seed, epoch))
+            if len(table) != want:
+                raise RuntimeError(f"the labelling pass labelled {len(table)} of {want} "
                                    "unlabelled colonies")
             self.table = table
         n_cls = len(self.names)
