@@ -130,7 +130,8 @@ def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_super
     common = ("method.name=ipb", "method.teacher_epochs=4", "method.epochs=2", "method.finetune_epochs=0",
               "method.steps_per_epoch=10", "resources.num_workers=0", "method.mpl.student_lr=10",
               "method.mpl.student_init=scratch", "method.mpl.student_warmup_epochs=0")
-    runs = {keep: train_fold(_cfg(train_catalog, f"name=guard-{keep}", f"method.keep_start={keep}", *common), 0)
+    runs = {keep: train_fold(_cfg(train_catalog, f"name=guard-{keep}", f"method.keep_start={keep}",
+                                  "method.mpl.select_teacher=false", *common), 0)
             for keep in ("true", "false")}
     for keep, out in runs.items():
         hist = out["history"]
@@ -149,3 +150,15 @@ def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_super
     assert guarded["stage"] == "teacher"
     # both runs trained the same networks (same seeds); only the choice differs
     assert runs["true"]["param_digest"] == runs["false"]["param_digest"]
+
+    # method.mpl.select_teacher: in the MPL stage the teacher competes too; the choice is the
+    # best V score of either network there (ties go to the student, offered second)
+    both = train_fold(_cfg(train_catalog, "name=guard-teacher", "method.keep_start=false", *common), 0)
+    mpl = [h for h in both["history"] if h["stage"] == "mpl"]
+    best = max(max(h["val_balanced_accuracy"], h["teacher_val_balanced_accuracy"]) for h in mpl)
+    last = [h for h in mpl if "best_epoch" in h][-1]
+    assert last["best_net"] in ("teacher", "student")
+    score = last["val_balanced_accuracy"] if last["best_net"] == "student" else last["teacher_val_balanced_accuracy"]
+    assert score == best
+    assert best > student_best  # here the teacher, still learning from L, beats the wrecked student
+    assert last["best_net"] == "teacher"

@@ -706,6 +706,9 @@ class _Loop:
                            ctx.amp)
             if val is not None:
                 metrics[f"{name}_val_balanced_accuracy"] = val["balanced_accuracy"]
+                if stage.select and name in stage.also_select and self.best.offer(val["balanced_accuracy"],
+                                                                                  nets[name]):
+                    metrics.update(best_epoch=g, best_net=name)
         val = validate(nets[stage.net], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
                        ctx.amp)
         if val is not None:
@@ -713,7 +716,7 @@ class _Loop:
                            objective=val["balanced_accuracy"])
         if stage.select and self.best.offer(val["balanced_accuracy"] if val is not None else float(g),
                                             nets[stage.net]):  # no V: the latest network
-            metrics["best_epoch"] = g
+            metrics.update(best_epoch=g, best_net=stage.net)
         metrics["epoch_seconds"] = time.perf_counter() - t0
         self.history.append(dict(metrics))
         if g == self.total - 1:

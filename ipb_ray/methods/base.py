@@ -45,7 +45,8 @@ class Stage:
     ``net`` is the network the stage trains (labelled stages) or selects (unlabelled
     stages): it is recalibrated, validated on V (``val_*`` in the history) and, when
     ``select``, competes for the run's best on V. ``also_validate``: more networks
-    validated each epoch (``<name>_val_balanced_accuracy``). ``restart``: selection
+    validated each epoch (``<name>_val_balanced_accuracy``); those also in
+    ``also_select`` compete for the best on V too (they must share ``net``'s architecture). ``restart``: selection
     starts anew, from the previous stage's choice loaded into ``net``; that choice is
     kept and tested too (``pre_<stage>_test_*``). Labelled stages step ``optimizer`` at
     ``lr`` (times the schedule); unlabelled ones leave the learning rates to the method."""
@@ -60,6 +61,7 @@ class Stage:
     select: bool = True
     restart: bool = False
     also_validate: tuple[str, ...] = ()
+    also_select: tuple[str, ...] = ()
 
 
 #: ``method.*`` keys the loop reads for every method: the run's length, batches, optimiser,

@@ -49,6 +49,9 @@ class MPLParams(Params):
     mpl_feedback: str = param("old_minus_new", choices=MPL_FEEDBACK,
                               doc="sign of the MPL feedback h (derivation: old - new)")
     ema: float = param(0.0, lo=0.0, hi=0.99999, doc="student EMA decay; 0 = off")
+    select_teacher: bool = param(True, doc="the teacher competes on V with the student in the MPL stage: UDA, "
+                                 "its labelled loss and the feedback keep improving it, and where U's pseudo-labels "
+                                 "are poor it stays the better network (false: only the student, the paper)")
     student_labelled: float = param(0.0, lo=0.0, hi=100.0, doc="weight of the student's own cross-entropy "
                                     "step on each labelled batch, taken after the MPL feedback is measured (so h "
                                     "still reflects the pseudo-label step alone); 0 = the paper's student, which "
@@ -71,7 +74,8 @@ class MetaPseudoLabels(Method):
         m = cfg.method
         return [*pretraining_stage(cfg, "teacher", "teacher", "teacher pre-training"),
                 Stage("mpl", m.epochs, "ema" if m.mpl.ema > 0 else "student", title="teacher/student",
-                      unlabelled=True, also_validate=("teacher",)),
+                      unlabelled=True, also_validate=("teacher",),
+                      also_select=("teacher",) if m.mpl.select_teacher else ()),
                 *finetune_stage(cfg, "student")]
 
     def build(self) -> None:
