@@ -221,6 +221,37 @@ def _print_curves(method: str, fold: int, history: list[dict[str, Any]], names: 
         print(line, flush=True)
 
 
+def print_balance(results: dict[str, dict[str, Any]], names: list[str]) -> None:
+    """Per pseudo-balanced method, fold-mean per class: the teacher's pseudo-label precision
+    and recall on U at the first and the last unlabelled epoch, the draw's share by pseudo
+    and by true class in the last, and over the run the share of draws whose label is
+    right and the most copies of one colony."""
+    def mean(rows: list[list[Any]]) -> np.ndarray:
+        a = np.array([[np.nan if v is None else float(v) for v in r] for r in rows], dtype=np.float64)
+        return np.nanmean(a, axis=0) if a.size else np.full(len(names), np.nan)
+
+    for name, res in results.items():
+        runs = [b for b in res.get("balance", []) if b]
+        if not runs:
+            continue
+        print(f"\n{name}: pseudo-labels on U against its hidden labels, mean of {len(runs)} folds")
+        print("| class | precision first / last | recall first / last | draw share last (by truth) |")
+        print("|---|---|---|---|")
+        cols = {}
+        for key in ("pseudo_precision", "pseudo_tpr"):
+            cols[key] = (mean([r[0][key] for r in runs]), mean([r[-1][key] for r in runs]))
+        share, true_share = mean([r[-1]["draw_share"] for r in runs]), mean([r[-1]["draw_true_share"] for r in runs])
+        for i, n in enumerate(names):
+            p0, p1 = cols["pseudo_precision"][0][i], cols["pseudo_precision"][1][i]
+            r0, r1 = cols["pseudo_tpr"][0][i], cols["pseudo_tpr"][1][i]
+            print(f"| {n} | {p0:.2f} / {p1:.2f} | {r0:.2f} / {r1:.2f} | {share[i]:.3f} ({true_share[i]:.3f}) |")
+        acc = [[e.get("pseudo_accuracy") for e in r] for r in runs]
+        right = [[e.get("draw_precision") for e in r] for r in runs]
+        copies = [max(e.get("max_copies") or 0 for e in r) for r in runs]
+        print(f"pseudo-label accuracy per epoch {np.round(mean(acc), 2).tolist()}; draws with the right label "
+              f"per epoch {np.round(mean(right), 2).tolist()}; most copies of one colony {max(copies)}", flush=True)
+
+
 def parse_methods(text: str) -> list[tuple[str, str, list[str]]]:
     """``--methods`` entries as ``(label, method[+balancer], overrides)``: commas inside
     ``[...]`` do not split, ``label=`` is optional (default: the entry itself)."""
@@ -366,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
               + "  (true: " + ", ".join(f"{n} {int(t)}" for n, t in zip(names, truth)) + ")", flush=True)
     base = "supervised" if "supervised" in done else methods[0]
     print_table(done, base)
+    if done:
+        print_balance(done, list(next(iter(done.values()))["reports"][0]["class_names"]))
     save()
     return 0
 
