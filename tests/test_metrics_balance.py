@@ -212,3 +212,24 @@ def test_em_prior_recovers_a_known_mixture():
     np.testing.assert_allclose(em_prior(probs, [0.5, 0.5]), est)
     with pytest.raises(ValueError, match=r"shape \(N, C\)"):
         em_prior(np.zeros((0, 2)))
+
+
+def test_prior_corrected_posteriors_follow_the_new_prior():
+    """Posteriors under a uniform training prior, moved to U's 20/80 prior, are the Bayes
+    posteriors under 20/80: hard labels of the rare class get rarer and right more often."""
+    from ipb_ray.patches.balance import em_prior, prior_corrected
+
+    rng = np.random.default_rng(1)
+    n = 20_000
+    y = rng.choice(2, size=n, p=[0.2, 0.8])
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)
+    p1 = 1.0 / (1.0 + np.exp(-2.0 * x / 1.5 ** 2))
+    probs = np.stack([1 - p1, p1], 1)
+    post = prior_corrected(probs, em_prior(probs))
+    np.testing.assert_allclose(post.sum(1), 1.0)
+    bayes = 1.0 / (1.0 + np.exp(-(2.0 * x / 1.5 ** 2 + np.log(0.8 / 0.2))))
+    np.testing.assert_allclose(post[:, 1], bayes, atol=0.03)
+    before, after = probs.argmax(1), post.argmax(1)
+    precision = lambda pred: float((y[pred == 0] == 0).mean())  # noqa: E731
+    assert (after == 0).sum() < (before == 0).sum() and precision(after) > precision(before) + 0.1
+    assert (after == y).mean() > (before == y).mean()

@@ -20,6 +20,7 @@ U composes with any balancer (``method.balancer``):
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -28,7 +29,7 @@ import numpy as np
 
 from ipb_ray.config import RELABEL, Params, param
 from ipb_ray.methods.base import Registry, own_params
-from ipb_ray.patches.balance import COUNT_SOURCES
+from ipb_ray.patches.balance import COUNT_SOURCES, PRIORS
 
 __all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer", "UniformDraw", "get_balancer", "label_pool", "list_balancers",
            "register_balancer"]
@@ -129,6 +130,10 @@ class PseudoBalanceParams(Params):
     label_pool: int = param(0, lo=0, doc="colonies of U the labelling pass labels each epoch, a seeded random "
                             "subset (0 = all of U, the paper). The draw needs only the epoch's draws: on a large U "
                             "a pool of a few times those costs a fraction of the pass, and n_c comes from the sample")
+    prior: str = param("none", choices=PRIORS, doc="em: U's class prior is estimated by EM from the labeller's "
+                       "posteriors after each labelling pass (Saerens et al. 2002), and every pseudo-label (the "
+                       "draw's and the method's own in its steps) is read from posteriors re-weighted to that "
+                       "prior; none: as the labeller gives them (the paper)")
     counts: str = param("hard", choices=COUNT_SOURCES, doc="class counts n_c from hard pseudo-labels (the paper), "
                         "the sum of the teacher's probabilities (soft), or U's prior estimated by EM (em)")
 
@@ -163,6 +168,53 @@ class PseudoBalancer(Balancer):
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ipb-label")
         self.pending: dict[int, concurrent.futures.Future] = {}
         self.labeller: Any = None
+        self.log_shift: Any = None  # torch (C,): log(U's prior / L's), with method.pseudo_balance.prior=em
+        self.prior_figures: dict[str, float] = {}
+
+    def _train_prior(self) -> np.ndarray | None:
+        """The class prior the labeller was trained under: uniform on class-balanced L."""
+        if self.cfg.method.balance_labelled:
+            return None
+        counts = np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
+        return np.maximum(counts, 1.0) / max(counts.sum(), 1.0)
+
+    def _with_prior(self, table: Any) -> tuple[Any, dict[str, float]]:
+        """``prior=em``: U's prior by EM, the table relabelled from re-weighted posteriors,
+        and the shift the method's own pseudo-labels take (:meth:`adjust`)."""
+        import torch
+
+        from ipb_ray.patches.balance import em_prior, prior_corrected
+
+        if self.p.prior != "em":
+            return table, {}
+        if table.probs is None or not len(table):
+            raise RuntimeError("method.pseudo_balance.prior=em needs the labelling pass's class probabilities")
+        base = self._train_prior()
+        prior = em_prior(table.probs, base)
+        # EM may drive a class the labeller rarely calls to a prior of 0, and a shift of
+        # log(0) would silence it in every later pseudo-label: keep a floor of 1/(10 C)
+        prior = np.maximum(prior, 0.1 / len(prior))
+        prior = prior / prior.sum()
+        post = prior_corrected(table.probs, prior, base)
+        table = dataclasses.replace(table, pseudo=post.argmax(1).astype(np.int64),
+                                    confidence=post.max(1).astype(np.float32), probs=post.astype(np.float32))
+        uniform = np.full(len(prior), 1.0 / len(prior)) if base is None else base
+        self.log_shift = torch.tensor(np.log(np.clip(prior, 1e-8, None) / uniform), dtype=torch.float32)
+        return table, _per_class("u_prior", prior, self.names)
+
+    def adjust(self, logits: Any) -> Any:
+        """``prior=em``: the method's pseudo-label logits shifted by log(U's prior / L's), the
+        estimate of the last labelling pass (rank 0's, broadcast so every rank agrees)."""
+        if self.p.prior != "em":
+            return logits
+        import torch
+        import torch.distributed as dist
+
+        shift = self.log_shift if self.log_shift is not None else torch.zeros(logits.shape[-1])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shift = shift.clone().to(logits.device)
+            dist.broadcast(shift, src=0)
+        return logits + shift.to(logits.device, logits.dtype)
 
     def _needs_pass(self) -> bool:
         return self.p.relabel == "pass" or self.table is None
@@ -210,7 +262,8 @@ class PseudoBalancer(Balancer):
             if len(table) != want:
                 raise RuntimeError(f"the labelling pass labelled {len(table)} of {want} "
                                    "unlabelled colonies")
-            self.table = table
+            self.table, self.prior_figures = self._with_prior(table)  # a new pass: a new prior (prior=em)
+        prior_figures = self.prior_figures
         n_cls = len(self.names)
         plan = epoch_plan(self.ctx.inputs.unlabelled, self.table, n_cls, self.cfg.seed, epoch, n_draws, self.names,
                           **self.p.draw())
@@ -229,7 +282,7 @@ class PseudoBalancer(Balancer):
                    **_per_class("draw_share", drawn["draw_share"], self.names),
                    **_per_class("draw_true_share", drawn["draw_true_share"], self.names),
                    "draw_precision": drawn["draw_precision"], "max_copies": drawn["max_copies"],
-                   "drawn_colonies": drawn["drawn_colonies"]}
+                   "drawn_colonies": drawn["drawn_colonies"], **prior_figures}
         return plan, figures
 
     def observe(self, colony_ids: list[str], pseudo: list[int]) -> dict[str, Any]:
@@ -246,13 +299,19 @@ class PseudoBalancer(Balancer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"table": self.table.to_dict() if self.table is not None else None,
-                "class_weights": self.class_weights}
+                "class_weights": self.class_weights, "prior_figures": self.prior_figures,
+                "log_shift": self.log_shift.tolist() if self.log_shift is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from ipb_ray.distributed.rebalance import LabelTable
 
         self.table = LabelTable.from_rows(state["table"]) if state.get("table") else None
         self.class_weights = state.get("class_weights")
+        self.prior_figures = dict(state.get("prior_figures") or {})
+        if state.get("log_shift") is not None:
+            import torch
+
+            self.log_shift = torch.tensor(state["log_shift"], dtype=torch.float32)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

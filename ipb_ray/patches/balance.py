@@ -52,6 +52,8 @@ class PseudoBalance:
 
 #: Where a pseudo-balanced draw takes its class counts n_c from (``method.pseudo_balance.counts``).
 COUNT_SOURCES = ("hard", "soft", "em")
+#: How the pseudo-labels of U are read from the labeller's posteriors (``method.pseudo_balance.prior``).
+PRIORS = ("none", "em")
 
 
 def em_prior(probs: np.ndarray, train_prior: Sequence[float] | None = None, iters: int = 200,
@@ -87,6 +89,21 @@ def em_prior(probs: np.ndarray, train_prior: Sequence[float] | None = None, iter
         if done:
             break
     return prior / prior.sum()
+
+
+def prior_corrected(probs: np.ndarray, prior: Sequence[float], train_prior: Sequence[float] | None = None
+                    ) -> np.ndarray:
+    """Posteriors ``probs`` (N, C) of a classifier trained under ``train_prior`` (None:
+    uniform, i.e. class-balanced L) re-weighted to the class prior ``prior`` of the data
+    they were computed on, p'(c|x) proportional to p(c|x) prior(c) / train_prior(c)
+    (Bayes' rule under a prior shift; Saerens et al. 2002). A teacher trained on balanced
+    L calls far too many colonies of U "rare" when U is imbalanced; with U's prior its
+    rare calls need more evidence."""
+    p = np.asarray(probs, dtype=np.float64)
+    c = p.shape[1]
+    base = np.full(c, 1.0 / c) if train_prior is None else np.asarray(train_prior, np.float64) / np.sum(train_prior)
+    w = p * (np.asarray(prior, np.float64) / base)
+    return w / np.clip(w.sum(1, keepdims=True), 1e-300, None)
 
 
 def capped_multinomial(n: int, weights: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
