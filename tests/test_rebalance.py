@@ -222,3 +222,43 @@ def test_label_pool_is_all_of_u_or_a_seeded_subset():
     a = label_pool(u, 10, 0, 3)
     assert len(a) == len(set(a)) == 10 and set(a) <= set(u) and a == sorted(a)
     assert a == label_pool(u, 10, 0, 3) and a != label_pool(u, 10, 0, 4)
+
+
+def test_pseudo_balancer_prior_em_relabels_the_table_and_shifts_the_methods_logits():
+    """method.pseudo_balance.prior=em, without Ray: U's prior from the pass's posteriors,
+    the table relabelled from re-weighted posteriors, the same shift on the method's
+    logits, and the shift kept through a checkpoint."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ipb_ray.config import load_config
+    from ipb_ray.methods.balancers import PseudoBalancer
+
+    names = ("a", "b")
+    ctx = SimpleNamespace(inputs=SimpleNamespace(class_names=names, labelled_labels=(0, 1), unlabelled=()))
+    rng = np.random.default_rng(2)
+    y = rng.choice(2, size=4000, p=[0.15, 0.85])
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)
+    p1 = 1.0 / (1.0 + np.exp(-2.0 * x / 1.5 ** 2))
+    probs = np.stack([1 - p1, p1], 1).astype(np.float32)
+    n = len(y)
+    table = LabelTable.from_rows({"colony_id": [f"u{i:05d}" for i in range(n)], "pseudo": probs.argmax(1),
+                                  "confidence": probs.max(1), "truth": y, "x": np.zeros(n), "y": np.zeros(n),
+                                  "scale": np.ones(n), "probs": probs})
+    off = PseudoBalancer(load_config(preset="demo"), ctx)
+    assert off._with_prior(table) == (table, {})
+    logits = torch.randn(5, 2)
+    assert torch.equal(off.adjust(logits), logits)
+    bal = PseudoBalancer(load_config(preset="demo", overrides=["method.pseudo_balance.prior=em"]), ctx)
+    new, figures = bal._with_prior(table)
+    assert figures["u_prior/a"] == pytest.approx(0.15, abs=0.03) and figures["u_prior/b"] == pytest.approx(0.85, abs=0.03)
+    assert (new.pseudo == 0).sum() < (table.pseudo == 0).sum()            # fewer "rare" calls
+    assert (new.pseudo == new.truth).mean() > (table.pseudo == table.truth).mean()
+    shift = torch.log(torch.tensor([figures["u_prior/a"], figures["u_prior/b"]]) * 2)
+    torch.testing.assert_close(bal.adjust(logits), logits + shift)
+    again = PseudoBalancer(load_config(preset="demo", overrides=["method.pseudo_balance.prior=em"]), ctx)
+    again.load_state_dict(bal.state_dict())
+    torch.testing.assert_close(again.adjust(logits), bal.adjust(logits))
+    for b in (off, bal, again):
+        b.close()
