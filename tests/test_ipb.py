@@ -46,7 +46,8 @@ def test_ipb_two_workers_balance_the_student_stream(world, tmp_path):
     from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 
     cfg = _cfg(world, "name=ipb2", "method.draws_per_epoch=160", "resources.num_workers=2",
-               "resources.cpus_per_worker=0.5", "method.mpl.student_init=scratch")
+               "resources.cpus_per_worker=0.5", "method.mpl.student_init=scratch",
+               "method.pseudo_balance.alpha=1", "method.pseudo_balance.max_copies=0")  # the paper's balanced draw
     metrics = train_fold(cfg, 0, digest_dir=str(tmp_path))
     history = metrics["history"]
     assert [h["stage"] for h in history] == ["teacher"] * 3 + ["mpl"] * 3

@@ -123,10 +123,10 @@ class PseudoBalanceParams(Params):
     threshold: float = param(0.0, lo=0.0, hi=1.0, doc="draw only colonies whose pseudo-label confidence is at "
                              "least this (0 = all, the paper's draw; the paper's 0.65 filters colonies between "
                              "two classes)")
-    alpha: float = param(1.0, lo=0.0, hi=2.0, doc="weights 1/n_c^alpha: 1 = balanced (the paper), 0 = as "
-                         "pseudo-labelled; CReST's tempering in between")
-    max_copies: int = param(0, lo=0, doc="at most this many copies of one colony per epoch (0 = no cap); raised "
-                            "when the cap could not fill the epoch")
+    alpha: float = param(0.5, lo=0.0, hi=2.0, doc="weights 1/n_c^alpha: 1 = balanced (the paper), 0 = as "
+                         "pseudo-labelled; CReST's tempering in between (default 0.5: RESULTS.md, Chula RBC-12)")
+    max_copies: int = param(3, lo=0, doc="at most this many copies of one colony per epoch (0 = no cap, the "
+                            "paper); raised when the cap could not fill the epoch")
     label_pool: int = param(0, lo=0, doc="colonies of U the labelling pass labels each epoch, a seeded random "
                             "subset (0 = all of U, the paper). The draw needs only the epoch's draws: on a large U "
                             "a pool of a few times those costs a fraction of the pass, and n_c comes from the sample")
