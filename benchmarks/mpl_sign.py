@@ -58,7 +58,8 @@ TOY = SimpleNamespace(
     weak_noise=0.05, strong_noise=0.25, hidden=64, pretrain_steps=200, unlabelled_batch=64,
     teacher_lr=0.05, student_lr=0.05, momentum=0.9,
 )
-METHOD = dict(threshold=0.6, threshold_student=True, temperature=1.0, uda_weight=1.0, uda_steps=300)
+METHOD = dict(threshold=0.6, threshold_student=True, temperature=1.0, uda_weight=1.0, uda_steps=300,
+              student_labelled=0.0)  # the paper's student: the study is about the feedback alone
 
 
 # --------------------------------------------------------------------------- data, models

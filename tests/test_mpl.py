@@ -139,7 +139,7 @@ def _sign_case() -> tuple[nn.Module, nn.Module, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("mode", MPL_FEEDBACK)
 def test_teacher_gradient_follows_h(mode):
     teacher, student, data = _sign_case()
-    cfg = MPLParams(threshold=0.5, uda_weight=0.0, mpl_feedback=mode)
+    cfg = MPLParams(threshold=0.5, uda_weight=0.0, mpl_feedback=mode, student_labelled=0.0)
     with torch.no_grad():
         hard = teacher(data["x_us"]).argmax(-1)
         assert hard.tolist() == [0] * 8
@@ -185,7 +185,7 @@ def test_feedback_sign_decides_whether_the_teacher_learns_helpful_labels(mode):
         with torch.no_grad():
             assert teacher(x_u).argmax(-1).tolist() == [1] * 16
             start = F.cross_entropy(student(x_l), y_l).item()
-        cfg = MPLParams(threshold=0.0, uda_weight=0.0, mpl_feedback=mode)
+        cfg = MPLParams(threshold=0.0, uda_weight=0.0, mpl_feedback=mode, student_labelled=0.0)
         t_opt, s_opt = _sgd(teacher, 1.0), _sgd(student, 0.1)
         for step in range(60):
             mpl_step(teacher, student, t_opt, s_opt, x_l, y_l, x_u, x_u, step=step, cfg=cfg)
@@ -226,7 +226,7 @@ def test_nothing_passes_threshold_student_unchanged():
     x_l, y_l = torch.randn(4, 8), torch.randint(0, 3, (4,))
     x_u = torch.randn(6, 8)
     # 1.0 is the highest threshold MPLParams allows; a random net's softmax stays below it
-    cfg = MPLParams(threshold=1.0, threshold_student=True)
+    cfg = MPLParams(threshold=1.0, threshold_student=True, student_labelled=0.0)
     t0, s0 = _params(teacher), _params(student)
     out = mpl_step(teacher, student, _sgd(teacher), _sgd(student), [x_l], y_l, [x_u], [x_u.clone()],
                    step=100, cfg=cfg)
@@ -237,7 +237,7 @@ def test_nothing_passes_threshold_student_unchanged():
     assert any(not torch.equal(p, t0[n]) for n, p in teacher.named_parameters())  # labelled CE still
     # without the student threshold the same batch does train the student
     mpl_step(teacher, student, _sgd(teacher), _sgd(student), [x_l], y_l, [x_u], [x_u.clone()],
-             step=100, cfg=MPLParams(threshold=1.0, threshold_student=False))
+             step=100, cfg=MPLParams(threshold=1.0, threshold_student=False, student_labelled=0.0))
     assert any(not torch.equal(p, s0[n]) for n, p in student.named_parameters())
 
 
@@ -322,7 +322,7 @@ def test_autocast_factory_wraps_every_forward_of_the_step():
 
     x = torch.rand(4, 8)
     mpl_step(teacher, student, _sgd(teacher, 0.01), _sgd(student, 0.01), x, torch.tensor([0, 1, 0, 1]), x, x,
-             step=0, cfg=MPLParams(threshold=0.0), autocast=Probe)
+             step=0, cfg=MPLParams(threshold=0.0, student_labelled=0.0), autocast=Probe)
     # teacher forward, student before (no grad), student on x_us, student after (no grad)
     assert entered == [True, False, True, False]
 
@@ -345,6 +345,6 @@ def test_student_labelled_step_comes_after_the_feedback_and_teaches_the_labels()
     assert any(not torch.equal(p, s0[n]) for n, p in student.named_parameters())
     fresh = _mlp(12)
     out = mpl_step(teacher, fresh, _sgd(teacher, 0.0), _sgd(fresh), [x_l], y_l, [x_u], [x_u.clone()],
-                   step=0, cfg=MPLParams(threshold=1.0))
+                   step=0, cfg=MPLParams(threshold=1.0, student_labelled=0.0))
     assert out["student_loss_sup"] == 0.0
     assert all(torch.equal(p, s0[n]) for n, p in fresh.named_parameters())
