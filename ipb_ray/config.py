@@ -304,9 +304,10 @@ class MethodConfig:
                               "authors' last step; 0 = off). Both test results are kept: before and after")
     finetune_lr: float = _f(3e-5, lo=0.0, hi=10.0, doc="fine-tuning lr (the authors': 3e-5 with SGD)")
     keep_start: bool = _f(True, doc="semi-supervised methods: the pre-trained network on L competes on V with "
-                          "what the unlabelled stage makes, so a run never returns a network worse on V than the "
-                          "supervised one it started from (false: only the unlabelled stage's networks are chosen "
-                          "from, as before)")
+                          "what the unlabelled stage makes, and fine-tuning must beat the choice it starts from, so a "
+                          "run never returns a network worse on V than the supervised one it started from (false: "
+                          "only the unlabelled stage's networks are chosen from and fine-tuning selects anew, as "
+                          "before)")
     balance_labelled: bool = _f(True, doc="class-balance L by resampling")
     draws_per_epoch: int | None = _f(None, lo=1, doc="unlabelled patches per epoch of an unlabelled stage "
                                      "(pseudo_balance: multinomial draws); None = |U|")

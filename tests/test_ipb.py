@@ -131,7 +131,8 @@ def test_finetuning_stage_trains_the_selected_student_on_l_keeps_both_results_an
         return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     base = ("name=ft", "method.name=ipb", "method.teacher_epochs=1", "method.epochs=1", "method.finetune_lr=0.01",
-            "method.steps_per_epoch=3", "resources.num_workers=0")
+            "method.steps_per_epoch=3", "resources.num_workers=0",
+            "method.keep_start=false")  # the restart itself; the guard across it: test_training.py
     first = train_fold(_cfg(world, *base, "method.finetune_epochs=2"), 0)
     assert [h["stage"] for h in first["history"]] == ["teacher", "mpl", "finetune", "finetune"]
     for h in first["history"][2:]:

@@ -162,3 +162,13 @@ def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_super
     assert score == best
     assert best > student_best  # here the teacher, still learning from L, beats the wrecked student
     assert last["best_net"] == "teacher"
+
+    # fine-tuning restarts selection from the choice so far; under the guard its networks
+    # must beat that choice on V: a wrecked fine-tuning hands back the choice it started from
+    ft = train_fold(_cfg(train_catalog, "name=guard-ft", "method.keep_start=true", "method.mpl.select_teacher=false",
+                         *common[:3], "method.finetune_epochs=1", "method.finetune_lr=10", *common[4:]), 0)
+    picks = [h for h in ft["history"] if "best_epoch" in h]
+    fine = [h for h in ft["history"] if h["stage"] == "finetune"]
+    assert fine and max(h["val_balanced_accuracy"] for h in fine) < teacher_best
+    assert picks[-1]["stage"] == "teacher"
+    assert ft["test_report"]["confusion_matrix"] == ft["pre_finetune_test_report"]["confusion_matrix"]

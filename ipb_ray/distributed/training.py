@@ -547,11 +547,16 @@ class _Loop:
 
     def _begin(self, i: int) -> None:
         """Stage ``i`` starts: a restarting stage takes the choice so far (rank 0's) into its
-        network and selects anew; then the method's own hook."""
+        network and selects anew (with ``method.keep_start``, a semi-supervised run's guard,
+        its networks must beat that choice's score on V to replace it: fine-tuning cannot
+        hand back a network worse on V than the one it started from); then the method's
+        own hook."""
         stage = self.stages[i]
         if stage.restart and i > 0:
             chosen = _from_rank_zero(self.best.state)
-            self.best = _Selection(earlier={**self.best.earlier, stage.name: chosen})
+            earlier = {**self.best.earlier, stage.name: chosen}
+            keep = self.semi and self.m.keep_start and chosen is not None
+            self.best = _Selection(self.best.metric, chosen, earlier) if keep else _Selection(earlier=earlier)
             _unwrap(self.method.nets[stage.net]).load_state_dict(chosen)
         self.method.begin_stage(stage)
 
