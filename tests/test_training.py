@@ -172,3 +172,20 @@ def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_super
     assert fine and max(h["val_balanced_accuracy"] for h in fine) < teacher_best
     assert picks[-1]["stage"] == "teacher"
     assert ft["test_report"]["confusion_matrix"] == ft["pre_finetune_test_report"]["confusion_matrix"]
+
+
+def test_guard_posthoc_reads_the_guarded_choice_from_a_history():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "guard_posthoc", Path(__file__).resolve().parents[1] / "benchmarks" / "guard_posthoc.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    h = [{"stage": "teacher", "val_balanced_accuracy": 0.4, "best_epoch": 0},
+         {"stage": "mpl", "val_balanced_accuracy": 0.3, "teacher_val_balanced_accuracy": 0.5, "best_epoch": 1,
+          "best_net": "teacher"},
+         {"stage": "finetune", "val_balanced_accuracy": 0.45, "best_epoch": 2}]
+    assert mod.fixed_choice(h) == "before"          # 0.45 < the MPL-stage teacher's 0.5
+    h[2]["val_balanced_accuracy"] = 0.5
+    assert mod.fixed_choice(h) == "finetune"        # ties go to the later network, as in the loop
