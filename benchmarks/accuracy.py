@@ -189,9 +189,14 @@ def print_table(results: dict[str, dict[str, Any]], base: str) -> str:
     for name, res in results.items():
         s = _summary(res["reports"])
         p1 = p2 = float("nan")
-        if ref is not None and name != base:
-            p1 = _paired_p([r["macro_tpr"] for r in ref["reports"]], [r["macro_tpr"] for r in res["reports"]])
-            p2 = _paired_p([_worst(r) for r in ref["reports"]], [_worst(r) for r in res["reports"]])
+        if ref is not None and name != base:  # paired over the folds both rows have
+            fa = ref.get("folds") or list(range(len(ref["reports"])))
+            fb = res.get("folds") or list(range(len(res["reports"])))
+            both = [f for f in fa if f in fb]
+            ra = [ref["reports"][fa.index(f)] for f in both]
+            rb = [res["reports"][fb.index(f)] for f in both]
+            p1 = _paired_p([r["macro_tpr"] for r in ra], [r["macro_tpr"] for r in rb])
+            p2 = _paired_p([_worst(r) for r in ra], [_worst(r) for r in rb])
         fmt = lambda p: "-" if p != p else f"{p:.3f}"  # noqa: E731
         wall = lambda s: "-" if np.all(np.isnan(s)) else f"{np.nanmean(s):.0f}"  # noqa: E731
         lines.append(f"| {name} | {s['macro_tpr']:.3f} ± {s['macro_tpr_std']:.3f} | {s['worst_tpr']:.3f} | "
