@@ -73,17 +73,11 @@ def em_prior(probs: np.ndarray, train_prior: Sequence[float] | None = None, iter
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
         raise ValueError(f"em_prior needs posteriors of shape (N, C) with N > 0, got {p.shape}")
-    c = p.shape[1]
-    base = np.full(c, 1.0 / c) if train_prior is None else np.asarray(train_prior, dtype=np.float64)
-    if base.shape != (c,) or np.any(base <= 0):
-        raise ValueError(f"train_prior must hold {c} positive values, got {train_prior}")
-    base = base / base.sum()
+    base = _base_prior(p.shape[1], train_prior)
     p = p / np.clip(p.sum(1, keepdims=True), 1e-12, None)
     prior = base.copy()
     for _ in range(int(iters)):
-        w = p * (prior / base)
-        w /= np.clip(w.sum(1, keepdims=True), 1e-300, None)
-        new = w.mean(0)
+        new = prior_corrected(p, prior, base).mean(0)  # E then M
         done = float(np.abs(new - prior).max()) < tol
         prior = new
         if done:
@@ -100,10 +94,16 @@ def prior_corrected(probs: np.ndarray, prior: Sequence[float], train_prior: Sequ
     L calls far too many colonies of U "rare" when U is imbalanced; with U's prior its
     rare calls need more evidence."""
     p = np.asarray(probs, dtype=np.float64)
-    c = p.shape[1]
-    base = np.full(c, 1.0 / c) if train_prior is None else np.asarray(train_prior, np.float64) / np.sum(train_prior)
-    w = p * (np.asarray(prior, np.float64) / base)
+    w = p * (np.asarray(prior, np.float64) / _base_prior(p.shape[1], train_prior))
     return w / np.clip(w.sum(1, keepdims=True), 1e-300, None)
+
+
+def _base_prior(c: int, train_prior: Sequence[float] | None) -> np.ndarray:
+    """The training prior over ``c`` classes, normalised (None: uniform)."""
+    base = np.full(c, 1.0 / c) if train_prior is None else np.asarray(train_prior, dtype=np.float64)
+    if base.shape != (c,) or np.any(base <= 0):
+        raise ValueError(f"train_prior must hold {c} positive values, got {train_prior}")
+    return base / base.sum()
 
 
 def capped_multinomial(n: int, weights: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
