@@ -31,8 +31,8 @@ from ipb_ray.config import RELABEL, Params, param
 from ipb_ray.methods.base import Registry, own_params
 from ipb_ray.patches.balance import COUNT_SOURCES, PRIORS
 
-__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer", "UniformDraw", "get_balancer", "label_pool", "list_balancers",
-           "register_balancer"]
+__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer",
+           "UniformDraw", "get_balancer", "label_pool", "list_balancers", "register_balancer"]
 
 
 def _per_class(prefix: str, values: Any, names: tuple[str, ...]) -> dict[str, float]:
