@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -186,12 +187,16 @@ def synth(out: Path = typer.Option(..., "--out", "-o", help="Output directory of
         _synth_world(out, frames, size, colonies, scale, seed, image_format)
 
 
-def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str]):
+def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str], overwrite: bool = False):
+    from ipb_ray.cluster.paths import check_output_dir
     from ipb_ray.distributed.preprocess import build_catalog
 
+    target = out or cfg.data.catalog
+    if "://" not in target:  # a remote store checks itself when written
+        check_output_dir(target, "--out" if out else "data.catalog")
     with _progress() as bar:
         task = bar.add_task("segmenting shards", total=None)
-        summary = build_catalog(cfg, importer=importer, out=out,
+        summary = build_catalog(cfg, importer=importer, out=out, overwrite=overwrite,
                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     table = Table("class", "colonies", title=f"catalog {summary.catalog} ({summary.importer})")
     for name, count in summary.counts.items():
@@ -204,6 +209,8 @@ def _preprocess(cfg: cfgmod.ExperimentConfig, importer: str, out: Optional[str])
         console.print(f"  [yellow]rejected[/] {count} x {reason}", highlight=False)
     if summary.rejects:
         console.print(f"  details: {summary.catalog}/rejects (Parquet: source, item, reason)")
+    for text in summary.warnings:
+        console.print(f"[yellow]check:[/] {escape(text)}", highlight=False)
     _print_folds(summary.folds, summary.catalog, summary.folds_note)
     return summary
 
@@ -244,14 +251,16 @@ def preprocess(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRES
                out: Optional[str] = typer.Option(None, "--out", "-o", help="Catalog directory (data.catalog)."),
                importer: str = typer.Option("auto", help="auto, frames, synth, imagefolder or voc."),
                address: Optional[str] = typer.Option(None, help="Ray cluster address; default starts a "
-                                                     "local cluster.")) -> None:
-    """Segment frames and build the colony catalog on Ray Data (rerun to resume)."""
+                                                     "local cluster."),
+               overwrite: bool = typer.Option(False, "--overwrite", help="Replace a catalog of other inputs "
+                                              "already in --out (refused without it).")) -> None:
+    """Segment frames and build the colony catalog on Ray Data (rerun the same command to resume)."""
     extra = [f"data.frames={frames}"] if frames else []
     extra += [f"data.annotations={annotations}"] if annotations else []
     extra += [f"resources.address={address}"] if address else []
     with _user_errors():
         cfg = _resolve(config, preset, list(overrides or []) + extra)
-        _preprocess(cfg, importer, out)
+        _preprocess(cfg, importer, out, overwrite)
 
 
 def print_report(report: dict, title: str) -> None:
@@ -476,12 +485,13 @@ def report(experiment: str = typer.Argument("ipb-ray", help="MLflow experiment t
            baseline: Optional[str] = typer.Option(None, help="Configuration the others are compared with "
                                                   "(default: the supervised one).")) -> None:
     """Render the paper's tables and figures for an experiment's CV runs (HTML and Markdown)."""
-    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.cluster.paths import check_cluster_paths, check_output_dir
     from ipb_ray.tracking.report import render_report
 
     with _user_errors():
         check_cluster_paths(cfgmod.load_config(overrides=[f"tracking.tracking_uri={tracking_uri}"]),
                             {"--out": str(out)}, catalog=False, storage=False, connected=False)
+        check_output_dir(out)
         paths = render_report(tracking_uri, experiment, out, baseline=baseline)
         console.print(f"report: {paths['html']} (open in a browser) and {paths['markdown']}", highlight=False)
 
@@ -533,7 +543,7 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@A
             overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Apply a model to new frames on Ray: segment, classify every colony, write Parquet,
     per-frame and per-well tables, time courses, overlays and an HTML page."""
-    from ipb_ray.cluster.paths import check_cluster_paths
+    from ipb_ray.cluster.paths import check_cluster_paths, check_output_dir
     from ipb_ray.distributed.predict import run_predict
     from ipb_ray.tracking.registry import load_predictor
 
@@ -542,6 +552,7 @@ def predict(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@A
         frames_root = frames if Path(frames).is_dir() else str(Path(frames).parent)
         check_cluster_paths(cfg, {"--out": str(out), "--frames": frames_root}, catalog=False, storage=False,
                             connected=False)
+        check_output_dir(out)
         predictor = load_predictor(model, tracking_uri)
         with _progress() as bar:
             task = bar.add_task("predicting frames", total=None)
@@ -573,11 +584,13 @@ def tune(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OPT
          ) -> None:
     """Search hyperparameters with Ray Tune (Optuna TPE + ASHA), tracked in MLflow; writes the
     best configuration as a YAML that `ipb cv --config` takes."""
+    from ipb_ray.cluster.paths import check_output_dir
     from ipb_ray.distributed.search import run_search
 
     extra = [f"resources.address={address}"] if address else []
     with _user_errors():
         cfg = _resolve(config, preset, list(overrides or []) + extra)
+        check_output_dir(out)
         chosen = (fold,) if objective == "fold" else tuple(range(folds))
         result = run_search(cfg, space, trials, out=out, objective=objective, folds=chosen, resume=resume,
                             max_concurrent=max_concurrent, grace_period=grace_period)
@@ -646,17 +659,30 @@ def submit(argv: List[str] = typer.Argument(..., help="The ipb command and its a
            python: str = typer.Option("python", help="Python on the cluster's nodes."),
            job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id (default: Ray's)."),
            wait: bool = typer.Option(True, "--wait/--no-wait", help="Follow the job's log until it ends."),
-           timeout: Optional[float] = typer.Option(None, help="Stop following after this many seconds.")) -> None:
+           timeout: Optional[float] = typer.Option(None, help="Stop following after this many seconds."),
+           include: Optional[List[str]] = typer.Option(None, "--include", help="Upload files a default rule or "
+                                                       ".gitignore leaves out (a shell pattern; repeatable)."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="List every file the job would upload, and "
+                                        "submit nothing.")) -> None:
     """Run an ipb command on a Ray cluster as a Ray job, e.g.
     `ipb submit --address http://127.0.0.1:8265 -- cv --config my.yaml`.
-    Prints the submission id, streams the job's log and exits non-zero unless it SUCCEEDED."""
-    from ipb_ray.cluster.submit import auth_errors, follow, submit as submit_job
+    Prints what is uploaded (dotfiles, keys, credentials, data and results never are, unless
+    --include names them), the submission id, streams the job's log and exits non-zero
+    unless it SUCCEEDED."""
+    from ipb_ray.cluster.submit import auth_errors, checked_upload, entrypoint, follow, submit as submit_job
 
     with _user_errors():
+        entrypoint(argv)  # an unknown command fails before anything is read
+        upload = checked_upload(working_dir, include or ())
+        if dry_run:
+            for rel, size in upload.files:
+                console.print(f"{size:>12,d}  {rel}", highlight=False, markup=False)
+            console.print(upload.summary(limit=1000), highlight=False, markup=False)
+            return
+        console.print(upload.summary(), highlight=False, markup=False)
         url = _job_address(address, check_token=True)
         with auth_errors(url):
-            sid = submit_job(url, argv, working_dir=working_dir, with_deps=with_deps, python=python,
-                             submission_id=job_id)
+            sid = submit_job(url, argv, with_deps=with_deps, python=python, submission_id=job_id, upload=upload)
     console.print(f"submitted job [bold]{sid}[/] to {url}", highlight=False)
     console.print(f"  status: ipb jobs status {sid} --address {url}\n  logs:   ipb jobs logs {sid} --address {url}"
                   f" --follow\n  stop:   ipb jobs stop {sid} --address {url}", highlight=False)
@@ -796,14 +822,17 @@ def demo(out: Path = typer.Option(Path("demo"), "--out", "-o", help="Working dir
     cross-validation of the supervised baseline, MPL and IPB, tracked in MLflow, compared,
     and rendered as a report."""
     t0 = time.perf_counter()
+    from ipb_ray.cluster.paths import check_output_dir
+
     with _user_errors():
         world = out / "world"
         cfg = cfgmod.load_config(preset="demo", overrides=_demo_overrides(seed, world, out, overrides))
+        check_output_dir(out)
         console.rule("[bold]1. synthetic colony world")
         _synth_world(world, frames=DEMO_WORLD["frames"], size=1024, colonies=DEMO_WORLD["colonies"], scale=0.4,
                      seed=seed, image_format="tif", class_weights=DEMO_WORLD["class_weights"])
         console.rule("[bold]2. colony catalog and folds on Ray Data")
-        _preprocess(cfg, "auto", None)
+        _preprocess(cfg, "auto", None, overwrite=True)  # the demo owns its folder
         console.rule("[bold]3. patch stream of fold 0 (labelled L, augmented) on Ray Data")
         _demo_stream(cfg, out)
         results = {}
@@ -896,9 +925,43 @@ def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
         save_patch_grid(first, spec, names, out / "patches.png")
 
 
+#: What a command keeps when it is interrupted, and how to go on.
+RESUME_HINTS = {
+    "preprocess": "rerun the same command to resume: finished shards are kept",
+    "train": "rerun the same command to resume from the run's last checkpoint",
+    "cv": "rerun the same command to resume: finished folds are kept, a running fold restarts from its checkpoint",
+    "predict": "rerun the same command to resume: finished frames are skipped",
+    "tune": "rerun it with --resume to add trials to the same study",
+    "demo": "rerun `ipb demo` to start it again",
+}
+
+
+def interrupt_hint(argv: Sequence[str]) -> str | None:
+    """The line printed on Ctrl-C for the command in ``argv`` (None for the others)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    hint = RESUME_HINTS.get(command or "")
+    return f"interrupted; {hint}" if hint else None
+
+
+def _install_interrupt_hint(argv: Sequence[str]) -> None:
+    import signal
+
+    hint = interrupt_hint(argv)
+    if hint is None or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
+
+    def on_interrupt(signum, frame):  # noqa: ARG001 - the signal API
+        print(f"\n{hint}", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
 def main(argv: Optional[Sequence[str]] = None, prog_name: Optional[str] = None) -> None:
     """The ``ipb`` console script (and, with ``argv``, the Ray job entrypoints in jobs/)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if argv is None:  # the console script: say how to resume after Ctrl-C
+        _install_interrupt_hint(sys.argv[1:])
     # MLflow's database set-up chatter on a new tracking store (MLflow reads this at import)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)

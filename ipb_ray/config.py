@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -44,6 +45,7 @@ __all__ = [
     "list_presets",
     "load_config",
     "param",
+    "key_type",
     "parse_override",
     "to_dict",
     "validate_all",
@@ -579,10 +581,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if inner is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{value!r} should be a number", key=key)
+        if not math.isfinite(value):
+            raise ConfigError(f"{value!r} is not a finite number; give a value such as 0.5", key=key)
         return float(value)
     if inner is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{value!r} should be a string", key=key)
+            raise ConfigError(f"{value!r} should be a string (in a YAML file, write it in quotes: '{value}')", key=key)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key}")
 
@@ -709,8 +713,53 @@ def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[Config
 
 # --------------------------------------------------------------------------- loading
 
+def key_type(key: str) -> Any:
+    """The declared type of a dotted config key (``"data.frames"`` -> ``str | None``), or
+    None for a key no section declares (a method's own section included)."""
+    cls: Any = ExperimentConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        names, sections, _ = _fields_and_sections(cls)
+        if part in sections:
+            cls = sections[part]
+            continue
+        if part not in names:
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return None if dataclasses.is_dataclass(cls) else cls
+
+
+def _is_text(tp: Any) -> bool:
+    return _is_optional(tp)[1] is str
+
+
+_QUOTES = ('"', "'")
+
+
+def _literal_text(raw: str, tp: Any) -> str | None:
+    """A string setting's value as written: a path such as ``H/plate #2``, a glob such as
+    ``*.tif`` or a folder named ``2024`` stays exactly that (YAML would read a comment, an
+    alias and a number). ``null`` (or ``~``, or nothing) clears an optional setting; a
+    value in matching quotes is unquoted the YAML way, which is how to write a path that
+    is literally named ``null``."""
+    text = raw.strip()
+    if text in ("null", "~", "Null", "NULL") or (text == "" and _is_optional(tp)[0]):
+        return None  # refused with its own message where the setting is not optional
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _QUOTES:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return raw
+        return value if isinstance(value, str) else raw
+    return raw
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"method.mpl.threshold=0.7"`` -> ``("method.mpl.threshold", 0.7)``; values are YAML scalars."""
+    """``"method.mpl.threshold=0.7"`` -> ``("method.mpl.threshold", 0.7)``: values are YAML
+    scalars, except for string settings (paths, globs, names), which are taken literally
+    (:func:`_literal_text`)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} should look like section.key=value "
                           "(e.g. method.mpl.threshold=0.7)", source="override")
@@ -718,6 +767,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has no key", source="override")
+    tp = key_type(key)
+    if tp is not None and _is_text(tp):
+        return key, _literal_text(raw, tp)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

@@ -75,3 +75,49 @@ def tiny_catalog(tmp_path_factory, ray_local) -> str:
     from worlds import small_catalog_at
 
     return small_catalog_at(tmp_path_factory.mktemp("tiny-world"), n_frames=8, seed=5)
+
+
+def _free_cpus(ray) -> tuple[float, float]:
+    return float(ray.available_resources().get("CPU", 0.0)), float(ray.cluster_resources().get("CPU", 0.0))
+
+
+@pytest.fixture(autouse=True)
+def _ray_resources_returned(request):
+    """After each test on the shared cluster: every CPU it reserved comes back. A Train run
+    stopped from outside (ASHA, a failing test) can leave its workers' placement group
+    reserved; the next Train run on a 2-CPU node then waits for CPUs until its start
+    timeout, again for each retry, and a later test hangs for many minutes for a leak
+    made elsewhere. Such a group is removed here and the test that left it is named in
+    the session's summary (``-ra`` shows the warning)."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    import time
+    import warnings
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + 20.0  # placement groups are released asynchronously
+    free, total = _free_cpus(ray)
+    while free + 1e-6 < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free, total = _free_cpus(ray)
+    if free + 1e-6 >= total:
+        return
+    import ray.util
+    from ray.util.placement_group import PlacementGroup
+
+    removed = []
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info.get("state") in ("CREATED", "PENDING", "RESCHEDULING"):
+            try:
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+                removed.append(pg_id[:8])
+            except Exception:  # noqa: BLE001 - gone meanwhile
+                pass
+    time.sleep(1.0)
+    after, total = _free_cpus(ray)
+    warnings.warn(f"{request.node.nodeid} left {total - free:.2f} of {total:.0f} CPUs reserved; "
+                  f"removed placement groups {removed or 'none'}; {after:.2f} CPUs free after", stacklevel=1)

@@ -76,7 +76,10 @@ def test_restart_removes_stale_parts_and_temp_files(tmp_path):
     catalog.write_shard(root, "old", [_row()[0]], [])
     catalog.finish_build(root, ["old"], {})
     (root / "parts" / ".new.parquet.123.tmp").write_bytes(b"half")
-    todo = catalog.begin_build(root, ["new"])
+    with pytest.raises(catalog.CatalogExistsError, match="--overwrite"):  # never without the flag
+        catalog.begin_build(root, ["new"])
+    assert (root / "parts" / "old.parquet").exists() and (root / "catalog.json").exists()
+    todo = catalog.begin_build(root, ["new"], overwrite=True)
     assert todo == ["new"] and not (root / "catalog.json").exists()
     assert not (root / "parts" / "old.parquet").exists()
     assert not list((root / "parts").glob(".*.tmp"))

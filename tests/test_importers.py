@@ -326,15 +326,17 @@ def test_point_box_crops_fixed_boxes_around_points_with_rejects(frames_dir, tmp_
     task = next(t for t in plan.tasks if t.items[0]["source"].endswith("a.png"))
     rows, rejects = importers.run_shard(task, data)
     boxes = {(r["x0"], r["y0"], r["x1"], r["y1"]): r for r in rows}
-    assert set(boxes) == {(88, 88, 152, 152), (258, 248, 322, 312), (168, 168, 232, 232)}
+    # two labels on one point: not silently a multi-label cell, both rows rejected (below)
+    assert set(boxes) == {(88, 88, 152, 152), (168, 168, 232, 232)}
     assert boxes[(88, 88, 152, 152)]["label"] == "Dense"
-    assert boxes[(258, 248, 322, 312)]["labels"] == ["Dense", "Spread"]  # two labels on one point: multi-label
     assert boxes[(168, 168, 232, 232)]["labels"] == []  # a point without a label: an unlabelled cell
     for r in rows:
         assert (r["height"], r["width"]) == (64, 64) and r["area_px"] == 64 * 64
         assert catalog.decode_png(r["image"]).shape == (64, 64)
     reasons = {r["item"].rsplit(" ", 1)[-1]: r["reason"] for r in rejects}
     assert set(reasons) == {"5", "6"}, reasons
+    planned = {r["item"].rsplit(" ", 1)[-1]: r["reason"] for r in plan.rejects}
+    assert set(planned) == {"3", "4"} and "same box as" in planned["3"] and "'A;B'" in planned["4"]
     assert "closer than 32 px (half of data.point_box=64) to the edge of the 400x400 frame" in reasons["5"]
     assert "point [450, 30] lies outside the 400x400 frame" in reasons["6"]
     # the box side is part of the shard key: a catalog built with another side is redone

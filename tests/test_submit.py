@@ -131,7 +131,9 @@ def test_entrypoint_refuses_what_has_no_job(argv, message):
 def test_runtime_env_uploads_the_project_without_environments_or_results(tmp_path):
     env = runtime_env()
     assert env["working_dir"] == str(project_root())
-    assert {".venv", ".git", "demo", "ray_results", "*.db"} <= set(env["excludes"])
+    assert {".*", "*.pem", "/catalog", "demo", "ray_results", "*.db"} <= set(env["excludes"])
+    packed = runtime_env(package=tmp_path / "w.zip")  # what `ipb submit` sends: its own zip, no excludes
+    assert packed["working_dir"] == str(tmp_path / "w.zip") and "excludes" not in packed
     assert "pip" not in env and "env_vars" not in env
     with_deps = runtime_env(with_deps=True)
     assert any(r.startswith("ray[") for r in with_deps["pip"]) and not any("pytest" in r for r in with_deps["pip"])

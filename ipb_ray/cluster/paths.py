@@ -214,3 +214,24 @@ def check_cluster_paths(cfg: ExperimentConfig, outputs: Mapping[str, str] | None
             log.info("shared storage visible from all %d nodes: %s", len(where.nodes), shared)
     if problems:
         raise ValueError("this run would lose or miss data:\n  - " + "\n  - ".join(problems))
+
+
+def check_output_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``path`` as a folder this process can write into, created if missing; ValueError
+    naming ``flag`` and the problem (a file in the way, a folder that cannot be created
+    or written) before any work starts, instead of a traceback at the end."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{flag} {out} is a file, not a folder; give a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".ipb-write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except NotADirectoryError:
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        raise ValueError(f"{flag} {out} cannot be a folder: {blocker or 'a part of its path'} is a file") from None
+    except OSError as exc:
+        raise ValueError(f"{flag} {out} is not writable here ({exc.strerror or exc}); choose a folder you can "
+                         "write to") from None
+    return out

@@ -178,25 +178,68 @@ def write_shard(root: str | Path, shard: str, rows: Sequence[Mapping[str, Any]],
                         root / "parts" / f"{shard}.parquet")
 
 
-def begin_build(root: str | Path, shards: Iterable[str]) -> list[str]:
-    """Prepare ``root`` for a (re)build: invalidate the manifest, drop stale parts.
+#: What a catalog was built from (importer, inputs, segmentation), written before its first
+#: part, so a later command with other inputs can say what differs instead of deleting it.
+BUILD_RECORD = "build.json"
 
-    Returns the shards still to do. A part whose shard is not in ``shards`` came from
-    other inputs or parameters (the shard key hashes them) and is removed.
+
+class CatalogExistsError(FileExistsError):
+    """``--out`` already holds a catalog of other inputs or parameters; nothing was changed."""
+
+
+def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    if not old:
+        return "it was built by an older version or another tool, so its inputs are unknown"
+    keys = [k for k in ("importer", "inputs", "segmentation", "point_box") if old.get(k) != new.get(k)]
+    if not keys:
+        return "the same inputs, but the files in them or the import settings changed since"
+    return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)
+
+
+def begin_build(root: str | Path, shards: Iterable[str], record: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> list[str]:
+    """Prepare ``root`` for a (re)build and return the shards still to do.
+
+    The same inputs and parameters again (a rerun after a crash or Ctrl-C) keep every
+    finished part. Parts of *other* inputs or parameters (the shard key hashes them) are
+    user data: without ``overwrite`` nothing is touched and :class:`CatalogExistsError`
+    says what differs; with it they are removed. ``record`` (importer, inputs,
+    segmentation) is stored as :data:`BUILD_RECORD` for that message.
     """
     root = Path(root)
     wanted = list(dict.fromkeys(shards))
+    keep = set(wanted)
+    stale = [f for sub in ("parts", "rejects") if (root / sub).is_dir()
+             for f in (root / sub).glob("*.parquet") if f.stem not in keep]
+    if stale and not overwrite:
+        finished = (root / MANIFEST).exists()
+        manifest = _read_json(root / MANIFEST)
+        old = _read_json(root / BUILD_RECORD) or manifest
+        size = f"a catalog of {manifest['colonies']} colonies" if "colonies" in manifest else \
+            ("a finished catalog" if finished else "an unfinished catalog build")
+        raise CatalogExistsError(
+            f"{root} already holds {size} from other inputs or settings "
+            f"({_describe_difference(old, record or {})}). Nothing was changed. To replace it, "
+            "rerun with --overwrite; to keep it, choose another --out (data.catalog).")
+    if record is not None:
+        _atomic_write_text(json.dumps(dict(record), indent=1, sort_keys=True, default=str), root / BUILD_RECORD)
     (root / MANIFEST).unlink(missing_ok=True)
     for sub in ("parts", "rejects"):
         folder = root / sub
         folder.mkdir(parents=True, exist_ok=True)
-        for f in folder.glob("*.parquet"):
-            if f.stem not in set(wanted):
-                log.info("removing stale %s/%s (inputs or parameters changed)", sub, f.name)
-                f.unlink()
         for f in folder.glob(".*.tmp"):  # left by a crash mid-write
             f.unlink()
+    for f in stale:
+        log.warning("--overwrite: removing %s/%s (other inputs or parameters)", f.parent.name, f.name)
+        f.unlink()
     return [s for s in wanted if not shard_done(root, s)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def finish_build(root: str | Path, shards: Sequence[str], info: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +285,47 @@ def class_counts(table: pa.Table) -> dict[str, int]:
         key = "multi_label" if multi else (label if label is not None else "unlabelled")
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+#: A class this much smaller than a class whose name is one edit away ("Sprad": 3 beside
+#: "Spread": 120) is probably a typo; two real classes one letter apart ("microcyte",
+#: "macrocyte") are usually of a size.
+TYPO_SHARE = 0.1
+
+
+def _name_key(name: str) -> str:
+    return re.sub(r"[\s_\-.]+", "", name.lower())
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """True when one insertion, deletion or substitution turns ``a`` into ``b``."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = next((k for k in range(len(a)) if a[k] != b[k]), len(a))
+    return a[i + (len(a) == len(b)):] == b[i + 1:]
+
+
+def label_warnings(counts: Mapping[str, int], folds: int) -> list[str]:
+    """What a user should look at in a new catalog's labels (``counts``: :func:`class_counts`):
+    two names for one class (the same but for case and separators, or one edit apart with
+    one class under :data:`TYPO_SHARE` of the other), and classes with fewer
+    single-labelled colonies than ``folds`` (some test folds then hold none of them)."""
+    names = [n for n in counts if n not in ("multi_label", "unlabelled")]
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ka, kb = _name_key(a), _name_key(b)
+            small, big = sorted((counts[a], counts[b]))
+            if ka == kb or (_one_edit_apart(ka, kb) and small <= TYPO_SHARE * big):
+                out.append(f"classes {a!r} ({counts[a]} colonies) and {b!r} ({counts[b]}) look like one class "
+                           "spelt two ways; if so, rename the folder or label and rerun with --overwrite")
+    for n in names:
+        if counts[n] < folds:
+            out.append(f"class {n!r} has {counts[n]} labelled colonies, fewer than split.folds={folds}: some test "
+                       "folds hold none of it and its TPR there is undefined; label more or lower split.folds")
+    return out
 
 
 #: Crops whose pixels estimate a catalog's mean and std (a seeded sample; enough for two

@@ -35,6 +35,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import logging
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def read_annotation_table(path: str | Path) -> list[dict[str, Any]]:
         rows = pq.read_table(path).to_pylist()
         columns = set(rows[0]) if rows else set()
     else:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's byte-order mark
             reader = csv.DictReader(fh)
             rows = list(reader)
             columns = set(reader.fieldnames or ())
@@ -150,10 +151,21 @@ def read_annotation_table(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _num(row: dict[str, Any], key: str) -> float | None:
+    """A numeric cell, None when empty; ValueError naming the column for text, NaN or inf."""
     value = row.get(key)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return float(value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{key}={value!r} is not a finite number")
+    return number
+
+
+def _same_place(ann: dict[str, Any]) -> tuple[Any, ...]:
+    return ("box", *ann["box"]) if "box" in ann else ("point", *ann["point"])
 
 
 def _row_labels(row: dict[str, Any]) -> list[str]:
@@ -193,9 +205,14 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
         for p in listed:
             per_frame.setdefault(p.resolve(), [])
     if annotations:
+        placed: dict[tuple[Any, ...], dict[str, Any]] = {}  # (frame, box or point) -> its first row
         for i, row in enumerate(read_annotation_table(annotations), start=2):
             where = f"{annotations} row {i}"
-            frame, looked = _find_frame(str(row["frame"]), roots)
+            name = row.get("frame")
+            if name is None or not str(name).strip():
+                rejects.append(catalog.reject_row(str(annotations), where, "no frame name", importer))
+                continue
+            frame, looked = _find_frame(str(name), roots)
             labels = _row_labels(row)
             unknown = [n for n in labels if known and n not in known]
             if unknown:
@@ -209,6 +226,7 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
             try:
                 box = [_num(row, k) for k in ("x0", "y0", "x1", "y1")]
                 point = [_num(row, k) for k in ("x", "y")]
+                t = _num(row, "frame_index") if "frame_index" in row else _num(row, "time")
             except ValueError as exc:
                 rejects.append(catalog.reject_row(str(frame), where, f"bad coordinate: {exc}", importer))
                 continue
@@ -227,10 +245,17 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
             else:
                 rejects.append(catalog.reject_row(str(frame), where, "no box or point", importer))
                 continue
+            place = (frame, *_same_place(ann))
+            first = placed.get(place)
+            if first is not None:
+                _duplicate(first, ann, frame, rejects, importer)
+                continue
+            placed[place] = ann
             per_frame.setdefault(frame, []).append(ann)
-            t = _num(row, "frame_index") if "frame_index" in row else _num(row, "time")
             if t is not None:
                 frame_index[frame] = int(t)
+        for frame in per_frame:  # drop the rows a conflicting duplicate took back
+            per_frame[frame] = [a for a in per_frame[frame] if not a.get("conflict")]
     tasks = []
     for frame, anns in sorted(per_frame.items()):
         display = _display(frame, base)
@@ -240,6 +265,27 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
             item["point_box"] = int(data.point_box)
         tasks.append(ShardTask(_key(importer, item, data.segmentation), importer, (item,)))
     return Plan(tasks, rejects, importer, str(frames or annotations))
+
+
+def _duplicate(first: dict[str, Any], ann: dict[str, Any], frame: Path, rejects: list[dict[str, str]],
+               importer: str) -> None:
+    """A second row on the same box or point: the same labels are a harmless repeat (the
+    second row is rejected as such); other labels make the colony's label unknown, so both
+    rows are rejected, with the way to write a multi-label colony (one row, ``A;B``)."""
+    where = ann["row"]
+    if sorted(first["labels"]) == sorted(ann["labels"]) and not first.get("conflict"):
+        rejects.append(catalog.reject_row(str(frame), where, f"duplicate of {first['row']} (same box, same "
+                                          "label); kept once", importer))
+        return
+    def reason(other: dict[str, Any], here: dict[str, Any]) -> str:
+        return (f"same box as {other['row']} with another label ({';'.join(here['labels'])} here, "
+                f"{';'.join(other['labels'])} there): both rows left out; for a colony with several "
+                "labels write one row with labels 'A;B'")
+
+    if not first.get("conflict"):
+        first["conflict"] = True
+        rejects.append(catalog.reject_row(str(frame), first["row"], reason(ann, first), importer))
+    rejects.append(catalog.reject_row(str(frame), where, reason(first, ann), importer))
 
 
 def frames_dir(frames: str | None) -> Path | None:
@@ -467,6 +513,11 @@ def plan_imagefolder(root: str, data: DataConfig) -> Plan:
             if sub.name == MULTI_DIR:
                 combo = rel.parts[1] if len(rel.parts) > 2 else ""
                 labels, multi = [s for s in combo.replace(";", "+").split("+") if s], True
+                if not labels:
+                    rejects.append(catalog.reject_row(str(rel), str(rel), f"a {MULTI_DIR}/ image needs a folder "
+                                                      f"naming its classes, e.g. {MULTI_DIR}/A+B/{f.name}",
+                                                      "imagefolder"))
+                    continue
             elif sub.name.lower() in UNLABELLED_DIRS:
                 labels, multi = [], False
             else:

@@ -37,6 +37,8 @@ class PreprocessSummary:
     folds: list[dict[str, Any]] = field(default_factory=list)
     #: Why no folds were drawn and what to do ("" when folds were drawn).
     folds_note: str = ""
+    #: What to look at in the labels (:func:`ipb_ray.data.catalog.label_warnings`).
+    warnings: list[str] = field(default_factory=list)
 
 
 class _ShardWriter:
@@ -56,8 +58,12 @@ class _ShardWriter:
 
 
 def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> PreprocessSummary:
-    """Build (or finish) the catalog of ``cfg.data`` at ``out`` (default ``cfg.data.catalog``)."""
+                  progress: Callable[[int, int], None] | None = None,
+                  overwrite: bool = False) -> PreprocessSummary:
+    """Build (or finish) the catalog of ``cfg.data`` at ``out`` (default ``cfg.data.catalog``).
+
+    A catalog of other inputs already there is refused (``CatalogExistsError``) unless
+    ``overwrite``; the same inputs again resume."""
     import ray
 
     from ipb_ray.distributed.ray_setup import init_ray
@@ -67,7 +73,9 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     plan = importers.plan(cfg.data, importer)
     plan_key = "plan-" + importers._key(plan.importer, plan.rejects, cfg.data.segmentation)
     keys = [t.key for t in plan.tasks] + [plan_key]
-    todo_keys = set(catalog.begin_build(root, keys))
+    record = {"importer": plan.importer, "inputs": plan.inputs, "point_box": cfg.data.point_box,
+              "segmentation": to_dict(cfg.data.segmentation)}
+    todo_keys = set(catalog.begin_build(root, keys, record, overwrite=overwrite))
     if plan_key in todo_keys:
         catalog.write_shard(root, plan_key, [], plan.rejects)
         todo_keys.discard(plan_key)
@@ -98,9 +106,12 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     for reason in catalog.read_rejects(root).column("reason").to_pylist():
         kind = _REASON_DETAIL.sub("…", reason.split(":")[0])
         reasons[kind] = reasons.get(kind, 0) + 1
+    warnings = catalog.label_warnings(manifest["counts"], cfg.split.folds)
+    for text in warnings:
+        log.warning("%s: %s", root, text)
     return PreprocessSummary(str(root), plan.importer, total, total - len(todo), manifest["colonies"],
                              manifest["counts"], manifest["rejects"], reasons,
-                             time.perf_counter() - t0, folds.summary() if folds else [], folds_note)
+                             time.perf_counter() - t0, folds.summary() if folds else [], folds_note, warnings)
 
 
 def make_catalog_folds(root: str | Path, cfg: ExperimentConfig):

@@ -344,17 +344,18 @@ def load_checkpoint(run: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The run's latest checkpoint state (a resumed or restarted run), else None. In local
     mode (``run["local_run_dir"]``) the newest checkpoint the loop wrote there itself."""
     import ray.train
-    import torch
+
+    from ipb_ray.nn.checkpoint import load_state
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+            return load_state(os.path.join(d, CHECKPOINT_FILE))
     local = (run or {}).get("local_run_dir")
     found = local_checkpoints(local) if local else []
     if not found:
         return None
-    return torch.load(found[-1] / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    return load_state(found[-1] / CHECKPOINT_FILE)
 
 
 def snapshot(model: Any) -> dict[str, Any]:

@@ -174,15 +174,13 @@ def _from_mlflow(ref: str, tracking_uri: str | None) -> Predictor:
 
 
 def _from_checkpoint(path: Path) -> Predictor:
-    import torch
-
-    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, load_state
     from ipb_ray.tracking.runs import load_best_model, probability_model
 
     file = path / CHECKPOINT_FILE
     if not file.is_file():
         raise ValueError(f"{path} is not a training checkpoint (no {CHECKPOINT_FILE} in it)")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = load_state(file)
     cfg = from_dict(state["config"], source=str(file)) if isinstance(state.get("config"), dict) else state["config"]
     names = tuple(state["class_names"])
     net, why = load_best_model(str(path), cfg, len(names))

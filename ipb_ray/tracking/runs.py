@@ -474,9 +474,7 @@ def probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
 
 def load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: int) -> tuple[Any, str]:
     """(network with the selected weights, "") or (None, why not)."""
-    import torch
-
-    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
+    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, load_state
     from ipb_ray.nn.models import build_model
 
     if not checkpoint:
@@ -484,7 +482,7 @@ def load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: 
     path = Path(checkpoint) / CHECKPOINT_FILE
     if not path.is_file():
         return None, f"{path} does not exist"
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_state(path)
     best = state.get("best_model") if isinstance(state, Mapping) else None
     if best is None:
         return None, f"{path} holds no 'best_model' weights"
