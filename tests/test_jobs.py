@@ -128,3 +128,31 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
     assert job in listing.stdout and "STOPPED" in listing.stdout
     unknown = _ipb("jobs", "status", "raysubmit_nope", "--address", url)
     assert unknown.returncode == 2 and "no job raysubmit_nope at" in unknown.stderr
+
+
+PROBE = '''"""Stands in for jobs.report in a planted project: lists the job's working directory."""
+import os
+
+for folder, _, names in os.walk("."):
+    for name in names:
+        print("UPLOADED", os.path.relpath(os.path.join(folder, name)))
+'''
+
+
+def test_a_planted_secret_or_data_file_never_reaches_the_job(cluster, tmp_path):
+    """`ipb submit` packs the project itself: what it prints is what the job's working
+    directory holds, and dotfiles, keys, credentials and data are not among them."""
+    url, _, _ = cluster
+    proj = tmp_path / "proj"
+    planted = {".env": "AWS_SECRET_ACCESS_KEY=planted\n", ".aws/credentials": "[default]\n",
+               "id_rsa.pem": "-----BEGIN-----\n", "catalog/parts/a.parquet": "x", "predictions/p.parquet": "x"}
+    for rel, text in {"jobs/__init__.py": "", "jobs/report.py": PROBE, "notes.md": "kept\n", **planted}.items():
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        (proj / rel).write_text(text)
+    run = _ipb("submit", "--address", url, "--working-dir", str(proj), "--", "report", "x")
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "uploading 3 files" in out and ".env" in out  # the summary names what it left out
+    uploaded = {line.split(" ", 1)[1].strip() for line in out.splitlines() if line.startswith("UPLOADED ")}
+    assert uploaded == {"jobs/__init__.py", "jobs/report.py", "notes.md"}, out
+    assert "planted" not in out
