@@ -1,7 +1,7 @@
 """Does ipb-ray learn? Its methods against a plain PyTorch reference, on the same folds.
 
     python benchmarks/accuracy.py CATALOG --folds 5 --methods reference,supervised,mpl,ipb \
-        [--preset demo | --config my.yaml] [--json out.json] [--budget-s S] [overrides ...]
+        [--preset demo | --config my.yaml] [--json out.json] [--base ROW] [--budget-s S] [overrides ...]
 
 - ``reference``: a plain in-process PyTorch trainer written here, with no Ray and no
   ipb-ray model, stream or loop: each colony's whole crop resized to one square size, a
@@ -23,7 +23,7 @@
 Every method sees the same fold's L (training), V (model selection) and T (test) from
 the catalog's stored folds (or a view drawn for the configured split). Prints per method:
 macro TPR, worst-class TPR, macro F1, accuracy, wall time, and the paired t-test p of
-macro TPR and worst-class TPR against ``supervised`` (or the first method). ``--json``
+macro TPR and worst-class TPR against ``supervised`` (or the first method, or ``--base``). ``--json``
 writes every fold's report as soon as the fold ends, and a rerun with the same ``--json``
 skips the (method, fold) pairs already there: a long benchmark resumes where it stopped.
 For methods with a pseudo-balancer the curves print, per epoch, the teacher's pseudo-label
@@ -312,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="side the reference resizes whole crops to (default data.patch_size or global_patch)")
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new folds after this long")
     ap.add_argument("--json", default=None, help="write every fold's report here")
+    ap.add_argument("--base", default=None, help="row the others are compared with (default: supervised, else "
+                    "the first method); with --json, any row the file holds")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. method.epochs=10")
     args = ap.parse_intermixed_args(argv)
 
@@ -400,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
         names = res["reports"][0]["class_names"]
         print(f"{name:10s} predicted on T: " + ", ".join(f"{n} {int(h)}" for n, h in zip(names, hist))
               + "  (true: " + ", ".join(f"{n} {int(t)}" for n, t in zip(names, truth)) + ")", flush=True)
-    base = "supervised" if "supervised" in done else methods[0]
+    if args.base and args.base not in done:
+        print(f"--base {args.base!r} has no results; rows: {', '.join(done)}", file=sys.stderr)
+        return 2
+    base = args.base or ("supervised" if "supervised" in done else methods[0])
     print_table(done, base)
     if done:
         print_balance(done, list(next(iter(done.values()))["reports"][0]["class_names"]))

@@ -712,6 +712,13 @@ def local_cluster(workers: int = typer.Option(1, help="Worker nodes besides the 
     work = work_dir.resolve()
     with _user_errors(), LocalCluster(work, workers=workers, cpus=cpus, mlflow=mlflow) as c:
         console.print(f"[green]Ray cluster up[/]: head + {workers} worker node(s), {cpus} CPUs each", highlight=False)
+        listening, exposed = c.listening(), c.exposed()
+        if exposed:
+            err_console.print("[bold yellow]warning:[/] listening beyond 127.0.0.1: " + ", ".join(
+                f"{name} {ip}:{port}" for name, ip, port in exposed), highlight=False)
+        else:
+            console.print(f"  all {len(listening)} listening ports (Ray, its agents, MLflow) are on 127.0.0.1 only",
+                          highlight=False)
         console.print(f"  job API and dashboard: {c.address}\n  GCS (ray start --address, ipb --address): "
                       f"{c.gcs_address}" + (f"\n  MLflow server: {c.mlflow_uri}" if mlflow else ""), highlight=False)
         tracking = f" tracking.tracking_uri={c.mlflow_uri}" if mlflow else ""

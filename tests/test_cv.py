@@ -196,3 +196,40 @@ def test_absolute_uri_pins_a_relative_sqlite_store_to_this_directory(tmp_path, m
     assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_two_cv_commands_at_once_on_one_sqlite_store_both_finish_with_every_fold(cv_catalog, ray_local, tmp_path):
+    """Two users (or a cv beside a tune) writing to the default SQLite store at the same
+    time, from a fresh database: both commands end well, every fold with its run and model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    gcs = ray_local.get_runtime_context().gcs_address
+    bin_ipb = str(Path(sys.executable).parent / "ipb")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    procs = []
+    for name in ("alice", "bob"):
+        args = [bin_ipb, "cv", "--preset", "demo", f"data.catalog={cv_catalog / 'catalog'}",
+                f"tracking.storage_path={tmp_path / name}", f"tracking.tracking_uri={uri}",
+                "tracking.experiment=shared", f"name={name}", f"resources.address={gcs}", "resources.num_workers=0",
+                "split.folds=2", "split.labelled_fraction=0.4", "method.name=supervised", "method.epochs=1",
+                "method.steps_per_epoch=4", "model.backbone=patch_stats", "model.feature_dim=8",
+                "data.global_patch=48", "data.local_patch=24", "method.batch_size=4"]
+        procs.append(subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("shared")
+    runs = client.search_runs([exp.experiment_id])
+    for name in ("alice", "bob"):
+        parent = next(r for r in runs if r.info.run_name == f"{name}-supervised")
+        folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["ipb.fold"] for r in folds) == ["0", "1"], name
+        assert all(r.info.status == "FINISHED" and r.data.tags.get("ipb.model_uri") for r in folds), name

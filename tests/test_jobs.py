@@ -27,7 +27,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """(job API URL, MLflow URL, work dir) of a 2-node Ray cluster and an MLflow server."""
+    """A 2-node Ray cluster and an MLflow server (:class:`LocalCluster`: address, mlflow_uri, work)."""
     from ipb_ray.cluster.local import LocalCluster
 
     c = LocalCluster(tmp_path_factory.mktemp("jobs"), workers=1, cpus=2)
@@ -37,7 +37,7 @@ def cluster(tmp_path_factory):
         print(c.tail_logs())
         raise
     try:
-        yield c.address, c.mlflow_uri, c.work
+        yield c
     finally:
         c.stop()
 
@@ -61,7 +61,7 @@ def test_submit_preprocess_and_cv_to_a_two_node_cluster_then_a_failing_and_a_sto
 
     from ipb_ray.cluster.submit import requires_token
 
-    url, mlflow_url, work = cluster
+    url, mlflow_url, work = cluster.address, cluster.mlflow_uri, cluster.work
     # token authentication is on: a request without the token is refused, a wrong token
     # gets a message that says where the right one comes from
     assert requires_token(url) is True
@@ -142,9 +142,9 @@ for folder, _, names in os.walk("."):
 def test_a_planted_secret_or_data_file_never_reaches_the_job(cluster, tmp_path):
     """`ipb submit` packs the project itself: what it prints is what the job's working
     directory holds, and dotfiles, keys, credentials and data are not among them."""
-    url, _, _ = cluster
+    url = cluster.address
     proj = tmp_path / "proj"
-    planted = {".env": "AWS_SECRET_ACCESS_KEY=planted\n", ".aws/credentials": "[default]\n",
+    planted = {".env": "AWS_SECRET_ACCESS_KEY=s3cr3t-7f3a\n", ".aws/credentials": "[default]\n",
                "id_rsa.pem": "-----BEGIN-----\n", "catalog/parts/a.parquet": "x", "predictions/p.parquet": "x"}
     for rel, text in {"jobs/__init__.py": "", "jobs/report.py": PROBE, "notes.md": "kept\n", **planted}.items():
         (proj / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -155,4 +155,15 @@ def test_a_planted_secret_or_data_file_never_reaches_the_job(cluster, tmp_path):
     assert "uploading 3 files" in out and ".env" in out  # the summary names what it left out
     uploaded = {line.split(" ", 1)[1].strip() for line in out.splitlines() if line.startswith("UPLOADED ")}
     assert uploaded == {"jobs/__init__.py", "jobs/report.py", "notes.md"}, out
-    assert "planted" not in out
+    assert "s3cr3t-7f3a" not in out
+
+
+def test_the_local_cluster_listens_on_127_0_0_1_only(cluster):
+    """`ss -ltnp` for every process of `ipb local-cluster`'s nodes and MLflow server: Ray's
+    GCS, raylets, object managers, agents, metrics export, workers and MLflow all listen on
+    the loopback interface only."""
+    listening = cluster.listening()
+    names = {name for name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, listening
+    assert len(listening) >= 8
+    assert cluster.exposed() == [], cluster.exposed()

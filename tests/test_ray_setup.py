@@ -95,3 +95,44 @@ def test_state_actors_are_reset_and_reused_between_runs(ray_local):
     assert current_state(name)[:2] == (0, None)  # reset, and no stale cached copy is served
     assert ray.get(handle.teacher.remote()) == (-1, [])
     release_states(second)
+
+
+def ray_session_pids(ray) -> set[int]:
+    """Every process of this process's own Ray cluster: what the node started (GCS, raylet,
+    dashboard, log monitor...) and all their children (agents, workers)."""
+    import psutil
+
+    node = ray._private.worker._global_node
+    pids: set[int] = set()
+    for infos in node.all_processes.values():
+        for info in infos:
+            try:
+                proc = psutil.Process(info.process.pid)
+            except psutil.NoSuchProcess:
+                continue
+            pids.add(proc.pid)
+            pids.update(c.pid for c in proc.children(recursive=True))
+    return pids
+
+
+@pytest.mark.ray
+def test_the_local_cluster_listens_on_loopback_only(ray_local):
+    """What `ss -ltnp` shows for the cluster init_ray starts: every listening socket of every
+    Ray process (GCS, raylet, object manager, dashboard, agents, metrics, workers) is on
+    127.0.0.1, none on all interfaces or the machine's network address."""
+    import psutil
+
+    @ray_local.remote
+    def touch() -> int:  # a worker process too
+        return 1
+
+    assert ray_local.get(touch.remote()) == 1
+    pids = ray_session_pids(ray_local)
+    assert len(pids) >= 3
+    listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening, "found no listening socket of the Ray session"
+    exposed = [(pid, psutil.Process(pid).name(), ip, port) for pid, ip, port in listening
+               if ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"Ray processes listening beyond loopback: {exposed}"
+    assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")

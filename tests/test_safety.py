@@ -292,7 +292,7 @@ def test_preprocess_takes_a_folder_with_a_hash_and_refuses_to_replace_a_catalog(
     a = make_frames(tmp_path / "plate #2", n_frames=2, seed=1)
     b = make_frames(tmp_path / "2024", n_frames=3, seed=2)
     out = tmp_path / "cat"
-    common = ["--preset", "demo", "--out", str(out), "split.folds=2", "split.labelled_fraction=0.5"]
+    common = ["--preset", "demo", "--out", str(out), "split.folds=2", "split.labelled_fraction=0.3"]
     first = runner.invoke(app, ["preprocess", *common, "--frames", str(a / "frames"),
                                 "--annotations", str(a / "ann.csv")])
     assert first.exit_code == 0, first.output

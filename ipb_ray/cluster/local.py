@@ -4,8 +4,10 @@ For rehearsing a cluster run on a laptop (``ipb local-cluster``), and for the te
 benchmarks of ``ipb submit``. It runs what a real cluster runs: a head started with
 ``ray start --head --dashboard-host 127.0.0.1``, worker nodes started with ``ray start
 --address``, each node with its own temp directory (as on separate machines), and
-``mlflow server`` with a SQLite database and a proxied artifact store. Everything binds
-to 127.0.0.1, Ray's token authentication is on (``RAY_AUTH_MODE=token``; the token is
+``mlflow server`` with a SQLite database and a proxied artifact store. Every node is a
+127.0.0.1 node (:mod:`ipb_ray.cluster.loopback_node`: plain ``ray start`` would listen on
+every interface), so everything listens on 127.0.0.1 only (:meth:`LocalCluster.exposed`
+checks it), Ray's token authentication is on (``RAY_AUTH_MODE=token``; the token is
 Ray's own ``~/.ray/auth_token``, generated when missing, which local clients send), and
 every process is stopped on :meth:`LocalCluster.stop` (never ``ray stop``, which would
 also stop any other Ray on this machine).
@@ -57,6 +59,10 @@ def free_ports(n: int, rng: random.Random | None = None) -> list[int]:
     return chosen
 
 
+#: the addresses a socket listening only on this machine shows
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
 @dataclass
 class LocalCluster:
     """``workers`` worker nodes besides the head, ``cpus`` logical CPUs per node; logs
@@ -77,6 +83,11 @@ class LocalCluster:
 
     def _bin(self, name: str) -> str:
         return str(Path(sys.executable).parent / name)
+
+    @staticmethod
+    def _ray_start() -> list[str]:
+        """``ray start`` as a node on 127.0.0.1 only (:mod:`ipb_ray.cluster.loopback_node`)."""
+        return [sys.executable, "-m", "ipb_ray.cluster.loopback_node", "start"]
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -125,6 +136,28 @@ class LocalCluster:
             time.sleep(0.5)
         raise TimeoutError(f"{what} not ready after {self.timeout_s:.0f} s; see the logs in {self.work}")
 
+    def listening(self) -> list[tuple[str, str, int]]:
+        """(process name, address, port) of every listening TCP socket of this cluster's
+        processes (its nodes, what they started, the MLflow server): what ``ss -ltnp``
+        shows for them."""
+        import psutil
+
+        sessions = {p.pid for p in self.procs if p.poll() is None}
+        out = set()
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.status != psutil.CONN_LISTEN or not conn.pid:
+                continue
+            try:
+                if os.getsid(conn.pid) in sessions:
+                    out.add((psutil.Process(conn.pid).name(), conn.laddr.ip, conn.laddr.port))
+            except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+                continue
+        return sorted(out)
+
+    def exposed(self) -> list[tuple[str, str, int]]:
+        """:meth:`listening` beyond the loopback interface (empty when all is local)."""
+        return [x for x in self.listening() if x[1] not in LOOPBACK]
+
     def alive_nodes(self) -> int:
         from ray.util.state import list_nodes
 
@@ -155,7 +188,7 @@ class LocalCluster:
         gcs, dash, client, mlflow_port = free_ports(4)
         self.address, self.gcs_address = f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}"
         try:
-            self._spawn("head", [self._bin("ray"), "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
+            self._spawn("head", [*self._ray_start(), "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1",
                                  f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
                                  *self._node_args("head")])
             if self.mlflow:
@@ -167,7 +200,7 @@ class LocalCluster:
                                        "--workers", "1"])
             self._wait("the Ray head's job API", lambda: JobSubmissionClient(self.address).list_jobs() is not None)
             for i in range(self.workers):
-                self._spawn(f"worker{i}", [self._bin("ray"), "start", f"--address={self.gcs_address}",
+                self._spawn(f"worker{i}", [*self._ray_start(), f"--address={self.gcs_address}",
                                            *self._node_args(f"w{i}")])
             self._wait(f"{self.workers} worker node(s)", lambda: self.alive_nodes() == self.workers + 1)
             if self.mlflow:

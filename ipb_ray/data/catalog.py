@@ -190,7 +190,7 @@ class CatalogExistsError(FileExistsError):
 def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     if not old:
         return "it was built by an older version or another tool, so its inputs are unknown"
-    keys = [k for k in ("importer", "inputs", "segmentation", "point_box") if old.get(k) != new.get(k)]
+    keys = [k for k in ("importer", "inputs", "segmentation", "point_box") if k in old and old[k] != new.get(k)]
     if not keys:
         return "the same inputs, but the files in them or the import settings changed since"
     return "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in keys)

@@ -72,6 +72,27 @@ def local_train_env(environ: dict | None = None) -> dict[str, str]:
     return added
 
 
+def loopback_only() -> None:
+    """Make the cluster this process starts for itself a 127.0.0.1 node. Ray gives a new
+    local cluster the machine's network address as its node address, and its GCS, raylet,
+    object manager and workers listen there, reachable from the network; with the loopback
+    address as the node's (what Ray itself does on macOS and Windows, and what ``ray start
+    --node-ip-address=127.0.0.1`` sets) they listen on 127.0.0.1 only. Ray reads the switch
+    from one module constant (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``), which a cluster of
+    several machines never goes through: they join by address. A process that joins such
+    a cluster must be a 127.0.0.1 node too (``init_ray`` does this for a 127.0.0.1
+    address; for Ray's own CLI, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray status``)."""
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _is_loopback(address: str) -> bool:
+    """``127.0.0.1:6379``, ``localhost:6379``, ``[::1]:6379`` (not ``auto``, ``ray://``)."""
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address and "://" not in address else ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
 def init_ray(resources: ResourcesConfig | None = None, address: str | None = None) -> None:
     """Start or join Ray once per process.
 
@@ -87,6 +108,8 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
     address = address or resources.address or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"log_to_driver": False, "configure_logging": False}
     if address:
+        if _is_loopback(address):  # a cluster on this machine's 127.0.0.1: join it as a 127.0.0.1 node
+            loopback_only()
         ray.init(address=address, **kwargs)
     else:
         if resources.object_store_mb:
@@ -94,9 +117,10 @@ def init_ray(resources: ResourcesConfig | None = None, address: str | None = Non
         kwargs["_system_config"] = {"num_workers_soft_limit": worker_soft_limit(os.cpu_count() or 1,
                                                                                 resources.data_cpus)}
         local_train_env()
+        loopback_only()
         # "local": a cluster of our own even when `ray start` runs on this machine (plain
         # ray.init() would join that one); join it with --address auto instead
-        ray.init(address="local", **kwargs)
+        ray.init(address="local", dashboard_host="127.0.0.1", **kwargs)
     log.info("Ray: %s", ray.cluster_resources())
     _quiet_worker_startup_warning()
     import ray.data

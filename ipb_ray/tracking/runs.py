@@ -180,21 +180,53 @@ def sanitize_metric_name(name: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 def client_for(tracking_uri: str) -> Any:
+    """An MLflow client of ``tracking_uri``. A SQLite store is opened (created and migrated
+    when new) under a file lock beside the database: two commands that start at once on a
+    new store would otherwise both run MLflow's schema migrations and one would fail."""
     import mlflow
 
-    return mlflow.MlflowClient(tracking_uri)
+    db = _sqlite_file(tracking_uri)
+    if db is None:
+        return mlflow.MlflowClient(tracking_uri)
+    with _file_lock(db.with_name(db.name + ".ipb-lock")):
+        client = mlflow.MlflowClient(tracking_uri)
+        client.search_experiments(max_results=1)  # the store's set-up happens here, one process at a time
+    return client
+
+
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if not db or db == ":memory:" else Path(db)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing); none where the platform
+    has no ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sqlite_artifact_root(tracking_uri: str, experiment: str) -> str | None:
     """``<database dir>/mlartifacts/<experiment>`` for a SQLite store (MLflow's default
     would be ``./mlruns`` of whatever directory the process runs in)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    db = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
-    if not db or db == ":memory:":
+    db = _sqlite_file(tracking_uri)
+    if db is None:
         return None
     safe = re.sub(r"[^\w.\-]", "_", experiment).strip(".") or "experiment"
-    return (Path(db).resolve().parent / "mlartifacts" / safe).as_uri()
+    return (db.resolve().parent / "mlartifacts" / safe).as_uri()
 
 
 def _experiment_id(client: Any, tracking_uri: str, experiment: str, create: bool) -> str | None:

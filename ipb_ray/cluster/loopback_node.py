@@ -1,0 +1,32 @@
+"""``ray start`` for a node that lives on 127.0.0.1 only (what ``ipb local-cluster`` runs).
+
+Ray's ``ray start --node-ip-address=127.0.0.1`` does not make a loopback node: Ray turns a
+loopback address into the machine's network address (so that other machines could reach
+the node), and the GCS, raylet, object manager and agents then listen on every interface.
+A rehearsal cluster on a laptop needs no other machine, so here the node's address stays
+127.0.0.1 and every Ray process it starts listens there only. Ray has no public switch for
+this; its one function that answers "this node's address" is pointed at 127.0.0.1 before
+Ray's own ``ray start`` runs, in this process only (a real cluster's nodes never use this
+module).
+
+    python -m ipb_ray.cluster.loopback_node start --head --port=... (any `ray start` arguments)
+"""
+
+from __future__ import annotations
+
+import sys
+
+LOOPBACK_IP = "127.0.0.1"
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ray._private import services
+    from ray.scripts.scripts import main as ray_main
+
+    services.get_node_ip_address = lambda address=None: LOOPBACK_IP  # noqa: ARG005 - Ray's signature
+    sys.argv = ["ray", *(sys.argv[1:] if argv is None else argv)]
+    ray_main()
+
+
+if __name__ == "__main__":
+    main()
