@@ -7,9 +7,9 @@ shared local cluster, and the job upload is checked on a real cluster in test_jo
 
 from __future__ import annotations
 
-import csv
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -310,27 +310,65 @@ def test_preprocess_takes_a_folder_with_a_hash_and_refuses_to_replace_a_catalog(
     assert catalog.read_manifest(out)["colonies"] == 12
 
 
+def _ray_processes(temp_root: Path) -> list:
+    """Processes of a Ray cluster whose temp root is ``temp_root`` (its own RAY_TMPDIR)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(temp_root) in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _start_preprocess(tmp_path: Path, data: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    temp_root = Path(f"/tmp/ipb-{name}-{os.getpid()}")  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(temp_root))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "ipb"), "preprocess", "--preset", "demo",
+                             "--frames", str(data / "frames"), "--annotations", str(data / "ann.csv"),
+                             "--out", str(tmp_path / name)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    return proc, temp_root
+
+
+def _wait_for(check, timeout: float) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.3)
+    return False
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ctrl_c_during_preprocess_says_how_to_resume(tmp_path):
-    """A real SIGINT to the console script (its own local Ray, as a user runs it)."""
+def test_ctrl_c_says_how_to_resume_and_a_killed_command_leaves_no_ray_behind(tmp_path):
+    """Real signals to the console script, each run with a Ray cluster of its own (as a
+    user runs it): Ctrl-C prints how to resume; after a SIGKILL of the command alone (the
+    out-of-memory killer, `kill -9`), its Ray processes go away by themselves."""
     import signal
-    import time
 
     from worlds import make_frames
 
     data = make_frames(tmp_path / "w", n_frames=40, seed=4)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "ipb"), "preprocess", "--preset", "demo",
-                             "--frames", str(data / "frames"), "--annotations", str(data / "ann.csv"),
-                             "--out", str(tmp_path / "cat")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (tmp_path / "cat" / catalog.BUILD_RECORD).exists():
-        time.sleep(0.2)
-    time.sleep(1.0)
+    proc, first_root = _start_preprocess(tmp_path, data, "int")
+    assert _wait_for(lambda: (tmp_path / "int" / catalog.BUILD_RECORD).exists(), 120)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "interrupted; rerun the same command to resume" in err, err[-2000:]
+
+    proc, temp_root = _start_preprocess(tmp_path, data, "kill")
+    assert _wait_for(lambda: len(_ray_processes(temp_root)) >= 3, 120), "its Ray cluster never came up"
+    proc.kill()
+    proc.wait(timeout=30)
+    assert _wait_for(lambda: not _ray_processes(temp_root), 45), \
+        f"left running: {sorted(p.name() for p in _ray_processes(temp_root))}"
+    for root in (first_root, temp_root):
+        shutil.rmtree(root, ignore_errors=True)
