@@ -119,5 +119,39 @@ def _ray_resources_returned(request):
                 pass
     time.sleep(1.0)
     after, total = _free_cpus(ray)
+    if after + 1e-6 < total:
+        removed.append("still held by: " + cpu_holders(ray))
     warnings.warn(f"{request.node.nodeid} left {total - free:.2f} of {total:.0f} CPUs reserved; "
                   f"removed placement groups {removed or 'none'}; {after:.2f} CPUs free after", stacklevel=1)
+
+
+def cpu_holders(ray) -> str:
+    """The alive actors and placement groups of the shared cluster that hold CPUs, in words."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    parts = []
+    try:
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=200):
+            cpu = (a.required_resources or {}).get("CPU", 0)
+            if cpu:
+                parts.append(f"actor {a.class_name} ({cpu:g} CPU)")
+        for g in list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, limit=200):
+            cpus = sum(b.get("CPU", 0) for b in (g.bundles or []))
+            parts.append(f"placement group {g.placement_group_id[:8]} ({cpus:g} CPU)")
+    except Exception as exc:  # noqa: BLE001 - the state API is a diagnosis aid only
+        parts.append(f"(state API: {exc})")
+    return ", ".join(parts) or "nothing the state API shows"
+
+
+def wait_for_free_cpus(ray, timeout_s: float = 60.0) -> None:
+    """Before a test that needs the whole shared cluster (a Tune search on 2 CPUs): wait
+    until every CPU is free, else fail now naming what holds them (a Tune trial that
+    cannot get a CPU waits forever, so the test would only end at its timeout)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    free, total = _free_cpus(ray)
+    while free + 1e-6 < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+        free, total = _free_cpus(ray)
+    assert free + 1e-6 >= total, f"{total - free:.2f} of {total:.0f} CPUs still held: {cpu_holders(ray)}"

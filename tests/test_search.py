@@ -124,6 +124,9 @@ def test_search_stops_a_bad_trial_writes_best_yaml_and_resumes_the_study(tmp_pat
         "data.global_patch=48",
         "data.local_patch=24", "method.batch_size=8", "name=s"])
     build_catalog(cfg)
+    from conftest import wait_for_free_cpus
+
+    wait_for_free_cpus(ray_local)  # a trial that cannot get a CPU would wait forever
     # a value that learns, then one that blows the weights up (NaN, one class for all): a
     # clearly bad trial, which ASHA must stop after its first epoch
     space = _space(tmp_path, "method.lr: {type: choice, values: [0.05, 10.0]}\n"
