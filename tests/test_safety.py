@@ -110,22 +110,24 @@ def _frame_file(folder):
     cv2.imwrite(str(folder / "a.png"), np.random.default_rng(0).integers(0, 255, (120, 120), dtype=np.uint8))
 
 
-def test_bad_numbers_in_annotation_rows_reject_that_row_only_with_file_and_row(tmp_path):
+def _plan_rows(tmp_path, *rows):
+    """Plan an annotation table of ``rows`` (after its header) on one frame: (table, kept rows,
+    reject reasons by row)."""
     _frame_file(tmp_path / "f")
     table = tmp_path / "ann.csv"
-    table.write_text("frame,x0,y0,x1,y1,label\n"
-                     "f/a.png,1,1,20,20,A\n"
-                     "f/a.png,inf,1,20,20,A\n"
-                     "f/a.png,30,nan,50,50,A\n"
-                     "f/a.png,30,30,lots,50,A\n"
-                     "f/a.png,60,60,90,90,B\n")
+    table.write_text("frame,x0,y0,x1,y1,label\n" + "".join(f"f/a.png,{r}\n" for r in rows))
     plan = importers.plan_frames(None, str(table), DataConfig())
-    reasons = {r["item"]: r["reason"] for r in plan.rejects}
+    kept = [(a["row"], a["labels"]) for t in plan.tasks for item in t.items for a in item["annotations"]]
+    return table, kept, {r["item"]: r["reason"] for r in plan.rejects}
+
+
+def test_bad_numbers_in_annotation_rows_reject_that_row_only_with_file_and_row(tmp_path):
+    table, kept, reasons = _plan_rows(tmp_path, "1,1,20,20,A", "inf,1,20,20,A", "30,nan,50,50,A",
+                                      "30,30,lots,50,A", "60,60,90,90,B")
     assert reasons == {f"{table} row 3": "bad coordinate: x0='inf' is not a finite number",
                        f"{table} row 4": "bad coordinate: y0='nan' is not a finite number",
                        f"{table} row 5": "bad coordinate: x1='lots' is not a number"}
-    kept = [a["row"] for t in plan.tasks for item in t.items for a in item["annotations"]]
-    assert kept == [f"{table} row 2", f"{table} row 6"]
+    assert [row for row, _ in kept] == [f"{table} row 2", f"{table} row 6"]
 
 
 def test_an_excel_byte_order_mark_is_read_as_utf8_sig(tmp_path):
@@ -137,19 +139,10 @@ def test_an_excel_byte_order_mark_is_read_as_utf8_sig(tmp_path):
 
 
 def test_a_box_given_twice_with_other_labels_is_reported_not_turned_multi_label(tmp_path):
-    _frame_file(tmp_path / "f")
-    table = tmp_path / "ann.csv"
-    table.write_text("frame,x0,y0,x1,y1,label\n"
-                     "f/a.png,1,1,20,20,A\n"
-                     "f/a.png,1,1,20,20,B\n"
-                     "f/a.png,30,30,50,50,A\n"
-                     "f/a.png,30,30,50,50,A\n")
-    plan = importers.plan_frames(None, str(table), DataConfig())
-    reasons = {r["item"]: r["reason"] for r in plan.rejects}
+    table, kept, reasons = _plan_rows(tmp_path, "1,1,20,20,A", "1,1,20,20,B", "30,30,50,50,A", "30,30,50,50,A")
     assert f"same box as {table} row 3" in reasons[f"{table} row 2"]
     assert f"same box as {table} row 2" in reasons[f"{table} row 3"] and "'A;B'" in reasons[f"{table} row 3"]
     assert reasons[f"{table} row 5"].startswith(f"duplicate of {table} row 4")
-    kept = [(a["row"], a["labels"]) for t in plan.tasks for item in t.items for a in item["annotations"]]
     assert kept == [(f"{table} row 4", ["A"])]
 
 
