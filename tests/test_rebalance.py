@@ -262,3 +262,46 @@ def test_pseudo_balancer_prior_em_relabels_the_table_and_shifts_the_methods_logi
     torch.testing.assert_close(again.adjust(logits), bal.adjust(logits))
     for b in (off, bal, again):
         b.close()
+
+
+def test_pseudo_balancer_prior_labelled_reads_u_in_ls_class_shares():
+    """method.pseudo_balance.prior=labelled: U's prior is L's (smoothed) class shares, whatever
+    the labeller's posteriors say, so a labeller trained on balanced L calls fewer colonies
+    of U by the rare class; a missing class keeps a floor instead of a log(0) shift."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ipb_ray.config import load_config
+    from ipb_ray.methods.balancers import PseudoBalancer
+
+    names = ("a", "b", "c")
+    labelled = (0,) * 15 + (1,) * 85  # c never labelled
+    ctx = SimpleNamespace(inputs=SimpleNamespace(class_names=names, labelled_labels=labelled, unlabelled=()))
+    rng = np.random.default_rng(3)
+    y = rng.choice(2, size=3000, p=[0.15, 0.85])
+    x = rng.normal(np.where(y == 1, 1.0, -1.0), 1.5)
+    p1 = 1.0 / (1.0 + np.exp(-2.0 * x / 1.5 ** 2))
+    probs = np.stack([0.98 * (1 - p1), 0.98 * p1, np.full_like(p1, 0.02)], 1).astype(np.float32)
+    n = len(y)
+    table = LabelTable.from_rows({"colony_id": [f"u{i:05d}" for i in range(n)], "pseudo": probs.argmax(1),
+                                  "confidence": probs.max(1), "truth": y, "x": np.zeros(n), "y": np.zeros(n),
+                                  "scale": np.ones(n), "probs": probs})
+    bal = PseudoBalancer(load_config(preset="demo", overrides=["method.pseudo_balance.prior=labelled"]), ctx)
+    new, figures = bal._with_prior(table)
+    shares = np.array([figures[f"u_prior/{k}"] for k in names])
+    assert shares.sum() == pytest.approx(1.0)
+    want = np.array([16 / 103, 86 / 103, 0.1 / 3])  # add-one shares; c at the floor 1/(10 C)
+    np.testing.assert_allclose(shares, want / want.sum(), rtol=1e-6)
+    assert (new.pseudo == 0).sum() < (table.pseudo == 0).sum()
+    assert (new.pseudo == new.truth).mean() > (table.pseudo == table.truth).mean()
+    logits = torch.zeros(4, 3)
+    assert bal.adjust(logits).argmax(1).tolist() == [1, 1, 1, 1]  # the method's own labels follow U's prior
+    bal.close()
+
+
+def test_pseudo_balance_prior_rejects_an_unknown_source():
+    from ipb_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="method.pseudo_balance.prior.*labelled"):
+        load_config(preset="demo", overrides=["method.pseudo_balance.prior=labeled"])

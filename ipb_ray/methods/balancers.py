@@ -130,10 +130,12 @@ class PseudoBalanceParams(Params):
     label_pool: int = param(0, lo=0, doc="colonies of U the labelling pass labels each epoch, a seeded random "
                             "subset (0 = all of U, the paper). The draw needs only the epoch's draws: on a large U "
                             "a pool of a few times those costs a fraction of the pass, and n_c comes from the sample")
-    prior: str = param("none", choices=PRIORS, doc="em: U's class prior is estimated by EM from the labeller's "
-                       "posteriors after each labelling pass (Saerens et al. 2002), and every pseudo-label (the "
-                       "draw's and the method's own in its steps) is read from posteriors re-weighted to that "
-                       "prior; none: as the labeller gives them (the paper)")
+    prior: str = param("none", choices=PRIORS, doc="U's class prior, to which every pseudo-label (the draw's "
+                       "and the method's own in its steps) is re-weighted from the prior the labeller was trained "
+                       "under: labelled = the class shares of L (right when L was drawn at random from the same "
+                       "images, as ipb-ray's folds are); em = estimated by EM from the labeller's posteriors "
+                       "after each labelling pass (Saerens et al. 2002; needs a calibrated labeller); none: as "
+                       "the labeller gives them (the paper)")
     counts: str = param("hard", choices=COUNT_SOURCES, doc="class counts n_c from hard pseudo-labels (the paper), "
                         "the sum of the teacher's probabilities (soft), or U's prior estimated by EM (em)")
 
@@ -178,19 +180,32 @@ class PseudoBalancer(Balancer):
         counts = np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
         return np.maximum(counts, 1.0) / max(counts.sum(), 1.0)
 
+    def _labelled_prior(self) -> np.ndarray:
+        """U's class prior taken to be L's class shares (add-one smoothed). ipb-ray draws L at
+        random (stratified) from the same images as U, so L's shares are an unbiased estimate
+        of U's that does not depend on the labeller being calibrated (EM does: on Chula RBC-12
+        at 3 % it drove `normal`, 30 % of U, to 1-22 %; RESULTS.md)."""
+        counts = np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
+        return (counts + 1.0) / (counts.sum() + len(counts))
+
     def _with_prior(self, table: Any) -> tuple[Any, dict[str, float]]:
-        """``prior=em``: U's prior by EM, the table relabelled from re-weighted posteriors,
-        and the shift the method's own pseudo-labels take (:meth:`adjust`)."""
+        """``prior=em|labelled``: U's prior (by EM, or L's class shares), the table relabelled
+        from re-weighted posteriors, and the shift the method's own pseudo-labels take
+        (:meth:`adjust`)."""
         import torch
 
         from ipb_ray.patches.balance import em_prior, prior_corrected
 
-        if self.p.prior != "em":
+        if self.p.prior == "none":
             return table, {}
         if table.probs is None or not len(table):
-            raise RuntimeError("method.pseudo_balance.prior=em needs the labelling pass's class probabilities")
+            raise RuntimeError(f"method.pseudo_balance.prior={self.p.prior} needs the labelling pass's class "
+                               "probabilities")
         base = self._train_prior()
-        prior = em_prior(table.probs, base)
+        if self.p.prior == "labelled":
+            prior = self._labelled_prior()
+        else:
+            prior = em_prior(table.probs, base)
         # EM may drive a class the labeller rarely calls to a prior of 0, and a shift of
         # log(0) would silence it in every later pseudo-label: keep a floor of 1/(10 C)
         prior = np.maximum(prior, 0.1 / len(prior))
@@ -203,9 +218,9 @@ class PseudoBalancer(Balancer):
         return table, _per_class("u_prior", prior, self.names)
 
     def adjust(self, logits: Any) -> Any:
-        """``prior=em``: the method's pseudo-label logits shifted by log(U's prior / L's), the
+        """``prior=em|labelled``: the method's pseudo-label logits shifted by log(U's prior / L's), the
         estimate of the last labelling pass (rank 0's, broadcast so every rank agrees)."""
-        if self.p.prior != "em":
+        if self.p.prior == "none":
             return logits
         import torch
         import torch.distributed as dist

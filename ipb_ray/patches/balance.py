@@ -53,7 +53,7 @@ class PseudoBalance:
 #: Where a pseudo-balanced draw takes its class counts n_c from (``method.pseudo_balance.counts``).
 COUNT_SOURCES = ("hard", "soft", "em")
 #: How the pseudo-labels of U are read from the labeller's posteriors (``method.pseudo_balance.prior``).
-PRIORS = ("none", "em")
+PRIORS = ("none", "em", "labelled")
 
 
 def em_prior(probs: np.ndarray, train_prior: Sequence[float] | None = None, iters: int = 200,
