@@ -165,3 +165,31 @@ def _screenshot_shows_the_figures(page, tmp_path):
     # the page shows the figures' colours (class lines and outlines), not only black text on white
     colourful = np.mean(np.ptp(img.astype(int), axis=2) > 60)
     assert colourful > 0.005, colourful
+
+
+def test_predict_over_an_ome_tiff_gives_a_per_well_time_course_from_its_t_axis(registered, tmp_path):
+    """An OME-TIFF time-lapse (T=3, two stage positions) with no --pattern: each position is
+    a well and each plane a time point, and the overlay reads its plane from the stack."""
+    import cv2
+    import tifffile
+
+    from ipb_ray.distributed.predict import run_predict
+    from ipb_ray.tracking.registry import load_predictor
+
+    cfg, info = registered
+    world = _world(tmp_path / "world", 6, 21)
+    planes = [cv2.imread(str(world / "frames" / f"frame_{k:04d}.png"), cv2.IMREAD_GRAYSCALE) for k in range(6)]
+    (tmp_path / "frames").mkdir()
+    with tifffile.TiffWriter(tmp_path / "frames" / "plate.ome.tif", ome=True) as w:
+        for i, well in enumerate(("A1", "B2")):
+            w.write(np.stack(planes[3 * i:3 * i + 3]), metadata={"axes": "TYX", "Name": well,
+                                                                 "PhysicalSizeX": 0.8, "PhysicalSizeY": 0.8})
+    predictor = load_predictor(info["uri"], cfg.tracking.tracking_uri)
+    out = tmp_path / "out"
+    summary = run_predict(predictor, str(tmp_path / "frames"), out, cfg=cfg, workers=1, overlays=1)
+    assert summary.frames == 6 and summary.colonies > 0
+    with (out / "per_well.csv").open() as fh:
+        wells = list(csv.DictReader(fh))
+    assert {(w["well"], float(w["time"])) for w in wells} == {(a, float(t)) for a in ("A1", "B2") for t in range(3)}
+    assert all(int(w["colonies"]) > 0 for w in wells)
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2  # time course + one overlay

@@ -83,6 +83,8 @@ class Plan:
     rejects: list[dict[str, str]]
     importer: str
     inputs: str
+    #: What the user should know about the inputs (a stack's own pixel size, say).
+    notes: list[str] = field(default_factory=list)
 
 
 def _file_stamp(path: Path) -> str:
@@ -99,7 +101,15 @@ def _key(importer: str, payload: Any, seg: SegmentationConfig) -> str:
 
 
 def _list_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under ``root``, and OME-Zarr folders (not looked into: their chunks are
+    no frames)."""
+    from ipb_ray.data.stacks import ZARR_SUFFIX
+
+    zarrs = sorted(p for p in root.rglob(f"*{ZARR_SUFFIX}") if p.is_dir())
+    inside = tuple(zarrs)
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+             and not any(z in p.parents for z in inside)]
+    return sorted(files + [z for z in zarrs if not any(o in z.parents for o in inside)])
 
 
 def detect_importer(frames: str | None, annotations: str | None) -> str:
@@ -114,7 +124,8 @@ def detect_importer(frames: str | None, annotations: str | None) -> str:
         return "voc"
     if annotations:
         return "frames"
-    if root.is_dir() and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()) \
+    if root.is_dir() and root.suffix.lower() != ".zarr" \
+            and not any(p.suffix.lower() in (*IMAGE_SUFFIXES, ".zarr") for p in root.iterdir()) \
             and any(p.is_dir() for p in root.iterdir()):
         return "imagefolder"
     return "frames"
@@ -188,6 +199,7 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
     known = set(data.class_names)
     per_frame: dict[Path, list[dict[str, Any]]] = {}
     frame_index: dict[Path, int | None] = {}
+    ann_time: dict[int, int] = {}  # id(row) -> its frame_index: picks the plane of a stack
     base = Path(annotations).parent if annotations else Path(frames or ".")
     # Relative table paths resolve against the table's folder, then the frames folder.
     roots = [(base, "the table's folder")]
@@ -196,12 +208,14 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
         roots.append((frames_root, "data.frames"))
     if frames:
         root = Path(frames)
-        if root.is_dir():
+        if root.is_dir() and root.suffix.lower() == ".zarr":  # one OME-Zarr image
+            listed = [root]
+        elif root.is_dir():
             listed = _list_images(root)
         else:
             listed = sorted(Path(p) for p in glob.glob(frames))
         if not listed and not annotations:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {frames}")
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}, or .zarr folders) found under {frames}")
         for p in listed:
             per_frame.setdefault(p.resolve(), [])
     if annotations:
@@ -219,7 +233,7 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
                 rejects.append(catalog.reject_row(str(frame), where, f"unknown class {unknown[0]!r}; "
                                                   f"known: {', '.join(sorted(known))}", importer))
                 continue
-            if not frame.is_file():
+            if not _is_frame(frame):
                 rejects.append(catalog.reject_row(str(frame), where, f"frame file not found: {looked}",
                                                   importer))
                 continue
@@ -245,7 +259,8 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
             else:
                 rejects.append(catalog.reject_row(str(frame), where, "no box or point", importer))
                 continue
-            place = (frame, *_same_place(ann))
+            # a stack holds one frame per time point and position: the same box there is another colony
+            place = (frame, t, kept.get("position", kept.get("well")), *_same_place(ann))
             first = placed.get(place)
             if first is not None:
                 _duplicate(first, ann, frame, rejects, importer)
@@ -254,17 +269,87 @@ def plan_frames(frames: str | None, annotations: str | None, data: DataConfig,
             per_frame.setdefault(frame, []).append(ann)
             if t is not None:
                 frame_index[frame] = int(t)
+                ann_time[id(ann)] = int(t)
         for frame in per_frame:  # drop the rows a conflicting duplicate took back
             per_frame[frame] = [a for a in per_frame[frame] if not a.get("conflict")]
     tasks = []
+    notes: list[str] = []
     for frame, anns in sorted(per_frame.items()):
         display = _display(frame, base)
-        item = {"path": str(frame), "source": display, "annotations": anns,
-                "frame_index": frame_index.get(frame), "stamp": _file_stamp(frame)}
-        if data.point_box:  # in the shard key only when set, so other catalogs keep theirs
-            item["point_box"] = int(data.point_box)
-        tasks.append(ShardTask(_key(importer, item, data.segmentation), importer, (item,)))
-    return Plan(tasks, rejects, importer, str(frames or annotations))
+        items = _stack_items(frame, display, anns, ann_time, data, importer, rejects, notes)
+        if items is None:  # one frame in one file
+            items = [{"path": str(frame), "source": display, "annotations": anns,
+                      "frame_index": frame_index.get(frame), "stamp": _file_stamp(frame)}]
+        for item in items:
+            if data.point_box:  # in the shard key only when set, so other catalogs keep theirs
+                item["point_box"] = int(data.point_box)
+            tasks.append(ShardTask(_key(importer, item, data.segmentation), importer, (item,)))
+    return Plan(tasks, rejects, importer, str(frames or annotations), notes)
+
+
+def _stack_items(frame: Path, display: str, anns: list[dict[str, Any]], ann_time: dict[int, int],
+                 data: DataConfig, importer: str, rejects: list[dict[str, str]], notes: list[str]
+                 ) -> list[dict[str, Any]] | None:
+    """A stack file (:mod:`ipb_ray.data.stacks`) as one item per plane, or None for a file
+    holding one frame. Each plane's item carries its time index, its position (the frame's
+    ``position`` and ``well`` columns: the OME image name, or the file's name when it holds
+    one position) and the pixel size of the metadata. An annotation row names its plane by
+    ``frame_index`` (or ``time``) and, in a file of several positions, ``position`` (or
+    ``well``); a row that names no plane of the stack is rejected."""
+    from ipb_ray.data.stacks import StackError, list_planes
+
+    try:
+        stack = list_planes(frame, data.channel, data.z_plane)
+    except StackError as exc:
+        rejects.append(catalog.reject_row(str(frame), "file", str(exc), importer))
+        for ann in anns:
+            rejects.append(catalog.reject_row(str(frame), ann["row"], "its stack cannot be read (see the row "
+                                              "'file' of this frame)", importer))
+        return []
+    if stack is None:
+        return None
+    npos = stack.positions
+    size = stack.pixel_size_um
+    if size is not None and not math.isclose(size, data.pixel_size_um, rel_tol=1e-3):
+        note = (f"{display}: its metadata gives {size:g} µm per pixel; that is used for its colonies instead of "
+                f"data.pixel_size_um={data.pixel_size_um:g}")
+        if note not in notes:
+            notes.append(note)
+    by_plane: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    planes = {(p.t, p.position): p for p in stack.planes}
+    times = sorted({p.t for p in stack.planes})
+    for ann in anns:
+        t = ann_time.get(id(ann))
+        cols = ann.get("columns", {})
+        pos = cols.get("position", cols.get("well")) if npos > 1 else stack.planes[0].position
+        if t is None and len(times) > 1:
+            why = f"names a stack of {len(times)} time points; add a frame_index column (0..{times[-1]})"
+        elif (t if t is not None else times[0], pos) not in planes:
+            known = sorted({p.position for p in stack.planes})
+            why = (f"names plane t={t} position {pos!r}, which the stack does not hold (t 0..{times[-1]}"
+                   + (f", positions {', '.join(known)} in a position column)" if npos > 1 else ")"))
+        else:
+            by_plane.setdefault((t if t is not None else times[0], pos), []).append(ann)
+            continue
+        rejects.append(catalog.reject_row(str(frame), ann["row"], why, importer))
+    stamp = _file_stamp(frame) if frame.is_file() else _tree_stamp(frame)
+    items = []
+    for p in stack.planes:
+        well = p.position if npos > 1 else frame.name.split(".")[0]
+        item: dict[str, Any] = {"path": str(frame), "source": display + p.label(npos),
+                                "annotations": by_plane.get((p.t, p.position), []), "frame_index": p.t,
+                                "stamp": stamp, "plane": p.to_dict(),
+                                "columns": {"position": p.position, "well": well}}
+        if size is not None:
+            item["pixel_size_um"] = size
+        items.append(item)
+    return items
+
+
+def _tree_stamp(folder: Path) -> str:
+    """A folder's stamp (an OME-Zarr): its metadata files' stamps and its file count."""
+    meta = [_file_stamp(folder / n) for n in ("zarr.json", ".zattrs", ".zgroup")]
+    return f"{'|'.join(meta)}:{sum(1 for _ in folder.rglob('*'))}"
 
 
 def _duplicate(first: dict[str, Any], ann: dict[str, Any], frame: Path, rejects: list[dict[str, str]],
@@ -312,11 +397,16 @@ def _find_frame(name: str, roots: Sequence[tuple[Path, str]]) -> tuple[Path, str
         return frame.resolve(), f"{frame} does not exist"
     candidates = [(root / frame).resolve() for root, _ in roots]
     for path in candidates:
-        if path.is_file():
+        if _is_frame(path):
             return path, ""
     places = " and ".join(f"{root.resolve()} ({what})" for root, what in roots)
     return candidates[0], (f"looked for {name!r} in {places}; fix the frame column or point "
                            "data.frames at the folder that holds the frames")
+
+
+def _is_frame(path: Path) -> bool:
+    """A file, or an OME-Zarr folder."""
+    return path.is_file() or (path.suffix.lower() == ".zarr" and path.is_dir())
 
 
 def _display(path: Path, base: Path) -> str:
@@ -370,9 +460,11 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
     rows: list[dict[str, Any]] = []
     rejects: list[dict[str, str]] = []
     try:
-        image = load_frame(item["path"])
+        image = load_frame(item["path"], item.get("plane"))
     except (ValueError, OSError) as exc:
         return [], [catalog.reject_row(src, "frame", f"unreadable frame: {exc}", importer)]
+    if "pixel_size_um" in item:  # a stack's own metadata
+        data = dataclasses.replace(data, pixel_size_um=float(item["pixel_size_um"]))
     if image.size == 0 or int(image.max()) == int(image.min()):
         return [], [catalog.reject_row(src, "frame", "empty frame (constant image)", importer)]
     side = int(item.get("point_box") or 0)
@@ -386,6 +478,7 @@ def _run_frame(item: dict[str, Any], data: DataConfig, importer: str
     anns = item["annotations"]
     shared = {k: v for k, v in (anns[0].get("columns", {}) if anns else {}).items()
               if all(a.get("columns", {}).get(k) == v for a in anns)}  # the frame's own columns
+    shared = {**item.get("columns", {}), **shared}  # a stack plane's position and well
     columns: list[dict[str, str]] = [dict(shared) for _ in colonies]
     for ann in anns:
         coords = ann.get("box") or ann.get("point")

@@ -29,7 +29,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -153,8 +153,8 @@ def _grey_or_rgb(palette: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def _stack_error(path: Path, pages: int) -> FrameError:
-    return FrameError(f"{path}: holds {pages} pages (a 3-D stack); segmentation needs one 2-D "
-                      "frame per file: split the stack into single frames")
+    return FrameError(f"{path}: holds {pages} pages (a 3-D stack) but was read as one frame; list it "
+                      "through data.frames, which takes every plane of a stack as a frame")
 
 
 def _read_with_tifffile(path: Path) -> np.ndarray:
@@ -192,8 +192,11 @@ def _read_with_pillow(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def load_frame(path: str | Path) -> np.ndarray:
+def load_frame(path: str | Path, plane: Any = None) -> np.ndarray:
     """Read a raw frame as ``(H, W)`` uint8 grayscale.
+
+    ``plane``: one plane of a stack file (a :class:`ipb_ray.data.stacks.Plane` or its
+    dict, as the importers list them), read alone; None reads a one-frame file.
 
     Formats: TIFF, PNG, JPEG (and BMP), 8- or 16-bit, grayscale, palette (a grey palette
     reads as its grey levels), RGB or RGBA (converted to grey, BT.601 weights). TIFFs are
@@ -206,6 +209,15 @@ def load_frame(path: str | Path) -> np.ndarray:
     pixel type or shape, and a zero-size image.
     """
     path = Path(path)
+    if plane is not None:
+        from ipb_ray.data.stacks import Plane, StackError, read_plane
+
+        try:
+            arr = read_plane(path, plane)
+        except StackError as exc:
+            raise FrameError(str(exc)) from exc
+        p = Plane.from_dict(plane) if isinstance(plane, dict) else plane
+        return to_uint8(arr, name=f"{path} plane t={p.t} position {p.position}")
     if not path.is_file():
         raise FrameError(f"{path}: no such file; check the frames directory or glob")
     if path.stat().st_size == 0:

@@ -63,7 +63,9 @@ def _segment_rows(row: dict[str, Any], data: dict[str, Any], pattern: str | None
     t0 = time.perf_counter()
     rows, rejects = importers.run_shard(task, from_dict(data, DataConfig))
     seconds = time.perf_counter() - t0
+    plane = task.items[0].get("plane")
     base = {"frame_key": row["key"], "frame": task.items[0]["source"], "path": task.items[0]["path"],
+            "plane": json.dumps(plane) if plane else "",  # a stack's plane: what the overlay reads
             "seg_seconds": seconds,
             "rejects": json.dumps(rejects), "n_colonies": len(rows)}
     if not rows:

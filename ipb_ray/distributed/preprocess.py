@@ -106,7 +106,7 @@ def build_catalog(cfg: ExperimentConfig, importer: str = "auto", out: str | None
     for reason in catalog.read_rejects(root).column("reason").to_pylist():
         kind = _REASON_DETAIL.sub("…", reason.split(":")[0])
         reasons[kind] = reasons.get(kind, 0) + 1
-    warnings = catalog.label_warnings(manifest["counts"], cfg.split.folds)
+    warnings = [*plan.notes, *catalog.label_warnings(manifest["counts"], cfg.split.folds)]
     for text in warnings:
         log.warning("%s: %s", root, text)
     return PreprocessSummary(str(root), plan.importer, total, total - len(todo), manifest["colonies"],

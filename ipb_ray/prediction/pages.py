@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,14 +72,15 @@ def timecourse_figure(course: Mapping[str, Mapping[str, np.ndarray]], names: Seq
 
 
 def overlay(frame_path: str, colonies: Sequence[Mapping[str, Any]], names: Sequence[str], path: Path,
-            max_side: int = 1200) -> Path:
-    """The frame with each colony's outline in its predicted class's colour (PNG)."""
+            max_side: int = 1200, plane: Any = None) -> Path:
+    """The frame with each colony's outline in its predicted class's colour (PNG);
+    ``plane``: the plane of a stack file the colonies were found on."""
     import cv2
 
     from ipb_ray.data.catalog import decode_png
     from ipb_ray.data.segmentation import load_frame, to_uint8
 
-    grey = to_uint8(load_frame(frame_path))
+    grey = to_uint8(load_frame(frame_path, plane))
     img = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     thick = max(2, int(round(max(img.shape) / 500)))
     index = {n: i for i, n in enumerate(names)}
@@ -122,10 +124,13 @@ def write_all(out: Path, cols: Mapping[str, np.ndarray], table: Any, names: Sequ
     frame_col = np.asarray(table.column("frame").to_pylist(), object)
     for frame in sorted(set(frame_col))[:max(overlays, 0)]:
         idx = np.flatnonzero(frame_col == frame)
-        rows = table.take(idx).select(["x0", "y0", "mask", "predicted", "path"]).to_pylist()
+        keep = ["x0", "y0", "mask", "predicted", "path"] + (["plane"] if "plane" in table.column_names else [])
+        rows = table.take(idx).select(keep).to_pylist()
         safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(frame))[-80:]
+        plane = json.loads(rows[0]["plane"]) if rows[0].get("plane") else None
         try:
-            shown.append((frame, len(idx), overlay(rows[0]["path"], rows, names, out / "overlays" / f"{safe}.png")))
+            shown.append((frame, len(idx), overlay(rows[0]["path"], rows, names, out / "overlays" / f"{safe}.png",
+                                                   plane=plane)))
         except (OSError, ValueError):  # the frame moved since: the tables still stand
             continue
     files["overlays"] = str(out / "overlays")

@@ -1,0 +1,284 @@
+"""Microscope stacks: one file, many frames (plain functions, no Ray).
+
+A time-lapse comes off a microscope as one file holding many 2-D planes, not as one file
+per frame. This module lists the planes of such a file and reads one of them at a time, so
+the importers (:mod:`ipb_ray.data.importers`) can treat every plane as a frame of its own:
+
+* **multi-page TIFF** (pages in file order are taken as time points);
+* **OME-TIFF** (its OME-XML names the axes T, C, Z, Y, X, one image per stage position,
+  and the physical pixel size);
+* **OME-Zarr** (a ``.zarr`` folder with NGFF ``multiscales`` metadata, versions 0.4 and
+  0.5; the highest resolution level is read, chunk by chunk).
+
+Every plane becomes a frame with its time index ``t``, its position (the OME image's
+name, or ``p<N>``), the channel ``data.channel`` and the z-plane ``data.z_plane`` (-1:
+the middle one). Reading is lazy: :func:`list_planes` reads metadata only and
+:func:`read_plane` decodes one page or one chunked slice, so a 48 x 2908 x 2908 stack is
+never loaded whole (``benchmarks/stack_read.py`` measures it).
+
+Readers: tifffile (already a dependency: it parses OME-XML and reads a TIFF page by page
+without decoding the others; bioio would add a plugin system and xarray for the same
+pages) and zarr (the format's reference library). A stack format whose reader is missing
+names the package to install.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: Suffixes of the stack formats (besides plain ``.tif``/``.tiff``, which may hold one page).
+ZARR_SUFFIX = ".zarr"
+TIFF_SUFFIXES = (".tif", ".tiff")
+#: Axes a stack's plane index may run over; Y, X (and S, a pixel's colour samples) stay in the plane.
+PLANE_AXES = "TCZ"
+#: tifffile's names for a run of pages with no meaning attached (a plain multi-page TIFF): time.
+SEQUENCE_AXES = "IQ"
+#: OME length units -> micrometres.
+_UNIT_UM = {"µm": 1.0, "um": 1.0, "micrometer": 1.0, "micron": 1.0, "nm": 1e-3, "nanometer": 1e-3,
+            "mm": 1e3, "millimeter": 1e3, "m": 1e6, "meter": 1e6, "Å": 1e-4, "angstrom": 1e-4}
+
+
+class StackError(ValueError):
+    """A stack that cannot be listed or read; the message names the file (and plane)."""
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One 2-D plane of a stack, as a JSON-able reference (it travels in a shard task).
+
+    ``series``: the OME image (TIFF series) or 0 for OME-Zarr; ``index``: the page within
+    that series (TIFF) or the indices of the non-YX axes (OME-Zarr)."""
+
+    series: int
+    index: tuple[int, ...]
+    t: int
+    position: str
+    channel: int = 0
+    z: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"series": self.series, "index": list(self.index), "t": self.t, "position": self.position,
+                "channel": self.channel, "z": self.z}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Plane":
+        return Plane(int(d["series"]), tuple(int(i) for i in d["index"]), int(d["t"]), str(d["position"]),
+                     int(d.get("channel", 0)), int(d.get("z", 0)))
+
+    def label(self, positions: int) -> str:
+        """How the plane is named after its file: ``[t=3]``, or ``[A1 t=3]`` with several positions."""
+        return f"[{self.position} t={self.t}]" if positions > 1 else f"[t={self.t}]"
+
+
+@dataclass
+class Stack:
+    """What :func:`list_planes` found in one file."""
+
+    path: str
+    kind: str                      # "tiff" | "ome-tiff" | "ome-zarr"
+    axes: str                      # e.g. "TCZYX" (of the first position)
+    shape: tuple[int, ...]
+    planes: list[Plane]
+    pixel_size_um: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        return len({p.position for p in self.planes})
+
+
+def is_stack_path(path: Path) -> bool:
+    """A path a stack could be: a TIFF file or an OME-Zarr folder."""
+    suffix = path.suffix.lower()
+    return (suffix in TIFF_SUFFIXES and path.is_file()) or (suffix == ZARR_SUFFIX and path.is_dir())
+
+
+def _pick(n: int, wanted: int, axis: str, path: str, setting: str) -> int:
+    """The index along an axis of length ``n`` a setting asks for (-1: the middle)."""
+    if wanted < 0:
+        return n // 2
+    if wanted >= n:
+        raise StackError(f"{path}: {setting}={wanted} but the stack has {n} {axis} plane(s) "
+                         f"(0..{n - 1}); set {setting} to one of them")
+    return wanted
+
+
+def _planes_for(axes: str, shape: tuple[int, ...], series: int, position: str, path: str,
+                channel: int, z_plane: int, flat: bool) -> list[Plane]:
+    """Every (t) plane of one position: the channel and z chosen, the other axes walked.
+
+    ``flat``: index planes by their page number within the series (TIFF), else by the
+    indices of the non-YX axes (OME-Zarr)."""
+    outer = [(a, n) for a, n in zip(axes, shape) if a not in "YXS"]
+    for a, _ in outer:
+        if a not in PLANE_AXES + SEQUENCE_AXES:
+            raise StackError(f"{path}: axis {a!r} of a stack with axes {axes!r} is not supported (ipb-ray "
+                             "reads T, C, Z; split the file by that axis first)")
+    if sum(a in "T" + SEQUENCE_AXES for a, _ in outer) > 1:
+        raise StackError(f"{path}: more than one time-like axis in {axes!r}; save it with one T axis")
+    names = [a for a, _ in outer]
+    sizes = [n for _, n in outer]
+    fixed = {}
+    if "C" in names:
+        fixed["C"] = _pick(sizes[names.index("C")], channel, "channel", path, "data.channel")
+    elif channel > 0:
+        raise StackError(f"{path}: data.channel={channel} but the stack has one channel; leave data.channel at 0")
+    if "Z" in names:
+        fixed["Z"] = _pick(sizes[names.index("Z")], z_plane, "z", path, "data.z_plane")
+    t_axis = next((i for i, a in enumerate(names) if a in "T" + SEQUENCE_AXES), None)
+    steps = sizes[t_axis] if t_axis is not None else 1
+    out = []
+    for t in range(steps):
+        idx = [fixed.get(a, 0) for a in names]
+        if t_axis is not None:
+            idx[t_axis] = t
+        index = (int(np.ravel_multi_index(idx, sizes)),) if flat and sizes else tuple(idx)
+        out.append(Plane(series, index, t, position, fixed.get("C", 0), fixed.get("Z", 0)))
+    return out
+
+
+def _ome_pixel_sizes(tif: Any) -> list[float | None]:
+    """PhysicalSizeX of every OME image, in µm (None where not given)."""
+    import tifffile
+
+    try:
+        images = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+    except Exception:  # no or malformed OME-XML: no pixel size
+        return []
+    images = images if isinstance(images, list) else [images]
+    out: list[float | None] = []
+    for image in images:
+        pixels = image.get("Pixels", {}) if isinstance(image, dict) else {}
+        size, unit = pixels.get("PhysicalSizeX"), str(pixels.get("PhysicalSizeXUnit", "µm"))
+        try:
+            out.append(float(size) * _UNIT_UM[unit] if size is not None else None)
+        except (KeyError, TypeError, ValueError):
+            out.append(None)
+    return out
+
+
+def _list_tiff(path: Path, channel: int, z_plane: int) -> Stack | None:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception:  # not a TIFF tifffile can open: the plain reader says why, per frame
+        return None
+    try:
+        with tif:
+            series = list(tif.series)
+            if len(tif.pages) <= 1 and len(series) <= 1:
+                return None  # a single frame: the plain reader takes it
+            ome = tif.is_ome
+            sizes = _ome_pixel_sizes(tif) if ome else []
+            planes: list[Plane] = []
+            axes, shape = series[0].axes, tuple(series[0].shape)
+            for s, ser in enumerate(series):
+                name = (ser.name or "").strip() if ome else ""
+                position = name if name and ome and len(series) > 1 else f"p{s}"
+                planes += _planes_for(ser.axes, tuple(ser.shape), s, position, str(path), channel, z_plane, True)
+            if len(planes) <= 1:
+                return None
+            positions = [p.position for p in planes]
+            if len(set(positions)) < len({p.series for p in planes}):  # repeated OME names: number them
+                planes = [Plane(p.series, p.index, p.t, f"p{p.series}", p.channel, p.z) for p in planes]
+            known = [v for v in sizes if v is not None]
+            return Stack(str(path), "ome-tiff" if ome else "tiff", axes, shape, planes,
+                         known[0] if known else None)
+    except StackError:
+        raise
+    except Exception as exc:  # tifffile raises many types for damaged files
+        raise StackError(f"{path}: cannot list its pages ({type(exc).__name__}: {exc})") from exc
+
+
+def _ngff(path: Path) -> dict[str, Any]:
+    """The NGFF ``multiscales`` entry of an OME-Zarr group (0.4: in .zattrs; 0.5: under "ome")."""
+    for meta in (path / "zarr.json", path / ".zattrs"):
+        if meta.is_file():
+            attrs = json.loads(meta.read_text())
+            attrs = attrs.get("attributes", attrs)
+            scales = (attrs.get("ome") or attrs).get("multiscales")
+            if scales:
+                return scales[0]
+    raise StackError(f"{path}: not an OME-Zarr image (no 'multiscales' in zarr.json or .zattrs); write it "
+                     "with an OME-NGFF writer (ome-zarr, bioio) or point data.frames at its frames")
+
+
+def _zarr_array(path: Path) -> tuple[Any, dict[str, Any]]:
+    try:
+        import zarr
+    except ImportError as exc:
+        raise StackError(f"{path}: reading OME-Zarr needs the zarr package: pip install zarr") from exc
+    meta = _ngff(path)
+    level = meta["datasets"][0]
+    try:
+        array = zarr.open_array(str(path / level["path"]), mode="r")
+    except Exception as exc:
+        raise StackError(f"{path}: cannot open its image {level['path']!r} ({type(exc).__name__}: {exc})") from exc
+    return array, meta
+
+
+def _list_zarr(path: Path, channel: int, z_plane: int) -> Stack:
+    array, meta = _zarr_array(path)
+    axes_meta = meta.get("axes") or [{"name": a} for a in "tczyx"[-array.ndim:]]
+    axes = "".join((a["name"] if isinstance(a, dict) else str(a))[0].upper() for a in axes_meta)
+    if len(axes) != array.ndim or not axes.endswith("YX"):
+        raise StackError(f"{path}: axes {axes!r} do not end in Y, X for an image of shape {array.shape}")
+    planes = _planes_for(axes, tuple(array.shape), 0, "p0", str(path), channel, z_plane, False)
+    size = None
+    for tr in meta["datasets"][0].get("coordinateTransformations", []):
+        if tr.get("type") == "scale" and len(tr.get("scale", [])) == len(axes):
+            unit = axes_meta[-1].get("unit", "micrometer") if isinstance(axes_meta[-1], dict) else "micrometer"
+            size = float(tr["scale"][-1]) * _UNIT_UM.get(str(unit), 1.0)
+    return Stack(str(path), "ome-zarr", axes, tuple(array.shape), planes, size)
+
+
+def list_planes(path: str | Path, channel: int = 0, z_plane: int = -1) -> Stack | None:
+    """The planes of a stack file, or None for a file that holds one 2-D frame (or is no
+    TIFF and no OME-Zarr: the plain frame reader takes those). Reads metadata only.
+
+    Raises :class:`StackError` naming the file for an unsupported axis, a channel or
+    z-plane the stack does not have, or a file whose pages cannot be listed."""
+    path = Path(path)
+    if path.suffix.lower() == ZARR_SUFFIX and path.is_dir():
+        return _list_zarr(path, channel, z_plane)
+    if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
+        return _list_tiff(path, channel, z_plane)
+    return None
+
+
+def read_plane(path: str | Path, plane: Plane | dict[str, Any]) -> np.ndarray:
+    """Decode one plane of a stack (one TIFF page, or one slice of the OME-Zarr's chunks).
+
+    Raises :class:`StackError` naming the file and the plane when it cannot be read (a
+    truncated file, a missing chunk)."""
+    path = Path(path)
+    plane = Plane.from_dict(plane) if isinstance(plane, dict) else plane
+    where = f"{path} plane t={plane.t} position {plane.position}"
+    try:
+        if path.suffix.lower() == ZARR_SUFFIX:
+            array, _ = _zarr_array(path)
+            out = np.asarray(array[tuple(plane.index)])
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                pages = tif.series[plane.series].pages
+                k = plane.index[0]
+                if k >= len(pages) or pages[k] is None:
+                    raise StackError(f"{where}: page {k} is missing (the file holds {len(pages)} page(s) of "
+                                     "this series; is it truncated?)")
+                out = pages[k].asarray()
+    except StackError:
+        raise
+    except Exception as exc:
+        raise StackError(f"{where}: cannot be read ({type(exc).__name__}: {exc}); is the file truncated?") from exc
+    if out.ndim not in (2, 3) or out.size == 0 or math.prod(out.shape[:2]) == 0:
+        raise StackError(f"{where}: expected a 2-D plane, got shape {out.shape}")
+    return out
