@@ -523,6 +523,32 @@ def register(run: str = typer.Argument(None, help="Cross-validation parent run (
                   f"{info['uri']} points at it", highlight=False)
 
 
+@app.command("export")
+def export_cmd(model: str = typer.Argument(..., help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/FOLD_RUN/model "
+                                           "or a training checkpoint directory."),
+               fmt: str = typer.Option(..., "--format", help="onnx, torchscript (with WSInfer's config.json) or "
+                                       "bioimageio (a BioImage Model Zoo package)."),
+               out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+               fold: Optional[int] = typer.Option(None, help="Export this fold network alone (default: the whole "
+                                                  "fold ensemble as one graph)."),
+               sample: Optional[str] = typer.Option(None, help="Catalog whose colonies give the sample patches the "
+                                                    "export is checked on (default: the model's data.catalog)."),
+               tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI (for models:/, "
+                                                "runs:/).")) -> None:
+    """Write a trained model for other tools: ONNX, TorchScript (WSInfer, QuPath) or a
+    bioimage.io package; each export is checked against the PyTorch model on real patches."""
+    from ipb_ray.prediction.export import export_model
+    from ipb_ray.tracking.registry import load_predictor
+
+    with _user_errors():
+        predictor = load_predictor(model, tracking_uri)
+        result = export_model(predictor, fmt, out, fold=fold, sample=sample)
+    console.print(f"{fmt}: the export reproduces the PyTorch model's probabilities to {result.max_abs_diff:.1e} "
+                  "on the sample patches", highlight=False)
+    for key, path in result.files.items():
+        console.print(f"  {key}: {path}", highlight=False)
+
+
 @app.command()
 def predict(model: str = typer.Option(..., "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
                                       "runs:/FOLD_RUN/model or a training checkpoint directory."),

@@ -193,3 +193,66 @@ def test_predict_over_an_ome_tiff_gives_a_per_well_time_course_from_its_t_axis(r
     assert {(w["well"], float(w["time"])) for w in wells} == {(a, float(t)) for a in ("A1", "B2") for t in range(3)}
     assert all(int(w["colonies"]) > 0 for w in wells)
     assert (out / "report.html").read_text().count("data:image/png;base64,") == 2  # time course + one overlay
+
+
+def test_export_onnx_torchscript_and_bioimageio_reproduce_the_model_on_real_patches(registered, tmp_path):
+    """`ipb export` of the registered fold ensemble: ONNX (run with onnxruntime) and
+    TorchScript (grey and RGB input) give the PyTorch model's probabilities within 1e-4 on
+    patches cut from the catalog's colonies; the bioimage.io package validates with
+    bioimageio.spec and its weights reproduce its test output."""
+    import json as _json
+
+    import onnxruntime as ort
+    import torch
+    import yaml
+    from typer.testing import CliRunner
+
+    from ipb_ray.cli import app
+    from ipb_ray.prediction.bioimageio import test_package, validate_package
+    from ipb_ray.prediction.export import reference_probs, sample_patches
+    from ipb_ray.tracking.registry import load_predictor
+
+    cfg, info = registered
+    predictor = load_predictor(info["uri"], cfg.tracking.tracking_uri)
+    x = sample_patches(predictor, n=16, seed=3)
+    assert x.shape == (16, 1, 48, 48) and 0.0 <= x.min() and x.max() <= 1.0 and x.std() > 0.01  # real pixels
+    want = reference_probs(predictor, x)
+    runner = CliRunner()
+    for fmt in ("onnx", "torchscript", "bioimageio"):
+        res = runner.invoke(app, ["export", info["uri"], "--format", fmt, "--out", str(tmp_path / fmt),
+                                  "--tracking-uri", cfg.tracking.tracking_uri])
+        assert res.exit_code == 0, res.output
+        assert "reproduces the PyTorch model" in res.output
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["global_patch", "local_patch"]
+    got = session.run(None, {"global_patch": x, "local_patch": x[:, :, 12:36, 12:36].copy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    meta = {p.key: p.value for p in __import__("onnx").load(str(tmp_path / "onnx" / "model.onnx")).metadata_props}
+    assert _json.loads(meta["class_names"]) == list(predictor.class_names)
+
+    ts = torch.jit.load(str(tmp_path / "torchscript" / "model.pt"))
+    with torch.no_grad():
+        np.testing.assert_allclose(ts(torch.from_numpy(x)).numpy(), want, atol=1e-4)
+        rgb = torch.from_numpy(x).repeat(1, 3, 1, 1)  # what WSInfer's ToTensor hands over
+        np.testing.assert_allclose(ts(rgb).numpy(), want, atol=1e-4)
+    config = _json.loads((tmp_path / "torchscript" / "config.json").read_text())
+    assert {"spec_version", "architecture", "num_classes", "patch_size_pixels", "spacing_um_px", "class_names",
+            "transform"} <= set(config)
+    assert config["class_names"] == list(predictor.class_names) and config["patch_size_pixels"] == 48
+
+    rdf = tmp_path / "bioimageio" / "bioimageio" / "rdf.yaml"
+    status, details = validate_package(rdf)
+    assert status in ("passed", "valid-format"), details
+    diffs = test_package(rdf)
+    assert set(diffs) == {"onnx", "torchscript"} and max(diffs.values()) <= 1e-4
+    spec = yaml.safe_load(rdf.read_text())
+    assert spec["outputs"][0]["axes"][1]["channel_names"] == list(predictor.class_names)
+    assert (tmp_path / "bioimageio" / "model.bioimageio.zip").stat().st_size > 0
+
+    # bad input: a format that does not exist, a fold the ensemble does not hold
+    res = runner.invoke(app, ["export", info["uri"], "--format", "keras", "--out", str(tmp_path / "k"),
+                              "--tracking-uri", cfg.tracking.tracking_uri])
+    assert res.exit_code == 2 and "choose one of onnx, torchscript, bioimageio" in res.output
+    res = runner.invoke(app, ["export", info["uri"], "--format", "onnx", "--fold", "5", "--out", str(tmp_path / "f"),
+                              "--tracking-uri", cfg.tracking.tracking_uri])
+    assert res.exit_code == 2 and "--fold 5: the model holds 2 fold network(s)" in res.output
