@@ -90,13 +90,13 @@ def write_package(predictor: Any, out: Path, x: np.ndarray, want: np.ndarray, fi
     import torch
     from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
 
-    from ipb_ray.prediction.export import ExportError, _inputs, _run_onnx
+    from ipb_ray.prediction.export import ExportError, model_inputs, run_onnx
 
     m = _need_spec()
     data = predictor.cfg.data
     work = out / "bioimageio-files"
     work.mkdir(parents=True, exist_ok=True)
-    inputs = _inputs(predictor, x)
+    inputs = model_inputs(predictor, x)
     names = ["global_patch", "local_patch"][: len(inputs)]
     for name, arr in zip(names, inputs):
         np.save(work / f"{name}.npy", arr)
@@ -109,7 +109,7 @@ def write_package(predictor: Any, out: Path, x: np.ndarray, want: np.ndarray, fi
     got = torch.jit.load(str(work / "model_two_inputs.pt"))(*[torch.from_numpy(a) for a in inputs]).detach().numpy()
     if not np.allclose(got, want, atol=1e-4):
         raise ExportError("the TorchScript graph of the bioimage.io package does not reproduce the model")
-    onnx_got = _run_onnx(Path(files["onnx"]), predictor, x)
+    onnx_got = run_onnx(Path(files["onnx"]), predictor, x)
     if not np.allclose(onnx_got, want, atol=1e-4):
         raise ExportError("the ONNX graph of the bioimage.io package does not reproduce the model")
 

@@ -144,7 +144,7 @@ def _centre(x: np.ndarray, side: int) -> np.ndarray:
     return np.ascontiguousarray(x[..., y0:y0 + side, x0:x0 + side])
 
 
-def _inputs(predictor: Any, x: np.ndarray) -> list[np.ndarray]:
+def model_inputs(predictor: Any, x: np.ndarray) -> list[np.ndarray]:
     data = predictor.cfg.data
     return [x, _centre(x, data.local_patch)] if data.multi_scale else [x]
 
@@ -170,7 +170,7 @@ def check_same(what: str, got: np.ndarray, want: np.ndarray) -> float:
 def _onnx(two: Any, predictor: Any, x: np.ndarray, path: Path) -> None:
     import torch
 
-    inputs = tuple(torch.from_numpy(a) for a in _inputs(predictor, x))
+    inputs = tuple(torch.from_numpy(a) for a in model_inputs(predictor, x))
     names = ["global_patch", "local_patch"][: len(inputs)]
     torch.onnx.export(two, inputs, str(path), input_names=names, output_names=["probabilities"],
                       dynamic_axes={**{n: {0: "batch"} for n in names}, "probabilities": {0: "batch"}},
@@ -184,13 +184,13 @@ def _onnx(two: Any, predictor: Any, x: np.ndarray, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _run_onnx(path: Path, predictor: Any, x: np.ndarray) -> np.ndarray:
+def run_onnx(path: Path, predictor: Any, x: np.ndarray) -> np.ndarray:
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise ExportError("checking the ONNX export needs onnxruntime: pip install onnxruntime") from exc
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = dict(zip([i.name for i in session.get_inputs()], _inputs(predictor, x)))
+    feeds = dict(zip([i.name for i in session.get_inputs()], model_inputs(predictor, x)))
     return session.run(["probabilities"], feeds)[0]
 
 
@@ -201,20 +201,20 @@ def _torchscript(two: Any, predictor: Any, x: np.ndarray, path: Path) -> Any:
 
     data = predictor.cfg.data
     with torch.no_grad():
-        traced = torch.jit.trace(two, tuple(torch.from_numpy(a) for a in _inputs(predictor, x)), check_trace=False)
+        traced = torch.jit.trace(two, tuple(torch.from_numpy(a) for a in model_inputs(predictor, x)), check_trace=False)
     scripted = torch.jit.script(one_patch(traced, data.multi_scale, data.local_patch))
     scripted.save(str(path))
     return torch.jit.load(str(path))
 
 
 def _metadata(predictor: Any) -> dict[str, Any]:
-    from ipb_ray.tracking.registry import _version
+    from ipb_ray.tracking.registry import package_version
 
     data = predictor.cfg.data
     return {"class_names": list(predictor.class_names), "global_patch": data.global_patch if data.multi_scale
             else data.patch_size, "local_patch": data.local_patch if data.multi_scale else None,
             "pixel_size_um": data.pixel_size_um, "window": data.window, "source": predictor.source,
-            "ipb_ray_version": _version(), "input": "grey patches in [0, 1]; normalisation is inside"}
+            "ipb_ray_version": package_version(), "input": "grey patches in [0, 1]; normalisation is inside"}
 
 
 def wsinfer_config(predictor: Any) -> dict[str, Any]:
@@ -262,7 +262,7 @@ def _write(predictor: Any, fmt: str, out: Path, fold: int | None, x: np.ndarray,
     if fmt in ("onnx", "bioimageio"):
         path = out / "model.onnx"
         _onnx(two, predictor, x, path)
-        diff = max(diff, check_same("the ONNX export", _run_onnx(path, predictor, x), want))
+        diff = max(diff, check_same("the ONNX export", run_onnx(path, predictor, x), want))
         files["onnx"] = str(path)
     if fmt in ("torchscript", "bioimageio"):
         path = out / "model.pt"

@@ -49,7 +49,7 @@ class Predictor:
         return len(getattr(self.module, "nets", [])) or 1
 
 
-def _version() -> str:
+def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -112,7 +112,7 @@ def register_configuration(tracking_uri: str, experiment: str, run: str, name: s
     estimate = {k: float(summary[k]["mean"]) for k in ("macro_tpr", "accuracy") if k in summary}
     metadata = {"class_names": class_names, "config": to_dict(cfg), "folds": sorted(models),
                 "cv_macro_tpr": estimate.get("macro_tpr"), "cv_accuracy": estimate.get("accuracy"),
-                "source_run": parent_id, "ipb_ray_version": _version(),
+                "source_run": parent_id, "ipb_ray_version": package_version(),
                 "input": f"float32 (N, 1, {side}, {side}) in [0, 1]",
                 "output": "softmax probabilities (N, C) in class_names order, the mean over the fold networks"}
     with fluent_run(tracking_uri, parent_id):
