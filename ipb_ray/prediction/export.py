@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["FORMATS", "ExportError", "export_model", "sample_patches", "export_modules"]
+__all__ = ["FORMATS", "ExportError", "export_model", "sample_patches", "export_modules", "one_patch", "model_inputs",
+           "reference_probs", "run_onnx", "check_same", "wsinfer_config"]
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 #: What an export must agree with the PyTorch model to, on the sample patches (max abs difference).
