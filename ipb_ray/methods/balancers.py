@@ -177,15 +177,18 @@ class PseudoBalancer(Balancer):
         """The class prior the labeller was trained under: uniform on class-balanced L."""
         if self.cfg.method.balance_labelled:
             return None
-        counts = np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
+        counts = self._labelled_counts()
         return np.maximum(counts, 1.0) / max(counts.sum(), 1.0)
+
+    def _labelled_counts(self) -> np.ndarray:
+        return np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
 
     def _labelled_prior(self) -> np.ndarray:
         """U's class prior taken to be L's class shares (add-one smoothed). ipb-ray draws L at
         random (stratified) from the same images as U, so L's shares are an unbiased estimate
         of U's that does not depend on the labeller being calibrated (EM does: on Chula RBC-12
         at 3 % it drove `normal`, 30 % of U, to 1-22 %; RESULTS.md)."""
-        counts = np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
+        counts = self._labelled_counts()
         return (counts + 1.0) / (counts.sum() + len(counts))
 
     def _with_prior(self, table: Any) -> tuple[Any, dict[str, float]]:

@@ -22,9 +22,11 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+
+from ipb_ray.patches.geometry import centre_crop
 
 __all__ = ["FORMATS", "ExportError", "export_model", "sample_patches", "export_modules", "one_patch", "model_inputs",
            "reference_probs", "run_onnx", "check_same", "wsinfer_config"]
@@ -139,15 +141,9 @@ def sample_patches(predictor: Any, catalog: str | None = None, n: int = 8, seed:
     return x[: len(pick)]
 
 
-def _centre(x: np.ndarray, side: int) -> np.ndarray:
-    h, w = x.shape[-2:]
-    y0, x0 = (h - side) // 2, (w - side) // 2
-    return np.ascontiguousarray(x[..., y0:y0 + side, x0:x0 + side])
-
-
 def model_inputs(predictor: Any, x: np.ndarray) -> list[np.ndarray]:
     data = predictor.cfg.data
-    return [x, _centre(x, data.local_patch)] if data.multi_scale else [x]
+    return [x, np.ascontiguousarray(centre_crop(x, data.local_patch))] if data.multi_scale else [x]
 
 
 def reference_probs(predictor: Any, x: np.ndarray, fold: int | None = None) -> np.ndarray:
@@ -232,8 +228,6 @@ def wsinfer_config(predictor: Any) -> dict[str, Any]:
 def export_model(predictor: Any, fmt: str, out: str | Path, *, fold: int | None = None,
                  sample: str | None = None, n_sample: int = 8) -> Exported:
     """Write ``predictor`` as ``fmt`` (one of :data:`FORMATS`) into the folder ``out``."""
-    import torch
-
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -245,7 +239,6 @@ def export_model(predictor: Any, fmt: str, out: str | Path, *, fold: int | None 
     want = reference_probs(predictor, x, fold)
     two, _ = export_modules(predictor.module, fold)
     files: dict[str, str] = {}
-    diff = 0.0
     with warnings.catch_warnings():  # tracing warns about the shape checks, fixed for an export
         warnings.simplefilter("ignore")
         diff = _write(predictor, fmt, out, fold, x, want, two, files)
