@@ -180,7 +180,7 @@ class DataConfig:
                         "centred on the point, with no colony segmentation (touching single cells); a point "
                         "closer than half a box to the frame's edge is rejected. 0 = a point names the "
                         "segmented colony under it")
-    channel: int = _f(0, lo=0, hi=1024, doc="the channel read from a multi-channel stack (OME-TIFF, OME-Zarr), "
+    channel: int = _f(0, lo=0, hi=1024, doc="the channel read from a multi-channel stack (OME-TIFF, OME-Zarr, ND2), "
                       "counted from 0")
     z_plane: int = _f(-1, lo=-1, hi=100_000, doc="the z-plane read from a stack with a Z axis (-1 = the middle one)")
     segmentation: SegmentationConfig = _section(SegmentationConfig)

@@ -271,3 +271,18 @@ def test_a_method_without_pseudo_labels_refuses_a_balancer():
     with pytest.raises(ConfigError, match="simclr.*without pseudo-labels.*'pseudo_balance'"):
         load_config(preset="demo", overrides=["method.name=simclr", "method.balancer=pseudo_balance"])
     assert load_config(preset="demo", overrides=["method.name=simclr", "method.balancer=none"]).method.name == "simclr"
+
+
+@pytest.mark.parametrize("stage_lr, expected", [(0.0, 0.005), (0.001, 0.001)])
+def test_the_fixmatch_stage_steps_at_its_own_peak_lr_when_set(stage_lr, expected):
+    """`method.fixmatch.lr`: after a supervised warm-up the stage need not re-heat to method.lr."""
+    cfg = _cfg("fixmatch", "method.lr=0.005", f"method.fixmatch.lr={stage_lr}")
+    ctx = _ctx(cfg)
+    method = get_method("fixmatch")(cfg, ctx)
+    method.build()
+    stage = next(s for s in method.stages(cfg) if s.unlabelled)
+    method.begin_stage(stage)
+    method.train_step(stage, _batch(ctx.columns, 6, 1), _batch(ctx.weak_columns + ctx.strong_columns, 8, 2,
+                                                              labels=False), step=3, lr_factor=0.5, stage_epoch=0)
+    assert [g["lr"] for g in method.opts["model"].param_groups] == pytest.approx([expected * 0.5] *
+                                                                                 len(method.opts["model"].param_groups))

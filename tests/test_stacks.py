@@ -1,9 +1,11 @@
 """Microscope stacks: multi-page TIFF, OME-TIFF and OME-Zarr files written by their own
-libraries' writers (tifffile, zarr), listed plane by plane and imported as frames."""
+libraries' writers (tifffile, zarr), and Nikon ND2 files written by tests/nd2_writer.py
+(the nd2 package only reads), listed plane by plane and imported as frames."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -199,3 +201,145 @@ def test_preprocess_builds_a_catalog_from_stacks_with_time_position_and_pixel_si
             assert r["source"] == f"movie.tif[t={r['frame_index']}]" and position == "p0"
             assert r["pixel_size_um"] == pytest.approx(cfg.data.pixel_size_um)
     assert any("plate.ome.tif" in w and "0.65 µm per pixel" in w for w in summary.warnings)
+
+
+# --------------------------------------------------------------------------- Nikon ND2
+# Written by tests/nd2_writer.py (a minimal ND2 3.0 writer: the nd2 package only reads).
+
+def write_nd2_plate(path, t=3, positions=("A1", "B2"), c=2, size=(32, 40), pixel_um=0.65, seed=11):
+    """An ND2 time-lapse (T, P, C, Y, X uint16) with named XY positions and a calibration."""
+    from tests.nd2_writer import write_nd2
+
+    data = np.random.default_rng(seed).integers(0, 65535, (t, len(positions), c, *size), dtype=np.uint16)
+    write_nd2(path, data, "TPCYX", calibration_um=pixel_um, position_names=list(positions))
+    return path, data
+
+
+def write_nd2_colonies(path, t=2, positions=("A1", "B2"), pixel_um=0.65, seed=3):
+    """An ND2 whose channel 0 holds the colonies of :func:`_planes` (16-bit) at every
+    time point and position, and channel 1 a blank plane."""
+    from tests.nd2_writer import write_nd2
+
+    data = np.zeros((t, len(positions), 2, 360, 360), np.uint16)
+    for p in range(len(positions)):
+        data[:, p, 0] = _planes(t, seed + p).astype(np.uint16) * 257
+    write_nd2(path, data, "TPCYX", calibration_um=pixel_um, position_names=list(positions))
+    return path, data
+
+
+def test_nd2_writer_makes_files_the_nd2_package_reads_back(tmp_path):
+    """The test writer's files are ND2 as the nd2 package reads it: loops, names,
+    calibration, channels, colour and every frame."""
+    nd2 = pytest.importorskip("nd2")
+    from tests.nd2_writer import write_nd2
+
+    path, data = write_nd2_plate(tmp_path / "plate.nd2")
+    with nd2.ND2File(path) as f:
+        assert f.version == (3, 0) and dict(f.sizes) == {"T": 3, "P": 2, "C": 2, "Y": 32, "X": 40}
+        assert [loop.type for loop in f.experiment] == ["NETimeLoop", "XYPosLoop"]
+        assert [p.name for p in f.experiment[1].parameters.points] == ["A1", "B2"]
+        assert f.voxel_size().x == pytest.approx(0.65) and f.dtype == np.uint16
+        for seq, idx in enumerate(f.loop_indices):
+            np.testing.assert_array_equal(f.read_frame(seq), data[idx["T"], idx["P"]])
+    rgb = np.random.default_rng(1).integers(0, 65535, (2, 3, 8, 16, 3), dtype=np.uint16)
+    write_nd2(tmp_path / "rgb.nd2", rgb, "TZYXS", calibration_um=0.5)
+    with nd2.ND2File(tmp_path / "rgb.nd2") as f:
+        assert dict(f.sizes) == {"T": 2, "Z": 3, "Y": 8, "X": 16, "S": 3} and f.is_rgb
+        np.testing.assert_array_equal(f.asarray(), rgb)
+
+
+def test_nd2_lists_every_time_point_at_every_position_and_reads_the_asked_channel(tmp_path):
+    pytest.importorskip("nd2")
+    path, data = write_nd2_plate(tmp_path / "plate.nd2")
+    stack = list_planes(path, channel=1)
+    assert stack.kind == "nd2" and stack.axes == "TCYX" and stack.shape == (3, 2, 32, 40)
+    assert stack.pixel_size_um == pytest.approx(0.65) and stack.positions == 2
+    assert [(p.position, p.t, p.channel) for p in stack.planes] == [(w, t, 1) for w in ("A1", "B2") for t in range(3)]
+    for plane in stack.planes:
+        np.testing.assert_array_equal(read_plane(path, plane), data[plane.t, plane.series, 1])
+    np.testing.assert_array_equal(read_plane(path, list_planes(path, channel=0).planes[4].to_dict()), data[1, 1, 0])
+    with pytest.raises(StackError, match=r"plate.nd2: data.channel=2 but the stack has 2 channel.*0..1"):
+        list_planes(path, channel=2)
+
+
+def test_nd2_colour_and_z_are_read_like_a_tiff(tmp_path):
+    """An RGB ND2 gives (H, W, 3) planes, turned grey by load_frame as a colour TIFF is;
+    data.z_plane picks the z of the Z loop; unnamed positions are numbered."""
+    pytest.importorskip("nd2")
+    from tests.nd2_writer import write_nd2
+
+    rgb = np.random.default_rng(2).integers(0, 65535, (2, 2, 5, 8, 16, 3), dtype=np.uint16)
+    path = write_nd2(tmp_path / "rgb.nd2", rgb, "TPZYXS", calibration_um=0.5, position_names=["", ""])
+    stack = list_planes(path, z_plane=-1)
+    assert stack.axes == "TZYXS" and [(p.position, p.t, p.z) for p in stack.planes] == \
+        [(w, t, 2) for w in ("p0", "p1") for t in range(2)]
+    np.testing.assert_array_equal(read_plane(path, stack.planes[3]), rgb[1, 1, 2])
+    np.testing.assert_array_equal(read_plane(path, list_planes(path, z_plane=4).planes[0]), rgb[0, 0, 4])
+    assert load_frame(path, stack.planes[3].to_dict()).shape == (8, 16)
+    with pytest.raises(StackError, match="data.z_plane=5 but the stack has 5 z"):
+        list_planes(path, z_plane=5)
+
+
+def test_a_truncated_or_corrupt_nd2_is_rejected_naming_the_file_and_plane(tmp_path):
+    pytest.importorskip("nd2")
+    path, data = write_nd2_plate(tmp_path / "plate.nd2")
+    raw = path.read_bytes()
+    stack = list_planes(path)
+    first = raw.index(b"ImageDataSeq|0!")
+    cut = tmp_path / "cut.nd2"
+    cut.write_bytes(raw[: first + 4096 + 1000])  # in the middle of the first frame's pixels
+    with pytest.raises(StackError, match=r"cut.nd2: cannot read its ND2 metadata \(ValueError: .*truncated"):
+        list_planes(cut)
+    cut.write_bytes(raw[: len(raw) - 20])  # in the chunk map at the end
+    with pytest.raises(StackError, match="cut.nd2: cannot read its ND2 metadata"):
+        list_planes(cut)
+    path.write_bytes(raw[: first + 4096 + 1000])  # listed whole, then cut: the plane's read says so
+    with pytest.raises(StackError, match=r"plate.nd2 plane t=2 position B2: cannot be read.*truncated"):
+        read_plane(path, stack.planes[5])
+    # a chunk map that points the last frame past the end of the file: not read as zeros
+    entry = raw.rindex(b"ImageDataSeq|5!") + len(b"ImageDataSeq|5!")
+    path.write_bytes(raw[:entry] + (len(raw) + 4096).to_bytes(8, "little") + raw[entry + 8:])
+    stack = list_planes(path)
+    np.testing.assert_array_equal(read_plane(path, stack.planes[0]), data[0, 0, 0])
+    with pytest.raises(StackError, match=r"plate.nd2 plane t=2 position B2: frame 5 is missing or cut short"):
+        read_plane(path, stack.planes[5])
+
+
+def test_nd2_without_the_nd2_package_names_the_extra_to_install(tmp_path, monkeypatch):
+    from tests.nd2_writer import write_nd2
+
+    path = write_nd2(tmp_path / "plate.nd2", np.ones((2, 8, 8), np.uint16), "TYX")
+    monkeypatch.setitem(sys.modules, "nd2", None)  # `import nd2` raises ImportError
+    with pytest.raises(StackError, match=r"plate.nd2: reading ND2 needs the nd2 package: pip install 'ipb-ray\[nd2\]'"):
+        list_planes(path)
+    with pytest.raises(StackError, match=r"ipb-ray\[nd2\]"):
+        read_plane(path, {"series": 0, "index": [1, 0], "t": 1, "position": "p0"})
+    plan = importers.plan_frames(str(tmp_path), None, load_config(preset="demo").data)
+    assert plan.tasks == [] and [r["item"] for r in plan.rejects] == ["file"]
+    assert "pip install 'ipb-ray[nd2]'" in plan.rejects[0]["reason"]
+
+
+def test_plan_frames_makes_a_frame_of_every_nd2_plane_with_its_position_and_pixel_size(tmp_path):
+    """The frames importer over a folder holding an ND2 (T=2, positions A1 and B2): one
+    shard per plane, rows routed by frame_index and position, the ND2 calibration used."""
+    pytest.importorskip("nd2")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    write_nd2_colonies(frames / "plate.nd2")
+    table = tmp_path / "ann.csv"
+    table.write_text("frame,x0,y0,x1,y1,label,frame_index,position\n"
+                     "plate.nd2,35,35,125,125,Dense,1,B2\n"
+                     "plate.nd2,35,35,125,125,Dense,5,B2\n")
+    data = load_config(preset="demo", overrides=[f"data.frames={frames}"]).data
+    plan = importers.plan_frames(str(frames), str(table), data)
+    assert sorted(t.items[0]["source"] for t in plan.tasks) == \
+        [f"frames/plate.nd2[{w} t={t}]" for w in ("A1", "B2") for t in range(2)]
+    assert "does not hold" in {r["item"]: r["reason"] for r in plan.rejects}[f"{table} row 3"]
+    assert any("plate.nd2" in n and "0.65 µm per pixel" in n for n in plan.notes)
+    task = next(t for t in plan.tasks if t.items[0]["source"] == "frames/plate.nd2[B2 t=1]")
+    assert task.items[0]["columns"] == {"position": "B2", "well": "B2"} and task.items[0]["frame_index"] == 1
+    rows, rejects = importers.run_shard(task, data)
+    assert len(rows) == 4 and not [r for r in rejects if r["item"] == "frame"]
+    assert {r["frame_index"] for r in rows} == {1} and all(r["pixel_size_um"] == pytest.approx(0.65) for r in rows)
+    assert sum(r["labels"] == ["Dense"] for r in rows) == 1
+    assert {json.loads(r["provenance"])["annotation"]["position"] for r in rows} == {"B2"}

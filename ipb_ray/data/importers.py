@@ -49,7 +49,8 @@ from ipb_ray.config import DataConfig, SegmentationConfig
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+#: Files listed as frames; an ND2 file (``stacks.ND2_SUFFIX``) is always a stack of frames.
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".nd2")
 IMPORTERS = ("auto", "frames", "synth", "imagefolder", "voc")
 #: An annotation box joins the segmented colony it overlaps with at least this box IoU
 #: (else the colony whose mask holds the box centre).
@@ -101,8 +102,8 @@ def _key(importer: str, payload: Any, seg: SegmentationConfig) -> str:
 
 
 def _list_images(root: Path) -> list[Path]:
-    """Image files under ``root``, and OME-Zarr folders (not looked into: their chunks are
-    no frames)."""
+    """Image files under ``root`` (ND2 files among them), and OME-Zarr folders (not looked
+    into: their chunks are no frames)."""
     from ipb_ray.data.stacks import ZARR_SUFFIX
 
     zarrs = sorted(p for p in root.rglob(f"*{ZARR_SUFFIX}") if p.is_dir())

@@ -8,18 +8,24 @@ the importers (:mod:`ipb_ray.data.importers`) can treat every plane as a frame o
 * **OME-TIFF** (its OME-XML names the axes T, C, Z, Y, X, one image per stage position,
   and the physical pixel size);
 * **OME-Zarr** (a ``.zarr`` folder with NGFF ``multiscales`` metadata, versions 0.4 and
-  0.5; the highest resolution level is read, chunk by chunk).
+  0.5; the highest resolution level is read, chunk by chunk);
+* **Nikon ND2** (NIS-Elements; its experiment loops name the axes: time (T), XY
+  positions (P, one position each, named as in the file), Z, and the channels (C) of
+  each frame; the calibration gives the pixel size).
 
-Every plane becomes a frame with its time index ``t``, its position (the OME image's
-name, or ``p<N>``), the channel ``data.channel`` and the z-plane ``data.z_plane`` (-1:
-the middle one). Reading is lazy: :func:`list_planes` reads metadata only and
-:func:`read_plane` decodes one page or one chunked slice, so a 48 x 2908 x 2908 stack is
-never loaded whole (``benchmarks/stack_read.py`` measures it).
+Every plane becomes a frame with its time index ``t``, its position (the OME image's or
+ND2 point's name, or ``p<N>``), the channel ``data.channel`` and the z-plane
+``data.z_plane`` (-1: the middle one). Reading is lazy: :func:`list_planes` reads metadata
+only and :func:`read_plane` decodes one page, one chunked slice or one ND2 frame, so a
+48 x 2908 x 2908 stack is never loaded whole (``benchmarks/stack_read.py`` measures it).
 
 Readers: tifffile (already a dependency: it parses OME-XML and reads a TIFF page by page
 without decoding the others; bioio would add a plugin system and xarray for the same
-pages) and zarr (the format's reference library). A stack format whose reader is missing
-names the package to install.
+pages), zarr (the format's reference library) and nd2 (optional, ``pip install
+'ipb-ray[nd2]'``: pure Python, no Nikon SDK; it memory-maps the file and reads one frame
+at a time, and parses the file's own metadata (loops, position names, calibration);
+bioio-nd2 would wrap the same package). A stack format whose reader is missing names
+the package to install.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 #: Suffixes of the stack formats (besides plain ``.tif``/``.tiff``, which may hold one page).
 ZARR_SUFFIX = ".zarr"
 TIFF_SUFFIXES = (".tif", ".tiff")
+ND2_SUFFIX = ".nd2"
 #: Axes a stack's plane index may run over; Y, X (and S, a pixel's colour samples) stay in the plane.
 PLANE_AXES = "TCZ"
 #: tifffile's names for a run of pages with no meaning attached (a plain multi-page TIFF): time.
@@ -52,8 +59,9 @@ class StackError(ValueError):
 class Plane:
     """One 2-D plane of a stack, as a JSON-able reference (it travels in a shard task).
 
-    ``series``: the OME image (TIFF series) or 0 for OME-Zarr; ``index``: the page within
-    that series (TIFF) or the indices of the non-YX axes (OME-Zarr)."""
+    ``series``: the OME image (TIFF series), the ND2 XY position, or 0 for OME-Zarr;
+    ``index``: the page within that series (TIFF), the indices of the non-YX axes
+    (OME-Zarr), or the ND2 frame (sequence index) and the channel within it."""
 
     series: int
     index: tuple[int, ...]
@@ -81,7 +89,7 @@ class Stack:
     """What :func:`list_planes` found in one file."""
 
     path: str
-    kind: str                      # "tiff" | "ome-tiff" | "ome-zarr"
+    kind: str                      # "tiff" | "ome-tiff" | "ome-zarr" | "nd2"
     axes: str                      # e.g. "TCZYX" (of the first position)
     shape: tuple[int, ...]
     planes: list[Plane]
@@ -94,9 +102,10 @@ class Stack:
 
 
 def is_stack_path(path: Path) -> bool:
-    """A path a stack could be: a TIFF file or an OME-Zarr folder."""
+    """A path a stack could be: a TIFF or ND2 file or an OME-Zarr folder."""
     suffix = path.suffix.lower()
-    return (suffix in TIFF_SUFFIXES and path.is_file()) or (suffix == ZARR_SUFFIX and path.is_dir())
+    return ((suffix in (*TIFF_SUFFIXES, ND2_SUFFIX) and path.is_file())
+            or (suffix == ZARR_SUFFIX and path.is_dir()))
 
 
 def _pick(n: int, wanted: int, axis: str, path: str, setting: str) -> int:
@@ -239,9 +248,92 @@ def _list_zarr(path: Path, channel: int, z_plane: int) -> Stack:
     return Stack(str(path), "ome-zarr", axes, tuple(array.shape), planes, size)
 
 
+#: ND2 experiment loops -> axes (a SpectLoop holds the channels, which lie inside each frame).
+_ND2_LOOPS = {"TimeLoop": "T", "NETimeLoop": "T", "XYPosLoop": "P", "ZStackLoop": "Z"}
+
+
+def _nd2_module(path: Path) -> Any:
+    try:
+        import nd2
+    except ImportError as exc:
+        raise StackError(f"{path}: reading ND2 needs the nd2 package: pip install 'ipb-ray[nd2]'") from exc
+    return nd2
+
+
+def _nd2_components(f: Any) -> tuple[int, int, int]:
+    """(channels as ``ND2File.sizes`` counts them, channels in the frame, components per
+    channel) of an ND2 file: 3 components per channel are RGB (S); any other count makes
+    every component a channel of its own."""
+    attrs = f.attributes
+    n = attrs.channelCount or 1
+    per = max(attrs.componentCount // n, 1)
+    return (n if per == 3 else n * per), n, per
+
+
+def _list_nd2(path: Path, channel: int, z_plane: int) -> Stack:
+    nd2 = _nd2_module(path)
+    try:
+        with nd2.ND2File(path) as f:
+            loops = [(_ND2_LOOPS.get(loop.type, loop.type), loop) for loop in f.experiment]
+            for axis, _ in loops:
+                if axis not in _ND2_LOOPS.values():
+                    raise StackError(f"{path}: its {axis} loop is not supported (ipb-ray reads time, XY positions, "
+                                     "Z and channels; export the file without that loop first)")
+            counts = [loop.count for _, loop in loops]
+            nchan, _, per = _nd2_components(f)
+            samples = 3 if per == 3 else 1
+            height, width = f.attributes.heightPx, f.attributes.widthPx or 0
+            inner = [(a, n) for (a, _), n in zip(loops, counts) if a != "P"] + ([("C", nchan)] if nchan > 1 else [])
+            axes = "".join(a for a, _ in inner) + "YX" + ("S" if samples == 3 else "")
+            shape = tuple(n for _, n in inner) + (height, width) + ((3,) if samples == 3 else ())
+            xy = next((loop for a, loop in loops if a == "P"), None)
+            names = [(pt.name or "").strip() for pt in xy.parameters.points] if xy is not None else [""]
+            if len(names) > 1 and (not all(names) or len(set(names)) < len(names)):
+                names = [""] * len(names)  # missing or repeated names: number the positions
+            planes = []
+            for p, name in enumerate(names):
+                position = name if name and len(names) > 1 else f"p{p}"
+                for plane in _planes_for(axes, shape, p, position, str(path), channel, z_plane, False):
+                    walked = iter(plane.index)
+                    coords = [p if a == "P" else next(walked) for a, _ in loops]
+                    seq = int(np.ravel_multi_index(coords, counts)) if counts else 0
+                    planes.append(Plane(p, (seq, plane.channel), plane.t, position, plane.channel, plane.z))
+            size = None
+            channels = f.metadata.channels or []
+            if channels and channels[0].volume.axesCalibrated[0]:
+                size = float(f.voxel_size().x)
+            return Stack(str(path), "nd2", axes, shape, planes, size)
+    except StackError:
+        raise
+    except Exception as exc:  # nd2 raises ValueError, OSError, KeyError ... for damaged files
+        raise StackError(f"{path}: cannot read its ND2 metadata ({type(exc).__name__}: {exc}); "
+                         "is the file truncated?") from exc
+
+
+def _read_nd2(path: Path, plane: Plane, where: str) -> np.ndarray:
+    """One channel of one ND2 frame, copied out of the memory map (which closes with the file)."""
+    nd2 = _nd2_module(path)
+    seq, comp = plane.index
+    with nd2.ND2File(path) as f:
+        # nd2 reads a frame the chunk map points past the end of the file as zeros: say so instead
+        offsets = getattr(getattr(f, "_rdr", None), "_frame_offsets", None)
+        if isinstance(offsets, dict) and f.attributes.compressionType != "lossless":
+            nbytes = f.attributes.heightPx * (f.attributes.widthBytes or 0)
+            if seq not in offsets or offsets[seq] + nbytes > path.stat().st_size:
+                raise StackError(f"{where}: frame {seq} is missing or cut short (the file holds "
+                                 f"{path.stat().st_size} bytes; is it truncated?)")
+        _, n, per = _nd2_components(f)
+        # a frame is stored (Y, X, channel, component); nd2 hands it over as (channel, Y, X, component)
+        frame = f.read_frame(seq).reshape(n, f.attributes.heightPx, f.attributes.widthPx or 0, per)
+        out = np.array(frame[comp] if per == 3 else frame[comp // per, :, :, comp % per])
+        del frame  # the last view of the memory map, which closes with the file
+    return out
+
+
 def list_planes(path: str | Path, channel: int = 0, z_plane: int = -1) -> Stack | None:
     """The planes of a stack file, or None for a file that holds one 2-D frame (or is no
-    TIFF and no OME-Zarr: the plain frame reader takes those). Reads metadata only.
+    TIFF, ND2 or OME-Zarr: the plain frame reader takes those). Reads metadata only. An
+    ND2 file is always a stack, even of one frame (the plain reader cannot read ND2).
 
     Raises :class:`StackError` naming the file for an unsupported axis, a channel or
     z-plane the stack does not have, or a file whose pages cannot be listed."""
@@ -250,11 +342,14 @@ def list_planes(path: str | Path, channel: int = 0, z_plane: int = -1) -> Stack 
         return _list_zarr(path, channel, z_plane)
     if path.suffix.lower() in TIFF_SUFFIXES and path.is_file():
         return _list_tiff(path, channel, z_plane)
+    if path.suffix.lower() == ND2_SUFFIX and path.is_file():
+        return _list_nd2(path, channel, z_plane)
     return None
 
 
 def read_plane(path: str | Path, plane: Plane | dict[str, Any]) -> np.ndarray:
-    """Decode one plane of a stack (one TIFF page, or one slice of the OME-Zarr's chunks).
+    """Decode one plane of a stack (one TIFF page, one slice of the OME-Zarr's chunks, or
+    one channel of one ND2 frame).
 
     Raises :class:`StackError` naming the file and the plane when it cannot be read (a
     truncated file, a missing chunk)."""
@@ -265,6 +360,8 @@ def read_plane(path: str | Path, plane: Plane | dict[str, Any]) -> np.ndarray:
         if path.suffix.lower() == ZARR_SUFFIX:
             array, _ = _zarr_array(path)
             out = np.asarray(array[tuple(plane.index)])
+        elif path.suffix.lower() == ND2_SUFFIX:
+            out = _read_nd2(path, plane, where)
         else:
             import tifffile
 

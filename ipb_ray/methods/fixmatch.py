@@ -34,6 +34,8 @@ class FixMatchParams(Params):
     threshold: float = param(0.95, lo=0.0, hi=1.0, doc="confidence a weak-view pseudo-label needs (the paper's "
                              "tau = 0.95)")
     weight: float = param(1.0, lo=0.0, hi=100.0, doc="lambda_u: weight of the unlabelled loss (the paper's 1)")
+    lr: float = param(0.0, lo=0.0, hi=10.0, doc="peak lr of the FixMatch stage; 0 = method.lr. After a "
+                      "supervised warm-up a lower peak keeps the stage from re-heating a trained network")
 
 
 @register_method("fixmatch")
@@ -52,7 +54,7 @@ class FixMatch(OneNetworkMethod):
         from ipb_ray.nn.ssl import fixmatch_loss
 
         m, p, ctx, net, opt = self.m, self.p, self.ctx, self.nets["model"], self.opts["model"]
-        set_lr(opt, m.lr * lr_factor)
+        set_lr(opt, (p.lr or m.lr) * lr_factor)
         x_l, y_l = ctx.tensors(labelled, ctx.columns), ctx.labels(labelled)
         x_uw, x_us = ctx.tensors(unlabelled, ctx.weak_columns), ctx.tensors(unlabelled, ctx.strong_columns)
         n_l, n_u = y_l.shape[0], x_uw[0].shape[0]
