@@ -49,6 +49,10 @@ def test_two_worker_ddp_keeps_ranks_identical(train_catalog, tmp_path):
     # method.steps_per_epoch: exactly that many steps on every rank, whatever |L| is
     assert [h["train_steps"] for h in history] == [6, 6]
     assert history[1]["lr"] < history[0]["lr"] <= cfg.method.lr  # cosine decay per step
+    # where a fold's time goes (benchmarks/fold_cost.py): every part of an epoch is timed
+    assert history[0]["setup_seconds"] > 0 and "setup_seconds" not in history[1]
+    assert all(h["bn_seconds"] > 0 and h["val_seconds"] > 0 for h in history)
+    assert history[0]["report_seconds"] == 0 < history[1]["report_seconds"] and metrics["test_seconds"] > 0
     import torch
 
     from ipb_ray.data.catalog import normalisation
@@ -183,3 +187,26 @@ def test_guard_posthoc_reads_the_guarded_choice_from_a_history():
     assert mod.fixed_choice(h) == "before"          # 0.45 < the MPL-stage teacher's 0.5
     h[2]["val_balanced_accuracy"] = 0.5
     assert mod.fixed_choice(h) == "finetune"        # ties go to the later network, as in the loop
+
+
+def test_fold_cost_splits_a_fold_by_its_history_and_leaves_the_rest_to_train_startup():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fold_cost", Path(__file__).resolve().parents[1] / "benchmarks" / "fold_cost.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    history = [{"setup_seconds": 2.0, "train_seconds": 10.0, "data_wait_fraction": 0.1, "train_steps": 25,
+                "bn_seconds": 0.5, "val_seconds": 1.0, "report_seconds": 0.0},
+               {"train_seconds": 20.0, "data_wait_fraction": 0.5, "train_steps": 25, "mask_rate": 0.2,
+                "plan_seconds": 3.0, "prefetch_seconds": 1.0, "bn_seconds": 0.5, "val_seconds": 1.0,
+                "report_seconds": 0.4}]
+    parts = mod.split_fold(history, {"test_seconds": 1.5}, wall=50.0)
+    assert parts["data_wait"] == pytest.approx(11.0) and parts["optimizer_steps"] == pytest.approx(19.0)
+    assert parts["labelling"] == 4.0 and parts["validation"] == 2.0 and parts["bn_recalibration"] == 1.0
+    assert parts["reports"] == pytest.approx(0.8)  # the earlier report, and the last one at their mean
+    assert parts["train_startup"] == pytest.approx(50.0 - 19.0 - 11.0 - 4.0 - 2.0 - 1.0 - 1.5 - 0.8 - 2.0)
+    assert sum(parts.values()) == pytest.approx(50.0)
+    assert mod.steps_per_second(history) == pytest.approx(2.5)  # the labelled epoch only
+    assert mod.steps_per_second(history, labelled_only=False) == pytest.approx(50 / 30)

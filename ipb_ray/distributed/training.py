@@ -473,6 +473,8 @@ class _Loop:
         self.u_state = state_handle(config["u_state"]) if self.semi else None
         self.start, self.global_step, self.resumed_from = 0, 0, None
         self.best, self.history = _Selection(), []
+        self.report_s = 0.0  # seconds in report_epoch (checkpoint writes, MLflow logging, Train's report)
+        self.setup_s = 0.0  # seconds to build this loop (networks, optimisers, restore), set by _train_loop
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
         self.truth_of = dict(zip(self.inputs.unlabelled, self.u_truth.tolist()))
         self.state = self._restore()
@@ -533,13 +535,17 @@ class _Loop:
             t0 = time.perf_counter()
             metrics: dict[str, Any] = {"epoch": g, "stage": stage.name, "stage_index": i, "stage_epoch": e,
                                        "world_size": self.world}
+            if g == self.start:
+                metrics["setup_seconds"] = self.setup_s
             if stage.unlabelled:
                 metrics.update(self._unlabelled(stage, g, e))
             else:
                 metrics.update(self._labelled(stage, g, e))
             metrics.update(self.method.epoch_metrics(stage))
             state = self._close_epoch(stage, g, metrics, t0)
+            t_report = time.perf_counter()
             report_epoch(metrics, state, self.config)
+            self.report_s += time.perf_counter() - t_report
         if self.balancer is not None:
             self.balancer.close()
         if self.start >= self.total:  # the run had already finished: test its selected network again
@@ -703,10 +709,15 @@ class _Loop:
         nxt = self.stage_at(g + 1)[0] if g + 1 < self.total else None
         labels_next = nxt is not None and self.stages[nxt].unlabelled and self.balancer is not None
         evaluated = [stage.net, *stage.also_validate] + ([self.method.labeller] if labels_next else [])
+        t_close = time.perf_counter()
         recalibrate([nets[k] for k in dict.fromkeys(evaluated)], lambda: self._eval_batches("calib"), ctx.columns,
                     ctx.device, ctx.amp, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate)
+        t_val = time.perf_counter()
+        metrics["bn_seconds"] = t_val - t_close
         if labels_next:  # the labeller is final for the next epoch: label U meanwhile
             self.balancer.prefetch(self._unlabelled_epoch(g + 1), nets[self.method.labeller])
+            metrics["prefetch_seconds"] = time.perf_counter() - t_val
+            t_val = time.perf_counter()
         for name in stage.also_validate:
             val = validate(nets[name], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
                            ctx.amp)
@@ -723,7 +734,9 @@ class _Loop:
         if stage.select and self.best.offer(val["balanced_accuracy"] if val is not None else float(g),
                                             nets[stage.net]):  # no V: the latest network
             metrics.update(best_epoch=g, best_net=stage.net)
+        metrics["val_seconds"] = time.perf_counter() - t_val
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["report_seconds"] = self.report_s  # the earlier epochs' reports, so far
         self.history.append(dict(metrics))
         if g == self.total - 1:
             metrics.update(self.final())
@@ -742,9 +755,11 @@ class _Loop:
             return _test_metrics(nets[last], weights, self.inputs, self._eval_batches("test"), ctx.columns,
                                  ctx.device, ctx.amp)
 
+        t0 = time.perf_counter()
         out = test(self.best.state)
         for stage_name, weights in self.best.earlier.items():
             out.update({f"{pre_stage_prefix(stage_name)}{k}": v for k, v in test(weights).items()})
+        out["test_seconds"] = time.perf_counter() - t0
         out.update(resumed_from_epoch=-1 if self.resumed_from is None else self.resumed_from,
                    param_digest=param_digest(_unwrap(nets[last])))
         out.update({f"{k}_param_digest": param_digest(_unwrap(n)) for k, n in nets.items() if k != last})
@@ -781,7 +796,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    _Loop(config).run()
+    t0 = time.perf_counter()
+    loop = _Loop(config)
+    loop.setup_s = time.perf_counter() - t0
+    loop.run()
 
 
 def report_finished(state: dict[str, Any] | None, final: Any, rank: int, world: int, last_epoch: int,
