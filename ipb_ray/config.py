@@ -397,6 +397,10 @@ class EvalConfig:
                               "the class mix of training (balanced unless method.balance_labelled=false), "
                               "before every validation, test and labelling pass")
     bn_batches: int = _f(16, lo=1, hi=100_000, doc="batches of L drawn to re-estimate the statistics")
+    cache_mb: int = _f(256, lo=0, hi=1_000_000, doc="rank 0 keeps the patches of V and of the BatchNorm "
+                       "stream in memory after the first epoch when they fit in this many MB (they are the same "
+                       "windows every epoch), instead of cutting them again before every validation; 0 = cut "
+                       "them every time")
 
     def __post_init__(self) -> None:
         _check_fields(self)

@@ -121,6 +121,16 @@ def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
     # (Ray Data keeps block order: streams.patch_dataset sets preserve_order)
     twin = train_fold(_cfg(train_catalog, "name=local-twin", "method.epochs=2", "resources.num_workers=0"), 0)
     assert twin["param_digest"] == first["param_digest"]
+    # eval.cache_mb: V and the BatchNorm stream are cut once (epoch 0) and kept; cutting them
+    # again every epoch (cache_mb=0) gives the very same validations, network and test
+    assert [h["eval_cuts"] for h in first["history"]] == [2, 0]
+    cut = train_fold(_cfg(train_catalog, "name=local-cut", "method.epochs=2", "resources.num_workers=0",
+                          "eval.cache_mb=0"), 0)
+    assert [h["eval_cuts"] for h in cut["history"]] == [2, 2]
+    assert [h["val_balanced_accuracy"] for h in cut["history"]] == [h["val_balanced_accuracy"]
+                                                                    for h in first["history"]]
+    assert cut["param_digest"] == first["param_digest"]
+    assert cut["test_report"]["confusion_matrix"] == first["test_report"]["confusion_matrix"]
     with pytest.raises(ValueError, match="num_workers=0 .* local"):
         train_fold(cfg.replace("tracking.storage_path=s3://bucket/runs"), 0)
 

@@ -473,6 +473,8 @@ class _Loop:
         self.u_state = state_handle(config["u_state"]) if self.semi else None
         self.start, self.global_step, self.resumed_from = 0, 0, None
         self.best, self.history = _Selection(), []
+        self._eval_cache: dict[str, list[Any] | None] = {}  # V's and the BN stream's batches, once cut
+        self.eval_cuts = 0  # evaluation streams cut so far (each one a Ray Data pipeline)
         self.report_s = 0.0  # seconds in report_epoch (checkpoint writes, MLflow logging, Train's report)
         self.setup_s = 0.0  # seconds to build this loop (networks, optimisers, restore), set by _train_loop
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
@@ -574,6 +576,24 @@ class _Loop:
         return lr_factor(e * steps + i, total, warmup_steps(total, self.m.warmup_fraction), self.m.schedule)
 
     def _eval_batches(self, kind: str) -> Any:
+        """``kind``'s evaluation batches (:meth:`_cut_eval_batches`); V's and the BatchNorm
+        stream's are the same windows every epoch, so they are cut once and kept when they
+        fit in ``eval.cache_mb`` (T is evaluated once a run and always streamed)."""
+        if kind == "test" or self.cfg.eval.cache_mb <= 0:
+            return self._cut_eval_batches(kind)
+        if kind not in self._eval_cache:
+            batches, size = [], 0
+            for batch in self._cut_eval_batches(kind):
+                batches.append(batch)
+                size += sum(v.element_size() * v.nelement() for v in batch.values() if hasattr(v, "nelement"))
+                if size > self.cfg.eval.cache_mb * 2 ** 20:  # too big to keep: stream it every time
+                    self._eval_cache[kind] = None
+                    return self._cut_eval_batches(kind)
+            self._eval_cache[kind] = batches
+        kept = self._eval_cache[kind]
+        return iter(kept) if kept is not None else self._cut_eval_batches(kind)
+
+    def _cut_eval_batches(self, kind: str) -> Any:
         """Rank 0's evaluation streams, cut from the crop cache like the training ones:
         ``calib``: un-augmented L in the training class mix (:func:`calibration_counts`),
         shuffled (a batch of one colony's copies, or of one class, has a smaller variance
@@ -581,6 +601,7 @@ class _Loop:
         variances), at most ``eval.bn_batches`` batches; ``val`` / ``test``: V / T, each
         colony ``eval.tta`` times (the mask-centre window, then seeded random ones). The
         same windows every epoch (epoch 0's draws), so validations compare."""
+        self.eval_cuts += 1
         cfg, ctx, m, inputs = self.cfg, self.ctx, self.m, self.inputs
         if kind == "calib":
             spec = ctx.specs["spec_plain"]
@@ -709,7 +730,7 @@ class _Loop:
         nxt = self.stage_at(g + 1)[0] if g + 1 < self.total else None
         labels_next = nxt is not None and self.stages[nxt].unlabelled and self.balancer is not None
         evaluated = [stage.net, *stage.also_validate] + ([self.method.labeller] if labels_next else [])
-        t_close = time.perf_counter()
+        t_close, cuts = time.perf_counter(), self.eval_cuts
         recalibrate([nets[k] for k in dict.fromkeys(evaluated)], lambda: self._eval_batches("calib"), ctx.columns,
                     ctx.device, ctx.amp, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate)
         t_val = time.perf_counter()
@@ -735,6 +756,7 @@ class _Loop:
                                             nets[stage.net]):  # no V: the latest network
             metrics.update(best_epoch=g, best_net=stage.net)
         metrics["val_seconds"] = time.perf_counter() - t_val
+        metrics["eval_cuts"] = self.eval_cuts - cuts
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["report_seconds"] = self.report_s  # the earlier epochs' reports, so far
         self.history.append(dict(metrics))
