@@ -66,8 +66,9 @@ def split_fold(history: list[dict[str, Any]], final: dict[str, Any], wall: float
 
 def steps_per_second(history: list[dict[str, Any]], labelled_only: bool = True) -> float:
     """Optimizer steps per second of training-loop time (data wait included), over the
-    labelled epochs (the supervised stream) or all."""
-    rows = [h for h in history if not labelled_only or "mask_rate" not in h and "loss_u" not in h]
+    labelled epochs (the supervised stream; the loop records ``global_step`` only in
+    epochs that stream U) or all."""
+    rows = [h for h in history if not labelled_only or "global_step" not in h]
     steps = sum(int(h.get("train_steps") or 0) for h in rows)
     seconds = sum(float(h.get("train_seconds") or 0.0) for h in rows)
     return steps / seconds if seconds > 0 else float("nan")

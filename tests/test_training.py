@@ -209,7 +209,7 @@ def test_fold_cost_splits_a_fold_by_its_history_and_leaves_the_rest_to_train_sta
     spec.loader.exec_module(mod)
     history = [{"setup_seconds": 2.0, "train_seconds": 10.0, "data_wait_fraction": 0.1, "train_steps": 25,
                 "bn_seconds": 0.5, "val_seconds": 1.0, "report_seconds": 0.0},
-               {"train_seconds": 20.0, "data_wait_fraction": 0.5, "train_steps": 25, "mask_rate": 0.2,
+               {"train_seconds": 20.0, "data_wait_fraction": 0.5, "train_steps": 25, "mask_rate": 0.2, "global_step": 50,
                 "plan_seconds": 3.0, "prefetch_seconds": 1.0, "bn_seconds": 0.5, "val_seconds": 1.0,
                 "report_seconds": 0.4}]
     parts = mod.split_fold(history, {"test_seconds": 1.5}, wall=50.0)

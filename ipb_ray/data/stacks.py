@@ -318,10 +318,10 @@ def _read_nd2(path: Path, plane: Plane, where: str) -> np.ndarray:
         # nd2 reads a frame the chunk map points past the end of the file as zeros: say so instead
         offsets = getattr(getattr(f, "_rdr", None), "_frame_offsets", None)
         if isinstance(offsets, dict) and f.attributes.compressionType != "lossless":
-            nbytes = f.attributes.heightPx * (f.attributes.widthBytes or 0)
-            if seq not in offsets or offsets[seq] + nbytes > path.stat().st_size:
-                raise StackError(f"{where}: frame {seq} is missing or cut short (the file holds "
-                                 f"{path.stat().st_size} bytes; is it truncated?)")
+            nbytes, held = f.attributes.heightPx * (f.attributes.widthBytes or 0), path.stat().st_size
+            if seq not in offsets or offsets[seq] + nbytes > held:
+                raise StackError(f"{where}: frame {seq} is missing or cut short (the file holds {held} bytes; "
+                                 "is it truncated?)")
         _, n, per = _nd2_components(f)
         # a frame is stored (Y, X, channel, component); nd2 hands it over as (channel, Y, X, component)
         frame = f.read_frame(seq).reshape(n, f.attributes.heightPx, f.attributes.widthPx or 0, per)

@@ -579,19 +579,21 @@ class _Loop:
         """``kind``'s evaluation batches (:meth:`_cut_eval_batches`); V's and the BatchNorm
         stream's are the same windows every epoch, so they are cut once and kept when they
         fit in ``eval.cache_mb`` (T is evaluated once a run and always streamed)."""
-        if kind == "test" or self.cfg.eval.cache_mb <= 0:
+        import itertools
+
+        if kind == "test" or self.cfg.eval.cache_mb <= 0 or self._eval_cache.get(kind, []) is None:
             return self._cut_eval_batches(kind)
-        if kind not in self._eval_cache:
-            batches, size = [], 0
-            for batch in self._cut_eval_batches(kind):
-                batches.append(batch)
-                size += sum(v.element_size() * v.nelement() for v in batch.values() if hasattr(v, "nelement"))
-                if size > self.cfg.eval.cache_mb * 2 ** 20:  # too big to keep: stream it every time
-                    self._eval_cache[kind] = None
-                    return self._cut_eval_batches(kind)
-            self._eval_cache[kind] = batches
-        kept = self._eval_cache[kind]
-        return iter(kept) if kept is not None else self._cut_eval_batches(kind)
+        if kind in self._eval_cache:
+            return iter(self._eval_cache[kind])
+        stream, batches, size = iter(self._cut_eval_batches(kind)), [], 0
+        for batch in stream:
+            batches.append(batch)
+            size += sum(v.element_size() * v.nelement() for v in batch.values() if hasattr(v, "nelement"))
+            if size > self.cfg.eval.cache_mb * 2 ** 20:  # too big to keep: this pass goes on streaming
+                self._eval_cache[kind] = None
+                return itertools.chain(batches, stream)
+        self._eval_cache[kind] = batches
+        return iter(batches)
 
     def _cut_eval_batches(self, kind: str) -> Any:
         """Rank 0's evaluation streams, cut from the crop cache like the training ones:
