@@ -24,6 +24,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
+from ipb_ray.params import ConfigError, Params, check_fields, check_value, param
+from ipb_ray.params import field_spec as _f
+from ipb_ray.patches.ops import GRAY_STRONG_OPS, STRONG_OPS
+
 __all__ = [
     "AugmentConfig",
     "BACKBONES",
@@ -56,92 +60,13 @@ __all__ = [
 #: tests). ``model.backbone`` is checked against the registry itself
 #: (:func:`ipb_ray.nn.models.list_models`), so a ``@register_model`` backbone is valid too.
 BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
-MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
-RELABEL = ("pass", "reuse")
-STUDENT_INITS = ("scratch", "teacher")
 LABEL_STAGES = ("auto", "tasks", "actors")
 SCHEDULES = ("cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
-#: Ops of the strong (UDA/FixMatch) view; see ipb_ray.patches.augment.STRONG_OPS.
-STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "posterize", "contrast",
-              "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
-#: Default strong ops: the ones that keep a phase-contrast image's polarity and grey-level
-#: order (solarize, posterize and equalize invert or flatten the halo and texture cues).
-GRAY_STRONG_OPS = ("identity", "autocontrast", "rotate", "contrast", "brightness", "sharpness", "shear_x",
-                   "shear_y", "translate_x", "translate_y")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the dotted key and the source it came from."""
-
-    def __init__(self, message: str, key: str = "", source: str = ""):
-        self.key = key
-        self.source = source
-        self.detail = message
-        where = f"{source}: " if source else ""
-        what = f"{key}: " if key else ""
-        super().__init__(f"{where}{what}{message}")
-
-    def under(self, prefix: str) -> "ConfigError":
-        key = f"{prefix}.{self.key}" if self.key else prefix
-        return ConfigError(self.detail, key=key, source=self.source)
-
-
-def _f(default: Any, *, lo: float | None = None, hi: float | None = None,
-       choices: Sequence[Any] | None = None, odd: bool = False, doc: str = "") -> Any:
-    """A field with its allowed range; ``lo``/``hi`` are inclusive."""
-    meta = {"lo": lo, "hi": hi, "choices": tuple(choices) if choices else None,
-            "odd": odd, "doc": doc}
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("mutable defaults are not allowed in configs")
-    return field(default=default, metadata=meta)
-
-
-def param(default: Any, *, lo: float | None = None, hi: float | None = None,
-          choices: Sequence[Any] | None = None, doc: str = "") -> Any:
-    """A field of a method's or balancer's own hyperparameter section (see :class:`Params`),
-    with its allowed range (``lo``/``hi`` inclusive) or choices and its meaning."""
-    return _f(default, lo=lo, hi=hi, choices=choices, doc=doc)
-
-
-class Params:
-    """Base of a method's (or balancer's) own hyperparameter section: a frozen dataclass of
-    :func:`param` fields, range-checked like every other section. A registered class names
-    it as ``params``; its keys are then ``method.<section>.<key>`` (e.g.
-    ``method.mpl.threshold``), validated, listed by ``ipb config reference`` and searchable
-    by ``ipb tune``."""
-
-    def __post_init__(self) -> None:
-        _check_fields(self)
 
 
 def _section(cls: type) -> Any:
     return field(default_factory=cls, metadata={"doc": (cls.__doc__ or "").strip()})
-
-
-def _check_fields(obj: Any) -> None:
-    """Range/choice checks declared with :func:`_f`, run from every ``__post_init__``."""
-    for f in dataclasses.fields(obj):
-        _check_value(f, getattr(obj, f.name), key=f.name)
-
-
-def _check_value(f: dataclasses.Field, value: Any, key: str) -> None:
-    """The :func:`_f` range/choice checks of one field; errors carry ``key``."""
-    meta = f.metadata
-    if value is None or dataclasses.is_dataclass(value):
-        return
-    choices = meta.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{value!r} is not allowed; choose one of {', '.join(map(str, choices))}",
-                          key=key)
-    lo, hi = meta.get("lo"), meta.get("hi")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
-            lo_s = "-inf" if lo is None else f"{lo:g}"
-            hi_s = "inf" if hi is None else f"{hi:g}"
-            raise ConfigError(f"{value!r} is out of range; allowed [{lo_s}, {hi_s}]", key=key)
-        if meta.get("odd") and int(value) % 2 == 0:
-            raise ConfigError(f"{value!r} must be an odd number", key=key)
 
 
 @dataclass(frozen=True)
@@ -155,7 +80,7 @@ class SegmentationConfig:
     fill_holes: bool = _f(True, doc="fill holes inside colony regions")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -186,7 +111,7 @@ class DataConfig:
     segmentation: SegmentationConfig = _section(SegmentationConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         if self.local_patch > self.global_patch:
             raise ConfigError(f"{self.local_patch} is larger than data.global_patch "
                               f"({self.global_patch}); the local patch is the global patch's centre",
@@ -208,7 +133,7 @@ class SplitConfig:
                               "on the source frame path; None = every colony its own group")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         if self.labelled_fraction + 1.0 / self.folds >= 1.0:
             raise ConfigError(
                 f"{self.labelled_fraction} plus the test share 1/{self.folds} leaves no unlabelled "
@@ -251,7 +176,7 @@ class ModelConfig:
     dropout: float = _f(0.0, lo=0.0, hi=0.99, doc="dropout before the classifier")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         if self.backbone in BACKBONES:  # shipped with the registry (tests keep the two in step)
             return
         from ipb_ray.nn.models import list_models  # the registry decides, so @register_model works
@@ -323,7 +248,7 @@ class MethodConfig:
                               "doc": "the registered methods' and balancers' own sections, by name"})
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         from ipb_ray.methods import get_method, list_balancers  # the registries decide (no torch, no Ray)
 
         try:
@@ -380,7 +305,7 @@ class AugmentConfig:
     cutout: float = _f(0.25, lo=0.0, hi=1.0, doc="largest cutout side, fraction of the patch side")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         bad = [op for op in self.strong_ops if op not in STRONG_OPS]
         if bad or not self.strong_ops:
             raise ConfigError(f"{list(self.strong_ops)} has unknown ops {bad}; choose from {', '.join(STRONG_OPS)}"
@@ -403,7 +328,7 @@ class EvalConfig:
                        "them every time")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -434,7 +359,7 @@ class ResourcesConfig:
     object_store_mb: int | None = _f(None, lo=64, doc="object store size of a local cluster")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -446,7 +371,7 @@ class TrackingConfig:
     storage_path: str = _f("ray_results", doc="Ray Train checkpoint storage (shared on clusters)")
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
         if not self.experiment.strip():
             raise ConfigError("must not be empty", key="experiment")
 
@@ -468,7 +393,7 @@ class ExperimentConfig:
     tracking: TrackingConfig = _section(TrackingConfig)
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        check_fields(self)
 
     def replace(self, *overrides: str) -> "ExperimentConfig":
         """A copy with dotted overrides applied (``"method.mpl.threshold=0.7"``)."""
@@ -702,7 +627,7 @@ def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[Config
             continue
         try:
             kwargs[key] = _coerce(value, tp, dotted)
-            _check_value(fields[key], kwargs[key], key=dotted)
+            check_value(fields[key], kwargs[key], key=dotted)
         except ConfigError as exc:
             errors.append(ConfigError(exc.detail, key=exc.key, source=source))
             valid = False

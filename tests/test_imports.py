@@ -7,6 +7,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import ipb_ray
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(ipb_ray.__path__, "ipb_ray."))
@@ -24,13 +26,20 @@ def test_every_module_imports_without_ray_mlflow_or_optuna():
 
 
 def _imports(path):
-    """(module-level?, imported module, names) of every ``from ipb_ray... import`` in a file."""
+    """(module-level?, imported module, names) of every ``from ipb_ray... import`` in a file,
+    at module level or inside a function; imports under ``if TYPE_CHECKING:`` are for type
+    checkers only (never run) and not counted."""
     import ast
 
     tree = ast.parse(path.read_text())
     top = {id(n) for n in tree.body}
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", getattr(block.test, "attr", "")) == "TYPE_CHECKING"
+                   for stmt in block.body for n in ast.walk(stmt)}
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ipb_ray"):
             out.append((id(node) in top, node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
@@ -62,15 +71,27 @@ def test_pure_packages_do_not_import_the_ray_mlflow_or_cli_rooms_at_module_level
     assert not bad, bad
 
 
-def test_module_level_imports_have_no_cycle():
-    graph = {name: set() for name, _ in _files()}
+def _graph(lazy: bool) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (a ``from pkg import mod`` names ``pkg.mod``);
+    with ``lazy``, the imports inside functions too."""
+    graph: dict[str, set[str]] = {name: set() for name, _ in _files()}
     for name, path in _files():
         for top, mod, names in _imports(path):
-            if not top:
+            if not (top or lazy):
                 continue
-            for target in [mod] + [f"{mod}.{n}" for n in names]:
+            for target in [f"{mod}.{n}" for n in names if f"{mod}.{n}" in graph] or [mod]:
                 if target in graph and target != name:
                     graph[name].add(target)
+    return graph
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["module-level", "function-level-too"])
+def test_imports_have_no_cycle(lazy):
+    """No module imports, even lazily inside a function, a module that imports it back: every
+    room can be read (and changed) from the bottom up. The lazy imports of the package that
+    are left go one way only (e.g. ``config`` reads the method and model registries; the
+    registries never read ``config``)."""
+    graph = _graph(lazy)
     state: dict[str, int] = {}
 
     def visit(node, trail):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipb_ray.config import MPL_FEEDBACK
+from ipb_ray.methods.mpl import MPL_FEEDBACK
 from ipb_ray.methods.mpl import MPLParams
 from ipb_ray.nn.models import create_model
 from ipb_ray.nn.mpl import (
@@ -111,7 +111,7 @@ def test_mpl_feedback_signs_and_bad_mode():
     assert mpl_feedback(2.0, 1.5, "old_minus_new") == pytest.approx(0.5)
     assert mpl_feedback(2.0, 1.5, "new_minus_old") == pytest.approx(-0.5)
     assert set(MPL_FEEDBACK) == {"old_minus_new", "new_minus_old"}
-    with pytest.raises(ValueError, match="old_minus_new, new_minus_old"):
+    with pytest.raises(ValueError, match="choose old_minus_new or new_minus_old"):
         mpl_feedback(2.0, 1.5, "old-new")
 
 

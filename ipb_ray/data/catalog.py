@@ -399,7 +399,7 @@ def colony_groups(table: pa.Table, group_by: str, catalog: str = "the catalog") 
     :class:`~ipb_ray.config.ConfigError` (key ``split.group_by``) naming ``catalog``, the
     column or the pattern, and the fix.
     """
-    from ipb_ray.config import ConfigError
+    from ipb_ray.params import ConfigError
 
     kind, _, arg = group_by.partition(":")
     key = "split.group_by"

@@ -27,9 +27,12 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from ipb_ray.config import RELABEL, Params, param
-from ipb_ray.methods.base import Registry, own_params
+from ipb_ray.methods.registry import Registry, own_params
+from ipb_ray.params import Params, param
 from ipb_ray.patches.balance import COUNT_SOURCES, PRIORS
+
+#: ``method.pseudo_balance.relabel``: a labelling pass per epoch, or the method's own pseudo-labels
+RELABEL = ("pass", "reuse")
 
 __all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer",
            "UniformDraw", "get_balancer", "label_pool", "list_balancers", "register_balancer"]

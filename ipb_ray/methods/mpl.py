@@ -21,8 +21,13 @@ from typing import Any
 
 from dataclasses import dataclass
 
-from ipb_ray.config import MPL_FEEDBACK, STUDENT_INITS, Params, param
 from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
+from ipb_ray.params import Params, param
+
+#: ``method.mpl.mpl_feedback``: the sign of the MPL feedback (:func:`ipb_ray.nn.mpl.mpl_feedback`)
+MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
+#: ``method.mpl.student_init``: where the student starts
+STUDENT_INITS = ("scratch", "teacher")
 
 #: per-step figures of :func:`ipb_ray.nn.mpl.mpl_step` averaged into the epoch's metrics
 STEP_METRICS = ("teacher_loss", "teacher_loss_l", "uda_loss", "teacher_loss_mpl", "student_loss",

@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ipb_ray.config import Params, param
 from ipb_ray.methods.base import OneNetworkMethod, Stage, register_method
+from ipb_ray.params import Params, param
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ipb_ray.config import MPL_FEEDBACK
 from ipb_ray.nn.optim import frozen_bn_stats, optimizer_step
 
 __all__ = [
@@ -108,7 +107,7 @@ def mpl_feedback(loss_old: _Num, loss_new: _Num, mode: str) -> _Num:
     if mode == "new_minus_old":
         return loss_new - loss_old
     raise ValueError(f"unknown MPL feedback mode {mode!r} (method.mpl.mpl_feedback); "
-                     f"choose one of {', '.join(MPL_FEEDBACK)}")
+                     "choose old_minus_new or new_minus_old")
 
 
 # --------------------------------------------------------------------------- one step

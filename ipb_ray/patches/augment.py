@@ -35,6 +35,8 @@ import cv2
 import numpy as np
 import torch
 
+from ipb_ray.patches.ops import STRONG_OPS
+
 __all__ = [
     "PAPER_OPS",
     "STRONG_OPS",
@@ -50,9 +52,6 @@ __all__ = [
 #: Ops of :func:`paper_augment`, in the order they are applied; keys of its ``fired`` dict.
 PAPER_OPS = ("hflip", "vflip", "rotate", "jitter", "blur")
 
-#: RandAugment-style ops of :func:`strong_view` for single-channel images.
-STRONG_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "posterize", "contrast",
-              "brightness", "sharpness", "shear_x", "shear_y", "translate_x", "translate_y")
 
 # What magnitude 1 means for each strong op (RandAugment's usual ranges).
 _MAX_ROTATE_DEG = 30.0

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from ipb_ray.prediction.formats import TOLERANCE, ExportError
+
 PACKAGE_DIR = "bioimageio"
 CITATION = ("Witmer, A. and Bhanu, B. Iterative pseudo balancing for stem cell microscopy image "
             "classification. Scientific Reports (2024).")
@@ -31,8 +33,6 @@ def _need_spec() -> Any:
     try:
         import bioimageio.spec  # noqa: F401
     except ImportError as exc:
-        from ipb_ray.prediction.export import ExportError
-
         raise ExportError("--format bioimageio needs the bioimageio.spec package: pip install "
                           "'bioimageio.spec>=0.5.14'") from exc
     from bioimageio.spec.model import v0_5
@@ -82,21 +82,21 @@ def _channel_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "class"
 
 
-def write_package(predictor: Any, out: Path, x: np.ndarray, want: np.ndarray, files: dict[str, str],
+def write_package(predictor: Any, out: Path, inputs: list[np.ndarray], want: np.ndarray, files: dict[str, str],
                   two: Any) -> dict[str, str]:
     """Write the package folder ``out/bioimageio`` (its ``rdf.yaml`` and every file it
-    names) and ``out/<name>.zip``; returns their paths. ``x``: the sample windows;
-    ``want``: the PyTorch model's probabilities for them."""
+    names) and ``out/<name>.zip``; returns their paths. ``inputs``: the model's inputs for
+    the sample windows (:func:`ipb_ray.prediction.export.model_inputs`: the global patches,
+    and their centres for a multi-scale model); ``want``: the PyTorch model's probabilities
+    for them."""
     import torch
     from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
 
-    from ipb_ray.prediction.export import ExportError, model_inputs
 
     m = _need_spec()
     data = predictor.cfg.data
     work = out / "bioimageio-files"
     work.mkdir(parents=True, exist_ok=True)
-    inputs = model_inputs(predictor, x)
     names = ["global_patch", "local_patch"][: len(inputs)]
     for name, arr in zip(names, inputs):
         np.save(work / f"{name}.npy", arr)
@@ -133,7 +133,7 @@ def write_package(predictor: Any, out: Path, x: np.ndarray, want: np.ndarray, fi
         cite=[m.CiteEntry(text=CITATION, url=CITATION_URL)],
         license=m.LicenseId("Apache-2.0"),
         documentation=m.FileDescr(source=_readme(predictor, work / "README.md")),
-        covers=[m.FileDescr(source=_cover(x, work / "cover.png"))],
+        covers=[m.FileDescr(source=_cover(inputs[0], work / "cover.png"))],
         tags=["classification", "microscopy", "live-cell", "ipb-ray", "2d"],
         inputs=tensors, outputs=[output],
         weights=m.WeightsDescr(
@@ -176,7 +176,6 @@ def test_package(rdf: str | Path, atol: float | None = None) -> dict[str, float]
     import torch
     import yaml
 
-    from ipb_ray.prediction.export import TOLERANCE, ExportError
 
     atol = TOLERANCE if atol is None else atol
     rdf = Path(rdf)

@@ -27,18 +27,13 @@ from typing import Any
 import numpy as np
 
 from ipb_ray.patches.geometry import centre_crop
+from ipb_ray.prediction.formats import TOLERANCE, ExportError
 
 __all__ = ["FORMATS", "ExportError", "export_model", "sample_patches", "export_modules", "one_patch", "model_inputs",
            "reference_probs", "run_onnx", "check_same", "wsinfer_config"]
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
-#: What an export must agree with the PyTorch model to, on the sample patches (max abs difference).
-TOLERANCE = 1e-4
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
-
-
-class ExportError(ValueError):
-    """An export that cannot be made; the message says why and what to do."""
 
 
 @dataclass
@@ -270,5 +265,5 @@ def _write(predictor: Any, fmt: str, out: Path, fold: int | None, x: np.ndarray,
     if fmt == "bioimageio":
         from ipb_ray.prediction.bioimageio import write_package
 
-        files.update(write_package(predictor, out, x, want, files, two))
+        files.update(write_package(predictor, out, model_inputs(predictor, x), want, files, two))
     return diff
