@@ -525,36 +525,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(data: Mapping[str, Any], cls: type = ExperimentConfig, source: str = "",
               _prefix: str = "") -> Any:
-    """Build ``cls`` from a nested mapping, rejecting unknown keys with a suggestion."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a mapping of keys, got {type(data).__name__}",
-                          key=_prefix.rstrip("."), source=source)
-    hints = typing.get_type_hints(cls)
-    names, sections, field_name = _fields_and_sections(cls)
-    kwargs: dict[str, Any] = {}
-    named: dict[str, Any] = {}
-    for key, value in data.items():
-        dotted = f"{_prefix}{key}"
-        if key in sections:
-            named[key] = from_dict(value if value is not None else {}, sections[key], source, dotted + ".")
-            continue
-        if key not in names:
-            raise _unknown_key(key, names, _prefix, source, sections)
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(value if value is not None else {}, tp, source, dotted + ".")
-        else:
-            try:
-                kwargs[key] = _coerce(value, tp, dotted)
-            except ConfigError as exc:
-                raise ConfigError(exc.detail, key=exc.key, source=source) from None
-    if named:
-        kwargs[field_name] = tuple(named.items())
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        full = f"{_prefix}{exc.key}" if exc.key else _prefix.rstrip(".")
-        raise ConfigError(exc.detail, key=full, source=source) from None
+    """Build ``cls`` from a nested mapping, rejecting unknown keys with a suggestion; raises
+    the first problem (the one parser, :func:`_collect`, finds them all)."""
+    errors: list[ConfigError] = []
+    built = _collect(data, cls, source, _prefix, errors)
+    if errors:
+        raise errors[0]
+    return built
 
 
 def _fields_and_sections(cls: type) -> tuple[list[str], dict[str, type], str]:
@@ -593,7 +570,8 @@ def _unknown_key(key: Any, names: Sequence[str], prefix: str, source: str,
 
 
 def _collect(data: Any, cls: type, source: str, prefix: str, errors: list[ConfigError]) -> Any:
-    """:func:`from_dict` that appends every error to ``errors`` instead of raising the first.
+    """The configuration parser: ``cls`` built from a nested mapping, every problem appended to
+    ``errors`` (:func:`from_dict` raises the first, :func:`validate_all` lists them all).
 
     Each key is coerced and range-checked on its own; a section's ``__post_init__``
     (its cross-field checks) runs only once all its own values are valid, so a bad
