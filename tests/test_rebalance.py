@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ipb_ray.distributed.rebalance import LabelTable, class_histogram, epoch_plan, pseudo_label_tpr, steps_per_epoch
+from ipb_ray.patches.pseudo_labels import LabelTable, class_histogram, epoch_plan, pseudo_label_tpr, steps_per_epoch
 
 
 def _table(pseudo, truth=None, seed=0):
@@ -182,7 +182,7 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(tiny_ca
 
 
 def test_pseudo_label_quality_and_draw_figures():
-    from ipb_ray.distributed.rebalance import draw_figures, pseudo_label_quality
+    from ipb_ray.patches.pseudo_labels import draw_figures, pseudo_label_quality
 
     # truth 0 0 0 1 1 2 (-1 unknown); pseudo 0 0 1 1 1 1 2
     t = _table([0, 0, 1, 1, 1, 1, 2], truth=[0, 0, 0, 1, 1, 2, -1])

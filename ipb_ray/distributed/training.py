@@ -118,7 +118,7 @@ def unlabelled_steps(n_unlabelled: int, world: int, m: Any) -> int:
     """Steps per unlabelled epoch on every worker: ``method.steps_per_epoch``, or the full
     batches of ``method.draws_per_epoch`` (default |U|) draws; refuses a stream that makes
     no full batch."""
-    from ipb_ray.distributed.rebalance import steps_per_epoch
+    from ipb_ray.patches.pseudo_labels import steps_per_epoch
 
     n_u = m.draws_per_epoch or n_unlabelled
     steps = m.steps_per_epoch or steps_per_epoch(n_u, world, m.unlabelled_batch_size)
@@ -418,6 +418,33 @@ class LoopContext:
     unwrap = staticmethod(lambda model: _unwrap(model))
     snapshot = staticmethod(lambda model: snapshot(model))
 
+    def labelling_job(self, epoch: int, ids: list[str], net: Any) -> Callable[[], Any]:
+        """IPB's labelling service for a balancer: ``net``'s weights are taken now, and the
+        returned job (run it on any thread) has them label one fresh window of every colony
+        of U in ``ids`` for ``epoch`` on Ray Data (:mod:`ipb_ray.distributed.rebalance`),
+        returning their :class:`ipb_ray.patches.pseudo_labels.LabelTable`."""
+        import ray
+
+        from ipb_ray.distributed.rebalance import labelling_dataset, run_labelling
+        from ipb_ray.distributed.streams import state_handle
+
+        m, r = self.cfg.method, self.cfg.resources
+        weights = ray.put(self.snapshot(net))
+        name = self.config["label_state"]
+        state = state_handle(name)
+
+        def job() -> Any:
+            ray.get(state.set.remote(epoch, {cid: 1 for cid in ids}))
+            ray.get(state.publish.remote(time.time_ns(), [weights]))
+            return run_labelling(labelling_dataset(
+                self.inputs.catalog, self.specs["spec_label"], name, self.model_kwargs(),
+                batch_size=max(4 * m.unlabelled_batch_size, 128), cpus=r.data_cpus, actors=r.teacher_actors,
+                gpus=r.label_gpus, use_actors=r.label_stage == "actors" or (r.label_stage == "auto"
+                                                                            and r.label_gpus > 0),
+                workers=self.config.get("data_workers"), cache=self.config.get("cache"), ids=ids))
+
+        return job
+
 
 @dataclass
 class _Selection:
@@ -713,7 +740,7 @@ class _Loop:
         """Rank 0: what the unlabelled stream held this epoch, by hidden truth and by the
         method's pseudo-labels; the balancer sees both."""
         from ipb_ray.methods.balancers import shares
-        from ipb_ray.distributed.rebalance import class_histogram
+        from ipb_ray.patches.pseudo_labels import class_histogram
 
         names, n = self.inputs.class_names, len(self.inputs.class_names)
         out = {**shares("unlabelled_true_share", class_histogram(self.u_truth, n), names),

@@ -72,7 +72,7 @@ class Balancer:
         """``labeller`` is final for unlabelled epoch ``epoch``: start what the plan needs."""
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        """The :class:`ipb_ray.distributed.rebalance.EpochPlan` of unlabelled epoch ``epoch`` (``n_draws``
+        """The :class:`ipb_ray.patches.pseudo_labels.EpochPlan` of unlabelled epoch ``epoch`` (``n_draws``
         patches) and its figures; ``labeller`` is the method's labelling network as it is now."""
         raise NotImplementedError
 
@@ -111,7 +111,190 @@ class UniformDraw(Balancer):
     """Every unlabelled colony once per epoch at a fresh random window (plain MPL)."""
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        from ipb_ray.distributed.rebalance import epoch_plan
+        from ipb_ray.patches.pseudo_labels import epoch_plan
+
+        inputs = self.ctx.inputs
+        return epoch_plan(inputs.unlabelled, None, len(self.names), self.cfg.seed, epoch, n_draws, self.names), {}
+
+
+@dataclass(frozen=True)
+class PseudoBalanceParams(Params):
+    """`pseudo_balance` (IPB's balancer): how U is pseudo-labelled before each epoch's draw."""
+
+    relabel: str = param("pass", choices=RELABEL, doc="the pseudo-labels of each epoch: a separate labelling "
+                         "pass over U, or reuse those of the previous epoch's steps")
+    threshold: float = param(0.0, lo=0.0, hi=1.0, doc="draw only colonies whose pseudo-label confidence is at "
+                             "least this (0 = all, the paper's draw; the paper's 0.65 filters colonies between "
+                             "two classes)")
+    alpha: float = param(0.5, lo=0.0, hi=2.0, doc="weights 1/n_c^alpha: 1 = balanced (the paper), 0 = as "
+                         "pseudo-labelled; CReST's tempering in between (default 0.5: RESULTS.md, Chula RBC-12)")
+    max_copies: int = param(3, lo=0, doc="at most this many copies of one colony per epoch (0 = no cap, the "
+                            "paper); raised when the cap could not fill the epoch")
+    label_pool: int = param(0, lo=0, doc="colonies of U the labelling pass labels each epoch, a seeded random "
+                            "subset (0 = all of U, the paper). The draw needs only the epoch's draws: on a large U "
+                            "a pool of a few times those costs a fraction of the pass, and n_c comes from the sample")
+    prior: str = param("none", choices=PRIORS, doc="U's class prior, to which every pseudo-label (the draw's "
+                       "and the method's own in its steps) is re-weighted from the prior the labeller was trained "
+                       "under: labelled = the class shares of L (right when L was drawn at random from the same "
+                       "images, as ipb-ray's folds are); em = estimated by EM from the labeller's posteriors "
+                       "after each labelling pass (Saerens et al. 2002; needs a calibrated labeller); none: as "
+                       "the labeller gives them (the paper)")
+    counts: str = param("hard", choices=COUNT_SOURCES, doc="class counts n_c from hard pseudo-labels (the paper), "
+                        "the sum of the teacher's probabilities (soft), or U's prior estimated by EM (em)")
+
+    def draw(self) -> dict[str, Any]:
+        """The settings of :func:`ipb_ray.patches.balance.pseudo_balance`."""
+        return {"threshold": self.threshold, "alpha": self.alpha, "max_copies": self.max_copies,
+                "counts": self.counts}
+
+
+def label_pool(unlabelled: Any, size: int, seed: int, epoch: int) -> list[str]:
+    """The colonies of U the labelling pass of ``epoch`` labels: all of them (``size`` 0 or
+    at least |U|), else a random subset of ``size``, reproducible from ``(seed, epoch)``."""
+    ids = sorted(unlabelled)
+    if not size or size >= len(ids):
+        return list(unlabelled)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0x9001]))
+    return [ids[i] for i in np.sort(rng.choice(len(ids), size=int(size), replace=False))]
+
+
+@register_balancer("pseudo_balance")
+class PseudoBalancer(Balancer):
+    """IPB's pseudo-balanced draw over the labeller's pseudo-labels of U; with
+    ``method.pseudo_balance.relabel=reuse`` only the first epoch of a run has a labelling
+    pass, later ones draw on the pseudo-labels of the previous epoch's steps."""
+
+    params = PseudoBalanceParams
+
+    def __init__(self, cfg: Any, ctx: Any):
+        super().__init__(cfg, ctx)
+        self.table: Any = None
+        self.class_weights: list[float] | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ipb-label")
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.labeller: Any = None
+        self.log_shift: Any = None  # torch (C,): log(U's prior / L's), with method.pseudo_balance.prior=em
+        self.prior_figures: dict[str, float] = {}
+
+    def _train_prior(self) -> np.ndarray | None:
+        """The class prior the labeller was trained under: uniform on class-balanced L."""
+        if self.cfg.method.balance_labelled:
+            return None
+        counts = self._labelled_counts()
+        return np.maximum(counts, 1.0) / max(counts.sum(), 1.0)
+
+    def _labelled_counts(self) -> np.ndarray:
+        return np.bincount(self.ctx.inputs.labelled_labels, minlength=len(self.names)).astype(np.float64)
+
+    def _labelled_prior(self) -> np.ndarray:
+        """U's class prior taken to be L's class shares (add-one smoothed). ipb-ray draws L at
+        random (stratified) from the same images as U, so L's shares are an unbiased estimate
+        of U's that does not depend on the labeller being calibrated (EM does: on Chula RBC-12
+        at 3 % it drove `normal`, 30 % of U, to 1-22 %; RESULTS.md)."""
+        counts = self._labelled_counts()
+        return (counts + 1.0) / (counts.sum() + len(counts))
+
+    def _with_prior(self, table: Any) -> tuple[Any, dict[str, float]]:
+        """``prior=em|labelled``: U's prior (by EM, or L's class shares), the table relabelled
+        from re-weighted posteriors, and the shift the method's own pseudo-labels take
+        (:meth:`adjust`)."""
+        import torch
+
+        from ipb_ray.patches.balance import em_prior, prior_corrected
+
+        if self.p.prior == "none":
+            return table, {}
+        if table.probs is None or not len(table):
+            raise RuntimeError(f"method.pseudo_balance.prior={self.p.prior} needs the labelling pass's class "
+                               "probabilities")
+        base = self._train_prior()
+        if self.p.prior == "labelled":
+            prior = self._labelled_prior()
+        else:
+            prior = em_prior(table.probs, base)
+        # EM may drive a class the labeller rarely calls to a prior of 0, and a shift of
+        # log(0) would silence it in every later pseudo-label: keep a floor of 1/(10 C)
+        prior = np.maximum(prior, 0.1 / len(prior))
+        prior = prior / prior.sum()
+        post = prior_corrected(table.probs, prior, base)
+        table = dataclasses.replace(table, pseudo=post.argmax(1).astype(np.int64),
+                                    confidence=post.max(1).astype(np.float32), probs=post.astype(np.float32))
+        uniform = np.full(len(prior), 1.0 / len(prior)) if base is None else base
+        self.log_shift = torch.tensor(np.log(np.clip(prior, 1e-8, None) / uniform), dtype=torch.float32)
+        return table, _per_class("u_prior", prior, self.names)
+
+    def adjust(self, logits: Any) -> Any:
+        """``prior=em|labelled``: the method's pseudo-label logits shifted by log(U's prior / L's), the
+        estimate of the last labelling pass (rank 0's, broadcast so every rank agrees)."""
+        if self.p.prior == "none":
+            return logits
+        import torch
+        import torch.distributed as dist
+
+        shift = self.log_shift if self.log_shift is not None else torch.zeros(logits.shape[-1])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shift = shift.clone().to(logits.device)
+            dist.broadcast(shift, src=0)
+        return logits + shift.to(logits.device, logits.dtype)
+
+    def _needs_pass(self) -> bool:
+        return self.p.relabel == "pass" or self.table is None
+
+    def prefetch(self, epoch: int, labeller: Any) -> None:
+        if self._needs_pass() and epoch not in self.pending:
+            self._start(epoch, labeller)
+
+    def _start(self, epoch: int, labeller: Any) -> None:
+        ids = label_pool(self.ctx.inputs.unlabelled, self.p.label_pool, self.cfg.seed, epoch)
+        job = self.ctx.labelling_job(epoch, ids, labeller)  # the weights are taken now
+
+        def timed() -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            return job(), time.perf_counter() - t0
+
+        self.pending[epoch] = self.pool.submit(timed)
+
+    def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
+        """The :class:`ipb_ray.patches.pseudo_labels.EpochPlan` of unlabelled epoch ``epoch`` (``n_draws``
+        patches) and its figures; ``labeller`` is the method's labelling network as it is now."""
+        raise NotImplementedError
+
+    def observe(self, colony_ids: list[str], pseudo: list[int]) -> dict[str, Any]:
+        """The epoch's streamed colonies and the method's pseudo-labels of them; figures."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+BALANCERS = Registry("balancer", Balancer, "register_balancer")
+
+
+def register_balancer(name: str) -> Callable[[type[Balancer]], type[Balancer]]:
+    """Class decorator: make a :class:`Balancer` available as ``method.balancer=<name>``."""
+    return BALANCERS.register(name)
+
+
+def list_balancers() -> list[str]:
+    return BALANCERS.names()
+
+
+def get_balancer(name: str) -> type[Balancer]:
+    return BALANCERS.get(name)
+
+
+@register_balancer("none")
+class UniformDraw(Balancer):
+    """Every unlabelled colony once per epoch at a fresh random window (plain MPL)."""
+
+    def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
+        from ipb_ray.patches.pseudo_labels import epoch_plan
 
         inputs = self.ctx.inputs
         return epoch_plan(inputs.unlabelled, None, len(self.names), self.cfg.seed, epoch, n_draws, self.names), {}
@@ -270,7 +453,7 @@ class PseudoBalancer(Balancer):
         self.pending[epoch] = self.pool.submit(work)
 
     def plan(self, epoch: int, n_draws: int, labeller: Any) -> tuple[Any, dict[str, Any]]:
-        from ipb_ray.distributed.rebalance import draw_figures, epoch_plan, pseudo_label_quality
+        from ipb_ray.patches.pseudo_labels import draw_figures, epoch_plan, pseudo_label_quality
 
         label_s = pass_s = 0.0
         if self._needs_pass():
@@ -308,7 +491,7 @@ class PseudoBalancer(Balancer):
         return plan, figures
 
     def observe(self, colony_ids: list[str], pseudo: list[int]) -> dict[str, Any]:
-        from ipb_ray.distributed.rebalance import class_histogram
+        from ipb_ray.patches.pseudo_labels import class_histogram
 
         if self.table is None:
             return {}
@@ -325,7 +508,7 @@ class PseudoBalancer(Balancer):
                 "log_shift": self.log_shift.tolist() if self.log_shift is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from ipb_ray.distributed.rebalance import LabelTable
+        from ipb_ray.patches.pseudo_labels import LabelTable
 
         self.table = LabelTable.from_rows(state["table"]) if state.get("table") else None
         self.class_weights = state.get("class_weights")
