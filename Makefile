@@ -8,7 +8,7 @@ STAMP := $(VENV)/.ipb-installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The pure tests only (no Ray cluster, no long end-to-end runs): about a minute and a half.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not ray and not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) demo .pytest_cache

@@ -233,7 +233,7 @@ def folds(config: Optional[Path] = CONFIG_OPT, preset: Optional[str] = PRESET_OP
           catalog_dir: Optional[str] = typer.Option(None, "--catalog", help="Catalog directory "
                                                     "(data.catalog).")) -> None:
     """(Re)draw the cross-validation folds of a catalog, e.g. for another labelled fraction."""
-    from ipb_ray.distributed.preprocess import make_catalog_folds, why_no_folds
+    from ipb_ray.data.fold_views import make_catalog_folds, why_no_folds
 
     with _user_errors():
         cfg = _resolve(config, preset, overrides)
@@ -320,7 +320,7 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
 
 
 def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
-    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.data.fold_views import resolve_fold_catalog
     from ipb_ray.distributed.training import local_run_dir, train_fold
     from ipb_ray.tracking.viz import save_training_curves
 

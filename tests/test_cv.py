@@ -72,7 +72,7 @@ def test_cv_logs_parent_and_fold_runs_and_resumes_by_skipping_finished_folds(cv_
 
 
 def test_another_labelled_fraction_draws_folds_in_a_catalog_view(cv_catalog):
-    from ipb_ray.distributed.cv import fold_catalog
+    from ipb_ray.data.fold_views import fold_catalog
     from ipb_ray.data.folds import read_folds
 
     same = fold_catalog(_cfg(cv_catalog))

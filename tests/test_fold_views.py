@@ -43,7 +43,7 @@ def _well(cid, table):
 
 
 def test_catalog_folds_keep_every_well_in_one_test_fold(lapse_catalog):
-    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.data.fold_views import make_catalog_folds
 
     plan = make_catalog_folds(lapse_catalog, _cfg(lapse_catalog, "split.group_by=column:well"))
     assert plan.group_by == "column:well" and read_folds(lapse_catalog).group_by == "column:well"
@@ -63,7 +63,7 @@ def test_catalog_folds_keep_every_well_in_one_test_fold(lapse_catalog):
 
 
 def test_a_grouping_the_catalog_cannot_give_is_an_error_not_a_warning(lapse_catalog):
-    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.data.fold_views import make_catalog_folds
 
     with pytest.raises(ConfigError, match=rf"{lapse_catalog}: split.group_by: no column 'track' in "
                                           rf"{lapse_catalog}: its catalog columns are colony_id, source"):
@@ -77,8 +77,8 @@ def test_a_grouping_the_catalog_cannot_give_is_an_error_not_a_warning(lapse_cata
 
 
 def test_resolve_fold_catalog_uses_the_stored_plan_or_draws_a_view(lapse_catalog):
-    from ipb_ray.distributed.cv import resolve_fold_catalog
-    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.data.fold_views import resolve_fold_catalog
+    from ipb_ray.data.fold_views import make_catalog_folds
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))
     stored = read_folds(lapse_catalog).table
@@ -121,7 +121,7 @@ def _capture(monkeypatch):
 
 def test_ipb_train_trains_on_the_folds_split_asks_for(lapse_catalog, monkeypatch):
     from ipb_ray.cli import _train_and_report
-    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.data.fold_views import make_catalog_folds
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))  # stored: per colony, 30 % labelled
     seen = _capture(monkeypatch)
@@ -138,7 +138,7 @@ def test_a_tune_trial_trains_on_the_folds_of_its_own_split(lapse_catalog, monkey
     import ray.tune
 
     from ipb_ray.config import to_dict
-    from ipb_ray.distributed.preprocess import make_catalog_folds
+    from ipb_ray.data.fold_views import make_catalog_folds
     from ipb_ray.distributed.search import _trial
 
     make_catalog_folds(lapse_catalog, _cfg(lapse_catalog))

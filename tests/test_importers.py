@@ -261,7 +261,7 @@ def test_no_folds_message_says_the_annotation_rows_were_rejected(frames_dir, tmp
 
     from ipb_ray.cli import app
     from ipb_ray.config import ExperimentConfig
-    from ipb_ray.distributed.preprocess import why_no_folds
+    from ipb_ray.data.fold_views import why_no_folds
 
     (tmp_path / "tables").mkdir()
     ann = _write_csv(tmp_path / "tables" / "ann.csv", [["ghost.png", 0, 0, 10, 10, "Dense"],
@@ -283,7 +283,7 @@ def test_no_folds_message_says_the_annotation_rows_were_rejected(frames_dir, tmp
 
 def test_no_folds_message_without_an_annotation_table(frames_dir, tmp_path):
     from ipb_ray.config import ExperimentConfig
-    from ipb_ray.distributed.preprocess import why_no_folds
+    from ipb_ray.data.fold_views import why_no_folds
 
     data = DataConfig()
     root = tmp_path / "catalog"

@@ -10,32 +10,22 @@ Folds run ``parallel`` at a time. The default is what the cluster holds without
 starving anyone: its CPUs divided by what one fold takes (the Train workers' CPUs plus
 one for its data tasks), at most the number of folds; on a 2-core machine that is one.
 
-The catalog's stored fold plan must match ``cfg.split``; when it does not (another
-labelled fraction, say), the folds are drawn into a *view* of the catalog,
-``<catalog>/views/<plan>/``, which shares the colony Parquet files and holds its own
-plan, so sweeps never overwrite each other's folds. ``ipb train`` and ``ipb tune``
-resolve their catalog the same way (:func:`resolve_fold_catalog`), so ``split.*`` (and
-``split.group_by``) is never silently ignored.
+The catalog's stored fold plan must match ``cfg.split``; when it does not, the folds are
+drawn into a view of the catalog (:mod:`ipb_ray.data.fold_views`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import logging
-import math
-import re
-import shutil
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ipb_ray.config import ExperimentConfig
+from ipb_ray.data.fold_views import fold_catalog
 
 log = logging.getLogger(__name__)
-
-VIEWS = "views"
 
 
 @dataclass
@@ -45,75 +35,6 @@ class CVResult:
     summary: dict[str, Any]  # ipb_ray.evaluation.stats.aggregate_folds of the reports
     skipped: list[int]  # folds found finished in MLflow
     catalog: str  # the catalog (or view) whose folds ran
-
-
-def _plan_matches(plan: Any, cfg: ExperimentConfig) -> bool:
-    s = cfg.split
-    return (plan.k == s.folds and math.isclose(plan.labelled_fraction, s.labelled_fraction)
-            and math.isclose(plan.val_fraction, s.val_fraction) and plan.seed == cfg.seed
-            and plan.group_by == s.group_by)
-
-
-def view_name(cfg: ExperimentConfig) -> str:
-    """Folder name, under ``<catalog>/views/``, of the view holding ``cfg.split``'s folds."""
-    s = cfg.split
-    name = f"k{s.folds}-lf{s.labelled_fraction:g}-vf{s.val_fraction:g}-s{cfg.seed}"
-    if s.group_by is None:
-        return name
-    kind, _, arg = s.group_by.partition(":")
-    if kind == "column" and re.fullmatch(r"[A-Za-z0-9_.-]{1,40}", arg):
-        return f"{name}-by-{arg}"
-    return f"{name}-by-{kind}-{hashlib.sha1(s.group_by.encode()).hexdigest()[:10]}"
-
-
-def resolve_fold_catalog(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with ``data.catalog`` set to :func:`fold_catalog`, so a run trains on the
-    folds ``cfg.split`` asks for (``ipb train`` and ``ipb tune``, as ``ipb cv`` does)."""
-    root = fold_catalog(cfg)
-    if root == str(cfg.data.catalog):
-        return cfg
-    log.info("split %s: training on the folds of the catalog view %s", cfg.split, root)
-    return cfg.replace(f"data.catalog={root}")
-
-
-def fold_catalog(cfg: ExperimentConfig) -> str:
-    """The catalog directory whose stored folds match ``cfg.split`` (drawing them into a
-    view of the catalog when the catalog's own plan differs)."""
-    from ipb_ray.data import catalog
-    from ipb_ray.data.folds import read_folds
-    from ipb_ray.distributed.preprocess import make_catalog_folds, why_no_folds
-
-    root = Path(cfg.data.catalog)
-    catalog.read_manifest(root)
-    try:
-        if _plan_matches(read_folds(root), cfg):
-            return str(root)
-    except FileNotFoundError:
-        plan = make_catalog_folds(root, cfg)
-        if plan is None:
-            why = why_no_folds(root, cfg) or (f"too few single-labelled colonies for "
-                                              f"split.folds={cfg.split.folds}; lower split.folds")
-            raise ValueError(f"{root}: {why}") from None
-        return str(root)
-    s = cfg.split
-    view = root / VIEWS / view_name(cfg)
-    try:
-        if _plan_matches(read_folds(view), cfg):
-            return str(view)
-    except (FileNotFoundError, ValueError):
-        pass
-    view.mkdir(parents=True, exist_ok=True)
-    if not (view / "parts").exists():
-        try:
-            (view / "parts").symlink_to((root / "parts").resolve(), target_is_directory=True)
-        except FileExistsError:  # another trial of a search made it first
-            pass
-    shutil.copyfile(root / catalog.MANIFEST, view / catalog.MANIFEST)
-    if make_catalog_folds(view, cfg) is None:
-        raise ValueError(f"{root} has too few single-labelled colonies for split.folds={s.folds} at "
-                         f"split.labelled_fraction={s.labelled_fraction}")
-    log.info("folds for %s drawn in the catalog view %s", cfg.split, view)
-    return str(view)
 
 
 def default_parallel(cfg: ExperimentConfig, n_folds: int) -> int:

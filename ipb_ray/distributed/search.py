@@ -145,7 +145,7 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.data.fold_views import resolve_fold_catalog
     from ipb_ray.distributed.training import train_fold
 
     base: ExperimentConfig = from_dict(config["__base__"])
@@ -240,7 +240,7 @@ def run_search(cfg: ExperimentConfig, space_path: str | Path, trials: int, *, ou
 
     from ipb_ray.tracking import runs as tracking
     from ipb_ray.cluster.paths import check_cluster_paths
-    from ipb_ray.distributed.cv import resolve_fold_catalog
+    from ipb_ray.data.fold_views import resolve_fold_catalog
     from ipb_ray.distributed.ray_setup import init_ray
 
     if objective not in OBJECTIVES:
