@@ -321,8 +321,7 @@ def print_history(history: list, class_names: Sequence[str]) -> None:
 
 def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     from ipb_ray.data.fold_views import resolve_fold_catalog
-    from ipb_ray.distributed.training import local_run_dir, train_fold
-    from ipb_ray.tracking.viz import save_training_curves
+    from ipb_ray.distributed.fold import run_fold
 
     before = cfg.data.catalog
     cfg = resolve_fold_catalog(cfg)  # the folds split.* asks for, not whatever the catalog holds
@@ -342,7 +341,7 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
 
     init_ray(cfg.resources)
     check_cluster_paths(cfg)
-    metrics = train_fold(cfg, fold)
+    metrics = run_fold(cfg, fold)
     names = metrics["test_report"]["class_names"]
     if metrics.get("history"):
         print_history(metrics["history"], names)
@@ -350,11 +349,8 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     if metrics.get("resumed_from_epoch", -1) >= 0:
         console.print(f"resumed from the checkpoint of epoch {metrics['resumed_from_epoch']}", highlight=False)
     console.print(f"checkpoint: {metrics['checkpoint']}", highlight=False)
-    run_dir = local_run_dir(metrics)
-    if metrics.get("history") and run_dir:
-        curves = save_training_curves(metrics["history"], names, run_dir / "curves.png",
-                                      title=f"{cfg.name} {m.name} fold {fold}")
-        console.print(f"curves: {curves}", highlight=False)
+    if metrics.get("curves"):
+        console.print(f"curves: {metrics['curves']}", highlight=False)
     return metrics
 
 

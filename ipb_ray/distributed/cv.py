@@ -65,8 +65,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     from ipb_ray.cluster.paths import check_cluster_paths
     from ipb_ray.data.folds import read_folds
     from ipb_ray.distributed.ray_setup import init_ray
-    from ipb_ray.distributed.training import local_run_dir, train_fold
-    from ipb_ray.tracking.viz import save_training_curves
+    from ipb_ray.distributed.fold import run_fold
 
     init_ray(cfg.resources)
     check_cluster_paths(cfg)
@@ -91,11 +90,7 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
         event("started", fold, {})
         with lock:
             child = tracking.open_fold(uri, parent, fold, cfg)  # the epochs reach MLflow as they end
-        metrics = train_fold(cfg, fold, mlflow_run=(tracking.absolute_uri(uri), child))
-        run_dir = local_run_dir(metrics)
-        if metrics.get("history") and run_dir:
-            save_training_curves(metrics["history"], metrics["test_report"]["class_names"], run_dir / "curves.png",
-                                 title=f"{cfg.name} {cfg.method.name} fold {fold}")
+        metrics = run_fold(cfg, fold, mlflow_run=(tracking.absolute_uri(uri), child))
         with lock:  # one MLflow writer at a time
             tracking.log_fold(uri, parent, fold, metrics, cfg, log_model=log_model, child_id=child)
             reports[fold] = metrics["test_report"]

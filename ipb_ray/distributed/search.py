@@ -146,7 +146,7 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from ipb_ray.data.fold_views import resolve_fold_catalog
-    from ipb_ray.distributed.training import train_fold
+    from ipb_ray.distributed.fold import run_fold
 
     base: ExperimentConfig = from_dict(config["__base__"])
     meta = config["__meta__"]
@@ -155,11 +155,11 @@ def _trial(config: dict[str, Any]) -> None:
     # the folds of the trial's own split.* (a space may vary it): the catalog or a view of it
     cfg = resolve_fold_catalog(trial_config(base, params, name.replace("_", "-")))
     if meta["objective"] == "fold":
-        train_fold(cfg, meta["folds"][0], callbacks=[TuneReportCallback()])
+        run_fold(cfg, meta["folds"][0], callbacks=[TuneReportCallback()], curves=False)
         return
     scores = []
     for i, fold in enumerate(meta["folds"]):  # k folds: the running mean after each
-        result = train_fold(cfg, fold)
+        result = run_fold(cfg, fold, curves=False)
         history = result.get("history", [])
         scores.append(next((h[METRIC] for h in reversed(history) if _finite(h.get(METRIC))),
                            _best_val(history)))
