@@ -10,7 +10,7 @@ def stream_spec(stream: str, class_names: tuple[str, ...]):
     """The labelled stream: ``train`` mode (one augmented view); the unlabelled one:
     ``uda`` mode (weak and strong views), as the IPB student reads them."""
     from ipb_ray.config import DataConfig
-    from ipb_ray.distributed.streams import StreamSpec
+    from ipb_ray.patches.core import StreamSpec
     from ipb_ray.patches.geometry import PatchGeometry
 
     return StreamSpec(geometry=PatchGeometry.from_config(DataConfig()), class_names=class_names, seed=0,

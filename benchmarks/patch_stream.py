@@ -5,7 +5,7 @@
 
 Every pipeline streams the same epochs: the same draw of (colony, copy) pairs in the same
 whole-epoch seeded order (:mod:`ipb_ray.patches.plan`), each pair cut by the same pure
-function (:func:`ipb_ray.distributed.streams.emit_patch`; multi-scale 224/112 geometry of
+function (:func:`ipb_ray.patches.core.emit_patch`; multi-scale 224/112 geometry of
 ``DataConfig()``, the paper's augmentation). Two streams:
 
 - ``labelled``: a class-balanced draw of as many patches as the catalog has labelled
@@ -374,7 +374,7 @@ class CatalogPatches:
     """Map-style dataset for a DataLoader: item ``(epoch, plan rows)`` -> one patch batch.
 
     Each planned (colony, copy) is read, decoded, prepared and cut with the project's
-    pure functions (``catalog.decode_png``, ``prepare_crop``, ``streams.emit_patch``).
+    pure functions (``catalog.decode_png``, ``prepare_crop``, ``core.emit_patch``).
     ``source="memory"`` (the default) holds every colony's PNG bytes, read up front;
     ``"lazy"`` keeps only each row's (file, row group, row) and reads the row group's
     columns with pyarrow when needed (the last few kept per process): in a shuffled epoch
@@ -432,7 +432,7 @@ class CatalogPatches:
 
     def __getitem__(self, item: tuple[int, dict[str, Any]]) -> dict[str, Any]:
         from ipb_ray.data import catalog
-        from ipb_ray.distributed.streams import emit_patch, finish_rows
+        from ipb_ray.patches.core import emit_patch, finish_rows
         from ipb_ray.patches.geometry import prepare_crop
 
         epoch, plan = item

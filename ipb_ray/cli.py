@@ -933,7 +933,8 @@ def _demo_stream(cfg: cfgmod.ExperimentConfig, out: Path) -> None:
     from ipb_ray.data import catalog as catmod
     from ipb_ray.data.folds import read_folds
     from ipb_ray.patches.geometry import PatchGeometry
-    from ipb_ray.distributed.streams import StreamSpec, patch_dataset, torch_batches
+    from ipb_ray.patches.core import StreamSpec
+    from ipb_ray.distributed.streams import patch_dataset, torch_batches
     from ipb_ray.tracking.viz import save_patch_grid
 
     root = cfg.data.catalog

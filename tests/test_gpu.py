@@ -49,7 +49,8 @@ def test_gpu_labelling_actor_pool_labels_as_the_cpu_tasks_do(tiny_catalog):
 
     from ipb_ray.data import catalog
     from ipb_ray.distributed.rebalance import labelling_dataset, run_labelling
-    from ipb_ray.distributed.streams import StreamSpec, stream_state
+    from ipb_ray.patches.core import StreamSpec
+    from ipb_ray.distributed.streams import stream_state
     from ipb_ray.nn.models import create_model
     from ipb_ray.patches.geometry import PatchGeometry
 

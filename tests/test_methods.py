@@ -38,7 +38,7 @@ def _ctx(cfg, device="cpu", amp=False):
     import torch
 
     from ipb_ray.patches.geometry import PatchGeometry
-    from ipb_ray.distributed.streams import StreamSpec
+    from ipb_ray.patches.core import StreamSpec
     from ipb_ray.distributed.training import FoldInputs, LoopContext
 
     inputs = FoldInputs(catalog="unused", class_names=NAMES, labelled=("a",), labelled_labels=(0,), validation=(),

@@ -105,7 +105,8 @@ def test_labelling_stage_matches_the_reference_and_draws_pass_chi_square(tiny_ca
     from ipb_ray.nn.models import create_model
     from ipb_ray.patches.geometry import PatchGeometry
     from ipb_ray.distributed.rebalance import TeacherLabeller, labelling_dataset, run_labelling
-    from ipb_ray.distributed.streams import StreamSpec, patch_batch, patch_dataset, stream_state
+    from ipb_ray.patches.core import StreamSpec, patch_batch
+    from ipb_ray.distributed.streams import patch_dataset, stream_state
 
     names = tuple(catalog.read_manifest(tiny_catalog)["class_names"])
     spec_label = StreamSpec(PatchGeometry(size=48, scales=(48,)), names, seed=2, mode="label")

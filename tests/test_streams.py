@@ -10,7 +10,7 @@ import pytest
 from ipb_ray.data import catalog
 from ipb_ray.patches.geometry import PatchGeometry
 from worlds import catalog_rows
-from ipb_ray.distributed.streams import StreamSpec, patch_batch
+from ipb_ray.patches.core import StreamSpec, patch_batch
 
 GEO = PatchGeometry(size=64, scales=(64, 32))
 CLASSES = ("A", "B")

@@ -13,7 +13,7 @@ shuffle buffer in the training process cost CPU there. Here:
 2. **Each epoch** (:func:`plan_batches`): the epoch's plan (:mod:`ipb_ray.patches.plan`:
    colonies, copies, fixed windows, whole-epoch seeded order, this rank's share) becomes
    a tiny in-memory dataset; ``map_batches`` cuts each planned patch with the very
-   function the catalog path uses (:func:`ipb_ray.distributed.streams.emit_patch`), one
+   function the catalog path uses (:func:`ipb_ray.patches.core.emit_patch`), one
    output block per training batch, so the training process only unpacks batches: no
    Parquet planning, no read tasks, no shuffle buffer.
 
@@ -35,7 +35,8 @@ import numpy as np
 from ipb_ray.data import catalog
 from ipb_ray.patches import plan as plans
 from ipb_ray.patches.geometry import prepare_crop
-from ipb_ray.distributed.streams import CATALOG_COLUMNS, StreamSpec, collate_class, emit_patch, finish_rows
+from ipb_ray.patches.core import CATALOG_COLUMNS, StreamSpec, emit_patch, finish_rows
+from ipb_ray.distributed.streams import collate_class
 
 @dataclass(frozen=True)
 class CropCache:

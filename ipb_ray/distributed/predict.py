@@ -93,7 +93,7 @@ class _Classifier:
         import torch
 
         from ipb_ray.config import from_dict
-        from ipb_ray.distributed.streams import StreamSpec
+        from ipb_ray.patches.core import StreamSpec
         from ipb_ray.patches.geometry import PatchGeometry
 
         cfg_obj = from_dict(cfg)
@@ -107,7 +107,7 @@ class _Classifier:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from ipb_ray.distributed.streams import patch_batch
+        from ipb_ray.patches.core import patch_batch
         from ipb_ray.prediction.tables import entropy, prob_column
 
         t0 = time.perf_counter()

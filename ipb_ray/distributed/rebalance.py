@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ipb_ray.distributed.streams import StreamSpec, current_state, patch_batch, state_handle
+from ipb_ray.patches.core import StreamSpec, patch_batch
+from ipb_ray.distributed.streams import current_state, state_handle
 from ipb_ray.patches.pseudo_labels import LabelTable  # what a labelling pass returns
 
 
@@ -132,7 +133,7 @@ def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model
     import ray
 
     from ipb_ray.data import catalog
-    from ipb_ray.distributed.streams import CATALOG_COLUMNS
+    from ipb_ray.patches.core import CATALOG_COLUMNS
 
     if cache is not None:
         from ipb_ray.distributed.epoch_stream import plan_source

@@ -909,7 +909,7 @@ def stream_specs(cfg: ExperimentConfig, class_names: tuple[str, ...], semi: bool
     ``spec_eval`` (V and T, ``eval.tta`` windows per colony), ``spec_plain`` (un-augmented
     L for BatchNorm recalibration) and, for MPL/IPB, ``spec_uda`` and ``spec_label``."""
     from ipb_ray.patches.geometry import PatchGeometry
-    from ipb_ray.distributed.streams import StreamSpec
+    from ipb_ray.patches.core import StreamSpec
 
     geometry, aug = PatchGeometry.from_config(cfg.data), cfg.augment
     specs = {"spec_train": StreamSpec(geometry, class_names, seed=cfg.seed, mode="train", augment=aug),

@@ -9,7 +9,7 @@ shuffle buffer sits in the training process.
 
 A plan is a dict of equal-length numpy columns (:data:`PLAN_COLUMNS`): ``colony_id``
 (str), ``copy`` (int32; seeds the window and the
-augmentation, as in :func:`ipb_ray.distributed.streams.colony_rng`), ``x``, ``y`` and
+augmentation, as in :func:`ipb_ray.patches.core.colony_rng`), ``x``, ``y`` and
 ``scale`` (a fixed window; ``fixed`` says whether it applies). Pure numpy.
 """
 

@@ -11,7 +11,7 @@ pseudo-labels and the draw are where U's labels are known. numpy only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 

@@ -114,7 +114,7 @@ def sample_patches(predictor: Any, catalog: str | None = None, n: int = 8, seed:
     """``n`` real test-mode windows (N, 1, S, S) float32 in [0, 1] cut from the colonies of
     ``catalog`` (default: the model's ``data.catalog``) exactly as ``ipb predict`` cuts them."""
     from ipb_ray.data import catalog as cat
-    from ipb_ray.distributed.streams import StreamSpec, patch_batch
+    from ipb_ray.patches.core import StreamSpec, patch_batch
     from ipb_ray.patches.geometry import PatchGeometry
 
     root = catalog or predictor.cfg.data.catalog
