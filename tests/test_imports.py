@@ -121,3 +121,63 @@ def test_modules_that_moved_still_load_by_their_old_names_for_old_pickles():
     # an MLflow model pickled before the move names its classes by the old module path
     assert pickle.loads(b"cipb_ray.models\nClassifier\n.") is models.Classifier
     assert set(MOVED_MODULES.values()) <= set(MODULES)
+
+
+def _room(module: str) -> str:
+    """The room of a module: its subpackage (``ipb_ray.data.catalog`` -> ``data``) or, for a
+    top-level module, its name (``ipb_ray.config`` -> ``config``); the package is ``ipb_ray``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _architecture_rules() -> dict[str, tuple[set[str], set[str]]]:
+    """docs/architecture.md's room table: room -> (module-level rooms, function-level rooms)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(ipb_ray.__file__).parents[1] / "docs" / "architecture.md").read_text()
+    table = text.split("<!-- rooms: begin")[1].split("<!-- rooms: end -->")[0]
+    rules: dict[str, tuple[set[str], set[str]]] = {}
+    rooms = set()
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[0].startswith("`"):
+            continue
+        room = cells[0].strip("`")
+        rooms.add(room)
+        named = [set(re.findall(r"^`(\w+)`|, `(\w+)`", c)) for c in cells[2:]]
+        top, lazy = ({a or b for a, b in found} for found in named)
+        rules[room] = (top, lazy | ({"*"} if cells[3] == "every room" else set()))
+    return rules
+
+
+def test_the_architecture_map_names_every_room():
+    rules = _architecture_rules()
+    rooms = {_room(name) for name, _ in _files()} - {"ipb_ray"}
+    assert rooms == set(rules), f"rooms in the package but not in docs/architecture.md: {rooms - set(rules)}; " \
+                                f"in the map but not in the package: {set(rules) - rooms}"
+    assert rules["params"] == (set(), set()) and "patches" in rules["config"][0]  # the parser reads the table
+
+
+def test_every_import_follows_the_architecture_map():
+    """Every ``from ipb_ray... import`` of every module goes to a room its row in
+    docs/architecture.md allows (module level: the third column; inside a function: the
+    third or the fourth); the package's own ``__init__`` imports no room."""
+    rules = _architecture_rules()
+    bad = []
+    for name, path in _files():
+        room = _room(name)
+        for top, mod, names in _imports(path):
+            targets = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES] or [mod]
+            for target in targets:
+                other = _room(target)
+                if other in (room, "ipb_ray") and room != "ipb_ray":
+                    continue
+                if room == "ipb_ray":
+                    bad.append((name, target, "the package's __init__ imports no room"))
+                    continue
+                allowed_top, allowed_lazy = rules[room]
+                if other in allowed_top or (not top and (other in allowed_lazy or "*" in allowed_lazy)):
+                    continue
+                bad.append((name, target, "module level" if top else "inside a function"))
+    assert not bad, "imports the map in docs/architecture.md does not allow:\n" + "\n".join(map(str, bad))
