@@ -156,6 +156,7 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = resolve_fold_catalog(trial_config(base, params, name.replace("_", "-")))
     if meta["objective"] == "fold":
         run_fold(cfg, meta["folds"][0], callbacks=[TuneReportCallback()], curves=False)
+        _settle_reports()
         return
     scores = []
     for i, fold in enumerate(meta["folds"]):  # k folds: the running mean after each
@@ -164,6 +165,36 @@ def _trial(config: dict[str, Any]) -> None:
         scores.append(next((h[METRIC] for h in reversed(history) if _finite(h.get(METRIC))),
                            _best_val(history)))
         ray.tune.report({METRIC: float(sum(scores) / len(scores)), "folds_done": i + 1})
+
+
+def _settle_reports(timeout_s: float = 60.0, grace_s: float = 0.5) -> None:
+    """Wait until Tune's trial actor has taken every epoch report that Ray Train's
+    ``TuneReportCallback`` queued for it, before the trial function returns.
+
+    On this Ray (2.5x) the callback hands reports to the trial actor through a one-slot
+    Ray queue, and the function's return puts Tune's end-of-trial marker into the actor's
+    one-slot result queue; if the last report is still in the first queue then, the
+    actor's main thread blocks putting it into the second one, behind the marker nobody
+    will take, and the trial (and the search) hangs for ever. Seen once in the test suite;
+    waiting for the queue to empty, then a moment for the main thread to pass the report
+    on, closes the window."""
+    import time
+
+    try:
+        from ray.train._internal.session import get_session
+
+        queue = getattr(get_session(), "_inter_actor_queue", None)
+    except Exception:  # another Ray: nothing to wait for
+        return
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and time.monotonic() < deadline:
+        try:
+            if queue.empty():
+                break
+        except Exception:
+            return
+        time.sleep(0.05)
+    time.sleep(grace_s)
 
 
 def _finite(v: Any) -> bool:
