@@ -322,6 +322,10 @@ class EvalConfig:
                               "the class mix of training (balanced unless method.balance_labelled=false), "
                               "before every validation, test and labelling pass")
     bn_batches: int = _f(16, lo=1, hi=100_000, doc="batches of L drawn to re-estimate the statistics")
+    every: int = _f(1, lo=1, hi=100_000, doc="validate on V (and re-estimate BatchNorm for it) every this many "
+                    "epochs of a stage, and always at a stage's last epoch; the best-on-V choice is made among "
+                    "the validated epochs. Epochs in between report the last validation's objective. 1 = every "
+                    "epoch (the figures of RESULTS.md)")
     cache_mb: int = _f(256, lo=0, hi=1_000_000, doc="rank 0 keeps the patches of V and of the BatchNorm "
                        "stream in memory after the first epoch when they fit in this many MB (they are the same "
                        "windows every epoch), instead of cutting them again before every validation; 0 = cut "

@@ -135,6 +135,24 @@ def test_local_mode_keeps_its_own_checkpoints_and_resumes(train_catalog):
         train_fold(cfg.replace("tracking.storage_path=s3://bucket/runs"), 0)
 
 
+def test_eval_every_validates_every_nth_epoch_and_each_stages_last(train_catalog):
+    """eval.every=2 on a 5-epoch run: V (and the BatchNorm re-estimate for it) at stage
+    epochs 1, 3 and 4 (the last) only; the epochs between report the last objective (Tune's
+    schedulers need one every epoch) and the best-on-V choice is among the validated ones."""
+    from ipb_ray.distributed.training import train_fold
+
+    out = train_fold(_cfg(train_catalog, "name=every", "method.epochs=5", "resources.num_workers=0",
+                          "eval.every=2"), 0)
+    hist = out["history"]
+    assert [h["epoch"] for h in hist if "val_balanced_accuracy" in h] == [1, 3, 4]
+    assert "objective" not in hist[0] and hist[2]["objective"] == hist[1]["val_balanced_accuracy"]
+    assert all(h["objective"] == h["val_balanced_accuracy"] for h in hist if "val_balanced_accuracy" in h)
+    assert {h["best_epoch"] for h in hist if "best_epoch" in h} <= {1, 3, 4}
+    # epoch 0 cut nothing (no re-estimate, no V); epoch 1 cut the BatchNorm stream and V once
+    assert [h["eval_cuts"] for h in hist] == [0, 2, 0, 0, 0]
+    assert out["test_report"]["n"] > 0
+
+
 def test_a_semi_supervised_run_never_returns_a_network_worse_on_v_than_its_supervised_start(train_catalog):
     """method.keep_start: the pre-trained teacher competes on V with the students. A student
     wrecked by an absurd learning rate is then not what the run returns; without the

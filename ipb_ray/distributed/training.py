@@ -504,6 +504,7 @@ class _Loop:
         self.eval_cuts = 0  # evaluation streams cut so far (each one a Ray Data pipeline)
         self.report_s = 0.0  # seconds in report_epoch (checkpoint writes, MLflow logging, Train's report)
         self.setup_s = 0.0  # seconds to build this loop (networks, optimisers, restore), set by _train_loop
+        self.last_objective: float | None = None  # the last validation's, for epochs eval.every skips
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
         self.truth_of = dict(zip(self.inputs.unlabelled, self.u_truth.tolist()))
         self.state = self._restore()
@@ -755,19 +756,26 @@ class _Loop:
         returns the checkpoint state (None on other ranks)."""
         if self.rank != 0:
             return None
-        ctx, m, nets = self.ctx, self.m, self.method.nets
+        ctx, nets = self.ctx, self.method.nets
         nxt = self.stage_at(g + 1)[0] if g + 1 < self.total else None
         labels_next = nxt is not None and self.stages[nxt].unlabelled and self.balancer is not None
-        evaluated = [stage.net, *stage.also_validate] + ([self.method.labeller] if labels_next else [])
+        due = self._validation_due(stage, metrics["stage_epoch"])
+        evaluated = ([stage.net, *stage.also_validate] if due else []) + ([self.method.labeller] if labels_next else [])
         t_close, cuts = time.perf_counter(), self.eval_cuts
-        recalibrate([nets[k] for k in dict.fromkeys(evaluated)], lambda: self._eval_batches("calib"), ctx.columns,
-                    ctx.device, ctx.amp, max_batches=self.cfg.eval.bn_batches, enabled=self.cfg.eval.bn_recalibrate)
+        if evaluated:
+            recalibrate([nets[k] for k in dict.fromkeys(evaluated)], lambda: self._eval_batches("calib"),
+                        ctx.columns, ctx.device, ctx.amp, max_batches=self.cfg.eval.bn_batches,
+                        enabled=self.cfg.eval.bn_recalibrate)
         t_val = time.perf_counter()
         metrics["bn_seconds"] = t_val - t_close
         if labels_next:  # the labeller is final for the next epoch: label U meanwhile
             self.balancer.prefetch(self._unlabelled_epoch(g + 1), nets[self.method.labeller])
             metrics["prefetch_seconds"] = time.perf_counter() - t_val
             t_val = time.perf_counter()
+        if not due:  # eval.every: no validation this epoch; Tune's schedulers still see an objective
+            if self.last_objective is not None:
+                metrics["objective"] = self.last_objective
+            return self._record(g, metrics, cuts, t0, t_val)
         for name in stage.also_validate:
             val = validate(nets[name], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
                            ctx.amp)
@@ -784,6 +792,16 @@ class _Loop:
         if stage.select and self.best.offer(val["balanced_accuracy"] if val is not None else float(g),
                                             nets[stage.net]):  # no V: the latest network
             metrics.update(best_epoch=g, best_net=stage.net)
+        self.last_objective = metrics.get("objective")
+        return self._record(g, metrics, cuts, t0, t_val)
+
+    def _validation_due(self, stage: Stage, stage_epoch: int) -> bool:
+        """``eval.every``: validate every that many epochs of a stage, and at its last."""
+        every = self.cfg.eval.every
+        return every <= 1 or (stage_epoch + 1) % every == 0 or stage_epoch == stage.epochs - 1
+
+    def _record(self, g: int, metrics: dict[str, Any], cuts: int, t0: float, t_val: float) -> dict[str, Any] | None:
+        """The epoch's closing figures into its history row; at the run's end the test."""
         metrics["val_seconds"] = time.perf_counter() - t_val
         metrics["eval_cuts"] = self.eval_cuts - cuts
         metrics["epoch_seconds"] = time.perf_counter() - t0
