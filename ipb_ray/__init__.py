@@ -12,6 +12,8 @@ import importlib.abc
 import importlib.util
 import sys
 
+__all__ = ["MOVED_MODULES"]
+
 __version__ = "0.1.0"
 
 #: Modules that moved into packages (session 5). Pickles made before the move (MLflow

@@ -24,6 +24,15 @@ from rich.table import Column, Table
 
 from ipb_ray import config as cfgmod
 
+__all__ = [
+    "ADDRESS_OPT", "CONFIG_OPT", "DEMO_DEFAULTS", "DEMO_METHODS", "DEMO_OWN_KEYS", "DEMO_WORLD",
+    "OVERRIDES_ARG", "PRESET_OPT", "RESUME_HINTS", "app", "compare", "config_app", "config_methods",
+    "config_presets", "config_reference", "config_show", "config_validate", "console", "cv", "demo",
+    "err_console", "export_cmd", "folds", "interrupt_hint", "jobs_app", "jobs_list", "jobs_logs",
+    "jobs_status", "jobs_stop", "local_cluster", "main", "predict", "preprocess", "print_history",
+    "print_paired", "print_report", "register", "report", "submit", "synth", "train", "tune",
+]
+
 app = typer.Typer(
     name="ipb",
     help="Iterative Pseudo Balancing on Ray: train, tune and evaluate semi-supervised "

@@ -29,30 +29,11 @@ from ipb_ray.params import field_spec as _f
 from ipb_ray.patches.ops import GRAY_STRONG_OPS, STRONG_OPS
 
 __all__ = [
-    "AugmentConfig",
-    "BACKBONES",
-    "EvalConfig",
-    "ConfigError",
-    "DataConfig",
-    "ExperimentConfig",
-    "MethodConfig",
-    "ModelConfig",
-    "Params",
-    "ResourcesConfig",
-    "SegmentationConfig",
-    "SplitConfig",
-    "TrackingConfig",
-    "dump_yaml",
-    "reference_markdown",
-    "flatten",
-    "from_dict",
-    "list_presets",
-    "load_config",
-    "param",
-    "key_type",
-    "parse_override",
-    "to_dict",
-    "validate_all",
+    "AugmentConfig", "BACKBONES", "ConfigError", "DataConfig", "dump_yaml", "EvalConfig",
+    "ExperimentConfig", "flatten", "from_dict", "GROUP_BY_KINDS", "key_type", "LABEL_STAGES",
+    "list_presets", "load_config", "MethodConfig", "ModelConfig", "OPTIMIZERS", "param", "Params",
+    "parse_override", "reference_markdown", "ResourcesConfig", "RETIRED", "SCHEDULES", "SegmentationConfig",
+    "SplitConfig", "to_dict", "TrackingConfig", "validate_all",
 ]
 
 #: Backbones shipped with the model registry (the *_tiny ones and cnn_small are CPU-sized

@@ -182,3 +182,27 @@ def test_every_import_follows_the_architecture_map():
                     continue
                 bad.append((name, target, "module level" if top else "inside a function"))
     assert not bad, "imports the map in docs/architecture.md does not allow:\n" + "\n".join(map(str, bad))
+
+
+def test_every_module_says_what_it_exports():
+    """Every module lists its public names in ``__all__``: each listed name exists, and every
+    public function, class and constant the module defines is listed (private ones start
+    with an underscore)."""
+    import ast
+    import importlib
+
+    bad = []
+    for name, path in _files():
+        tree = ast.parse(path.read_text())
+        module = importlib.import_module(name)
+        exported = getattr(module, "__all__", None)
+        if exported is None:
+            bad.append((name, "no __all__"))
+            continue
+        bad += [(name, f"__all__ names {n!r}, which it lacks") for n in exported if not hasattr(module, n)]
+        defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                    if isinstance(t, ast.Name) and t.id.isupper()}
+        bad += [(name, f"public {n!r} missing from __all__") for n in sorted(defined - set(exported))
+                if not n.startswith("_")]
+    assert not bad, bad

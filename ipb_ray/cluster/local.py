@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+__all__ = ["LOOPBACK", "LocalCluster", "PORT_RANGE", "free_ports"]
+
 log = logging.getLogger(__name__)
 
 # Ports for our processes come from below the kernel's ephemeral range (32768+ on Linux,

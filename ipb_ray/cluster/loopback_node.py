@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import sys
 
+__all__ = ["LOOPBACK_IP", "main"]
+
 LOOPBACK_IP = "127.0.0.1"
 
 

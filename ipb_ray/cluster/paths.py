@@ -26,6 +26,12 @@ from typing import Callable, Mapping, Sequence
 
 from ipb_ray.config import ExperimentConfig
 
+__all__ = [
+    "DOCS", "JOB_ENV", "LOCAL_TRACKING", "Placement", "check_cluster_paths", "check_output_dir",
+    "current_placement", "invisible_paths", "is_uri", "job_submission_id", "job_workdir", "path_problems",
+    "tracking_is_local",
+]
+
 log = logging.getLogger(__name__)
 
 # The variable Ray's job supervisor sets for a job's driver (its runtime environment).

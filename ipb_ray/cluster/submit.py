@@ -35,6 +35,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
+__all__ = [
+    "COMMANDS", "DATA", "DEFAULT_ADDRESS", "EXCLUDES", "MAX_UPLOAD_BYTES", "SECRETS", "TERMINAL",
+    "TOKEN_OFF", "Upload", "address_warning", "auth_errors", "checked_upload", "client",
+    "dashboard_address", "entrypoint", "follow", "job_info", "pack_upload", "plan_upload",
+    "project_requirements", "project_root", "requires_token", "runtime_env", "send_token_if_available",
+    "status_name", "submit", "token_available",
+]
+
 # `ipb` commands that have a Ray job entrypoint in jobs/ (python -m jobs.<command>)
 COMMANDS = ("preprocess", "train", "cv", "tune", "report", "register", "predict")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

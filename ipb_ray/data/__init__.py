@@ -2,3 +2,5 @@
 the colony catalog (Parquet) and the cross-validation folds. Plain functions: nothing here
 imports Ray, MLflow or Optuna.
 """
+
+__all__: list[str] = []

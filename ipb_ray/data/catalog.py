@@ -34,6 +34,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+__all__ = [
+    "ANNOTATION_COLUMNS", "BUILD_RECORD", "CATALOG_VERSION", "CatalogExistsError", "IncompleteCatalogError",
+    "MANIFEST", "REJECT_SCHEMA", "ROW_GROUP_SIZE", "SCHEMA", "STATS_SAMPLE", "TYPO_SHARE", "begin_build",
+    "class_counts", "colony_groups", "colony_id", "colony_row", "decode_png", "encode_png", "finish_build",
+    "label_warnings", "normalisation", "pixel_stats", "read_catalog", "read_manifest", "read_rejects",
+    "reject_row", "shard_done", "write_shard",
+]
+
 log = logging.getLogger(__name__)
 
 CATALOG_VERSION = 1

@@ -64,16 +64,8 @@ import pyarrow.parquet as pq
 from ipb_ray.config import ConfigError
 
 __all__ = [
-    "FOLDS_JSON",
-    "FOLDS_PARQUET",
-    "GROUP_FIELD",
-    "ROLES",
-    "SCHEMA",
-    "FoldPlan",
-    "check_folds",
-    "make_folds",
-    "read_folds",
-    "write_folds",
+    "check_folds", "FoldPlan", "FOLDS_JSON", "FOLDS_PARQUET", "FOLDS_VERSION", "GROUP_FIELD", "make_folds",
+    "read_folds", "ROLES", "SCHEMA", "write_folds",
 ]
 
 log = logging.getLogger(__name__)

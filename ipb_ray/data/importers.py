@@ -47,6 +47,12 @@ import numpy as np
 from ipb_ray.data import catalog
 from ipb_ray.config import DataConfig, SegmentationConfig
 
+__all__ = [
+    "ANNOTATION_FIELDS", "CROPS_PER_SHARD", "IMAGE_SUFFIXES", "IMPORTERS", "MIN_MATCH_IOU", "Plan",
+    "ShardTask", "crop_mask", "detect_importer", "frames_dir", "plan", "plan_frames", "plan_imagefolder",
+    "plan_synth", "plan_voc", "point_box", "read_annotation_table", "run_shard",
+]
+
 log = logging.getLogger(__name__)
 
 #: Files listed as frames; an ND2 file (``stacks.ND2_SUFFIX``) is always a stack of frames.

@@ -37,18 +37,9 @@ import numpy as np
 from ipb_ray.config import SegmentationConfig
 
 __all__ = [
-    "Colony",
-    "FrameError",
-    "box_iou",
-    "box_iou_matrix",
-    "load_frame",
-    "local_entropy",
-    "mask_iou",
-    "match_colonies",
-    "otsu_threshold",
-    "reference_segment",
-    "segment_frame",
-    "to_uint8",
+    "box_iou", "box_iou_matrix", "Colony", "COLONY_CONNECTIVITY", "ENTROPY_STRIP_ROWS", "ENTROPY_ZERO_SNAP",
+    "FrameError", "load_frame", "local_entropy", "mask_iou", "match_colonies", "MAX_PAIRWISE_RADIUS",
+    "OTSU_BINS", "otsu_threshold", "reference_segment", "segment_frame", "to_uint8",
 ]
 
 log = logging.getLogger(__name__)

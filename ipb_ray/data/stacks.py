@@ -38,6 +38,11 @@ from typing import Any
 
 import numpy as np
 
+__all__ = [
+    "ND2_SUFFIX", "PLANE_AXES", "Plane", "SEQUENCE_AXES", "Stack", "StackError", "TIFF_SUFFIXES",
+    "ZARR_SUFFIX", "is_stack_path", "list_planes", "read_plane",
+]
+
 #: Suffixes of the stack formats (besides plain ``.tif``/``.tiff``, which may hold one page).
 ZARR_SUFFIX = ".zarr"
 TIFF_SUFFIXES = (".tif", ".tiff")

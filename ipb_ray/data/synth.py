@@ -66,17 +66,10 @@ import numpy as np
 from ipb_ray.config import ConfigError
 
 __all__ = [
-    "CLASS_NAMES",
-    "DEFAULT_CLASS_WEIGHTS",
-    "MULTI",
-    "MULTI_LABEL_COMBINATIONS",
-    "SynthColony",
-    "SynthConfig",
-    "WorldSummary",
-    "generate_frame",
-    "is_world",
-    "sample_colony_classes",
-    "write_world",
+    "ANNOTATIONS", "CLASS_NAMES", "COLONY_GAP_PX", "CSV_COLUMNS", "DEFAULT_CLASS_WEIGHTS", "EDGE_MARGIN_PX",
+    "generate_frame", "is_world", "MAX_RADIUS_PX", "MIN_COLONY_AREA_PX", "MULTI",
+    "MULTI_LABEL_COMBINATIONS", "sample_colony_classes", "SynthColony", "SynthConfig", "WORLD_FORMAT",
+    "WORLD_MANIFEST", "WORLD_MARKER", "WORLD_VERSION", "WorldSummary", "write_world",
 ]
 
 log = logging.getLogger(__name__)

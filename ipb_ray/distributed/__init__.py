@@ -3,3 +3,5 @@ streams on Ray Data, IPB's labelling pass, the one training loop on Ray Train, t
 cross-validation driver and the Tune search. Ray is imported inside functions, so these
 modules import without it.
 """
+
+__all__: list[str] = []

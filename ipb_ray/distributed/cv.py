@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 from ipb_ray.config import ExperimentConfig
 from ipb_ray.data.fold_views import fold_catalog
 
+__all__ = ["CVResult", "default_parallel", "run_cv"]
+
 log = logging.getLogger(__name__)
 
 

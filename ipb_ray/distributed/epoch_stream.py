@@ -38,6 +38,12 @@ from ipb_ray.patches.geometry import prepare_crop
 from ipb_ray.patches.core import CATALOG_COLUMNS, StreamSpec, emit_patch, finish_rows
 from ipb_ray.distributed.streams import collate_class
 
+__all__ = [
+    "CropCache", "CropViews", "batch_bytes", "build_crop_cache", "crop_cache", "cut_plan", "decode_rows",
+    "forget_caches", "plan_batches", "plan_dataset", "plan_source", "read_decode", "row_groups",
+    "unpack_plan", "views_of",
+]
+
 @dataclass(frozen=True)
 class CropCache:
     """A catalog's decoded crops in the object store: ``refs`` are Arrow tables with

@@ -28,7 +28,7 @@ import numpy as np
 
 from ipb_ray.config import ExperimentConfig, to_dict
 
-__all__ = ["PredictSummary", "run_predict"]
+__all__ = ["frame_key", "PredictSummary", "run_predict"]
 
 log = logging.getLogger(__name__)
 PREDICTIONS_DIR, REJECTS_DIR = "predictions", "rejects"

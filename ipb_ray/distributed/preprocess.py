@@ -19,6 +19,8 @@ from ipb_ray.data import catalog, importers
 from ipb_ray.config import DataConfig, ExperimentConfig, from_dict, to_dict
 from ipb_ray.data.fold_views import make_catalog_folds, why_no_folds
 
+__all__ = ["PreprocessSummary", "build_catalog"]
+
 log = logging.getLogger(__name__)
 # Numbers, boxes and quoted names vary per reject; the summary counts the kinds.
 _REASON_DETAIL = re.compile(r"\[[^\]]*\]|'[^']*'|\d+x\d+|\d+")

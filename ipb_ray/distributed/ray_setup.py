@@ -8,6 +8,8 @@ import os
 
 from ipb_ray.config import ResourcesConfig
 
+__all__ = ["LOCAL_TRAIN_ENV", "init_ray", "local_train_env", "loopback_only", "worker_soft_limit"]
+
 log = logging.getLogger(__name__)
 
 

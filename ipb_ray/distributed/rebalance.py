@@ -33,6 +33,8 @@ from ipb_ray.patches.core import StreamSpec, patch_batch
 from ipb_ray.distributed.streams import current_state, state_handle
 from ipb_ray.patches.pseudo_labels import LabelTable  # what a labelling pass returns
 
+__all__ = ["LABEL_COLUMNS", "TeacherLabeller", "labelling_dataset", "run_labelling"]
+
 
 # --------------------------------------------------------------------------- Ray Data stage
 

@@ -36,6 +36,11 @@ import yaml
 
 from ipb_ray.config import ConfigError, ExperimentConfig, dump_yaml, flatten, from_dict, to_dict
 
+__all__ = [
+    "METRIC", "OBJECTIVES", "SPACE_TYPES", "SearchResult", "best_config", "epochs_of", "load_space",
+    "run_search", "trial_config", "tune_space",
+]
+
 log = logging.getLogger(__name__)
 
 SPACE_TYPES = ("loguniform", "uniform", "randint", "choice")

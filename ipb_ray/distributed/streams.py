@@ -25,6 +25,11 @@ import numpy as np
 from ipb_ray.data import catalog
 from ipb_ray.patches.core import CATALOG_COLUMNS, StreamSpec, patch_batch
 
+__all__ = [
+    "STATE_NAMESPACE", "StreamState", "collate_class", "current_state", "lease_states", "patch_dataset",
+    "release_states", "shuffle_seed", "state_handle", "stream_state", "torch_batches",
+]
+
 log = logging.getLogger(__name__)
 
 STATE_NAMESPACE = "ipb_ray"

@@ -33,6 +33,15 @@ from ipb_ray.nn.models import build_model, model_kwargs
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.methods import Stage
 
+__all__ = [
+    "FoldInputs", "LoopContext", "PRE_FINETUNE", "URI_SCHEMES", "calibration_counts",
+    "checkpoint_locations", "data_workers", "evaluate", "fold_inputs", "labelled_draws", "labelled_steps",
+    "load_checkpoint", "local_checkpoints", "local_run_dir", "local_run_storage", "param_digest",
+    "pre_stage_prefix", "read_history", "recalibrate", "report_epoch", "report_finished", "run_name",
+    "snapshot", "storage_uri", "stream_specs", "supervised_epoch", "train_fold", "unlabelled_steps",
+    "validate", "worker_device", "write_digest",
+]
+
 log = logging.getLogger(__name__)
 
 

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+__all__ = ["classification_report", "confusion_matrix", "per_class"]
+
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_classes: int) -> np.ndarray:
     """(C, C) int64 counts; rows are true classes, columns predicted classes."""

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats as sps
 
+__all__ = ["PER_CLASS_METRICS", "SCALAR_METRICS", "aggregate_folds", "format_comparison", "paired_tests"]
+
 PER_CLASS_METRICS = ("tpr", "precision", "f1")
 SCALAR_METRICS = ("macro_tpr", "macro_f1", "macro_precision", "balanced_accuracy", "accuracy")
 _REQUIRED_KEYS = ("class_names", "confusion_matrix") + PER_CLASS_METRICS + SCALAR_METRICS

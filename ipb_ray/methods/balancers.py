@@ -34,8 +34,11 @@ from ipb_ray.patches.balance import COUNT_SOURCES, PRIORS
 #: ``method.pseudo_balance.relabel``: a labelling pass per epoch, or the method's own pseudo-labels
 RELABEL = ("pass", "reuse")
 
-__all__ = ["BALANCERS", "Balancer", "LogitAdjustParams", "LogitAdjuster", "PseudoBalanceParams", "PseudoBalancer",
-           "UniformDraw", "get_balancer", "label_pool", "list_balancers", "register_balancer"]
+__all__ = [
+    "Balancer", "BALANCERS", "get_balancer", "label_pool", "list_balancers", "LogitAdjuster",
+    "LogitAdjustParams", "PseudoBalanceParams", "PseudoBalancer", "register_balancer", "RELABEL", "shares",
+    "UniformDraw",
+]
 
 
 def _per_class(prefix: str, values: Any, names: tuple[str, ...]) -> dict[str, float]:

@@ -26,6 +26,8 @@ from typing import Any
 from ipb_ray.methods.base import OneNetworkMethod, Stage, register_method
 from ipb_ray.params import Params, param
 
+__all__ = ["FixMatch", "FixMatchParams"]
+
 
 @dataclass(frozen=True)
 class FixMatchParams(Params):

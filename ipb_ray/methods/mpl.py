@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from ipb_ray.methods.base import Method, Stage, finetune_stage, pretraining_stage, register_method
 from ipb_ray.params import Params, param
 
+__all__ = [
+    "IterativePseudoBalancing", "MPLParams", "MPL_FEEDBACK", "MetaPseudoLabels", "STEP_METRICS",
+    "STUDENT_INITS",
+]
+
 #: ``method.mpl.mpl_feedback``: the sign of the MPL feedback (:func:`ipb_ray.nn.mpl.mpl_feedback`)
 MPL_FEEDBACK = ("old_minus_new", "new_minus_old")
 #: ``method.mpl.student_init``: where the student starts

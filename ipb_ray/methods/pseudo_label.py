@@ -21,6 +21,8 @@ from typing import Any
 from ipb_ray.methods.base import OneNetworkMethod, Stage, register_method
 from ipb_ray.params import Params, param
 
+__all__ = ["PseudoLabel", "PseudoLabelParams"]
+
 
 @dataclass(frozen=True)
 class PseudoLabelParams(Params):

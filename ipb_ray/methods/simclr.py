@@ -25,6 +25,8 @@ from typing import Any
 from ipb_ray.methods.base import Method, Stage, finetune_stage, register_method
 from ipb_ray.params import Params, param
 
+__all__ = ["SimCLR", "SimCLRParams"]
+
 
 @dataclass(frozen=True)
 class SimCLRParams(Params):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ipb_ray.methods.base import Method, Stage, register_method
 
+__all__ = ["Supervised"]
+
 
 @register_method("supervised")
 class Supervised(Method):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["CHECKPOINT_FILE", "HISTORY_FILE", "UnsafeCheckpointError", "load_state"]
+
 #: the state torch.save-d by rank 0 in every checkpoint directory
 CHECKPOINT_FILE = "state.pt"
 #: the run's per-epoch history so far, beside it

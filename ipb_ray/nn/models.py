@@ -24,8 +24,11 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # pragma: no cover
     from ipb_ray.config import ExperimentConfig
 
-__all__ = ["Classifier", "MultiScale", "build_model", "count_parameters", "create_model", "list_models",
-           "model_kwargs", "register_model"]
+__all__ = [
+    "build_model", "Classifier", "cnn_small", "count_parameters", "create_model", "HEAD_INIT_STD", "HRNet",
+    "hrnet", "hrnet_tiny", "list_models", "model_kwargs", "MultiScale", "patch_stats", "PatchStats",
+    "register_model", "SmallCNN", "VGG", "vgg19_bn", "vgg_tiny",
+]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -24,7 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["frozen_bn_stats", "lr_factor", "make_optimizer", "optimizer_step", "recalibrate_bn", "set_lr"]
+__all__ = [
+    "frozen_bn_stats", "lr_factor", "make_optimizer", "optimizer_step", "recalibrate_bn", "set_lr",
+    "warmup_steps",
+]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 

@@ -2,3 +2,5 @@
 class balancing by resampling. Pure numpy/OpenCV: the Ray Data streams that use them live
 in :mod:`ipb_ray.distributed.streams`.
 """
+
+__all__: list[str] = []

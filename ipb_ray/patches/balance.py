@@ -14,6 +14,11 @@ from typing import Sequence
 
 import numpy as np
 
+__all__ = [
+    "COUNT_SOURCES", "PRIORS", "PseudoBalance", "capped_multinomial", "em_prior",
+    "inverse_frequency_weights", "prior_corrected", "pseudo_balance", "resample_counts",
+]
+
 
 def inverse_frequency_weights(labels: Sequence[int]) -> np.ndarray:
     """Per-item weight 1/count(its class), normalised to sum to 1. ``labels``: (N,) ints."""

@@ -29,7 +29,7 @@ from ipb_ray.patches import augment
 from ipb_ray.patches.geometry import PatchCoord, PatchGeometry, centre_coord, cut, prepare_crop, sample_coord, \
     to_scales
 
-__all__ = ['CATALOG_COLUMNS', 'MODES', 'SHUFFLED_MODES', 'StreamSpec', 'batch_order', 'colony_rng', 'emit_patch', 'finish_rows', 'hash_id', 'patch_batch', 'revisit_coords']
+__all__ = ["CATALOG_COLUMNS", "MODES", "SHUFFLED_MODES", "StreamSpec", "batch_order", "colony_rng", "emit_patch", "finish_rows", "hash_id", "patch_batch", "revisit_coords"]
 
 MODES = ("train", "plain", "uda", "test", "label")
 _STREAM_TAG = {"train": 1, "plain": 2, "uda": 3, "test": 4, "label": 5}

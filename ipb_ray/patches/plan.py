@@ -19,6 +19,8 @@ from typing import Container, Mapping, Sequence
 
 import numpy as np
 
+__all__ = ["PLAN_COLUMNS", "STREAM_TAGS", "empty_plan", "epoch_rows", "rank_share", "shuffled", "stream_plan"]
+
 PLAN_COLUMNS = ("colony_id", "copy", "fixed", "x", "y", "scale")
 #: Stream tags: two streams of one epoch are shuffled apart.
 STREAM_TAGS = {"labelled": 1, "unlabelled": 2, "calibration": 3, "evaluation": 4}

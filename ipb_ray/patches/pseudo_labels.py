@@ -17,7 +17,7 @@ import numpy as np
 
 from ipb_ray.patches.balance import PseudoBalance, pseudo_balance
 
-__all__ = ['EpochPlan', 'LabelTable', 'class_histogram', 'draw_figures', 'epoch_plan', 'pseudo_label_quality', 'pseudo_label_tpr', 'steps_per_epoch']
+__all__ = ["EpochPlan", "LabelTable", "class_histogram", "draw_figures", "epoch_plan", "pseudo_label_quality", "pseudo_label_tpr", "steps_per_epoch"]
 
 _DRAW_TAG = 0x5EED
 

@@ -6,3 +6,5 @@ courses with ensemble uncertainty, the colonies worth labelling next);
 :mod:`ipb_ray.prediction.pages` draws the figures and the HTML page. The Ray Data pipeline
 that produces the predictions is :mod:`ipb_ray.distributed.predict`.
 """
+
+__all__: list[str] = []

@@ -21,6 +21,8 @@ import numpy as np
 
 from ipb_ray.prediction.formats import TOLERANCE, ExportError
 
+__all__ = ["CITATION", "CITATION_URL", "PACKAGE_DIR", "test_package", "validate_package", "write_package"]
+
 PACKAGE_DIR = "bioimageio"
 CITATION = ("Witmer, A. and Bhanu, B. Iterative pseudo balancing for stem cell microscopy image "
             "classification. Scientific Reports (2024).")

@@ -29,8 +29,10 @@ import numpy as np
 from ipb_ray.patches.geometry import centre_crop
 from ipb_ray.prediction.formats import TOLERANCE, ExportError
 
-__all__ = ["FORMATS", "ExportError", "export_model", "sample_patches", "export_modules", "one_patch", "model_inputs",
-           "reference_probs", "run_onnx", "check_same", "wsinfer_config"]
+__all__ = [
+    "check_same", "export_model", "export_modules", "Exported", "ExportError", "FORMATS", "GREY_WEIGHTS",
+    "model_inputs", "one_patch", "reference_probs", "run_onnx", "sample_patches", "wsinfer_config",
+]
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 GREY_WEIGHTS = (0.299, 0.587, 0.114)

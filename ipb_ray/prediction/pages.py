@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PALETTE", "overlay", "write_all"]
+__all__ = ["overlay", "PALETTE", "timecourse_figure", "write_all"]
 
 #: Class colours (RGB), in class order; the same in every figure.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),

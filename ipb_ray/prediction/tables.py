@@ -15,8 +15,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PREDICTION_COLUMNS", "compile_pattern", "entropy", "frame_keys", "per_frame", "per_well",
-           "prob_column", "suggest", "time_course"]
+__all__ = [
+    "compile_pattern", "entropy", "frame_keys", "per_frame", "per_well", "PREDICTION_COLUMNS",
+    "prob_column", "records", "suggest", "time_course",
+]
 
 #: Columns of a prediction row besides the ``prob/<class>`` ones.
 PREDICTION_COLUMNS = ("colony_id", "frame", "frame_key", "well", "time", "x0", "y0", "x1", "y1", "area_px",

@@ -26,7 +26,9 @@ from typing import Any
 
 from ipb_ray.config import ExperimentConfig, from_dict, to_dict
 
-__all__ = ["ENSEMBLE_NAME", "Predictor", "load_predictor", "register_configuration", "set_alias"]
+__all__ = [
+    "ENSEMBLE_NAME", "load_predictor", "package_version", "Predictor", "register_configuration", "set_alias",
+]
 
 log = logging.getLogger(__name__)
 ENSEMBLE_NAME = "ensemble"

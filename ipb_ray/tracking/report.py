@@ -40,6 +40,8 @@ import numpy as np
 from ipb_ray.evaluation.stats import aggregate_folds, format_comparison, paired_tests
 from ipb_ray.tracking.runs import CV_KIND, FOLD_KIND, FOLD_REPORTS, Tag, quiet_downloads
 
+__all__ = ["FIGURE_FILES", "LOSS_SERIES", "PRE_FINETUNE_MACRO_TPR", "render_report"]
+
 # (metric key, legend label) of the loss curves of Figure 2: every stage's trained network
 # (MPL/IPB: the teacher in pre-training, the student in the MPL and fine-tuning stages),
 # and the teacher during the MPL steps

@@ -62,30 +62,12 @@ from typing import Any, Iterator, Mapping, Sequence
 from ipb_ray.config import ExperimentConfig, dump_yaml, flatten, to_dict
 
 __all__ = [
-    "CV_KIND",
-    "Tag",
-    "FOLD_KIND",
-    "FOLD_REPORTS",
-    "CONFIG_ARTIFACT",
-    "client_for",
-    "config_key",
-    "data_fingerprint",
-    "fluent_run",
-    "fluent_uri",
-    "fold_children",
-    "load_best_model",
-    "probability_model",
-    "find_parent",
-    "finished_folds",
-    "git_commit",
-    "load_cv",
-    "absolute_uri",
-    "log_epoch",
-    "log_fold",
-    "log_summary",
-    "open_fold",
-    "open_parent",
-    "sanitize_metric_name",
+    "absolute_uri", "client_for", "close_search_parent", "CONFIG_ARTIFACT", "config_key", "CV_KIND",
+    "CV_SUMMARY", "data_fingerprint", "find_parent", "finished_folds", "fluent_run", "fluent_uri",
+    "fold_children", "FOLD_KIND", "FOLD_REPORTS", "git_commit", "load_best_model", "load_cv", "log_epoch",
+    "log_fold", "log_summary", "MODEL_NAME", "open_fold", "open_parent", "open_search_parent", "PARENT_TAG",
+    "PRE_FINETUNE_REPORT", "probability_model", "quiet_downloads", "sanitize_metric_name", "SEARCH_KIND",
+    "Tag", "TEST_REPORT",
 ]
 
 log = logging.getLogger(__name__)

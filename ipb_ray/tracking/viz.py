@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+__all__ = ["save_patch_grid", "save_training_curves"]
+
 
 def save_patch_grid(batch: dict[str, Any], spec: Any, class_names: Sequence[str], path: str | Path,
                     max_items: int = 8) -> Path:
