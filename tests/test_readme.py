@@ -45,7 +45,8 @@ def test_the_readme_model_example_runs_and_gives_the_shapes_it_states():
     exec(compile(code, "README.md (models)", "exec"), scope)
     from ipb_ray.api import list_models
 
-    assert list_models() == listed  # the comment lists the registry as it is
+    shipped = [m for m in list_models() if not m.startswith("test_")]  # other tests register their own
+    assert shipped == listed  # the comment lists the registry as shipped
     assert tuple(scope["logits"].shape) == (2, 4) and tuple(scope["feats"].shape) == (2, 1024)
 
 
