@@ -513,7 +513,6 @@ class _Loop:
         self.eval_cuts = 0  # evaluation streams cut so far (each one a Ray Data pipeline)
         self.report_s = 0.0  # seconds in report_epoch (checkpoint writes, MLflow logging, Train's report)
         self.setup_s = 0.0  # seconds to build this loop (networks, optimisers, restore), set by _train_loop
-        self.last_objective: float | None = None  # the last validation's, for epochs eval.every skips
         self.u_truth = np.asarray(self.inputs.unlabelled_truth or [-1] * len(self.inputs.unlabelled), np.int64)
         self.truth_of = dict(zip(self.inputs.unlabelled, self.u_truth.tolist()))
         self.state = self._restore()
@@ -782,8 +781,9 @@ class _Loop:
             metrics["prefetch_seconds"] = time.perf_counter() - t_val
             t_val = time.perf_counter()
         if not due:  # eval.every: no validation this epoch; Tune's schedulers still see an objective
-            if self.last_objective is not None:
-                metrics["objective"] = self.last_objective
+            last = next((h["objective"] for h in reversed(self.history) if "objective" in h), None)
+            if last is not None:  # the last validation's (also after a resume: the history is restored)
+                metrics["objective"] = last
             return self._record(g, metrics, cuts, t0, t_val)
         for name in stage.also_validate:
             val = validate(nets[name], self.inputs, lambda: self._eval_batches("val"), ctx.columns, ctx.device,
@@ -801,7 +801,6 @@ class _Loop:
         if stage.select and self.best.offer(val["balanced_accuracy"] if val is not None else float(g),
                                             nets[stage.net]):  # no V: the latest network
             metrics.update(best_epoch=g, best_net=stage.net)
-        self.last_objective = metrics.get("objective")
         return self._record(g, metrics, cuts, t0, t_val)
 
     def _validation_due(self, stage: Stage, stage_epoch: int) -> bool:
