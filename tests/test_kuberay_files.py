@@ -580,6 +580,22 @@ def test_mlflow_images_follow_the_installed_mlflow():
         assert image.rsplit(":", 1)[1] == version, image
 
 
+def test_pyproject_pins_ray_and_mlflow_to_the_images():
+    """A fresh install must get the Ray of the cluster image and the MLflow series of the
+    tracking server's image, whatever PyPI has released since (a floating `>=` once let a
+    clean clone install MLflow 3.18 beside a 3.17 server image)."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ray_pin = next(d for d in deps if d.startswith("ray["))
+    ray_tag = _image_tag((CLUSTER / "Dockerfile").read_text(), "rayproject/ray")
+    assert ray_pin.endswith("==" + ray_tag.split("-")[0]), (ray_pin, ray_tag)
+    mlflow_pin = next(d for d in deps if d.startswith("mlflow"))
+    major, minor = _image_tag((CLUSTER / "mlflow" / "Dockerfile").read_text(),
+                              "ghcr.io/mlflow/mlflow").removeprefix("v").split(".")[:2]
+    assert mlflow_pin == f"mlflow>={major}.{minor},<{major}.{int(minor) + 1}", mlflow_pin
+
+
 def test_mlflow_server_options_exist_in_the_installed_mlflow():
     pytest.importorskip("mlflow")
     from mlflow.cli import server
