@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from ipb_ray.config import load_config
     from ipb_ray.data.fold_views import fold_catalog
-    from ipb_ray.distributed.training import fold_inputs, labelled_steps, train_fold
+    from ipb_ray.distributed.training import train_fold
+    from ipb_ray.engine.fold import fold_inputs, labelled_steps
 
     cfg = load_config(args.config, overrides=[f"data.catalog={args.catalog}", *args.overrides],
                       preset=None if args.config else args.preset)

@@ -79,10 +79,10 @@ def _windows(cfg: Any, cache: Any, names: tuple[str, ...], ids: list[str], batch
     import torch
 
     from ipb_ray.distributed.epoch_stream import plan_batches
-    from ipb_ray.distributed.training import stream_specs
+    from ipb_ray.engine.fold import stream_specs
     from ipb_ray.patches.plan import stream_plan
 
-    spec = stream_specs(cfg, names, False)["spec_plain"]
+    spec = stream_specs(cfg, names, False).plain
     plan = stream_plan(cache.ids, seed=cfg.seed, stream="calibration", epoch=0, ids=ids, shuffle=False)
     column = f"x{max(spec.geometry.scales)}"
     out = [b[column] for b in plan_batches(cache, spec, plan, epoch=0, batch_size=batch, drop_last=False)]
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     from ipb_ray import config as C
     from ipb_ray.distributed.epoch_stream import crop_cache
     from ipb_ray.distributed.ray_setup import init_ray
-    from ipb_ray.distributed.training import data_workers, fold_inputs, train_fold
+    from ipb_ray.distributed.training import data_workers, train_fold
+    from ipb_ray.engine.fold import fold_inputs
 
     store = tempfile.mkdtemp(prefix="ipb-fold-cost-")
     base = [f"data.catalog={args.catalog}", f"resources.num_workers={args.workers}",

@@ -84,7 +84,7 @@ def main() -> None:
 
     init_ray(ResourcesConfig(object_store_mb=300, data_cpus=0.25))
     world(args.out, args.frames, args.seed)
-    from ipb_ray.distributed.training import fold_inputs
+    from ipb_ray.engine.fold import fold_inputs
     from ipb_ray.config import load_config
 
     inputs = fold_inputs(load_config(preset="demo", overrides=[f"data.catalog={args.out / 'catalog'}"]), 0)

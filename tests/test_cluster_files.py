@@ -141,7 +141,7 @@ def test_schema_check_catches_a_broken_launcher_yaml():
 
 
 def test_storage_uris_pass_through_and_local_paths_become_absolute(tmp_path, monkeypatch):
-    from ipb_ray.distributed.training import storage_uri
+    from ipb_ray.engine.fold import storage_uri
 
     monkeypatch.chdir(tmp_path)
     assert storage_uri("s3://bucket/ipb") == "s3://bucket/ipb"
@@ -157,7 +157,8 @@ def test_a_checkpoint_on_remote_storage_is_copied_here_and_named_by_its_uri(tmp_
     pytest.importorskip("ray")
     from ray.train import Checkpoint
 
-    from ipb_ray.distributed.training import checkpoint_locations, read_history
+    from ipb_ray.distributed.training import checkpoint_locations
+    from ipb_ray.engine.store import read_history
     from ipb_ray.nn.checkpoint import HISTORY_FILE
 
     (tmp_path / "bucket" / "run" / "ckpt").mkdir(parents=True)

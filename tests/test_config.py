@@ -236,14 +236,15 @@ def test_validate_all_collects_bad_overrides_and_stops_at_an_unreadable_file(tmp
 
 
 def test_settings_that_reach_the_streams_and_removed_keys():
-    from ipb_ray.distributed.training import stream_specs
+    from ipb_ray.engine.fold import stream_specs
 
     cfg = load_config(preset="demo", overrides=["eval.tta=3", "augment.flip_p=0.1"])
     specs = stream_specs(cfg, ("a", "b"), semi=True)
-    assert specs["spec_eval"].tta == 3 and specs["spec_eval"].mode == "test"
-    assert specs["spec_train"].augment.flip_p == 0.1 and specs["spec_uda"].augment is cfg.augment
-    assert specs["spec_plain"].mode == "plain" and "spec_label" in specs
-    assert "spec_uda" not in stream_specs(cfg, ("a", "b"), semi=False)
+    assert specs.eval.tta == 3 and specs.eval.mode == "test"
+    assert specs.train.augment.flip_p == 0.1 and specs.uda.augment is cfg.augment
+    assert specs.plain.mode == "plain" and specs.label is not None and specs.label.mode == "label"
+    supervised = stream_specs(cfg, ("a", "b"), semi=False)
+    assert supervised.uda is None and supervised.label is None
     with pytest.raises(ConfigError, match="method.finetune_epochs: -1 is out of range; allowed"):
         load_config(overrides=["method.finetune_epochs=-1"])
     with pytest.raises(ConfigError, match="augment.strong_ops.*unknown ops"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ipb_ray.data import catalog
-from ipb_ray.distributed.epoch_stream import CropViews, cut_plan, decode_rows
+from ipb_ray.patches.crops import CropViews, cut_plan, decode_rows
 from ipb_ray.patches.core import StreamSpec, patch_batch
 from ipb_ray.patches import plan as plans
 from ipb_ray.patches.plan import stream_plan

@@ -168,7 +168,7 @@ def test_too_few_unlabelled_colonies_for_a_batch_is_refused_with_the_fix(world):
 
 def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
     from ipb_ray.data import catalog
-    from ipb_ray.distributed.training import fold_inputs
+    from ipb_ray.engine.fold import fold_inputs
 
     with_ml = fold_inputs(_cfg(world), 0)
     without = fold_inputs(_cfg(world, "data.multi_label=false"), 0)
@@ -181,7 +181,7 @@ def test_multi_label_switch_keeps_multi_label_colonies_out_of_u(world):
 
 
 def test_fold_inputs_hand_workers_an_absolute_catalog_path(world, monkeypatch):
-    from ipb_ray.distributed.training import fold_inputs
+    from ipb_ray.engine.fold import fold_inputs
 
     monkeypatch.chdir(world)
     inputs = fold_inputs(_cfg(world, "data.catalog=catalog"), 0)  # relative, as in the demo
@@ -191,7 +191,8 @@ def test_fold_inputs_hand_workers_an_absolute_catalog_path(world, monkeypatch):
 def test_a_checkpoint_of_the_old_layout_is_refused_with_a_message(world):
     import torch
 
-    from ipb_ray.distributed.training import local_run_storage, train_fold
+    from ipb_ray.distributed.training import train_fold
+    from ipb_ray.engine.fold import local_run_storage
     from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 
     cfg = _cfg(world, "name=oldlayout", "method.teacher_epochs=1", "method.epochs=1", "resources.num_workers=0")

@@ -37,17 +37,21 @@ def _ctx(cfg, device="cpu", amp=False):
     """The loop's context on this process: rank 0 of 1, networks not DDP-wrapped."""
     import torch
 
-    from ipb_ray.patches.geometry import PatchGeometry
+    from ipb_ray.config import to_dict
+    from ipb_ray.engine.context import LoopContext
+    from ipb_ray.engine.fold import FoldInputs, FoldRun, Streams
+    from ipb_ray.engine.ports import SingleProcess
     from ipb_ray.patches.core import StreamSpec
-    from ipb_ray.distributed.training import FoldInputs, LoopContext
+    from ipb_ray.patches.geometry import PatchGeometry
 
     inputs = FoldInputs(catalog="unused", class_names=NAMES, labelled=("a",), labelled_labels=(0,), validation=(),
                         test=(), unlabelled=("u",), pixel_mean=0.4, pixel_std=0.2)
     geometry = PatchGeometry(cfg.data.global_patch, (cfg.data.global_patch, cfg.data.local_patch))
-    config = {"spec_train": StreamSpec(geometry, NAMES, mode="train"),
-              "spec_uda": StreamSpec(geometry, NAMES, mode="uda")}
+    specs = Streams(train=StreamSpec(geometry, NAMES, mode="train"), eval=StreamSpec(geometry, NAMES, mode="test"),
+                    plain=StreamSpec(geometry, NAMES, mode="plain"), uda=StreamSpec(geometry, NAMES, mode="uda"))
     dev = torch.device(device)
-    return LoopContext(cfg, inputs, config, 0, 1, dev, amp, prepare=lambda net: net.to(dev))
+    return LoopContext(cfg, FoldRun(to_dict(cfg), inputs, specs), SingleProcess(), dev, amp,
+                       prepare=lambda net: net.to(dev))
 
 
 def _batch(columns, n, seed, labels=True):
@@ -236,7 +240,7 @@ def test_ipb_config_methods_lists_every_method_with_its_stages_under_the_config(
 
 
 def test_an_unlabelled_stream_without_a_full_batch_is_refused_with_the_keys_to_change():
-    from ipb_ray.distributed.training import unlabelled_steps
+    from ipb_ray.engine.fold import unlabelled_steps
 
     m = load_config(preset="demo", overrides=["method.steps_per_epoch=null", "method.unlabelled_batch_size=16"]).method
     assert unlabelled_steps(100, 2, m) == 3  # 100 draws: 3 full batches of 16 for each of 2 workers

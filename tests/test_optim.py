@@ -112,7 +112,7 @@ def test_calibration_draws_l_in_the_balanced_training_mix_seeded():
     """BatchNorm is re-estimated on L as the networks train on it: class-balanced (BCCD's
     L is 85 % RBC; statistics of that mix moved RBC predictions to the rare classes)."""
     from ipb_ray.config import load_config
-    from ipb_ray.distributed.training import FoldInputs, calibration_counts
+    from ipb_ray.engine.fold import FoldInputs, calibration_counts
 
     labels = (0,) * 80 + (1,) * 10 + (2,) * 10
     ids = tuple(f"c{i}" for i in range(len(labels)))

@@ -29,23 +29,15 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ipb_ray.engine.labelling import collect_labels, empty_labels, label_rows
 from ipb_ray.patches.core import StreamSpec, patch_batch
 from ipb_ray.distributed.streams import current_state, state_handle
 from ipb_ray.patches.pseudo_labels import LabelTable  # what a labelling pass returns
 
-__all__ = ["LABEL_COLUMNS", "TeacherLabeller", "labelling_dataset", "run_labelling"]
+__all__ = ["TeacherLabeller", "labelling_dataset", "run_labelling"]
 
 
 # --------------------------------------------------------------------------- Ray Data stage
-
-LABEL_COLUMNS = ("colony_id", "truth", "x", "y", "scale", "pseudo", "confidence", "probs")
-
-
-def _empty_labels() -> dict[str, np.ndarray]:
-    return {"colony_id": np.array([], dtype=object), "truth": np.zeros(0, np.int64), "x": np.zeros(0, np.int32),
-            "y": np.zeros(0, np.int32), "scale": np.zeros(0, np.float32), "pseudo": np.zeros(0, np.int64),
-            "confidence": np.zeros(0, np.float32), "probs": np.zeros((0, 0), np.float32)}
-
 
 class TeacherLabeller:
     """``map_batches`` stage: rows -> one pseudo-labelled window per colony.
@@ -85,25 +77,18 @@ class TeacherLabeller:
             self.version = version
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
         epoch, counts, _ = current_state(self.state_name)
         if self.cache is not None:
-            from ipb_ray.distributed.epoch_stream import cut_plan, unpack_plan, views_of
+            from ipb_ray.distributed.epoch_stream import views_of
+            from ipb_ray.patches.crops import cut_plan, unpack_plan
 
             rows = cut_plan(unpack_plan(batch), self.spec, epoch, views_of(self.cache))
         else:
             rows = patch_batch(batch, self.spec, epoch, counts)
         if not len(rows["colony_id"]):
-            return _empty_labels()
+            return empty_labels()
         self._refresh()
-        with torch.no_grad():
-            out = self.model(*[torch.from_numpy(rows[c]).to(self.device) for c in self.spec.patch_columns()])
-            probs = torch.softmax((out[0] if isinstance(out, (tuple, list)) else out).float(), dim=1).cpu()
-        confidence, pseudo = probs.max(dim=1)
-        return {"colony_id": rows["colony_id"], "truth": rows["label"], "x": rows["x"], "y": rows["y"],
-                "scale": rows["scale"], "pseudo": pseudo.numpy().astype(np.int64),
-                "confidence": confidence.numpy().astype(np.float32), "probs": probs.numpy().astype(np.float32)}
+        return label_rows(self.model, rows, self.spec, self.device)
 
 
 _LABELLERS: dict[tuple[str, str], TeacherLabeller] = {}
@@ -163,11 +148,4 @@ def labelling_dataset(catalog_dir: str, spec: StreamSpec, state_name: str, model
 
 def run_labelling(dataset) -> LabelTable:
     """Execute a labelling dataset and collect its rows into a :class:`LabelTable`."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in LABEL_COLUMNS}
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in LABEL_COLUMNS:
-            parts[k].append(np.asarray(batch[k]))
-    parts["probs"] = [p for p in parts["probs"] if p.size]  # empty batches carry a (0, 0) block
-    cols = {k: np.concatenate(v) if v else _empty_labels()[k] for k, v in parts.items()}
-    cols["colony_id"] = cols["colony_id"].astype(object)
-    return LabelTable.from_rows(cols)
+    return collect_labels(dataset.iter_batches(batch_size=None, batch_format="numpy"))
