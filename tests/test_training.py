@@ -75,7 +75,7 @@ def test_killed_worker_restarts_from_checkpoint(train_catalog):
     psutil = pytest.importorskip("psutil")
     args = [sys.executable, "-m", "ipb_ray.cli", "train", "--preset", "demo", "--fold", "1",
             *_overrides(train_catalog),
-            "name=killed", "method.epochs=4", "resources.object_store_mb=100"]
+            "name=killed", "method.epochs=10", "resources.object_store_mb=100"]  # a window wide enough to kill in
     env = dict(os.environ, RAY_ADDRESS="", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="120")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
