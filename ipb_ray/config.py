@@ -32,7 +32,7 @@ __all__ = [
     "AugmentConfig", "BACKBONES", "ConfigError", "DataConfig", "dump_yaml", "EvalConfig",
     "ExperimentConfig", "flatten", "from_dict", "GROUP_BY_KINDS", "key_type", "LABEL_STAGES",
     "list_presets", "load_config", "MethodConfig", "ModelConfig", "OPTIMIZERS", "param", "Params",
-    "parse_override", "reference_markdown", "ResourcesConfig", "RETIRED", "SCHEDULES", "SegmentationConfig",
+    "parse_override", "reference_markdown", "ResourcesConfig", "RETIRED", "RUNNERS", "SCHEDULES", "SegmentationConfig",
     "SplitConfig", "to_dict", "TrackingConfig", "validate_all",
 ]
 
@@ -42,6 +42,8 @@ __all__ = [
 #: (:func:`ipb_ray.nn.models.list_models`), so a ``@register_model`` backbone is valid too.
 BACKBONES = ("vgg19_bn", "hrnet", "vgg_tiny", "hrnet_tiny", "cnn_small", "patch_stats")
 LABEL_STAGES = ("auto", "tasks", "actors")
+#: who runs a fold's training engine (resources.runner)
+RUNNERS = ("auto", "ray_train", "in_process")
 SCHEDULES = ("cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -322,6 +324,10 @@ class ResourcesConfig:
 
     address: str | None = _f(None, doc="Ray address; None starts a local cluster")
     num_workers: int = _f(1, lo=0, hi=4096, doc="Ray Train workers; 0 = run in the driver")
+    runner: str = _f("auto", choices=RUNNERS, doc="who runs a fold: ray_train (Ray Train workers, or its local "
+                     "mode with num_workers=0), in_process (this process alone, no Ray: one rank, patches cut "
+                     "on a thread; needs num_workers=0); auto = in_process when num_workers=0, except in a Tune "
+                     "trial (its reports go through Ray Train)")
     use_gpu: bool = _f(False)
     cpus_per_worker: float = _f(1.0, lo=0.0, hi=1024.0)
     torch_threads: int | None = _f(None, lo=1, hi=1024, doc="intra-op threads of each Train worker's torch; "
@@ -345,6 +351,10 @@ class ResourcesConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.runner == "in_process" and self.num_workers > 0:
+            raise ConfigError(f"in_process runs one rank in this process; resources.num_workers="
+                              f"{self.num_workers} asks for Ray Train workers. Set resources.num_workers=0, or "
+                              "resources.runner=ray_train", key="runner")
 
 
 @dataclass(frozen=True)

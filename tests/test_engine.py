@@ -88,7 +88,7 @@ def test_in_process_runner_matches_ray_train_local_mode_on_the_same_fold(tiny_ca
 
     for method in ("supervised", "ipb"):
         extra = (f"method.name={method}", "method.epochs=2")
-        ray_run = train_fold(_cfg(tiny_catalog, tmp_path / "ray", *extra), 0)
+        ray_run = train_fold(_cfg(tiny_catalog, tmp_path / "ray", *extra, "resources.runner=ray_train"), 0)
         mine = train_fold_in_process(_cfg(tiny_catalog, tmp_path / "mine", *extra), 0)
         assert mine["param_digest"] == ray_run["param_digest"], method
         assert mine["test_report"]["confusion_matrix"] == ray_run["test_report"]["confusion_matrix"], method

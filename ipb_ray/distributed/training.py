@@ -31,7 +31,8 @@ from ipb_ray.patches.core import StreamSpec
 
 __all__ = [
     "RayBoard", "RayCollective", "RayLabeller", "RayPatches", "RayWiring", "TrainReporter", "URI_SCHEMES",
-    "checkpoint_locations", "data_workers", "local_run_dir", "report_epoch", "train_fold", "worker_device",
+    "checkpoint_locations", "data_workers", "local_run_dir", "report_epoch", "runs_in_process", "train_fold",
+    "worker_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,15 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     ``callbacks``: Ray Train callbacks for the run (a Tune trial passes
     ``TuneReportCallback`` so every epoch's ``objective`` reaches the scheduler).
     ``mlflow_run``: ``(tracking URI, run id)`` that rank 0 logs every epoch's history row
-    to as the epoch ends (:func:`ipb_ray.tracking.runs.log_epoch`)."""
+    to as the epoch ends (:func:`ipb_ray.tracking.runs.log_epoch`).
+
+    ``resources.runner`` decides who runs it: Ray Train, or this process alone
+    (:func:`ipb_ray.engine.inprocess.train_fold_in_process`; ``auto``: with
+    ``resources.num_workers=0`` outside a Tune trial, i.e. without ``callbacks``)."""
+    if runs_in_process(cfg, callbacks):
+        from ipb_ray.engine.inprocess import train_fold_in_process
+
+        return train_fold_in_process(cfg, fold, digest_dir=digest_dir, mlflow_run=mlflow_run)
     from ipb_ray.distributed.ray_setup import init_ray
     from ipb_ray.distributed.epoch_stream import crop_cache
     from ipb_ray.distributed.streams import lease_states, release_states
@@ -277,6 +286,15 @@ def train_fold(cfg: ExperimentConfig, fold: int | None = None, *, digest_dir: st
     metrics["checkpoint"], metrics["local_checkpoint"] = checkpoint_locations(result.checkpoint)
     metrics["history"] = read_history(metrics["local_checkpoint"])
     return metrics
+
+
+def runs_in_process(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -> bool:
+    """Whether ``resources.runner`` has this process run the fold (no Ray Train)."""
+    runner = cfg.resources.runner
+    if runner == "in_process" and callbacks:
+        raise ValueError("resources.runner=in_process cannot report to Ray Tune (a trial's epochs reach its "
+                         "scheduler through Ray Train); use resources.runner=auto or ray_train in a search")
+    return runner == "in_process" or (runner == "auto" and cfg.resources.num_workers == 0 and not callbacks)
 
 
 def _trainer(cfg: ExperimentConfig, fold: int, run: FoldRun, wiring: RayWiring, callbacks: list[Any] | None) -> Any:
