@@ -1,7 +1,7 @@
 """What a training method is, and the registry of them.
 
 A method says *what* to train, never *how a run is kept*: the one Ray Train loop
-(:func:`ipb_ray.distributed.training._train_loop`) owns resume, checkpoints, BatchNorm
+(:class:`ipb_ray.engine.loop.Engine`) owns resume, checkpoints, BatchNorm
 recalibration, validation, best-on-V selection, the test, reporting and the history
 schema, and calls the method's hooks:
 
