@@ -17,7 +17,7 @@ def _predictor(cfg, names, members=1, seed=0):
     from ipb_ray.nn.ensemble import FoldEnsemble
     from ipb_ray.nn.models import build_model
     from ipb_ray.tracking.registry import Predictor
-    from ipb_ray.tracking.runs import probability_model
+    from ipb_ray.tracking.packaging import probability_model
 
     torch.manual_seed(seed)
     nets = [probability_model(build_model(cfg, len(names)).eval(), cfg.data.multi_scale, cfg.data.local_patch)

@@ -177,7 +177,7 @@ def _from_mlflow(ref: str, tracking_uri: str | None) -> Predictor:
 
 def _from_checkpoint(path: Path) -> Predictor:
     from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, load_state
-    from ipb_ray.tracking.runs import load_best_model, probability_model
+    from ipb_ray.tracking.packaging import load_best_model, probability_model
 
     file = path / CHECKPOINT_FILE
     if not file.is_file():

@@ -60,13 +60,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ipb_ray.config import ExperimentConfig, dump_yaml, flatten, to_dict
+from ipb_ray.tracking.packaging import load_best_model, model_input_side, probability_model
+from ipb_ray.tracking.viz import plot_confusion
 
 __all__ = [
     "absolute_uri", "client_for", "close_search_parent", "CONFIG_ARTIFACT", "config_key", "CV_KIND",
     "CV_SUMMARY", "data_fingerprint", "find_parent", "finished_folds", "fluent_run", "fluent_uri",
-    "fold_children", "FOLD_KIND", "FOLD_REPORTS", "git_commit", "load_best_model", "load_cv", "log_epoch",
+    "fold_children", "FOLD_KIND", "FOLD_REPORTS", "git_commit", "load_cv", "log_epoch",
     "log_fold", "log_summary", "MODEL_NAME", "open_fold", "open_parent", "open_search_parent", "PARENT_TAG",
-    "PRE_FINETUNE_REPORT", "probability_model", "quiet_downloads", "sanitize_metric_name", "SEARCH_KIND",
+    "PRE_FINETUNE_REPORT", "quiet_downloads", "sanitize_metric_name", "SEARCH_KIND",
     "Tag", "TEST_REPORT",
 ]
 
@@ -325,39 +327,6 @@ def _has_artifact(client: Any, run_id: str, name: str) -> bool:
         return False
 
 
-def _plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path,
-                    title: str = "") -> Path:
-    """Confusion matrix picture: colours are row shares (TPR on the diagonal), cells show
-    counts and row percentages. Uses matplotlib's object API (no pyplot state)."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    cm = np.asarray(matrix, dtype=np.float64)
-    rows = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    n = len(class_names)
-    side = max(3.2, 0.9 * n + 1.8)
-    fig = Figure(figsize=(side + 0.8, side))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, f"{int(cm[i, j])}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
-                    fontsize=8, color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks(range(n), labels=list(class_names), rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(n), labels=list(class_names), fontsize=8)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
-
-
 # --------------------------------------------------------------------------- parent run
 
 def find_parent(tracking_uri: str, experiment: str, cfg: ExperimentConfig,
@@ -453,63 +422,6 @@ def _final_metrics(report: Mapping[str, Any], prefix: str = "test_") -> list[tup
     return items
 
 
-def _model_input_side(cfg: ExperimentConfig) -> int:
-    return cfg.data.global_patch if cfg.data.multi_scale else cfg.data.patch_size
-
-
-def probability_model(net: Any, multi_scale: bool, local_patch: int) -> Any:
-    """``net`` behind one input: a float32 batch (N, 1, S, S) -> softmax probabilities."""
-    import torch
-
-    class ProbabilityModel(torch.nn.Module):
-        """A trained ipb_ray network taking one (N, 1, S, S) float32 batch in [0, 1] and
-        returning class probabilities (N, C); a multi-scale network's second input is the
-        batch's exact centre of side ``local_patch``."""
-
-        def __init__(self, net: Any, multi_scale: bool, local_patch: int) -> None:
-            super().__init__()
-            self.net = net
-            self.multi_scale = bool(multi_scale)
-            self.local_patch = int(local_patch)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = x.float()
-            if self.multi_scale:
-                h, w = x.shape[-2], x.shape[-1]
-                y0, x0 = (h - self.local_patch) // 2, (w - self.local_patch) // 2
-                centre = x[..., y0:y0 + self.local_patch, x0:x0 + self.local_patch]
-                logits, _ = self.net(x, centre)
-            else:
-                logits, _ = self.net(x)
-            return torch.softmax(logits.float(), dim=-1)
-
-    return ProbabilityModel(net, multi_scale, local_patch).eval()
-
-
-def load_best_model(checkpoint: str | None, cfg: ExperimentConfig, num_classes: int) -> tuple[Any, str]:
-    """(network with the selected weights, "") or (None, why not)."""
-    from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, load_state
-    from ipb_ray.nn.models import build_model
-
-    if not checkpoint:
-        return None, "the fold has no checkpoint"
-    path = Path(checkpoint) / CHECKPOINT_FILE
-    if not path.is_file():
-        return None, f"{path} does not exist"
-    state = load_state(path)
-    best = state.get("best_model") if isinstance(state, Mapping) else None
-    if best is None:
-        return None, f"{path} holds no 'best_model' weights"
-    net = build_model(cfg, num_classes)
-    try:
-        net.load_state_dict(best)
-    except RuntimeError as exc:
-        raise ValueError(f"the best_model weights in {path} do not fit the configured network "
-                         f"(model.backbone={cfg.model.backbone}, data.multi_scale={cfg.data.multi_scale}, "
-                         f"{num_classes} classes): {exc}") from None
-    return net.eval(), ""
-
-
 @contextlib.contextmanager
 def fluent_run(tracking_uri: str, run_id: str) -> Iterator[None]:
     """MLflow's fluent API pointed at ``tracking_uri`` with ``run_id`` active, restored on
@@ -559,7 +471,7 @@ def _log_model(tracking_uri: str, run_id: str, net: Any, cfg: ExperimentConfig,
     import numpy as np
     import torch
 
-    side = _model_input_side(cfg)
+    side = model_input_side(cfg)
     wrapped = probability_model(net, cfg.data.multi_scale, cfg.data.local_patch)
     example = np.random.default_rng(0).random((2, 1, side, side), dtype=np.float32)
     with torch.no_grad():
@@ -706,7 +618,7 @@ def log_fold(tracking_uri: str, parent_id: str, fold: int, fold_metrics: Mapping
             _log_json(client, child, {"class_names": class_names, "matrix": report.get("confusion_matrix", [])},
                       "confusion_matrix.json", tmp)
             if report.get("confusion_matrix"):
-                client.log_artifact(child, str(_plot_confusion(
+                client.log_artifact(child, str(plot_confusion(
                     report["confusion_matrix"], class_names, tmp / "confusion_matrix.png",
                     title=f"{name}: test fold {fold}")))
             if isinstance(before, Mapping):
@@ -778,7 +690,7 @@ def log_summary(tracking_uri: str, parent_id: str, fold_reports: Mapping[int, Ma
         tmp = Path(d)
         _log_json(client, parent_id, summary, CV_SUMMARY, tmp)
         _log_json(client, parent_id, [{"fold": k, "report": rep} for k, rep in ordered], FOLD_REPORTS, tmp)
-        client.log_artifact(parent_id, str(_plot_confusion(
+        client.log_artifact(parent_id, str(plot_confusion(
             summary["confusion_matrix"], summary["class_names"], tmp / "cv_confusion_matrix.png",
             title=f"{parent.info.run_name}: summed over {len(ordered)} folds")))
     client.set_terminated(parent_id, "FINISHED")

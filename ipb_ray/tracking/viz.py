@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["save_patch_grid", "save_training_curves"]
+__all__ = ["plot_confusion", "save_patch_grid", "save_training_curves"]
 
 
 def save_patch_grid(batch: dict[str, Any], spec: Any, class_names: Sequence[str], path: str | Path,
@@ -93,3 +93,36 @@ def save_training_curves(history: Sequence[dict[str, Any]], class_names: Sequenc
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_confusion(matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: Path,
+                    title: str = "") -> Path:
+    """Confusion matrix picture: colours are row shares (TPR on the diagonal), cells show
+    counts and row percentages. Uses matplotlib's object API (no pyplot state)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cm = np.asarray(matrix, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(class_names)
+    side = max(3.2, 0.9 * n + 1.8)
+    fig = Figure(figsize=(side + 0.8, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{int(cm[i, j])}\n{100 * share[i, j]:.0f}%", ha="center", va="center",
+                    fontsize=8, color="white" if share[i, j] > 0.6 else "black")
+    ax.set_xticks(range(n), labels=list(class_names), rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels=list(class_names), fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
