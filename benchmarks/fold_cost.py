@@ -13,7 +13,8 @@ every part of an epoch), into:
 - validation on V, BatchNorm recalibration, the labelling pass (the plan's wait for the
   pseudo-labels, and starting the next pass), the test on T;
 - reports (checkpoint writes, MLflow logging with ``--mlflow``, Train's report);
-- loop set-up (networks, optimisers) and what is left: Ray Train's start-up and shut-down.
+- loop set-up (networks, optimisers; in process also reading the catalog's crops) and what
+  is left: Ray Train's start-up and shut-down (in process: reading the fold's roles).
 
 The plain loop: the same network (``build_model``), L's un-augmented windows cut once into
 memory by the project's own plain stream, the same weak augmentation
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="supervised,ipb,fixmatch+pseudo_balance")
     ap.add_argument("--workers", type=int, default=0, help="resources.num_workers: 0 = local mode, 1 = one Train "
                     "worker on the local cluster")
+    ap.add_argument("--runner", default="auto", choices=("auto", "ray_train", "in_process"),
+                    help="resources.runner: with --workers 0, auto runs the fold in this process (no Ray start "
+                         "or crop cache counted: the run decodes its crops itself, inside loop set-up)")
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--mlflow", action="store_true", help="log every epoch to a SQLite MLflow store, as ipb cv does")
     ap.add_argument("--plain-steps", type=int, default=200)
@@ -190,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     from ipb_ray import config as C
     from ipb_ray.distributed.epoch_stream import crop_cache
     from ipb_ray.distributed.ray_setup import init_ray
-    from ipb_ray.distributed.training import data_workers, train_fold
+    from ipb_ray.distributed.training import data_workers, runs_in_process, train_fold
     from ipb_ray.engine.fold import fold_inputs
 
     store = tempfile.mkdtemp(prefix="ipb-fold-cost-")
-    base = [f"data.catalog={args.catalog}", f"resources.num_workers={args.workers}",
+    base = [f"data.catalog={args.catalog}", f"resources.num_workers={args.workers}", f"resources.runner={args.runner}",
             f"tracking.storage_path={store}/runs", *args.overrides]
     cfg0 = C.load_config(preset=args.preset, overrides=["method.name=supervised", *base])
     t0 = time.perf_counter()
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         history = metrics["history"]
         parts = split_fold(history, metrics, wall)
-        parts.update(ray_start=ray_start if i == 0 else 0.0, cache_build=cache_build if i == 0 else 0.0)
+        ray_parts = i == 0 and not runs_in_process(cfg)  # in process: no Ray, its own crops (in loop set-up)
+        parts.update(ray_start=ray_start if ray_parts else 0.0, cache_build=cache_build if ray_parts else 0.0)
         whole = wall + parts["ray_start"] + parts["cache_build"]
         steps = sum(int(h.get("train_steps") or 0) for h in history)
         passes = [h for h in history if h.get("label_pass_seconds")]
