@@ -342,14 +342,19 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
 
     m = cfg.method
     phases = " + ".join(f"{s.epochs} {s.title or s.name}" for s in get_method(m.name).stages(cfg)) + " epochs"
+    from ipb_ray.distributed.training import runs_in_process
+
+    where = "in this process" if runs_in_process(cfg) else f"{cfg.resources.num_workers} Ray Train worker(s)"
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
-                  f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, "
-                  f"{cfg.resources.num_workers} worker(s)", highlight=False)
+                  f"{'multi-scale' if cfg.data.multi_scale else 'single-scale'}, {phases}, {where}",
+                  highlight=False)
     from ipb_ray.cluster.paths import check_cluster_paths
     from ipb_ray.distributed.ray_setup import init_ray
 
-    init_ray(cfg.resources)
-    check_cluster_paths(cfg)
+    in_process = runs_in_process(cfg)  # resources.num_workers=0: this process alone, no Ray to start
+    if not in_process:
+        init_ray(cfg.resources)
+    check_cluster_paths(cfg, connected=not in_process)
     metrics = run_fold(cfg, fold)
     names = metrics["test_report"]["class_names"]
     if metrics.get("history"):

@@ -40,9 +40,14 @@ class CVResult:
 
 
 def default_parallel(cfg: ExperimentConfig, n_folds: int) -> int:
-    """Folds the cluster can run at once (see the module docstring)."""
+    """Folds the cluster can run at once (see the module docstring); one at a time when
+    folds run in this process (``resources.runner``: each one uses every core already)."""
     import ray
 
+    from ipb_ray.distributed.training import runs_in_process
+
+    if runs_in_process(cfg):
+        return 1
     r = cfg.resources
     per_fold = max(r.num_workers, 1) * r.cpus_per_worker + 1.0
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -68,9 +73,12 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     from ipb_ray.data.folds import read_folds
     from ipb_ray.distributed.ray_setup import init_ray
     from ipb_ray.distributed.fold import run_fold
+    from ipb_ray.distributed.training import runs_in_process
 
-    init_ray(cfg.resources)
-    check_cluster_paths(cfg)
+    in_process = runs_in_process(cfg)  # folds in this process need no Ray
+    if not in_process:
+        init_ray(cfg.resources)
+    check_cluster_paths(cfg, connected=not in_process)
     root = fold_catalog(cfg)
     cfg = cfg.replace(f"data.catalog={root}")
     k = read_folds(root).k
