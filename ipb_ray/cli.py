@@ -351,10 +351,12 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
     from ipb_ray.cluster.paths import check_cluster_paths
     from ipb_ray.distributed.ray_setup import init_ray
 
-    in_process = runs_in_process(cfg)  # resources.num_workers=0: this process alone, no Ray to start
-    if not in_process:
+    from ipb_ray.distributed.training import needs_ray
+
+    connected = needs_ray(cfg)  # resources.num_workers=0: this process alone, no Ray unless a cluster is named
+    if connected:
         init_ray(cfg.resources)
-    check_cluster_paths(cfg, connected=not in_process)
+    check_cluster_paths(cfg, connected=connected)
     metrics = run_fold(cfg, fold)
     names = metrics["test_report"]["class_names"]
     if metrics.get("history"):

@@ -127,3 +127,21 @@ def test_the_engine_reads_in_small_pieces_and_the_old_loop_is_gone():
         text = path.read_text()
         assert "class _Loop" not in text, path
         assert not any(f'"spec_{s}"' in text for s in ("train", "eval", "plain", "uda", "label")), path
+
+
+def test_who_runs_a_fold_and_whether_it_starts_ray(monkeypatch):
+    from ipb_ray.config import ConfigError
+    from ipb_ray.distributed.training import needs_ray, runs_in_process
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = load_config(preset="demo", overrides=["resources.num_workers=0"])
+    assert runs_in_process(local) and not needs_ray(local)  # a laptop fold starts no cluster
+    assert not runs_in_process(local, callbacks=[object()])  # a Tune trial reports through Ray Train
+    assert needs_ray(local.replace("resources.address=ray://head:10001"))  # a named cluster: paths checked there
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # inside a Ray job
+    assert needs_ray(local)
+    assert not runs_in_process(local.replace("resources.runner=ray_train"))
+    assert not runs_in_process(load_config(preset="demo", overrides=["resources.num_workers=2"]))
+    with pytest.raises(ConfigError, match="resources.runner: in_process runs one rank in this process; "
+                                          "resources.num_workers=2"):
+        load_config(preset="demo", overrides=["resources.num_workers=2", "resources.runner=in_process"])

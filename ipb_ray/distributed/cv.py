@@ -73,12 +73,12 @@ def run_cv(cfg: ExperimentConfig, folds: Sequence[int] | None = None, *, paralle
     from ipb_ray.data.folds import read_folds
     from ipb_ray.distributed.ray_setup import init_ray
     from ipb_ray.distributed.fold import run_fold
-    from ipb_ray.distributed.training import runs_in_process
+    from ipb_ray.distributed.training import needs_ray
 
-    in_process = runs_in_process(cfg)  # folds in this process need no Ray
-    if not in_process:
+    connected = needs_ray(cfg)  # folds in this process need no Ray, unless a cluster is named
+    if connected:
         init_ray(cfg.resources)
-    check_cluster_paths(cfg, connected=not in_process)
+    check_cluster_paths(cfg, connected=connected)
     root = fold_catalog(cfg)
     cfg = cfg.replace(f"data.catalog={root}")
     k = read_folds(root).k

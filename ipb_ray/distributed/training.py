@@ -31,7 +31,7 @@ from ipb_ray.patches.core import StreamSpec
 
 __all__ = [
     "RayBoard", "RayCollective", "RayLabeller", "RayPatches", "RayWiring", "TrainReporter", "URI_SCHEMES",
-    "checkpoint_locations", "data_workers", "local_run_dir", "report_epoch", "runs_in_process", "train_fold",
+    "checkpoint_locations", "data_workers", "local_run_dir", "needs_ray", "report_epoch", "runs_in_process", "train_fold",
     "worker_device",
 ]
 
@@ -295,6 +295,14 @@ def runs_in_process(cfg: ExperimentConfig, callbacks: list[Any] | None = None) -
         raise ValueError("resources.runner=in_process cannot report to Ray Tune (a trial's epochs reach its "
                          "scheduler through Ray Train); use resources.runner=auto or ray_train in a search")
     return runner == "in_process" or (runner == "auto" and cfg.resources.num_workers == 0 and not callbacks)
+
+
+def needs_ray(cfg: ExperimentConfig) -> bool:
+    """Whether a fold command (``ipb train``, ``ipb cv``) should start or join Ray: always
+    for Ray Train; for folds in this process only when a cluster is named
+    (``resources.address``, or ``RAY_ADDRESS`` as in a Ray job), so its shared-storage
+    checks still run there, while a laptop run starts no cluster at all."""
+    return not runs_in_process(cfg) or bool(cfg.resources.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _trainer(cfg: ExperimentConfig, fold: int, run: FoldRun, wiring: RayWiring, callbacks: list[Any] | None) -> Any:
