@@ -342,7 +342,7 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
 
     m = cfg.method
     phases = " + ".join(f"{s.epochs} {s.title or s.name}" for s in get_method(m.name).stages(cfg)) + " epochs"
-    from ipb_ray.distributed.training import runs_in_process
+    from ipb_ray.distributed.training import needs_ray, runs_in_process
 
     where = "in this process" if runs_in_process(cfg) else f"{cfg.resources.num_workers} Ray Train worker(s)"
     console.print(f"training fold {fold}: {m.name}, {cfg.model.backbone} "
@@ -350,8 +350,6 @@ def _train_and_report(cfg: cfgmod.ExperimentConfig, fold: int) -> dict:
                   highlight=False)
     from ipb_ray.cluster.paths import check_cluster_paths
     from ipb_ray.distributed.ray_setup import init_ray
-
-    from ipb_ray.distributed.training import needs_ray
 
     connected = needs_ray(cfg)  # resources.num_workers=0: this process alone, no Ray unless a cluster is named
     if connected:

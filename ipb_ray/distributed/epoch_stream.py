@@ -23,7 +23,6 @@ the same copy is the same patch whichever path or worker cuts it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import numpy as np
 
 from ipb_ray.data import catalog
 from ipb_ray.patches.core import StreamSpec
-from ipb_ray.patches.crops import CropViews, cut_plan, read_decode, row_groups, unpack_plan
+from ipb_ray.patches.crops import CropViews, catalog_key, cut_plan, read_decode, row_groups, unpack_plan
 from ipb_ray.distributed.streams import collate_class
 
 __all__ = [
@@ -82,13 +81,6 @@ _BUILD_LOCK = threading.Lock()
 _CACHES: dict[tuple[str, str, str], CropCache] = {}
 
 
-def _catalog_key(catalog_dir: str) -> str:
-    path = os.path.abspath(catalog_dir)
-    manifest = os.path.join(path, catalog.MANIFEST)
-    stamp = os.stat(manifest).st_mtime_ns if os.path.exists(manifest) else 0
-    return hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:16]
-
-
 def build_crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = None) -> CropCache:
     """Read and decode the catalog at ``catalog_dir`` with Ray Data into the object store:
     one task per Parquet row group (no Parquet planning or sampling tasks: the
@@ -116,7 +108,7 @@ def crop_cache(catalog_dir: str, *, cpus: float = 1.0, workers: int | None = Non
     and run of this process that reads the catalog shares it."""
     import ray
 
-    key = (os.path.abspath(catalog_dir), _catalog_key(catalog_dir), ray.get_runtime_context().get_job_id())
+    key = (os.path.abspath(catalog_dir), catalog_key(catalog_dir), ray.get_runtime_context().get_job_id())
     with _BUILD_LOCK:  # folds trained in parallel threads wait for one build instead of each making one
         with _CACHE_LOCK:
             found = _CACHES.get(key)

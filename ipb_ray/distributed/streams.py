@@ -24,6 +24,7 @@ import numpy as np
 
 from ipb_ray.data import catalog
 from ipb_ray.patches.core import CATALOG_COLUMNS, StreamSpec, patch_batch
+from ipb_ray.patches.plan import fixed_windows
 
 __all__ = [
     "STATE_NAMESPACE", "StreamState", "collate_class", "current_state", "lease_states", "patch_dataset",
@@ -56,8 +57,7 @@ class StreamState:
         self._version += 1
         self._epoch = int(epoch)
         self._counts = dict(counts) if counts is not None else None
-        self._coords = {k: (int(v[0]), int(v[1]), float(v[2])) for k, v in coords.items()} \
-            if coords is not None else None
+        self._coords = fixed_windows(coords)
         return self._version
 
     def reset(self) -> int:

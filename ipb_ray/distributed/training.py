@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ipb_ray.config import ExperimentConfig, to_dict
 from ipb_ray.engine.fold import (FoldRun, check_fold, fold_inputs, local_run_storage, run_name,
                                  storage_uri, stream_specs)
-from ipb_ray.engine.store import latest_local_state, read_history, save_local, write_state
+from ipb_ray.engine.store import keep_epoch, latest_local_state, read_history, write_state
 from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
 from ipb_ray.patches.core import StreamSpec
 
@@ -183,21 +183,13 @@ def report_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: Fol
     ``run.mlflow_run`` rank 0 logs the epoch's history row there."""
     import ray.train
 
-    metrics.setdefault("objective", float("nan"))  # the search metric, in every report (NaN: no V)
-    live = run.mlflow_run
-    if state is not None and live and state.get("history") and "epoch_seconds" in metrics:  # an epoch just ran
-        from ipb_ray.tracking.runs import log_epoch
-
-        log_epoch(live[0], live[1], state["history"][-1])
+    kept = keep_epoch(metrics, state, run)  # local mode: kept by the loop itself, Train copies nothing
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if state is not None:
-            if run.local_run_dir:  # kept by the loop itself: Train copies nothing in local mode
-                where = save_local(run.local_run_dir, metrics["epoch"], state, run.checkpoints_to_keep)
-            else:
+            if kept is None:
                 write_state(tmp, state)
-                where = tmp
-            checkpoint = ray.train.Checkpoint.from_directory(where)
+            checkpoint = ray.train.Checkpoint.from_directory(kept or tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 

@@ -12,7 +12,6 @@ patches Ray Data would cut.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -24,9 +23,9 @@ from ipb_ray.engine.fold import FoldInputs, FoldRun, check_fold, fold_inputs, ow
 from ipb_ray.engine.labelling import collect_labels, label_rows
 from ipb_ray.engine.loop import Engine, Ports
 from ipb_ray.engine.ports import SingleProcess, Slate
-from ipb_ray.engine.store import latest_local_state, read_history, save_local
+from ipb_ray.engine.store import keep_epoch, latest_local_state, read_history
 from ipb_ray.patches.core import StreamSpec
-from ipb_ray.patches.crops import CropViews, cut_plan, read_crops
+from ipb_ray.patches.crops import CropViews, catalog_key, cut_plan, read_crops
 
 __all__ = ["LocalReporter", "MemoryLabeller", "MemoryPatches", "collate", "train_fold_in_process"]
 
@@ -57,15 +56,12 @@ def _ahead(items: Iterable[Any], make: Callable[[Any], Any]) -> Iterator[Any]:
 
 
 _CROPS_LOCK = threading.Lock()
-_CROPS: dict[tuple[str, int], CropViews] = {}
+_CROPS: dict[str, CropViews] = {}
 
 
 def _crops(catalog_dir: str) -> CropViews:
     """This process's decoded crops of a catalog (read once; a rewritten catalog again)."""
-    from ipb_ray.data import catalog
-
-    manifest = os.path.join(catalog_dir, catalog.MANIFEST)
-    key = (os.path.abspath(catalog_dir), os.stat(manifest).st_mtime_ns if os.path.exists(manifest) else 0)
+    key = catalog_key(catalog_dir)
     with _CROPS_LOCK:
         if key not in _CROPS:
             if len(_CROPS) >= 2:
@@ -132,15 +128,7 @@ class LocalReporter:
         return latest_local_state(self.run.local_run_dir)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        metrics.setdefault("objective", float("nan"))  # as Ray Train's reports carry it
-        live = self.run.mlflow_run
-        if state is not None and live and state.get("history") and "epoch_seconds" in metrics:
-            from ipb_ray.tracking.runs import log_epoch
-
-            log_epoch(live[0], live[1], state["history"][-1])
-        if state is not None:
-            self.checkpoint = save_local(self.run.local_run_dir, metrics["epoch"], state,
-                                         self.run.checkpoints_to_keep)
+        self.checkpoint = keep_epoch(metrics, state, self.run) or self.checkpoint
         self.last = dict(metrics)
 
 

@@ -69,6 +69,8 @@ class Engine:
         self.balancer = get_balancer(self.method.balancer_name(cfg))(cfg, self.ctx) if self.semi else None
         self.method.balancer = self.balancer  # every rank: a balancer may correct pseudo-labels; rank 0 plans
         self.streams = EpochStreams(cfg, self.ctx, ports.patches)
+        truth = self.inputs.unlabelled_truth or (-1,) * len(self.inputs.unlabelled)  # U's hidden labels (figures only)
+        self.truth_of = dict(zip(self.inputs.unlabelled, truth))
         self.judge = Judge(self.ctx, self.streams, self.method.nets)
         self.book = resume.Book()
         self.state = resume.restore(self, ports.reporter.load())

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 from ipb_ray.patches.core import StreamSpec
+from ipb_ray.patches.plan import fixed_windows
 
 __all__ = ["Board", "Collective", "Labeller", "Patches", "Reporter", "SingleProcess", "Slate"]
 
@@ -89,8 +90,7 @@ class Slate:
 
     def post(self, epoch: int, counts: Mapping[str, int], coords: Mapping[str, Any] | None) -> None:
         self.counts = {k: int(v) for k, v in counts.items()}
-        self.coords = {k: (int(v[0]), int(v[1]), float(v[2])) for k, v in coords.items()} \
-            if coords is not None else None  # as the Ray board keeps them: the same windows
+        self.coords = fixed_windows(coords)  # as the Ray board keeps them: the same windows
 
     def read(self) -> tuple[dict[str, int], dict[str, Any] | None]:
         return self.counts, self.coords

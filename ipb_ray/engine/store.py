@@ -12,7 +12,7 @@ from typing import Any
 
 from ipb_ray.nn.checkpoint import CHECKPOINT_FILE, HISTORY_FILE
 
-__all__ = ["latest_local_state", "local_checkpoints", "read_history", "save_local", "write_state"]
+__all__ = ["keep_epoch", "latest_local_state", "local_checkpoints", "read_history", "save_local", "write_state"]
 
 
 def write_state(directory: str, state: dict[str, Any]) -> None:
@@ -47,6 +47,22 @@ def save_local(run_dir: str, epoch: int, state: dict[str, Any], keep: int) -> st
     for old in local_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return str(target)
+
+
+def keep_epoch(metrics: dict[str, Any], state: dict[str, Any] | None, run: Any) -> str | None:
+    """What every reporter does with an epoch's report before handing it on: the search
+    metric in every report (NaN: no V), the epoch's history row to ``run.mlflow_run`` (rank
+    0, when an epoch just ran), and, for a run that keeps its own checkpoints
+    (``run.local_run_dir``), the checkpoint written there; returns that checkpoint's path."""
+    metrics.setdefault("objective", float("nan"))
+    live = run.mlflow_run
+    if state is not None and live and state.get("history") and "epoch_seconds" in metrics:
+        from ipb_ray.tracking.runs import log_epoch
+
+        log_epoch(live[0], live[1], state["history"][-1])
+    if state is None or not run.local_run_dir:
+        return None
+    return save_local(run.local_run_dir, metrics["epoch"], state, run.checkpoints_to_keep)
 
 
 def latest_local_state(run_dir: str | None) -> dict[str, Any] | None:

@@ -76,16 +76,11 @@ def unlabelled_epoch(engine: Engine, stage: Stage, g: int, e: int) -> dict[str, 
 def stream_figures(engine: Engine, ids: list[str], pseudo: list[int]) -> dict[str, Any]:
     """Rank 0: what the unlabelled stream held this epoch, by hidden truth and by the
     method's pseudo-labels; the balancer sees both."""
-    import numpy as np
-
     from ipb_ray.methods.balancers import shares
     from ipb_ray.patches.pseudo_labels import class_histogram
 
-    inputs = engine.inputs
-    names, n = inputs.class_names, len(inputs.class_names)
-    truth = np.asarray(inputs.unlabelled_truth or [-1] * len(inputs.unlabelled), np.int64)
-    truth_of = dict(zip(inputs.unlabelled, truth.tolist()))
-    out = {**shares("unlabelled_true_share", class_histogram(truth, n), names),
+    names, n, truth_of = engine.inputs.class_names, len(engine.inputs.class_names), engine.truth_of
+    out = {**shares("unlabelled_true_share", class_histogram(list(truth_of.values()), n), names),
            **shares("stream_true_share", class_histogram([truth_of[c] for c in ids], n), names)}
     if pseudo:
         out.update(shares("step_pseudo_share", class_histogram(pseudo, n), names))

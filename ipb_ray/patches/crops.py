@@ -18,7 +18,20 @@ from ipb_ray.patches import plan as plans
 from ipb_ray.patches.core import CATALOG_COLUMNS, StreamSpec, emit_patch, finish_rows
 from ipb_ray.patches.geometry import prepare_crop
 
-__all__ = ["CropViews", "cut_plan", "decode_rows", "read_crops", "read_decode", "row_groups", "unpack_plan"]
+__all__ = ["CropViews", "catalog_key", "cut_plan", "decode_rows", "read_crops", "read_decode", "row_groups",
+           "unpack_plan"]
+
+
+def catalog_key(catalog_dir: str) -> str:
+    """A key of the catalog at ``catalog_dir`` as written now: its path and its manifest's
+    time, so a rewritten catalog gets a new key (and caches of its crops are rebuilt)."""
+    import hashlib
+    import os
+
+    path = os.path.abspath(catalog_dir)
+    manifest = os.path.join(path, catalog.MANIFEST)
+    stamp = os.stat(manifest).st_mtime_ns if os.path.exists(manifest) else 0
+    return hashlib.sha1(f"{path}|{stamp}".encode()).hexdigest()[:16]
 
 
 def decode_rows(batch: Mapping[str, Sequence[Any]]) -> dict[str, np.ndarray]:

@@ -19,7 +19,15 @@ from typing import Container, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["PLAN_COLUMNS", "STREAM_TAGS", "empty_plan", "epoch_rows", "rank_share", "shuffled", "stream_plan"]
+__all__ = ["PLAN_COLUMNS", "STREAM_TAGS", "empty_plan", "epoch_rows", "fixed_windows", "rank_share", "shuffled",
+           "stream_plan"]
+
+
+def fixed_windows(coords: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[int, int, float]] | None:
+    """A draw's fixed windows as plain ``(x, y, scale)`` tuples, as every board keeps them
+    (so each rank, and each runner, cuts the very same windows)."""
+    return {k: (int(v[0]), int(v[1]), float(v[2])) for k, v in coords.items()} if coords is not None else None
+
 
 PLAN_COLUMNS = ("colony_id", "copy", "fixed", "x", "y", "scale")
 #: Stream tags: two streams of one epoch are shuffled apart.
