@@ -141,6 +141,8 @@ def test_who_runs_a_fold_and_whether_it_starts_ray(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # inside a Ray job
     assert needs_ray(local)
     assert not runs_in_process(local.replace("resources.runner=ray_train"))
+    with pytest.raises(ValueError, match="resources.runner=in_process cannot report to Ray Tune"):
+        runs_in_process(local.replace("resources.runner=in_process"), callbacks=[object()])
     assert not runs_in_process(load_config(preset="demo", overrides=["resources.num_workers=2"]))
     with pytest.raises(ConfigError, match="resources.runner: in_process runs one rank in this process; "
                                           "resources.num_workers=2"):
