@@ -147,3 +147,29 @@ def test_who_runs_a_fold_and_whether_it_starts_ray(monkeypatch):
     with pytest.raises(ConfigError, match="resources.runner: in_process runs one rank in this process; "
                                           "resources.num_workers=2"):
         load_config(preset="demo", overrides=["resources.num_workers=2", "resources.runner=in_process"])
+
+
+@pytest.mark.ray
+def test_validation_test_and_labelling_predict_in_eval_batches_with_the_same_answers(tiny_catalog, tmp_path,
+                                                                                    monkeypatch):
+    """``eval.batch_size`` sets the forward passes of V, T and the labelling pass (the BN
+    stream keeps the training batch); eval mode makes the predictions independent of it."""
+    from ipb_ray.engine import inprocess
+
+    sizes: dict[str, set[int]] = {}
+
+    class Recording(inprocess.MemoryPatches):
+        def rows(self, spec, plan, epoch, batch_size, drop_last=True):
+            sizes.setdefault(spec.mode, set()).add(batch_size)
+            return super().rows(spec, plan, epoch, batch_size, drop_last)
+
+    monkeypatch.setattr(inprocess, "MemoryPatches", Recording)
+    out = {}
+    for bs in (3, 64):
+        sizes.clear()
+        cfg = _cfg(tiny_catalog, tmp_path / f"b{bs}", "method.name=ipb", f"eval.batch_size={bs}", "method.epochs=1")
+        out[bs] = inprocess.train_fold_in_process(cfg, 0)
+        assert sizes["test"] == {bs} and sizes["label"] == {bs}, sizes
+        assert 4 in sizes["plain"], sizes  # the BN stream: method.batch_size
+    assert out[3]["test_report"]["confusion_matrix"] == out[64]["test_report"]["confusion_matrix"]
+    assert out[3]["param_digest"] == out[64]["param_digest"]

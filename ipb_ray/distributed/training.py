@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ipb_ray.config import ExperimentConfig, to_dict
-from ipb_ray.engine.fold import (FoldRun, check_fold, fold_inputs, local_run_storage, run_name,
+from ipb_ray.engine.fold import (FoldRun, check_fold, eval_batch, fold_inputs, local_run_storage, run_name,
                                  storage_uri, stream_specs)
 from ipb_ray.engine.store import keep_epoch, latest_local_state, read_history, write_state
 from ipb_ray.nn.checkpoint import CHECKPOINT_FILE
@@ -158,7 +158,7 @@ class RayLabeller:
         from ipb_ray.distributed.rebalance import labelling_dataset, run_labelling
         from ipb_ray.distributed.streams import state_handle
 
-        m, r, name = self.cfg.method, self.cfg.resources, self.wiring.label_state
+        r, name = self.cfg.resources, self.wiring.label_state
         ref, state = ray.put(weights), state_handle(name)
         use_actors = r.label_stage == "actors" or (r.label_stage == "auto" and r.label_gpus > 0)
 
@@ -167,7 +167,7 @@ class RayLabeller:
             ray.get(state.publish.remote(time.time_ns(), [ref]))
             return run_labelling(labelling_dataset(
                 self.wiring.cache.catalog, self.spec, name, model_kwargs,
-                batch_size=max(4 * m.unlabelled_batch_size, 128), cpus=r.data_cpus, actors=r.teacher_actors,
+                batch_size=eval_batch(self.cfg), cpus=r.data_cpus, actors=r.teacher_actors,
                 gpus=r.label_gpus, use_actors=use_actors, workers=self.wiring.data_workers, cache=self.wiring.cache,
                 ids=ids))
 

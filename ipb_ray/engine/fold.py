@@ -15,7 +15,8 @@ import numpy as np
 from ipb_ray.config import ExperimentConfig
 from ipb_ray.patches.core import StreamSpec
 
-__all__ = ["FoldInputs", "FoldRun", "Streams", "calibration_counts", "check_fold", "fold_inputs", "labelled_draws",
+__all__ = ["FoldInputs", "FoldRun", "Streams", "calibration_counts", "check_fold", "eval_batch", "fold_inputs",
+           "labelled_draws",
            "labelled_steps", "local_run_storage", "own_run_dir", "run_name", "storage_uri", "stream_specs",
            "unlabelled_steps"]
 
@@ -86,6 +87,11 @@ def labelled_draws(inputs: FoldInputs, n: int, seed: int, epoch: int, balanced: 
 
     counts = resample_counts(inputs.labelled_labels, n, seed, epoch, balanced=balanced)
     return {cid: int(c) for cid, c in zip(inputs.labelled, counts) if c}
+
+
+def eval_batch(cfg: ExperimentConfig) -> int:
+    """Windows per forward pass when a network only predicts (validation, test, labelling)."""
+    return cfg.eval.batch_size or cfg.method.batch_size
 
 
 def calibration_counts(cfg: ExperimentConfig, inputs: FoldInputs) -> dict[str, int]:

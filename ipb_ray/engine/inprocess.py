@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ipb_ray.config import ExperimentConfig, to_dict
-from ipb_ray.engine.fold import FoldInputs, FoldRun, check_fold, fold_inputs, own_run_dir, run_name, stream_specs
+from ipb_ray.engine.fold import (FoldInputs, FoldRun, check_fold, eval_batch, fold_inputs, own_run_dir, run_name,
+                                 stream_specs)
 from ipb_ray.engine.labelling import collect_labels, label_rows
 from ipb_ray.engine.loop import Engine, Ports
 from ipb_ray.engine.ports import SingleProcess, Slate
@@ -156,8 +157,7 @@ def train_fold_in_process(cfg: ExperimentConfig, fold: int | None = None, *, dig
     run = FoldRun(to_dict(cfg), inputs, stream_specs(cfg, inputs.class_names, semi), local_run_dir=run_dir,
                   checkpoints_to_keep=cfg.resources.checkpoints_to_keep, mlflow_run=mlflow_run, digest_dir=digest_dir)
     device, patches, reporter = _device(cfg), MemoryPatches(inputs.catalog), LocalReporter(run)
-    labeller = MemoryLabeller(patches, run.streams.label, max(4 * cfg.method.unlabelled_batch_size, 128),
-                              device) if semi else None
+    labeller = MemoryLabeller(patches, run.streams.label, eval_batch(cfg), device) if semi else None
     ports = Ports(SingleProcess(), patches, Slate(), reporter, device, lambda net: net.to(device), labeller)
     engine = Engine(run, ports)
     engine.run_all(setup_s=time.perf_counter() - t0)

@@ -11,7 +11,7 @@ import itertools
 from typing import Any, Iterable, Mapping
 
 from ipb_ray.config import ExperimentConfig
-from ipb_ray.engine.fold import calibration_counts, labelled_draws
+from ipb_ray.engine.fold import calibration_counts, eval_batch, labelled_draws
 from ipb_ray.engine.ports import Patches
 from ipb_ray.patches.core import StreamSpec
 
@@ -92,4 +92,5 @@ class EpochStreams:
             spec = self.specs.eval
             ids = inputs.test if kind == "test" else (inputs.validation or inputs.labelled[:1])
             plan = self.plan(stream="evaluation", epoch=0, ids=ids, copies=spec.tta, shuffle=False)
-        return self.patches.batches(spec, plan, 0, m.batch_size, drop_last=False)
+        size = m.batch_size if kind == "calib" else eval_batch(cfg)
+        return self.patches.batches(spec, plan, 0, size, drop_last=False)
