@@ -194,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     from ipb_ray import config as C
     from ipb_ray.distributed.epoch_stream import crop_cache
     from ipb_ray.distributed.ray_setup import init_ray
+    from ipb_ray.data.fold_views import resolve_fold_catalog
     from ipb_ray.distributed.training import data_workers, runs_in_process, train_fold
     from ipb_ray.engine.fold import fold_inputs
 
     store = tempfile.mkdtemp(prefix="ipb-fold-cost-")
     base = [f"data.catalog={args.catalog}", f"resources.num_workers={args.workers}", f"resources.runner={args.runner}",
             f"tracking.storage_path={store}/runs", *args.overrides]
-    cfg0 = C.load_config(preset=args.preset, overrides=["method.name=supervised", *base])
+    cfg0 = resolve_fold_catalog(C.load_config(preset=args.preset, overrides=["method.name=supervised", *base]))
+    base.append(f"data.catalog={cfg0.data.catalog}")  # the view of the folds split.* asks for
     t0 = time.perf_counter()
     init_ray(cfg0.resources)
     ray_start = time.perf_counter() - t0
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     cache = crop_cache(inputs.catalog, cpus=cfg0.resources.data_cpus, workers=data_workers(cfg0))
     cache_build = time.perf_counter() - t0
-    print(f"Ray start {ray_start:.1f} s, crop cache {cache_build:.1f} s ({len(cache.ids)} colonies)", flush=True)
+    sizes = {"L": len(inputs.labelled), "V": len(inputs.validation), "T": len(inputs.test), "U": len(inputs.unlabelled)}
+    print(f"Ray start {ray_start:.1f} s, crop cache {cache_build:.1f} s ({len(cache.ids)} colonies); fold "
+          f"{cfg0.split.fold} of {cfg0.data.catalog}: " + ", ".join(f"|{k}| {v}" for k, v in sizes.items()), flush=True)
 
     l_windows = _windows(cfg0, cache, inputs.class_names, list(inputs.labelled), 256)
     plain = plain_loop(cfg0, inputs, l_windows, list(inputs.labelled_labels), args.plain_steps)
@@ -245,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     table = print_table(rows)
     print(table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"catalog": args.catalog, "workers": args.workers,
+        Path(args.json).write_text(json.dumps({"catalog": str(cfg0.data.catalog), "sizes": sizes,
+                                               "workers": args.workers, "runner": args.runner,
                                                "overrides": args.overrides, "rows": rows}, indent=1))
     return 0
 

@@ -173,3 +173,17 @@ def test_validation_test_and_labelling_predict_in_eval_batches_with_the_same_ans
         assert 4 in sizes["plain"], sizes  # the BN stream: method.batch_size
     assert out[3]["test_report"]["confusion_matrix"] == out[64]["test_report"]["confusion_matrix"]
     assert out[3]["param_digest"] == out[64]["param_digest"]
+
+
+@pytest.mark.ray
+def test_crops_decoded_on_threads_are_the_crops_decoded_one_group_at_a_time(tiny_catalog):
+    import numpy as np
+
+    from ipb_ray.patches.crops import read_crops
+
+    one, three = read_crops(tiny_catalog, threads=1), read_crops(tiny_catalog, threads=3)
+    assert list(one.ids) == list(three.ids) and len(one.ids) > 3
+    for cid in one.ids:
+        (a, ma), (b, mb) = one.crop(cid), three.crop(cid)
+        assert np.array_equal(a, b) and np.array_equal(ma, mb)
+        assert one.labels[cid] == three.labels[cid]
