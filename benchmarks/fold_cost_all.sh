@@ -37,7 +37,7 @@ cost chula-local-semi "$CHULA" ipb,fixmatch+pseudo_balance 0 in_process $CH $SEM
 cost demo-local "$DEMO" "$METHODS" 0 in_process
 # 2. The same with one Ray Train worker on the local cluster this script starts.
 cost chula-worker-supervised "$CHULA" supervised 1 ray_train $CH $SUP
-cost chula-worker-semi "$CHULA" ipb 1 ray_train $CH $SEMI
+cost chula-worker-semi "$CHULA" ipb,fixmatch+pseudo_balance 1 ray_train $CH $SEMI
 cost demo-worker "$DEMO" "$METHODS" 1 ray_train
 
 # 3. `ipb cv` end to end: 10 folds of supervised on Chula RBC-12 (wall, peak memory), and
