@@ -35,10 +35,12 @@ cost() {  # name catalog methods workers runner overrides...
 cost chula-local-supervised "$CHULA" supervised 0 in_process $CH $SUP
 cost chula-local-semi "$CHULA" ipb,fixmatch+pseudo_balance 0 in_process $CH $SEMI
 cost demo-local "$DEMO" "$METHODS" 0 in_process
+cost demo-local-supervised "$DEMO" supervised 0 in_process $SUP   # 1,000 steps on the demo world too
 # 2. The same with one Ray Train worker on the local cluster this script starts.
 cost chula-worker-supervised "$CHULA" supervised 1 ray_train $CH $SUP
 cost chula-worker-semi "$CHULA" ipb,fixmatch+pseudo_balance 1 ray_train $CH $SEMI
 cost demo-worker "$DEMO" "$METHODS" 1 ray_train
+cost demo-worker-supervised "$DEMO" supervised 1 ray_train $SUP
 
 # 3. `ipb cv` end to end: 10 folds of supervised on Chula RBC-12 (wall, peak memory), and
 #    2 folds of IPB to project its 10.
