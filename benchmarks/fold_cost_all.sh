@@ -41,6 +41,10 @@ cost chula-worker-supervised "$CHULA" supervised 1 ray_train $CH $SUP
 cost chula-worker-semi "$CHULA" ipb,fixmatch+pseudo_balance 1 ray_train $CH $SEMI
 cost demo-worker "$DEMO" "$METHODS" 1 ray_train
 cost demo-worker-supervised "$DEMO" supervised 1 ray_train $SUP
+# Ray gives a Train worker as many torch threads as its CPUs (resources.cpus_per_worker=1):
+# on 2 cores the plain loop has 2. The same folds with the worker's torch on both cores:
+cost chula-worker2t-supervised "$CHULA" supervised 1 ray_train $CH $SUP resources.torch_threads=2
+cost demo-worker2t-supervised "$DEMO" supervised 1 ray_train $SUP resources.torch_threads=2
 
 # 3. `ipb cv` end to end: 10 folds of supervised on Chula RBC-12 (wall, peak memory), and
 #    2 folds of IPB to project its 10.
