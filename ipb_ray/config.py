@@ -305,9 +305,10 @@ class EvalConfig:
                               "the class mix of training (balanced unless method.balance_labelled=false), "
                               "before every validation, test and labelling pass")
     bn_batches: int = _f(16, lo=1, hi=100_000, doc="batches of L drawn to re-estimate the statistics")
-    batch_size: int = _f(128, lo=0, hi=65536, doc="windows per forward pass of validation, the test and IPB's "
+    batch_size: int = _f(0, lo=0, hi=65536, doc="windows per forward pass of validation, the test and IPB's "
                          "labelling pass (eval mode: the predictions do not depend on it, the speed does); "
-                         "0 = the training batch (method.batch_size)")
+                         "0 = the training batch (method.batch_size). On a CPU small batches are the faster "
+                         "(cache-sized: benchmarks/eval_batch.py measures it); raise it on a GPU")
     every: int = _f(1, lo=1, hi=100_000, doc="validate on V (and re-estimate BatchNorm for it) every this many "
                     "epochs of a stage, and always at a stage's last epoch; the best-on-V choice is made among "
                     "the validated epochs. Epochs in between report the last validation's objective. 1 = every "

@@ -187,3 +187,10 @@ def test_crops_decoded_on_threads_are_the_crops_decoded_one_group_at_a_time(tiny
         (a, ma), (b, mb) = one.crop(cid), three.crop(cid)
         assert np.array_equal(a, b) and np.array_equal(ma, mb)
         assert one.labels[cid] == three.labels[cid]
+
+
+def test_eval_batch_zero_is_the_training_batch():
+    from ipb_ray.engine.fold import eval_batch
+
+    assert eval_batch(load_config(preset="demo", overrides=["method.batch_size=12"])) == 12  # the default, 0
+    assert eval_batch(load_config(preset="demo", overrides=["method.batch_size=12", "eval.batch_size=96"])) == 96
