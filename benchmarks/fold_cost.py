@@ -20,8 +20,8 @@ The plain loop: the same network (``build_model``), L's un-augmented windows cut
 memory by the project's own plain stream, the same weak augmentation
 (:func:`ipb_ray.patches.augment.train_view`) and scales, the same optimiser, batch size and
 loss, class-balanced draws; its steps/s is the limit to compare the fold's optimizer-step
-rate with. Plain batched inference over U's windows at the largest batch gives the limit
-for IPB's labelling pass (colonies/s).
+rate with. Plain batched inference over U's windows, pre-cut, at the labelling pass's batch
+(``eval.batch_size``) gives the limit for IPB's labelling pass (colonies/s).
 
 Nothing here is a timed test: it prints measured figures (and writes ``--json``).
 """
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from ipb_ray.distributed.ray_setup import init_ray
     from ipb_ray.data.fold_views import resolve_fold_catalog
     from ipb_ray.distributed.training import data_workers, runs_in_process, train_fold
-    from ipb_ray.engine.fold import fold_inputs
+    from ipb_ray.engine.fold import eval_batch, fold_inputs
 
     store = tempfile.mkdtemp(prefix="ipb-fold-cost-")
     base = [f"data.catalog={args.catalog}", f"resources.num_workers={args.workers}", f"resources.runner={args.runner}",
@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     l_windows = _windows(cfg0, cache, inputs.class_names, list(inputs.labelled), 256)
     plain = plain_loop(cfg0, inputs, l_windows, list(inputs.labelled_labels), args.plain_steps)
     u_ids = list(inputs.unlabelled)[:4000]
-    infer = plain_inference(cfg0, inputs, _windows(cfg0, cache, inputs.class_names, u_ids, 256)) if u_ids else float("nan")
+    # like for like: the labelling pass's own batch (eval.batch_size; 0 = the training batch)
+    infer = plain_inference(cfg0, inputs, _windows(cfg0, cache, inputs.class_names, u_ids, 256),
+                            batch=eval_batch(cfg0)) if u_ids else float("nan")
     print(f"plain loop {plain:.2f} steps/s; plain inference {infer:.0f} colonies/s", flush=True)
 
     rows: dict[str, dict[str, Any]] = {}
